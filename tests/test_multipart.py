@@ -1,0 +1,216 @@
+"""The multipart rewriter as plain functions: bytes in, bytes out, no sockets."""
+
+from __future__ import annotations
+
+import pytest
+
+from aisix import errors
+from aisix.multipart import Field, Rewriter, boundary_of, disposition
+
+B = b"----aisixTestBoundary7MA4YWxk"
+
+
+def part(name: str, value: bytes, filename: str | None = None, ctype: str | None = None) -> bytes:
+    disp = f'Content-Disposition: form-data; name="{name}"'
+    if filename is not None:
+        disp += f'; filename="{filename}"'
+    head = disp + "\r\n" + (f"Content-Type: {ctype}\r\n" if ctype else "")
+    return b"--" + B + b"\r\n" + head.encode() + b"\r\n" + value + b"\r\n"
+
+
+def body(*parts: bytes, epilogue: bytes = b"\r\n") -> bytes:
+    return b"".join(parts) + b"--" + B + b"--" + epilogue
+
+
+def rewrite(data: bytes, chunks: list[int] | None = None, replacement: bytes = b"whisper-1",
+            capture: frozenset[str] = frozenset({"model"})) -> tuple[bytes, list[Field]]:
+    """Run the rewriter over data cut at the given offsets; return the output and the fields."""
+    rw = Rewriter(B, capture=capture)
+    cuts = [0, *(chunks or []), len(data)]
+    out, fields = bytearray(), []
+    pieces = []
+    for a, b in zip(cuts, cuts[1:]):
+        pieces += rw.feed(data[a:b])
+    pieces += rw.close()
+    for p in pieces:
+        if isinstance(p, Field):
+            fields.append(p)
+            out += replacement if p.name == "model" else p.value
+        else:
+            out += p
+    return bytes(out), fields
+
+
+AUDIO = bytes(range(256)) * 3
+MODEL_FIRST = body(part("model", b"whisper-prod"), part("file", AUDIO, "a.wav", "audio/wav"),
+                   part("response_format", b"json"))
+FILE_FIRST = body(part("file", AUDIO, "a.wav", "audio/wav"), part("model", b"whisper-prod"),
+                  part("timestamp_granularities[]", b"word"), part("timestamp_granularities[]", b"segment"))
+
+
+def swapped(data: bytes) -> bytes:
+    return data.replace(b'name="model"\r\n\r\nwhisper-prod', b'name="model"\r\n\r\nwhisper-1')
+
+
+@pytest.mark.parametrize("data", [MODEL_FIRST, FILE_FIRST], ids=["model-first", "file-first"])
+def test_every_split_offset_gives_the_same_output(data: bytes) -> None:
+    expected = swapped(data)
+    for i in range(len(data) + 1):
+        out, fields = rewrite(data, [i])
+        assert out == expected, f"split at {i}"
+        assert fields == [Field("model", b"whisper-prod")]
+
+
+@pytest.mark.parametrize("data", [MODEL_FIRST, FILE_FIRST], ids=["model-first", "file-first"])
+def test_byte_at_a_time_and_two_splits(data: bytes) -> None:
+    expected = swapped(data)
+    assert rewrite(data, list(range(1, len(data))))[0] == expected
+    for i in range(0, len(data), 7):
+        for j in range(i, len(data), 53):
+            assert rewrite(data, [i, j])[0] == expected
+
+
+BOUNDARY_LIKE = [
+    b"--" + B,                          # the boundary without its CRLF
+    b"\r\n--" + B + b"X tail",          # CRLF--boundary followed by a boundary char
+    b"\r\n--" + B + b"-x",              # one dash is not a close
+    b"\r\n--" + B[:-1],                 # a prefix of the delimiter
+    b"x\r\n--" + B[:10] + b"\r\n--",    # several partial matches
+    b"\r",                              # a file ending in CR
+    b"\r\n",                            # a file ending in CRLF
+    b"\r\n\r\n\r\n",                    # blank lines
+    b"",                                # an empty file
+]
+
+
+@pytest.mark.parametrize("content", BOUNDARY_LIKE)
+def test_file_bytes_that_look_like_a_boundary_pass_through(content: bytes) -> None:
+    data = body(part("file", content, "x.bin"), part("model", b"whisper-prod"))
+    for i in range(len(data) + 1):
+        assert rewrite(data, [i])[0] == swapped(data), f"split at {i}"
+
+
+def test_preamble_epilogue_and_padding_pass_through() -> None:
+    data = (b"preamble text\r\n" + part("model", b"whisper-prod").replace(B + b"\r\n", B + b" \t\r\n", 1)
+            + part("file", b"abc", "a.wav") + b"--" + B + b"--\r\nepilogue")
+    for i in range(len(data) + 1):
+        assert rewrite(data, [i])[0] == swapped(data)
+
+
+def test_part_headers_filename_and_repeated_fields_are_kept() -> None:
+    data = body(part("model", b"whisper-prod"),
+                part("file", b"RIFF", 'we"ird name.wav'.replace('"', "%22"), "audio/x-wav"),
+                part("include[]", b"logprobs"), part("include[]", b"other"),
+                part("chunking_strategy[type]", b"server_vad"))
+    out, _ = rewrite(data)
+    assert out == swapped(data)
+
+
+def test_replacement_of_a_different_length() -> None:
+    out, _ = rewrite(MODEL_FIRST, replacement=b"m")
+    assert len(out) == len(MODEL_FIRST) - len(b"whisper-prod") + 1
+
+
+def test_other_captured_fields_are_reported_in_place() -> None:
+    data = body(part("file", b"abc", "a.wav"), part("model", b"whisper-prod"), part("prompt", b"a hint"))
+    out, fields = rewrite(data, capture=frozenset({"model", "prompt"}))
+    assert fields == [Field("model", b"whisper-prod"), Field("prompt", b"a hint")]
+    assert out == swapped(data)
+
+
+def error_of(data: bytes, **kw) -> errors.GatewayError:
+    with pytest.raises(errors.GatewayError) as info:
+        rewrite(data, **kw)
+    return info.value
+
+
+@pytest.mark.parametrize("data, code", [
+    (body(part("file", b"abc", "a.wav")), "missing_model"),
+    (body(part("model", b"whisper-prod")), "missing_file"),
+    (body(part("model", b"a"), part("model", b"b"), part("file", b"x", "a.wav")), "invalid_multipart"),
+    (MODEL_FIRST[:-10], "invalid_multipart"),                              # truncated
+    (MODEL_FIRST.replace(B, b"other-boundary"), "invalid_multipart"),      # wrong boundary
+    (b"", "invalid_multipart"),
+    (body(part("model", b"x" * (64 * 1024 + 1)), part("file", b"x", "a.wav")), "invalid_multipart"),
+    (b"--" + B + b"junk\r\n\r\n", "invalid_multipart"),
+], ids=["no-model", "no-file", "two-models", "truncated", "wrong-boundary", "empty", "huge-model", "bad-line"])
+def test_bad_bodies_raise_the_envelope_error(data: bytes, code: str) -> None:
+    err = error_of(data)
+    assert err.status == 400 and err.code == code
+
+
+def test_missing_file_is_known_only_at_the_closing_delimiter() -> None:
+    rw = Rewriter(B)
+    data = body(part("model", b"whisper-prod"), part("language", b"en"))
+    head = data[: data.rindex(b"--" + B + b"--")]
+    pieces = rw.feed(head)
+    assert Field("model", b"whisper-prod") in pieces
+    with pytest.raises(errors.GatewayError) as info:
+        rw.feed(data[len(head):])
+    assert info.value.code == "missing_file"
+
+
+def head_of_size(n: int) -> bytes:
+    """A part whose header block, from the boundary line's "--" to the blank line, is n bytes."""
+    fixed = b"--" + B + b'\r\nContent-Disposition: form-data; name="file"; filename="a.wav"\r\nX-Pad: \r\n\r\n'
+    return fixed.replace(b"X-Pad: ", b"X-Pad: " + b"p" * (n - len(fixed)))
+
+
+def test_header_block_cap_counts_boundary_line_to_blank_line() -> None:
+    at_cap = head_of_size(16 * 1024)
+    data = at_cap + b"abc\r\n" + part("model", b"whisper-prod") + b"--" + B + b"--"
+    assert rewrite(data)[0] == swapped(data)
+    over = head_of_size(16 * 1024 + 1) + b"abc\r\n" + part("model", b"whisper-prod") + b"--" + B + b"--"
+    err = error_of(over)
+    assert err.code == "invalid_multipart" and "header block" in err.message
+
+
+def test_header_block_cap_applies_before_the_blank_line_arrives() -> None:
+    rw = Rewriter(B)
+    rw.feed(b"--" + B + b"\r\nX: ")
+    with pytest.raises(errors.GatewayError):
+        for _ in range(20):
+            rw.feed(b"y" * 1024)
+
+
+def test_memory_held_is_bounded_while_streaming_a_file() -> None:
+    rw = Rewriter(B)
+    rw.feed(part("model", b"whisper-prod")[:-2])
+    rw.feed(b"\r\n--" + B + b'\r\nContent-Disposition: form-data; name="file"; filename="a"\r\n\r\n')
+    for _ in range(100):
+        pieces = rw.feed(b"\x00\r\n-" * 16384)
+        assert sum(len(p) for p in pieces if not isinstance(p, Field)) > 60_000
+        assert len(rw._buf) < len(B) + 4
+
+
+@pytest.mark.parametrize("ctype, expected", [
+    ("multipart/form-data; boundary=abc", b"abc"),
+    ('multipart/form-data; boundary="a b:c"', b"a b:c"),
+    ("Multipart/Form-Data; charset=utf-8; boundary=xyz", b"xyz"),
+    ("multipart/form-data;boundary=----WebKitFormBoundary7MA4YWxkTrZu0gW", b"----WebKitFormBoundary7MA4YWxkTrZu0gW"),
+])
+def test_boundary_of(ctype: str, expected: bytes) -> None:
+    assert boundary_of(ctype) == expected
+
+
+@pytest.mark.parametrize("ctype, code", [
+    ("application/json", "unsupported_content_type"),
+    ("multipart/form-data", "invalid_multipart"),
+    ("multipart/form-data; boundary=", "invalid_multipart"),
+    ("multipart/form-data; boundary=" + "x" * 71, "invalid_multipart"),
+])
+def test_bad_content_types(ctype: str, code: str) -> None:
+    with pytest.raises(errors.GatewayError) as info:
+        boundary_of(ctype)
+    assert info.value.code == code
+
+
+@pytest.mark.parametrize("head, expected", [
+    (b'Content-Disposition: form-data; name="model"\r\n', ("model", False)),
+    (b'content-disposition: form-data; filename="model"; name=file\r\n', ("file", True)),
+    (b'Content-Disposition: form-data; name="a\\"b"\r\n', ('a"b', False)),
+    (b"Content-Type: text/plain\r\n", (None, False)),
+    (b'Content-Disposition: attachment; name="model"\r\n', (None, False)),
+])
+def test_disposition(head: bytes, expected: tuple[str | None, bool]) -> None:
+    assert disposition(head) == expected
