@@ -105,6 +105,11 @@ def client_timeout() -> GatewayError:
     return invalid_request("client_timeout", "The request body did not arrive in time.", status=408)
 
 
+def client_closed() -> GatewayError:
+    """The caller went away; never seen by anyone, but it ends the exchange as a 499."""
+    return invalid_request("client_closed", "The client closed the connection.", status=499)
+
+
 def not_found() -> GatewayError:
     return invalid_request("not_found", "No such route.", status=404)
 

@@ -1,0 +1,27 @@
+"""(alias, key) -> the Model to call, or the 404 / 403 that says why not.
+
+[core] No I/O. An alias that does not exist is 404 whatever the key's globs; one that exists but
+the key may not use is 403. The globs were matched against the aliases when the config loaded.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from . import errors
+from .config import ApiKey, Model
+
+_ECHO_LIMIT = 128  # an alias is echoed in the message; a caller's megabyte is not
+
+
+def resolve(alias: str, key: ApiKey, models: Mapping[str, Model]) -> Model:
+    model = models.get(alias)
+    if model is None:
+        raise errors.model_not_found(_printable(alias))
+    if alias not in key.allowed:
+        raise errors.model_not_allowed(_printable(alias))
+    return model
+
+
+def _printable(alias: str) -> str:
+    return alias if len(alias) <= _ECHO_LIMIT else alias[:_ECHO_LIMIT] + "…"

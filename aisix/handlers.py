@@ -1,0 +1,262 @@
+"""The audio routes. ``_exchange`` is the pipeline every route runs, in order, in one place.
+
+Speech reads its small JSON body whole (capped); transcriptions and translations stream the
+multipart body through the rewriter and never hold the file in memory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+
+import orjson
+from aiohttp import hdrs, web
+from aiohttp.http_exceptions import HttpProcessingError
+
+from . import aliases, auth, errors, multipart, upstream
+from .config import ApiKey, Model, Resources, Settings
+from .deadline import CLIENT, UPSTREAM, Deadline
+from .exchange import Exchange
+from .keys import LIVE, REQUEST_ID, SESSION, SETTINGS
+from .relay import abort, relay
+from .spool import Spool
+
+
+@dataclass(slots=True)
+class Outbound:
+    """What goes upstream: to which model, with which body."""
+
+    model: Model
+    body: bytes | upstream.BodyStream
+    content_type: str
+    content_length: int | None  # None: aiohttp sizes a bytes body, a stream goes chunked
+
+
+class Inbound:
+    """The caller's body as it arrives: counted, capped at the body limit, timed."""
+
+    __slots__ = ("_content", "_limit", "_deadline", "_idle", "_ex")
+
+    def __init__(self, request: web.Request, limit: int, deadline: Deadline, idle: float, ex: Exchange) -> None:
+        self._content = request.content
+        self._limit = limit
+        self._deadline = deadline
+        self._idle = idle
+        self._ex = ex
+
+    async def read(self) -> bytes:
+        """The next chunk; b"" at the end of the body."""
+        self._deadline.wait(self._idle, CLIENT)
+        try:
+            chunk = await self._content.readany()
+        except ConnectionError:
+            raise errors.client_closed() from None
+        except HttpProcessingError:
+            raise errors.invalid_request("invalid_body", "The request body is malformed.") from None
+        self._deadline.waiting_on = UPSTREAM
+        self._ex.bytes_in += len(chunk)
+        if self._limit and self._ex.bytes_in > self._limit:
+            raise errors.request_too_large(self._limit)
+        return chunk
+
+    async def read_all(self, limit: int) -> bytes:
+        data = bytearray()
+        while chunk := await self.read():
+            data += chunk
+            if len(data) > limit:
+                raise errors.request_too_large(limit)
+        return bytes(data)
+
+
+BodyReader = Callable[[web.Request, Inbound, ApiKey, Resources, Settings, Deadline, Exchange], Awaitable[Outbound]]
+
+
+async def _exchange(request: web.Request, route: str, read_body: BodyReader) -> web.StreamResponse:
+    app = request.app
+    settings = app[SETTINGS]
+    resources = app[LIVE].resources  # this request's snapshot, whatever a reload does meanwhile
+    idle = settings.upstream.stream_idle_timeout_ms / 1000
+    ex = Exchange(route, request[REQUEST_ID])
+    try:
+        async with asyncio.timeout(None) as timer:
+            deadline = Deadline(timer)
+            _check_declared_length(request, settings.proxy.request_body_limit_bytes)
+            key = auth.lookup(request.headers.get(hdrs.AUTHORIZATION), resources.keys_by_hash)
+            ex.api_key = key.name
+            auth.check_active(key, time.time())
+            inbound = Inbound(request, settings.proxy.request_body_limit_bytes, deadline, idle, ex)
+            out = await read_body(request, inbound, key, resources, settings, deadline, ex)
+            model = out.model
+            ex.upstream_model = model.model_name
+            ex.provider_key = model.provider_key.name
+            headers = upstream.request_headers(
+                model, ex.request_id, out.content_type, out.content_length, request.headers.get(hdrs.ACCEPT)
+            )
+            if isinstance(out.body, bytes):
+                _sent(ex, deadline, model, settings)
+            answer = await upstream.send(app[SESSION], model.urls[route], headers, out.body)
+            return await relay(request, answer, ex, deadline, idle)
+    except TimeoutError:
+        if deadline.waiting_on == CLIENT:
+            ex.fail(408, "client_timeout")
+            if ex.response is None:
+                raise errors.client_timeout() from None
+        else:
+            ex.fail(504, "upstream_aborted" if ex.response is not None else "upstream_timeout")
+            if ex.response is None:
+                raise errors.upstream_timeout() from None
+        abort(request)
+        return ex.response
+    except asyncio.CancelledError:
+        ex.gone()
+        raise
+    except errors.GatewayError as exc:
+        ex.fail(exc.status, exc.code)
+        raise
+    except BaseException:
+        ex.fail(500, "internal_error")
+        raise
+    finally:
+        _finish(app, ex)
+
+
+def _finish(app: web.Application, ex: Exchange) -> None:
+    """Every exchange ends here exactly once (usage events and metrics hook in here)."""
+
+
+def _sent(ex: Exchange, deadline: Deadline, model: Model, settings: Settings) -> None:
+    """The last request byte is on its way: from now the upstream has its timeout to answer."""
+    timeout_ms = model.timeout_ms or settings.upstream.timeout_ms
+    deadline.wait(timeout_ms / 1000, UPSTREAM)
+    ex.upstream_sent = time.monotonic()
+
+
+def _check_declared_length(request: web.Request, limit: int) -> None:
+    if limit and request.content_length is not None and request.content_length > limit:
+        raise errors.request_too_large(limit)
+
+
+async def speech(request: web.Request) -> web.StreamResponse:
+    return await _exchange(request, "speech", _speech_body)
+
+
+async def transcriptions(request: web.Request) -> web.StreamResponse:
+    return await _exchange(request, "transcriptions", _form_body)
+
+
+async def translations(request: web.Request) -> web.StreamResponse:
+    return await _exchange(request, "translations", _form_body)
+
+
+async def _speech_body(
+    request: web.Request, inbound: Inbound, key: ApiKey, resources: Resources,
+    settings: Settings, deadline: Deadline, ex: Exchange,
+) -> Outbound:
+    if request.content_type != "application/json":
+        raise errors.unsupported_content_type("application/json")
+    raw = await inbound.read_all(settings.proxy.json_body_limit_bytes)
+    try:
+        doc = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        raise errors.invalid_json("The request body is not valid JSON.") from None
+    if not isinstance(doc, dict):
+        raise errors.invalid_json("The request body must be a JSON object.")
+    alias = doc.get("model")
+    if not isinstance(alias, str) or not alias:
+        raise errors.missing_model()
+    ex.model = alias
+    model = aliases.resolve(alias, key, resources.models)
+    # Re-serialised rather than spliced: the upstream gets exactly the document we checked, with
+    # every other key in its order and with its value.
+    doc["model"] = model.model_name
+    return Outbound(model, orjson.dumps(doc), "application/json", None)
+
+
+async def _form_body(
+    request: web.Request, inbound: Inbound, key: ApiKey, resources: Resources,
+    settings: Settings, deadline: Deadline, ex: Exchange,
+) -> Outbound:
+    content_type = request.headers.get(hdrs.CONTENT_TYPE, "")
+    rw = multipart.Rewriter(multipart.boundary_of(content_type))
+    held = Spool()  # what comes before the model value (the whole file, when it comes first)
+    try:
+        while True:
+            chunk = await inbound.read()
+            pieces = rw.feed(chunk) if chunk else rw.close()
+            for i, piece in enumerate(pieces):
+                if isinstance(piece, multipart.Field):
+                    alias = _text(piece)
+                    ex.model = alias
+                    model = aliases.resolve(alias, key, resources.models)
+                    after = [model.model_name_bytes, *pieces[i + 1:]]
+                    length = request.content_length
+                    if length is not None:
+                        length += len(model.model_name_bytes) - len(piece.value)
+                    body = _upload(held, after, rw, inbound, deadline, ex, model, settings)
+                    return Outbound(model, upstream.BodyStream(body), content_type, length)
+                held.write(piece)
+            if not chunk:
+                raise errors.missing_model()
+    except BaseException:
+        held.close()
+        raise
+
+
+async def _upload(
+    held: Spool, after: list[multipart.Piece], rw: multipart.Rewriter, inbound: Inbound,
+    deadline: Deadline, ex: Exchange, model: Model, settings: Settings,
+) -> AsyncIterator[bytes | bytearray]:
+    """The rewritten body: what was held, the new model value, then the rest as it arrives."""
+    try:
+        for chunk in held.chunks():
+            yield chunk
+        yield _joined(after)
+        while True:
+            chunk = await inbound.read()
+            pieces = rw.feed(chunk) if chunk else rw.close()
+            if pieces:
+                yield _joined(pieces)
+            if not chunk:
+                break
+        _sent(ex, deadline, model, settings)
+    finally:
+        held.close()
+
+
+def _joined(pieces: list[multipart.Piece]) -> bytes | bytearray:
+    if len(pieces) == 1 and not isinstance(pieces[0], multipart.Field):
+        return pieces[0]
+    return b"".join(p.value if isinstance(p, multipart.Field) else p for p in pieces)
+
+
+def _text(field: multipart.Field) -> str:
+    try:
+        value = field.value.decode("utf-8")
+    except UnicodeDecodeError:
+        raise errors.invalid_multipart(f"The '{field.name}' field is not valid UTF-8.") from None
+    if not value:
+        raise errors.missing_model()
+    return value
+
+
+async def models(request: web.Request) -> web.Response:
+    """GET /v1/models: the aliases this caller may use, in OpenAI's list shape."""
+    resources = request.app[LIVE].resources
+    key = auth.lookup(request.headers.get(hdrs.AUTHORIZATION), resources.keys_by_hash)
+    auth.check_active(key, time.time())
+    data = [
+        {"id": alias, "object": "model", "created": 0, "owned_by": resources.models[alias].provider_key.provider}
+        for alias in key.allowed_sorted
+    ]
+    return web.Response(body=orjson.dumps({"object": "list", "data": data}), content_type="application/json")
+
+
+async def livez(request: web.Request) -> web.Response:
+    return web.Response(body=b'{"status":"ok"}', content_type="application/json")
+
+
+async def readyz(request: web.Request) -> web.Response:
+    return web.Response(body=b'{"status":"ready"}', content_type="application/json")
+

@@ -1,0 +1,50 @@
+"""Shared fixtures: one fake upstream and one default gateway process for the whole session."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.fakes import FakeUpstream
+from tests.gateway import Gateway
+
+
+@pytest.fixture(scope="session")
+def fake() -> Iterator[FakeUpstream]:
+    upstream = FakeUpstream()
+    upstream.start()
+    yield upstream
+    upstream.stop()
+
+
+@pytest.fixture(autouse=True)
+def _fresh_fake(request: pytest.FixtureRequest) -> None:
+    """Each test starts with the fake's default behaviour and an empty record."""
+    if "fake" in request.fixturenames:
+        request.getfixturevalue("fake").reset()
+
+
+@pytest.fixture(scope="session")
+def gateway(fake: FakeUpstream, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
+    gw = Gateway(tmp_path_factory.mktemp("gateway"), fake.base_url).start()
+    yield gw
+    gw.stop()
+
+
+@pytest.fixture
+def make_gateway(fake: FakeUpstream, tmp_path: Path) -> Iterator:
+    """A gateway of the test's own settings, stopped after the test."""
+    started: list[Gateway] = []
+
+    def make(settings: dict | None = None, upstream_base: str | None = None, **resources) -> Gateway:
+        d = tmp_path / f"gw{len(started)}"
+        d.mkdir()
+        gw = Gateway(d, upstream_base or fake.base_url, settings, **resources).start()
+        started.append(gw)
+        return gw
+
+    yield make
+    for gw in started:
+        gw.stop()

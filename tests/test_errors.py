@@ -1,0 +1,147 @@
+"""Every SPEC section 4 case the gateway answers itself: exact status, type and code, as an envelope."""
+
+from __future__ import annotations
+
+import socket
+from typing import Any
+
+import aiohttp
+import pytest
+
+from tests.fakes import Behaviour, FakeUpstream
+from tests.gateway import PROVIDER_SECRET, TEAM_A, Gateway
+from tests.test_transcriptions import form
+
+SPEECH = "/v1/audio/speech"
+TRANSCRIBE = "/v1/audio/transcriptions"
+
+
+def bearer(key: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"}
+
+
+async def call(gw: Gateway, path: str, method: str = "POST", **kw: Any) -> tuple[int, dict[str, str], Any]:
+    async with aiohttp.ClientSession() as s:
+        async with s.request(method, gw.url + path, **kw) as r:
+            assert r.headers["Content-Type"].startswith("application/json"), await r.text()
+            assert r.headers["x-aisix-request-id"]
+            return r.status, dict(r.headers), await r.json()
+
+
+def speech(model: str = "tts-prod", key: str = TEAM_A) -> dict[str, Any]:
+    return {"json": {"model": model, "input": "hi", "voice": "alloy"}, "headers": bearer(key)}
+
+
+def transcription(*order: str, key: str = TEAM_A, **values: bytes) -> dict[str, Any]:
+    body, ctype = form(*order, **values)
+    return {"data": body, "headers": {**bearer(key), "Content-Type": ctype}}
+
+
+CASES = [
+    # (id, path, request kwargs, status, type, code, param)
+    ("no-key", SPEECH, {"json": {"model": "tts-prod"}}, 401, "authentication_error", "invalid_api_key", None),
+    ("basic-auth", SPEECH, {"json": {}, "headers": {"Authorization": "Basic dXNlcjpwdw=="}}, 401,
+     "authentication_error", "invalid_api_key", None),
+    ("empty-bearer", SPEECH, {"json": {}, "headers": {"Authorization": "Bearer "}}, 401,
+     "authentication_error", "invalid_api_key", None),
+    ("unknown-key", SPEECH, speech(key="sk-nobody"), 401, "authentication_error", "invalid_api_key", None),
+    ("disabled", SPEECH, speech(key="sk-disabled-secret"), 401, "authentication_error", "api_key_disabled", None),
+    ("expired", SPEECH, speech(key="sk-expired-secret"), 401, "authentication_error", "api_key_expired", None),
+    ("not-allowed", SPEECH, speech(key="sk-restricted-secret"), 403, "permission_error", "model_not_allowed", "model"),
+    ("unknown-alias", SPEECH, speech(model="nope"), 404, "invalid_request_error", "model_not_found", "model"),
+    ("unknown-beats-globs", SPEECH, speech(model="tts-nope", key="sk-restricted-secret"), 404,
+     "invalid_request_error", "model_not_found", "model"),
+    ("no-model", SPEECH, {"json": {"input": "hi"}, "headers": bearer(TEAM_A)}, 400, "invalid_request_error",
+     "missing_model", "model"),
+    ("model-not-string", SPEECH, {"json": {"model": 7}, "headers": bearer(TEAM_A)}, 400, "invalid_request_error",
+     "missing_model", "model"),
+    ("bad-json", SPEECH, {"data": b'{"model": ', "headers": {**bearer(TEAM_A), "Content-Type": "application/json"}},
+     400, "invalid_request_error", "invalid_json", None),
+    ("json-array", SPEECH, {"json": ["tts-prod"], "headers": bearer(TEAM_A)}, 400, "invalid_request_error",
+     "invalid_json", None),
+    ("deep-json", SPEECH, {"data": b"[" * 5000 + b"]" * 5000,
+                           "headers": {**bearer(TEAM_A), "Content-Type": "application/json"}},
+     400, "invalid_request_error", "invalid_json", None),
+    ("speech-form", SPEECH, {"data": {"model": "tts-prod"}, "headers": bearer(TEAM_A)}, 400,
+     "invalid_request_error", "unsupported_content_type", None),
+    ("form-no-model", TRANSCRIBE, transcription("file"), 400, "invalid_request_error", "missing_model", "model"),
+    ("form-no-file", TRANSCRIBE, transcription("model"), 400, "invalid_request_error", "missing_file", "file"),
+    ("form-json", TRANSCRIBE, speech(), 400, "invalid_request_error", "unsupported_content_type", None),
+    ("form-no-boundary", TRANSCRIBE, {"data": b"x", "headers": {**bearer(TEAM_A), "Content-Type": "multipart/form-data"}},
+     400, "invalid_request_error", "invalid_multipart", None),
+    ("form-huge-head", TRANSCRIBE, transcription("file", "model", file_name=b"a" * 17000), 400,
+     "invalid_request_error", "invalid_multipart", None),
+    ("form-not-allowed", TRANSCRIBE, transcription("model", "file", model=b"secret-model"), 403,
+     "permission_error", "model_not_allowed", "model"),
+    ("form-unknown-alias", TRANSCRIBE, transcription("file", "model", model=b"nope"), 404,
+     "invalid_request_error", "model_not_found", "model"),
+    ("form-non-utf8-model", TRANSCRIBE, transcription("model", "file", model=b"\xff\xfe"), 400,
+     "invalid_request_error", "invalid_multipart", None),
+    ("unknown-path", "/v1/chat/completions", {"json": {}}, 404, "invalid_request_error", "not_found", None),
+    ("wrong-method", SPEECH, {"method": "GET"}, 405, "invalid_request_error", "method_not_allowed", None),
+]
+
+
+@pytest.mark.parametrize("path, kw, status, type_, code, param", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+async def test_gateway_errors(gateway: Gateway, fake: FakeUpstream, path: str, kw: dict[str, Any], status: int,
+                              type_: str, code: str, param: str | None) -> None:
+    kw = dict(kw)
+    got_status, _, body = await call(gateway, path, kw.pop("method", "POST"), **kw)
+    assert got_status == status
+    assert body == {"error": {"message": body["error"]["message"], "type": type_, "param": param, "code": code}}
+    assert body["error"]["message"]
+    assert fake.received == []  # rejected before anything reached the upstream
+
+
+async def test_body_limit(make_gateway, fake: FakeUpstream) -> None:
+    gw = make_gateway({"proxy": {"request_body_limit_bytes": 4096}})
+    # A declared Content-Length over the cap is 413 before anything else, even auth.
+    status, _, body = await call(gw, SPEECH, data=b"x" * 5000, headers={"Content-Type": "application/json"})
+    assert (status, body["error"]["code"]) == (413, "request_too_large")
+
+    async def chunks():
+        for _ in range(10):
+            yield b"x" * 1000
+
+    kw = transcription("model", "file")
+    kw["data"] = chunks()  # chunked: the cap is found while streaming
+    status, _, body = await call(gw, TRANSCRIBE, **kw)
+    assert (status, body["error"]["code"]) == (413, "request_too_large")
+
+
+async def test_upstream_unreachable_is_502_without_the_url(make_gateway, fake: FakeUpstream) -> None:
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    gw = make_gateway(upstream_base=f"http://127.0.0.1:{port}/v1")
+    for path, kw in ((SPEECH, speech()), (TRANSCRIBE, transcription("model", "file"))):
+        status, _, body = await call(gw, path, **kw)
+        assert (status, body["error"]["type"], body["error"]["code"]) == (502, "upstream_error", "upstream_unavailable")
+        assert str(port) not in body["error"]["message"] and "127.0.0.1" not in body["error"]["message"]
+        assert PROVIDER_SECRET not in str(body)
+
+
+@pytest.mark.parametrize("fail", ["stall_headers", "reset_before", "garbage"])
+async def test_upstream_failures_before_the_answer(make_gateway, fake: FakeUpstream, fail: str) -> None:
+    gw = make_gateway({"upstream": {"timeout_ms": 300}})
+    fake.behaviour = Behaviour(fail=fail)
+    status, _, body = await call(gw, SPEECH, **speech())
+    expected = (504, "upstream_timeout") if fail == "stall_headers" else (502, "upstream_unavailable")
+    assert (status, body["error"]["code"]) == expected
+    assert body["error"]["type"] == "upstream_error"
+
+
+async def test_models_lists_the_callers_aliases(gateway: Gateway) -> None:
+    status, _, body = await call(gateway, "/v1/models", "GET", headers=bearer("sk-restricted-secret"))
+    assert status == 200
+    assert [m["id"] for m in body["data"]] == ["whisper-prod"]
+    status, _, body = await call(gateway, "/v1/models", "GET", headers=bearer(TEAM_A))
+    assert [m["id"] for m in body["data"]] == ["tts-prod", "whisper-prod"]
+    status, _, body = await call(gateway, "/v1/models", "GET")
+    assert (status, body["error"]["code"]) == (401, "invalid_api_key")
+
+
+async def test_health(gateway: Gateway) -> None:
+    for path in ("/livez", "/readyz"):
+        status, _, _ = await call(gateway, path, "GET")
+        assert status == 200

@@ -1,0 +1,108 @@
+"""POST /v1/audio/speech through a real gateway process to the fake upstream."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import aiohttp
+import pytest
+
+from aisix.devupstream import MP3_FRAME
+from tests.fakes import Behaviour, FakeUpstream
+from tests.gateway import PROVIDER_SECRET, TEAM_A, Gateway
+
+AUTH = {"Authorization": f"Bearer {TEAM_A}"}
+BODY = {"model": "tts-prod", "input": "Hello from AISIX.", "voice": "alloy", "speed": 1.25,
+        "response_format": "mp3", "instructions": "cheerful, \u00e9l\u00e8ve", "extra": {"n": [1, 2.5, None, True]}}
+
+
+async def post_speech(gw: Gateway, body: object = BODY, headers: dict | None = None) -> tuple[aiohttp.ClientResponse, bytes]:
+    async with aiohttp.ClientSession() as s:
+        async with s.post(gw.url + "/v1/audio/speech", json=body, headers={**AUTH, **(headers or {})}) as r:
+            return r, await r.read()
+
+
+async def test_only_the_model_value_changes(gateway: Gateway, fake: FakeUpstream) -> None:
+    r, audio = await post_speech(gateway)
+    assert r.status == 200
+    assert r.headers["Content-Type"] == "audio/mpeg"
+    assert audio.startswith(MP3_FRAME[:4]) and len(audio) == 3 * 4800
+    sent = json.loads(fake.wait_received()[0].body)
+    assert list(sent.items()) == list({**BODY, "model": "gpt-4o-mini-tts"}.items())
+
+
+async def test_outbound_headers_are_built_not_copied(gateway: Gateway, fake: FakeUpstream) -> None:
+    r, _ = await post_speech(gateway, headers={
+        "Cookie": "session=caller", "x-api-key": "caller-other-key", "Proxy-Authorization": "Basic x",
+        "Connection": "keep-alive, x-hop", "x-hop": "1", "TE": "trailers", "x-aisix-request-id": "caller-id-1",
+        "Accept": "audio/mpeg"})
+    got = fake.wait_received()[0]
+    assert got.path == "/v1/audio/speech"
+    assert got.headers["Authorization"] == f"Bearer {PROVIDER_SECRET}"
+    assert got.headers["Host"] == fake.base_url.split("/")[2]
+    assert got.headers["x-aisix-request-id"] == "caller-id-1" == r.headers["x-aisix-request-id"]
+    assert got.headers["Accept"] == "audio/mpeg"
+    assert got.headers["Accept-Encoding"] == "identity"
+    for name in ("Cookie", "x-api-key", "Proxy-Authorization", "x-hop", "TE"):
+        assert name not in got.headers
+    assert TEAM_A not in str(dict(got.headers))
+
+
+async def test_answer_headers_relayed(gateway: Gateway, fake: FakeUpstream) -> None:
+    fake.behaviour = Behaviour(content_length=True)
+    r, audio = await post_speech(gateway)
+    assert r.headers["Content-Length"] == str(len(audio)) == str(3 * 4800)
+    assert r.headers["x-upstream-request-id"] == "req_fake"
+    assert "Transfer-Encoding" not in r.headers
+
+
+async def test_first_byte_arrives_before_the_upstream_sends_its_last_chunk(gateway: Gateway, fake: FakeUpstream) -> None:
+    fake.behaviour = Behaviour(speech_chunks=5, chunk_delay=0.3)
+    arrivals = []
+    async with aiohttp.ClientSession() as s:
+        async with s.post(gateway.url + "/v1/audio/speech", json=BODY, headers=AUTH) as r:
+            async for chunk in r.content.iter_any():
+                arrivals.append((time.monotonic(), len(chunk)))
+    assert sum(n for _, n in arrivals) == 5 * 4800
+    assert len(fake.sent_at) == 5
+    assert arrivals[0][0] < fake.sent_at[-1]
+    assert len(arrivals) >= 3, "the answer was delivered in one piece, not as it streamed"
+
+
+@pytest.mark.parametrize("rid, kept", [("abc-123", True), ("x" * 128, True), ("x" * 129, False),
+                                       ("has space", False), ("caf\u00e9", False)])
+async def test_request_id_kept_only_when_valid(gateway: Gateway, fake: FakeUpstream, rid: str, kept: bool) -> None:
+    async with aiohttp.ClientSession() as s:
+        async with s.post(gateway.url + "/v1/audio/speech", json=BODY,
+                          headers={**AUTH, "x-aisix-request-id": rid.encode().decode("latin-1")}) as r:
+            await r.read()
+    sent = fake.wait_received()[0].headers["x-aisix-request-id"]
+    assert sent == r.headers["x-aisix-request-id"]
+    assert (sent == rid) is kept
+    assert 1 <= len(sent) <= 128
+
+
+@pytest.mark.parametrize("status", [400, 401, 429, 500, 503])
+async def test_upstream_errors_are_relayed_as_they_came(gateway: Gateway, fake: FakeUpstream, status: int) -> None:
+    fake.behaviour = Behaviour(status=status)
+    r, body = await post_speech(gateway)
+    assert r.status == status
+    assert r.headers["Content-Type"].startswith("application/json")
+    assert r.headers["x-upstream-request-id"] == "req_fake"
+    assert json.loads(body)["error"]["message"]  # the provider's own envelope
+
+
+@pytest.mark.parametrize("content_length", [False, True], ids=["chunked", "content-length"])
+async def test_upstream_reset_mid_answer_never_looks_complete(gateway: Gateway, fake: FakeUpstream,
+                                                              content_length: bool) -> None:
+    fake.behaviour = Behaviour(fail="reset_mid", content_length=content_length, speech_chunks=4)
+    async with aiohttp.ClientSession() as s:
+        async with s.post(gateway.url + "/v1/audio/speech", json=BODY, headers=AUTH) as r:
+            assert r.status == 200
+            with pytest.raises(aiohttp.ClientPayloadError):
+                await r.read()
+    # The gateway is still serving.
+    fake.reset()
+    r, audio = await post_speech(gateway)
+    assert r.status == 200 and len(audio) == 3 * 4800

@@ -1,0 +1,137 @@
+"""Transcriptions and translations: the upstream gets the caller's body with only the model swapped."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import aiohttp
+import pytest
+
+from tests.fakes import Behaviour, FakeUpstream
+from tests.gateway import TEAM_A, Gateway
+
+AUTH = {"Authorization": f"Bearer {TEAM_A}"}
+BOUNDARY = "----aisixE2Eboundary0123456789"
+AUDIO = os.urandom(200_000) + b"\r\n--" + BOUNDARY.encode()[:-1] + b"\r\n"  # ends boundary-like
+EXTRA = [("response_format", b"json"), ("timestamp_granularities[]", b"word"),
+         ("timestamp_granularities[]", b"segment"), ("include[]", b"logprobs"),
+         ("chunking_strategy[type]", b"server_vad"), ("language", b"en")]
+
+
+def form(*order: str, model: bytes = b"whisper-prod", file: bytes = AUDIO, file_name: bytes = b"speech.wav",
+         fields: list[tuple[str, bytes]] | None = None) -> tuple[bytes, str]:
+    """A multipart body with its parts in the given order, then `fields`; and its Content-Type."""
+    out = bytearray()
+    for name in order:
+        out += b"--" + BOUNDARY.encode() + b"\r\n"
+        if name == "file":
+            out += b'Content-Disposition: form-data; name="file"; filename="' + file_name + b'"\r\n'
+            out += b"Content-Type: audio/wav\r\n\r\n" + file + b"\r\n"
+        else:
+            out += b'Content-Disposition: form-data; name="model"\r\n\r\n' + model + b"\r\n"
+    for name, value in fields or []:
+        out += b"--" + BOUNDARY.encode() + b'\r\nContent-Disposition: form-data; name="' + name.encode()
+        out += b'"\r\n\r\n' + value + b"\r\n"
+    out += b"--" + BOUNDARY.encode() + b"--\r\n"
+    return bytes(out), f"multipart/form-data; boundary={BOUNDARY}"
+
+
+def swapped(body: bytes, old: bytes = b"whisper-prod", new: bytes = b"whisper-1") -> bytes:
+    marker = b'name="model"\r\n\r\n'
+    assert body.count(marker + old) == 1
+    return body.replace(marker + old, marker + new)
+
+
+async def chunked(data: bytes, size: int = 7919):
+    for i in range(0, len(data), size):
+        yield data[i:i + size]
+
+
+@pytest.mark.parametrize("route", ["transcriptions", "translations"])
+@pytest.mark.parametrize("order", [("model", "file"), ("file", "model")], ids=["model-first", "file-first"])
+@pytest.mark.parametrize("framing", ["content-length", "chunked"])
+async def test_upstream_body_is_the_callers_with_only_the_model_swapped(
+        gateway: Gateway, fake: FakeUpstream, route: str, order: tuple[str, str], framing: str) -> None:
+    body, ctype = form(*order, fields=EXTRA)
+    data = body if framing == "content-length" else chunked(body)
+    async with aiohttp.ClientSession() as s:
+        async with s.post(f"{gateway.url}/v1/audio/{route}", data=data,
+                          headers={**AUTH, "Content-Type": ctype}) as r:
+            answer = await r.json()
+            assert r.status == 200, answer
+    got = fake.wait_received()[0]
+    assert got.path == f"/v1/audio/{route}"
+    assert got.complete
+    assert got.body == swapped(body)
+    assert got.headers["Content-Type"] == ctype
+    if framing == "content-length":
+        assert got.headers["Content-Length"] == str(len(body) - len(b"whisper-prod") + len(b"whisper-1"))
+        assert "Transfer-Encoding" not in got.headers
+    else:
+        assert got.headers["Transfer-Encoding"] == "chunked"
+        assert "Content-Length" not in got.headers
+    assert answer["text"] == "hello from the fake"
+
+
+@pytest.mark.parametrize("fmt, ctype", [("json", "application/json"), ("text", "text/plain"),
+                                        ("srt", "text/plain"), ("vtt", "text/plain")])
+async def test_answer_content_type_is_kept(gateway: Gateway, fake: FakeUpstream, fmt: str, ctype: str) -> None:
+    body, form_type = form("model", "file", fields=[("response_format", fmt.encode())])
+    async with aiohttp.ClientSession() as s:
+        async with s.post(gateway.url + "/v1/audio/transcriptions", data=body,
+                          headers={**AUTH, "Content-Type": form_type}) as r:
+            assert r.status == 200
+            assert r.headers["Content-Type"].split(";")[0] == ctype
+            assert "hello from the fake" in await r.text()
+
+
+async def test_sse_frames_are_relayed_as_they_arrive(gateway: Gateway, fake: FakeUpstream) -> None:
+    fake.behaviour = Behaviour(chunk_delay=0.25, transcript="one two three four")
+    body, ctype = form("model", "file", fields=[("stream", b"true")])
+    arrivals: list[tuple[float, bytes]] = []
+    async with aiohttp.ClientSession() as s:
+        async with s.post(gateway.url + "/v1/audio/transcriptions", data=body,
+                          headers={**AUTH, "Content-Type": ctype}) as r:
+            assert r.headers["Content-Type"].startswith("text/event-stream")
+            async for chunk in r.content.iter_any():
+                arrivals.append((time.monotonic(), chunk))
+    frames = b"".join(c for _, c in arrivals).split(b"\n\n")
+    events = [json.loads(f.removeprefix(b"data: ")) for f in frames if f.strip()]
+    assert [e["type"] for e in events] == ["transcript.text.delta"] * 4 + ["transcript.text.done"]
+    assert arrivals[0][0] < fake.sent_at[-1], "the first frame waited for the last"
+
+
+async def test_missing_file_after_streaming_started_aborts_the_upstream(gateway: Gateway, fake: FakeUpstream) -> None:
+    # Enough bytes after the model that the upstream surely has the request under way.
+    body, ctype = form("model", fields=[("prompt", b"p" * 300_000)])
+    async with aiohttp.ClientSession() as s:
+        async with s.post(gateway.url + "/v1/audio/transcriptions", data=chunked(body),
+                          headers={**AUTH, "Content-Type": ctype}) as r:
+            assert r.status == 400
+            assert (await r.json())["error"]["code"] == "missing_file"
+    got = fake.wait_received()[0]
+    assert not got.complete
+    assert not got.body.endswith(b"--" + BOUNDARY.encode() + b"--\r\n")
+
+
+async def test_truncated_body_never_reaches_the_upstream_complete(gateway: Gateway, fake: FakeUpstream) -> None:
+    body, ctype = form("model", "file")
+    cut = body[: len(body) - 30]  # stops inside the closing delimiter; the caller ends cleanly
+    async with aiohttp.ClientSession() as s:
+        async with s.post(gateway.url + "/v1/audio/transcriptions", data=chunked(cut),
+                          headers={**AUTH, "Content-Type": ctype}) as r:
+            assert r.status == 400
+            assert (await r.json())["error"]["code"] == "invalid_multipart"
+    assert not fake.wait_received()[0].complete
+
+
+async def test_an_early_upstream_answer_is_relayed(gateway: Gateway, fake: FakeUpstream) -> None:
+    fake.behaviour = Behaviour(status=400, read_body=False)
+    body, ctype = form("model", "file", file=os.urandom(900_000))
+    async with aiohttp.ClientSession() as s:
+        async with s.post(gateway.url + "/v1/audio/transcriptions", data=body,
+                          headers={**AUTH, "Content-Type": ctype}) as r:
+            assert r.status == 400
+            assert r.headers["x-upstream-request-id"] == "req_fake"
