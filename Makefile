@@ -3,8 +3,9 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-$(shell cat setup.cfg pyproject.toml | cksum | cut -d' ' -f1)
-# System tools the tests drive for real (curl as in the README, file to name the audio).
-SYSTEM_TOOLS := curl file
+# System tools the tests drive for real: curl as in the README, file to name the audio,
+# redis-server for the shared rate limits and usage stream.
+SYSTEM_TOOLS := curl file redis-server
 
 .PHONY: run test venv system-tools clean
 
