@@ -1,0 +1,119 @@
+"""What a transcription answer says, read while it is relayed: its text and its reported usage.
+
+[core] Fed the answer's chunks as they pass; keeps at most ``limit`` bytes of JSON or text and one
+SSE line, so memory is bounded whatever the answer. Nothing is guessed: usage is only what the
+upstream reported (``usage`` in JSON or in an SSE event; ``usage.seconds`` or ``duration``).
+Speech audio is never given to it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import orjson
+
+_LIMIT = 1024 * 1024
+
+
+@dataclass(slots=True)
+class Usage:
+    input_tokens: int | None = None
+    output_tokens: int | None = None
+    total_tokens: int | None = None
+    audio_seconds: float | None = None
+
+    @property
+    def tokens(self) -> int | None:
+        if self.total_tokens is not None:
+            return self.total_tokens
+        if self.input_tokens is None and self.output_tokens is None:
+            return None
+        return (self.input_tokens or 0) + (self.output_tokens or 0)
+
+
+class AnswerReader:
+    __slots__ = ("_kind", "_buf", "_limit", "_over", "_parts", "_kept", "text", "usage")
+
+    def __init__(self, content_type: str, limit: int = _LIMIT) -> None:
+        media = content_type.split(";", 1)[0].strip().lower()
+        self._kind = "sse" if media == "text/event-stream" else "json" if media.endswith("json") else "text"
+        self._buf = bytearray()
+        self._limit = limit
+        self._over = False
+        self._parts: list[str] = []
+        self._kept = 0  # bytes read so far: the cap covers SSE text as well as a held body
+        self.text = ""
+        self.usage = Usage()
+
+    def feed(self, chunk: bytes | bytearray) -> None:
+        if self._over:
+            return
+        self._buf += chunk
+        self._kept += len(chunk)
+        if self._kind == "sse":
+            self._lines()
+        if self._kept > self._limit:
+            self._over = True  # past the cap we stop reading: no text, no usage, never a guess
+            self._buf.clear()
+
+    def finish(self) -> None:
+        if self._over:
+            return
+        if self._kind == "sse":
+            self._buf += b"\n"
+            self._lines()
+            self.text = "".join(self._parts)
+        elif self._kind == "json":
+            self._json(self._buf)
+        else:
+            self.text = self._buf.decode("utf-8", "replace")
+        self._buf.clear()
+
+    def _lines(self) -> None:
+        while (end := self._buf.find(b"\n")) >= 0:
+            line = bytes(self._buf[:end]).rstrip(b"\r")
+            del self._buf[:end + 1]
+            if line.startswith(b"data:"):
+                self._event(line[5:].strip())
+
+    def _event(self, data: bytes) -> None:
+        try:
+            event = orjson.loads(data)
+        except orjson.JSONDecodeError:
+            return
+        if not isinstance(event, dict):
+            return
+        if isinstance(event.get("delta"), str):
+            self._parts.append(event["delta"])
+        elif isinstance(event.get("text"), str) and not self._parts:
+            self._parts.append(event["text"])
+        self._read_usage(event)
+
+    def _json(self, body: bytes | bytearray) -> None:
+        try:
+            doc = orjson.loads(body)
+        except orjson.JSONDecodeError:
+            return
+        if not isinstance(doc, dict):
+            return
+        texts = [doc["text"]] if isinstance(doc.get("text"), str) else []
+        for segment in doc.get("segments") or ():
+            if isinstance(segment, dict) and isinstance(segment.get("text"), str):
+                texts.append(segment["text"])
+        self.text = "\n".join(texts)
+        self._read_usage(doc)
+        if isinstance(doc.get("duration"), (int, float)) and self.usage.audio_seconds is None:
+            self.usage.audio_seconds = float(doc["duration"])
+
+    def _read_usage(self, doc: dict) -> None:
+        usage = doc.get("usage")
+        if not isinstance(usage, dict):
+            return
+        u = self.usage
+        for name in ("input_tokens", "output_tokens", "total_tokens"):
+            value = usage.get(name)
+            if isinstance(value, int) and not isinstance(value, bool):
+                setattr(u, name, value)
+        seconds = usage.get("seconds")
+        if isinstance(seconds, (int, float)) and not isinstance(seconds, bool):
+            u.audio_seconds = float(seconds)
