@@ -1,0 +1,248 @@
+"""Usage events off the request path: one bounded queue, one writer; what is not written is counted.
+
+``emit`` only appends to a queue (event loop thread only); one writer task drains whatever is
+queued into one batch, encodes it with orjson and writes it in one go: a file (JSON lines,
+reopened after rotation), stdout, or a Redis stream. When the queue is full, a write fails or
+``close`` runs out of time, the events are dropped and counted in ``dropped_total``: never lost
+silently, never re-queued (a batch cut off mid-write counts as dropped even if part of it
+landed). The sink owns an event dict once emitted: it is encoded later, in the writer. File and
+stdout writes are synchronous in the writer task (page cache; a stdout pipe nobody reads would
+stall the loop).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import sys
+import time
+from collections import deque
+from typing import IO
+from urllib.parse import parse_qs, urlsplit, urlunsplit
+
+import orjson
+
+log = logging.getLogger(__name__)
+
+_WARN_EVERY_S = 10.0
+_REDIS_TIMEOUT_S = 2.0
+
+
+class UsageSink:
+    """The queue and the writer; subclasses say where a batch of encoded lines goes."""
+
+    def __init__(self, name: str, queue_size: int = 10000) -> None:
+        self.name = name                    # for messages; never holds a secret
+        self.dropped_total = 0
+        self.written_total = 0
+        self._queue: deque[dict] = deque()
+        self._size = queue_size
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task | None = None
+        self._closing = False
+        self._warned_at = float("-inf")
+        self._unwarned = 0
+
+    @classmethod
+    def create(cls, spec: str, queue_size: int = 10000) -> UsageSink:
+        if spec == "stdout":
+            return StdoutSink("stdout", queue_size)
+        if spec.startswith("file:"):
+            return FileSink(spec[len("file:"):], queue_size)
+        if spec.startswith(("redis://", "rediss://")):
+            return RedisSink(spec, queue_size)
+        raise ValueError(f"usage sink {_redact(spec)!r}: expected 'stdout', 'file:/path' or 'redis://host:port/db?stream=NAME'")
+
+    def emit(self, event: dict) -> None:
+        if self._closing or len(self._queue) >= self._size:
+            self.dropped_total += 1
+            return
+        self._queue.append(event)
+        if not self._wake.is_set():
+            self._wake.set()
+
+    async def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.create_task(self._run(), name=f"usage-writer {self.name}")
+
+    async def close(self, timeout: float = 10.0) -> None:
+        """Write everything queued, then stop; after ``timeout`` s the rest is counted as dropped."""
+        await self.start()                  # a sink never started still writes what was emitted
+        self._closing = True
+        self._wake.set()
+        assert self._task is not None
+        _, pending = await asyncio.wait({self._task}, timeout=timeout)
+        if pending:
+            self._task.cancel()             # the writer counts the batch it was holding
+            await asyncio.wait({self._task})
+        if self._queue:
+            self._lost(len(self._queue), "not written before close timed out")
+            self._queue.clear()
+        await self._release()
+
+    def reopen(self) -> None:
+        """File sink: start a new file at the path (SIGHUP after logrotate). Others: nothing."""
+
+    async def _run(self) -> None:
+        while True:
+            if not self._queue:
+                if self._closing:
+                    return
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            batch = list(self._queue)
+            self._queue.clear()
+            lines = []
+            for event in batch:
+                try:
+                    lines.append(orjson.dumps(event))
+                except TypeError as exc:    # a caller's bug must not cost the rest of the batch
+                    self._lost(1, f"event not encodable: {exc}")
+            if not lines:
+                continue
+            try:
+                await self._write(lines)
+            except asyncio.CancelledError:
+                self._lost(len(lines), "writer cancelled")
+                raise
+            except Exception as exc:
+                self._lost(len(lines), f"{type(exc).__name__}: {exc}")
+            else:
+                self.written_total += len(lines)
+
+    def _lost(self, n: int, why: str) -> None:
+        """Count dropped events; say so at most once per 10 s (a dead backend fails every batch)."""
+        self.dropped_total += n
+        self._unwarned += n
+        now = time.monotonic()
+        if now - self._warned_at >= _WARN_EVERY_S:
+            log.warning("usage sink %s: %d events dropped (%d in all): %s", self.name, self._unwarned, self.dropped_total, why)
+            self._warned_at = now
+            self._unwarned = 0
+
+    async def _write(self, lines: list[bytes]) -> None:
+        raise NotImplementedError
+
+    async def _release(self) -> None:
+        pass
+
+
+class StdoutSink(UsageSink):
+    async def _write(self, lines: list[bytes]) -> None:
+        out = sys.stdout.buffer            # looked up per batch: stdout may have been replaced
+        out.write(b"\n".join(lines) + b"\n")
+        out.flush()
+
+
+class FileSink(UsageSink):
+    """Append-only JSON lines; a rotated or removed file is noticed by inode before each batch."""
+
+    def __init__(self, path: str, queue_size: int = 10000) -> None:
+        super().__init__(f"file:{path}", queue_size)
+        if not path:
+            raise ValueError("usage sink 'file:': no path given")
+        folder = os.path.dirname(os.path.abspath(path))
+        if not os.path.isdir(folder):
+            raise ValueError(f"usage sink {self.name!r}: directory {folder} does not exist")
+        self.path = path
+        self._file: IO[bytes] | None = None
+        self._id: tuple[int, int] | None = None
+        try:
+            self._open()
+        except OSError as exc:
+            raise ValueError(f"usage sink {self.name!r}: cannot open: {exc.strerror}") from None
+
+    def _open(self) -> None:
+        self._file = open(self.path, "ab")
+        st = os.fstat(self._file.fileno())
+        self._id = (st.st_dev, st.st_ino)
+
+    def _shut(self) -> None:
+        if self._file is not None:
+            file, self._file = self._file, None
+            try:
+                file.close()
+            except OSError as exc:
+                log.warning("usage sink %s: closing the old file: %s", self.name, exc)
+
+    def reopen(self) -> None:
+        self._shut()
+        try:
+            self._open()
+        except OSError as exc:              # the next batch tries again, counting what it loses
+            log.warning("usage sink %s: cannot reopen: %s", self.name, exc.strerror)
+
+    async def _write(self, lines: list[bytes]) -> None:
+        try:
+            st = os.stat(self.path)
+            moved = (st.st_dev, st.st_ino) != self._id
+        except FileNotFoundError:
+            moved = True
+        if moved or self._file is None:     # as WatchedFileHandler: rotated away, start anew
+            self._shut()
+            self._open()
+        assert self._file is not None
+        self._file.write(b"\n".join(lines) + b"\n")
+        self._file.flush()
+
+    async def _release(self) -> None:
+        self._shut()
+
+
+class RedisSink(UsageSink):
+    """``XADD stream MAXLEN ~ maxlen * data <json>``, one pipeline per batch."""
+
+    def __init__(self, spec: str, queue_size: int = 10000) -> None:
+        super().__init__(_redact(spec), queue_size)
+        try:
+            url = urlsplit(spec)
+            query = parse_qs(url.query, strict_parsing=bool(url.query))
+            unknown = set(query) - {"stream", "maxlen"}
+            if unknown:
+                raise ValueError(f"unknown option(s) {', '.join(sorted(unknown))}; expected stream, maxlen")
+            if not url.hostname:
+                raise ValueError("no host")
+            _ = url.port                    # raises on a port that is not a number
+            if url.path.strip("/") and not url.path.strip("/").isdigit():
+                raise ValueError(f"database {url.path.strip('/')!r} is not a number")
+            self.stream = query.get("stream", ["aisix:usage"])[-1]
+            self.maxlen = int(query.get("maxlen", ["1000000"])[-1])
+            if self.maxlen < 1:
+                raise ValueError("maxlen must be at least 1")
+        except ValueError as exc:
+            raise ValueError(f"usage sink {self.name!r}: {exc}") from None
+        self._url = urlunsplit((url.scheme, url.netloc, url.path, "", ""))
+        self._redis = None
+
+    async def start(self) -> None:
+        if self._redis is None:
+            import redis.asyncio as aioredis
+            from redis.asyncio.retry import Retry
+            from redis.backoff import NoBackoff
+
+            # One immediate retry: the first command on a connection Redis dropped fails once.
+            self._redis = aioredis.Redis.from_url(
+                self._url, socket_timeout=_REDIS_TIMEOUT_S, socket_connect_timeout=_REDIS_TIMEOUT_S,
+                retry=Retry(NoBackoff(), 1))
+        await super().start()
+
+    async def _write(self, lines: list[bytes]) -> None:
+        pipe = self._redis.pipeline(transaction=False)
+        for line in lines:
+            pipe.xadd(self.stream, {"data": line}, maxlen=self.maxlen, approximate=True)
+        await pipe.execute()
+
+    async def _release(self) -> None:
+        if self._redis is not None:
+            await self._redis.aclose()
+
+
+def _redact(spec: str) -> str:
+    """The spec without userinfo: a Redis password must not reach a message or a log line."""
+    scheme, sep, rest = spec.partition("://")
+    where, q, query = rest.partition("?")   # a password may hold an unescaped '/', never a '?'
+    if not sep or "@" not in where:
+        return spec
+    return f"{scheme}://***@{where.rpartition('@')[2]}{q}{query}"
