@@ -12,7 +12,9 @@ from aiohttp import web
 
 from . import handlers, middlewares, upstream
 from .config import Config
-from .keys import LIVE, SESSION, SETTINGS, Live
+from .keys import LIMITER, LIVE, SESSION, SETTINGS, USAGE, Live
+from .limits import Limiter
+from .usage import UsageSink
 
 log = logging.getLogger(__name__)
 
@@ -22,6 +24,11 @@ def create_app(config: Config) -> web.Application:
     app = web.Application(middlewares=[middlewares.gateway])
     app[SETTINGS] = config.settings
     app[LIVE] = Live(config.resources)
+    app[USAGE] = UsageSink.create(config.settings.usage_sink)
+    app[LIMITER] = Limiter.create(config.settings.ratelimit_backend)
+    # Cleanup runs in reverse: the session closes first, then the usage queue is flushed.
+    app.cleanup_ctx.append(_usage_sink)
+    app.cleanup_ctx.append(_limiter)
     app.cleanup_ctx.append(_upstream_session)
     app.on_response_prepare.append(middlewares.stamp_request_id)
 
@@ -32,6 +39,19 @@ def create_app(config: Config) -> web.Application:
     app.router.add_get("/livez", handlers.livez)
     app.router.add_get("/readyz", handlers.readyz)
     return app
+
+
+async def _usage_sink(app: web.Application) -> AsyncIterator[None]:
+    sink = app[USAGE]
+    await sink.start()
+    yield
+    await sink.close()
+    log.info("usage events: %d written, %d dropped", sink.written_total, sink.dropped_total)
+
+
+async def _limiter(app: web.Application) -> AsyncIterator[None]:
+    yield
+    await app[LIMITER].close()
 
 
 async def _upstream_session(app: web.Application) -> AsyncIterator[None]:
@@ -48,8 +68,8 @@ def serve(config: Config, access_log: bool = True) -> int:
     )
     try:
         asyncio.run(_serve(config, access_log))
-    except OSError as exc:
-        log.error("cannot listen: %s", exc)
+    except (OSError, ValueError) as exc:  # a port in use, a usage sink that cannot be opened
+        log.error("cannot start: %s", exc)
         return 1
     return 0
 

@@ -8,8 +8,13 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
 
 from aiohttp import web
+
+from .answer import Usage
+from .guardrails import Verdict
 
 
 @dataclass(slots=True)
@@ -29,6 +34,8 @@ class Exchange:
     bytes_in: int = 0
     bytes_out: int = 0
     stream: bool = False
+    usage: Usage | None = None              # only what the upstream reported
+    verdict: Verdict | None = None          # a guardrail that matched
     response: web.StreamResponse | None = None  # set once the caller has the status line
 
     def fail(self, status: int, code: str) -> None:
@@ -45,3 +52,31 @@ class Exchange:
     @property
     def latency_ms(self) -> int:
         return int((time.monotonic() - self.started) * 1000)
+
+    def event(self) -> dict[str, Any]:
+        """The usage event (SPEC 6): fields that are unknown are absent, never guessed."""
+        event: dict[str, Any] = {
+            "ts": datetime.fromtimestamp(self.ts, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+            "request_id": self.request_id,
+            "route": self.route,
+            "api_key": self.api_key,
+            "status": self.status,
+            "error_code": self.error_code,
+            "latency_ms": self.latency_ms,
+            "bytes_in": self.bytes_in,
+            "bytes_out": self.bytes_out,
+            "stream": self.stream,
+        }
+        for name in ("model", "upstream_model", "provider_key", "upstream_ttfb_ms"):
+            value = getattr(self, name)
+            if value is not None:
+                event[name] = value
+        if self.usage is not None:
+            u = self.usage
+            for name, value in (("input_tokens", u.input_tokens), ("output_tokens", u.output_tokens),
+                                ("total_tokens", u.total_tokens), ("audio_seconds", u.audio_seconds)):
+                if value is not None:
+                    event[name] = value
+        if self.verdict is not None:
+            event["guardrail"] = self.verdict.as_event()
+        return event

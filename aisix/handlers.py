@@ -15,11 +15,11 @@ import orjson
 from aiohttp import hdrs, web
 from aiohttp.http_exceptions import HttpProcessingError
 
-from . import aliases, auth, errors, multipart, upstream
+from . import aliases, auth, errors, guardrails, multipart, upstream
 from .config import ApiKey, Model, Resources, Settings
 from .deadline import CLIENT, UPSTREAM, Deadline
 from .exchange import Exchange
-from .keys import LIVE, REQUEST_ID, SESSION, SETTINGS
+from .keys import LIMITER, LIVE, REQUEST_ID, SESSION, SETTINGS, USAGE
 from .relay import abort, relay
 from .spool import Spool
 
@@ -32,6 +32,7 @@ class Outbound:
     body: bytes | upstream.BodyStream
     content_type: str
     content_length: int | None  # None: aiohttp sizes a bytes body, a stream goes chunked
+    held: Spool | None = None   # closed by the pipeline whatever happens, even if never sent
 
 
 class Inbound:
@@ -79,6 +80,8 @@ async def _exchange(request: web.Request, route: str, read_body: BodyReader) -> 
     resources = app[LIVE].resources  # this request's snapshot, whatever a reload does meanwhile
     idle = settings.upstream.stream_idle_timeout_ms / 1000
     ex = Exchange(route, request[REQUEST_ID])
+    limiter = app[LIMITER]
+    slot = out = None
     try:
         async with asyncio.timeout(None) as timer:
             deadline = Deadline(timer)
@@ -91,13 +94,15 @@ async def _exchange(request: web.Request, route: str, read_body: BodyReader) -> 
             model = out.model
             ex.upstream_model = model.model_name
             ex.provider_key = model.provider_key.name
+            slot = await limiter.admit(key, model, time.time())
             headers = upstream.request_headers(
                 model, ex.request_id, out.content_type, out.content_length, request.headers.get(hdrs.ACCEPT)
             )
             if isinstance(out.body, bytes):
                 _sent(ex, deadline, model, settings)
             answer = await upstream.send(app[SESSION], model.urls[route], headers, out.body)
-            return await relay(request, answer, ex, deadline, idle)
+            outputs = guardrails.rules_for(resources.guardrails, model.alias, guardrails.OUTPUT)
+            return await relay(request, answer, ex, deadline, idle, outputs)
     except TimeoutError:
         if deadline.waiting_on == CLIENT:
             ex.fail(408, "client_timeout")
@@ -119,11 +124,15 @@ async def _exchange(request: web.Request, route: str, read_body: BodyReader) -> 
         ex.fail(500, "internal_error")
         raise
     finally:
+        if out is not None and out.held is not None:
+            out.held.close()
+        await limiter.settle(slot, ex.usage.tokens if ex.usage else None, time.time())
         _finish(app, ex)
 
 
 def _finish(app: web.Application, ex: Exchange) -> None:
-    """Every exchange ends here exactly once (usage events and metrics hook in here)."""
+    """Every exchange ends here exactly once."""
+    app[USAGE].emit(ex.event())
 
 
 def _sent(ex: Exchange, deadline: Deadline, model: Model, settings: Settings) -> None:
@@ -168,6 +177,9 @@ async def _speech_body(
         raise errors.missing_model()
     ex.model = alias
     model = aliases.resolve(alias, key, resources.models)
+    text = doc.get("input")
+    if isinstance(text, str):
+        _screen_input(ex, guardrails.rules_for(resources.guardrails, alias, guardrails.INPUT), text)
     # Re-serialised rather than spliced: the upstream gets exactly the document we checked, with
     # every other key in its order and with its value.
     doc["model"] = model.model_name
@@ -179,24 +191,35 @@ async def _form_body(
     settings: Settings, deadline: Deadline, ex: Exchange,
 ) -> Outbound:
     content_type = request.headers.get(hdrs.CONTENT_TYPE, "")
-    rw = multipart.Rewriter(multipart.boundary_of(content_type))
+    # Prompts are read only when some input guardrail could look at them.
+    scan = any(g.hook_point == guardrails.INPUT for g in resources.guardrails)
+    rw = multipart.Rewriter(multipart.boundary_of(content_type), _PROMPT if scan else _MODEL_ONLY)
     held = Spool()  # what comes before the model value (the whole file, when it comes first)
+    prompts: list[str] = []  # prompts met before the alias, checked once it is known
     try:
         while True:
             chunk = await inbound.read()
             pieces = rw.feed(chunk) if chunk else rw.close()
             for i, piece in enumerate(pieces):
-                if isinstance(piece, multipart.Field):
+                if not isinstance(piece, multipart.Field):
+                    held.write(piece)
+                elif piece.name != multipart.MODEL:
+                    prompts.append(_text(piece))
+                    held.write(piece.value)
+                else:
                     alias = _text(piece)
                     ex.model = alias
                     model = aliases.resolve(alias, key, resources.models)
+                    rules = guardrails.rules_for(resources.guardrails, alias, guardrails.INPUT)
+                    for prompt in prompts:
+                        _screen_input(ex, rules, prompt)
                     after = [model.model_name_bytes, *pieces[i + 1:]]
                     length = request.content_length
                     if length is not None:
                         length += len(model.model_name_bytes) - len(piece.value)
-                    body = _upload(held, after, rw, inbound, deadline, ex, model, settings)
-                    return Outbound(model, upstream.BodyStream(body), content_type, length)
-                held.write(piece)
+                    form = _Upload(held, rw, inbound, deadline, ex, rules)
+                    body = form.stream(after, model, settings)
+                    return Outbound(model, upstream.BodyStream(body), content_type, length, held)
             if not chunk:
                 raise errors.missing_model()
     except BaseException:
@@ -204,31 +227,61 @@ async def _form_body(
         raise
 
 
-async def _upload(
-    held: Spool, after: list[multipart.Piece], rw: multipart.Rewriter, inbound: Inbound,
-    deadline: Deadline, ex: Exchange, model: Model, settings: Settings,
-) -> AsyncIterator[bytes | bytearray]:
-    """The rewritten body: what was held, the new model value, then the rest as it arrives."""
-    try:
-        for chunk in held.chunks():
-            yield chunk
-        yield _joined(after)
-        while True:
-            chunk = await inbound.read()
-            pieces = rw.feed(chunk) if chunk else rw.close()
-            if pieces:
-                yield _joined(pieces)
-            if not chunk:
-                break
-        _sent(ex, deadline, model, settings)
-    finally:
-        held.close()
+_MODEL_ONLY = frozenset({multipart.MODEL})
+_PROMPT = frozenset({multipart.MODEL, "prompt"})
 
 
-def _joined(pieces: list[multipart.Piece]) -> bytes | bytearray:
-    if len(pieces) == 1 and not isinstance(pieces[0], multipart.Field):
-        return pieces[0]
-    return b"".join(p.value if isinstance(p, multipart.Field) else p for p in pieces)
+class _Upload:
+    """The rewritten body on its way: what was held, the new model value, then the rest as it
+    arrives. A prompt after the file is checked before the closing delimiter can go out, so a
+    blocked request never reaches the upstream complete."""
+
+    __slots__ = ("_held", "_rw", "_inbound", "_deadline", "_ex", "_rules")
+
+    def __init__(self, held: Spool, rw: multipart.Rewriter, inbound: Inbound, deadline: Deadline,
+                 ex: Exchange, rules: tuple) -> None:
+        self._held, self._rw, self._inbound = held, rw, inbound
+        self._deadline, self._ex, self._rules = deadline, ex, rules
+
+    async def stream(self, after: list[multipart.Piece], model: Model,
+                     settings: Settings) -> AsyncIterator[bytes | bytearray]:
+        rw, inbound = self._rw, self._inbound
+        try:
+            for chunk in self._held.chunks():
+                yield chunk
+            yield self._joined(after)
+            while True:
+                chunk = await inbound.read()
+                pieces = rw.feed(chunk) if chunk else rw.close()
+                if pieces:
+                    yield self._joined(pieces)
+                if not chunk:
+                    break
+            _sent(self._ex, self._deadline, model, settings)
+        finally:
+            self._held.close()
+
+    def _joined(self, pieces: list[multipart.Piece]) -> bytes | bytearray:
+        if len(pieces) == 1 and not isinstance(pieces[0], multipart.Field):
+            return pieces[0]
+        out = bytearray()
+        for piece in pieces:
+            if isinstance(piece, multipart.Field):  # a prompt: checked, then passed on unchanged
+                _screen_input(self._ex, self._rules, _text(piece))
+                out += piece.value
+            else:
+                out += piece
+        return out
+
+
+def _screen_input(ex: Exchange, rules: tuple, text: str) -> None:
+    if not rules:
+        return
+    verdict = guardrails.check(rules, text)
+    if verdict is not None:
+        ex.verdict = verdict
+        if verdict.action == guardrails.BLOCKED:
+            raise guardrails.blocked(verdict)
 
 
 def _text(field: multipart.Field) -> str:
@@ -236,7 +289,7 @@ def _text(field: multipart.Field) -> str:
         value = field.value.decode("utf-8")
     except UnicodeDecodeError:
         raise errors.invalid_multipart(f"The '{field.name}' field is not valid UTF-8.") from None
-    if not value:
+    if not value and field.name == multipart.MODEL:
         raise errors.missing_model()
     return value
 

@@ -7,6 +7,8 @@ from dataclasses import dataclass
 from aiohttp import ClientSession, web
 
 from .config import Resources, Settings
+from .limits import Limiter
+from .usage import UsageSink
 
 
 @dataclass(slots=True)
@@ -19,5 +21,7 @@ class Live:
 SETTINGS = web.AppKey("settings", Settings)
 LIVE = web.AppKey("live", Live)
 SESSION = web.AppKey("session", ClientSession)
+USAGE = web.AppKey("usage", UsageSink)
+LIMITER = web.AppKey("limiter", Limiter)
 
 REQUEST_ID = web.RequestKey("request_id", str)

@@ -1,65 +1,128 @@
 """An upstream answer to the caller, chunk by chunk as it arrives, with the headers SPEC 5 names.
 
-Memory per request is one chunk. A failure after the caller has the status line aborts the
-caller's connection: a chunked answer is never terminated and a Content-Length answer never
-completed, so no client can take a cut-short answer for a complete one.
+Memory per request is one chunk, plus at most 1 MiB of a transcript read for its usage. A failure
+after the caller has the status line aborts the caller's connection: a chunked answer is never
+terminated and a Content-Length answer never completed, so no client can take a cut-short answer
+for a complete one. When an output guardrail can block, a transcript is held and checked before
+any of it is released (streaming gives way to the check for those requests only).
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 
 import aiohttp
 from aiohttp import web
 
+from . import errors, guardrails
+from .answer import AnswerReader
+from .config import Guardrail
 from .deadline import CLIENT, UPSTREAM, Deadline
 from .exchange import Exchange
 
 _RELAYED = ("Content-Type", "Content-Length", "Content-Disposition", "Retry-After")
 _STREAMED = ("audio/", "text/event-stream")
+HOLD_LIMIT = 1024 * 1024  # a held transcript over this cannot be checked: refused, never released
 
 
 async def relay(
-    request: web.Request, upstream: aiohttp.ClientResponse, ex: Exchange, deadline: Deadline, idle: float
+    request: web.Request, upstream: aiohttp.ClientResponse, ex: Exchange, deadline: Deadline, idle: float,
+    output_rules: Sequence[Guardrail] = (),
 ) -> web.StreamResponse:
     if ex.upstream_sent is not None:
         ex.upstream_ttfb_ms = int((time.monotonic() - ex.upstream_sent) * 1000)
     up = upstream.headers
-    headers = {name: up[name] for name in _RELAYED if name in up}
-    if "x-request-id" in up:
-        headers["x-upstream-request-id"] = up["x-request-id"]
-    response = web.StreamResponse(status=upstream.status, headers=headers)
-    ex.status = upstream.status
-    ex.stream = upstream.status < 300 and up.get("Content-Type", "").startswith(_STREAMED)
-    if upstream.status >= 300:
-        ex.error_code = "upstream_error"
-    content = upstream.content
+    content_type = up.get("Content-Type", "")
+    ok = upstream.status < 300
+    # Transcripts are read for their usage and text; speech audio never is (nothing is inferred).
+    reader = AnswerReader(content_type, HOLD_LIMIT) if ok and not content_type.startswith("audio/") else None
     try:
+        held = None
+        if reader is not None and guardrails.blocks(output_rules):
+            held = await _hold(upstream, reader, deadline, idle)
+            _screen_output(ex, reader, output_rules)
+        headers = {name: up[name] for name in _RELAYED if name in up}
+        if "x-request-id" in up:
+            headers["x-upstream-request-id"] = up["x-request-id"]
+        response = web.StreamResponse(status=upstream.status, headers=headers)
+        ex.status = upstream.status
+        ex.stream = ok and content_type.startswith(_STREAMED) and held is None
+        if not ok:
+            ex.error_code = "upstream_error"
         deadline.wait(idle, CLIENT)
         await response.prepare(request)
         ex.response = response
-        while True:
-            deadline.wait(idle, UPSTREAM)
-            chunk = await content.readany()
-            if not chunk:
-                break
-            deadline.wait(idle, CLIENT)
-            await response.write(chunk)
-            ex.bytes_out += len(chunk)
+        if held is not None:
+            await response.write(held)
+            ex.bytes_out += len(held)
+        else:
+            await _stream(upstream, response, reader, ex, deadline, idle)
         await response.write_eof()
     except (aiohttp.ClientError, ConnectionError):
         upstream.close()
         if deadline.waiting_on == CLIENT:
             ex.gone()
+        elif ex.response is None:
+            raise errors.upstream_unavailable() from None
         else:
             ex.fail(502, "upstream_aborted")
         abort(request)
+        return response
     except BaseException:
         upstream.close()
         raise
-    else:
-        upstream.release()  # read to the end: the connection goes back to the pool
+    upstream.release()  # read to the end: the connection goes back to the pool
+    if reader is not None:
+        if held is None:
+            reader.finish()
+            _screen_output(ex, reader, output_rules)
+        ex.usage = reader.usage
     return response
+
+
+async def _stream(
+    upstream: aiohttp.ClientResponse, response: web.StreamResponse, reader: AnswerReader | None,
+    ex: Exchange, deadline: Deadline, idle: float,
+) -> None:
+    content = upstream.content
+    while True:
+        deadline.wait(idle, UPSTREAM)
+        chunk = await content.readany()
+        if not chunk:
+            return
+        if reader is not None:
+            reader.feed(chunk)
+        deadline.wait(idle, CLIENT)
+        await response.write(chunk)
+        ex.bytes_out += len(chunk)
+
+
+async def _hold(upstream: aiohttp.ClientResponse, reader: AnswerReader, deadline: Deadline, idle: float) -> bytes:
+    body = bytearray()
+    while True:
+        deadline.wait(idle, UPSTREAM)
+        chunk = await upstream.content.readany()
+        if not chunk:
+            break
+        body += chunk
+        if len(body) > HOLD_LIMIT:
+            raise errors.GatewayError(502, "upstream_error", "upstream_answer_too_large",
+                                      "The upstream answer is too large to be checked by the guardrails.")
+        reader.feed(chunk)
+    reader.finish()
+    return bytes(body)
+
+
+def _screen_output(ex: Exchange, reader: AnswerReader, rules: Sequence[Guardrail]) -> None:
+    if not rules:
+        return
+    verdict = guardrails.check(rules, reader.text)
+    if verdict is None:
+        return
+    ex.verdict = verdict
+    if verdict.action == guardrails.BLOCKED:
+        raise guardrails.blocked(verdict)
 
 
 def abort(request: web.Request) -> None:

@@ -12,9 +12,11 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
+import orjson
 import yaml
 
 from aisix.config import hash_key
@@ -52,8 +54,9 @@ class Gateway:
     def __init__(self, tmp: Path, upstream_base: str, settings: dict[str, Any] | None = None,
                  **resource_extra: Any) -> None:
         self.dir = tmp
+        self.usage_file = tmp / "usage.jsonl"
         config = {"proxy": {"listen": "127.0.0.1:0"}, "metrics": {"listen": None},
-                  "resources_file": "resources.yaml"}
+                  "usage": {"sink": f"file:{self.usage_file}"}, "resources_file": "resources.yaml"}
         for section, values in (settings or {}).items():
             config.setdefault(section, {}).update(values)
         (tmp / "config.yaml").write_text(yaml.safe_dump(config))
@@ -118,6 +121,28 @@ class Gateway:
         if self.proc.stderr is not None:
             self.proc.stderr.close()
         return self.proc.returncode
+
+    def events(self, n: int = 1, timeout: float = 10.0) -> list[dict[str, Any]]:
+        """The usage events written so far, once there are at least n (they are written after
+        the answer, off the request path, so a test waits for them)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            lines = self.usage_file.read_bytes().splitlines() if self.usage_file.exists() else []
+            if len(lines) >= n:
+                return [orjson.loads(line) for line in lines]
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{len(lines)} usage events, wanted {n}:\n{self.log()}")
+            time.sleep(0.02)  # polling a file for a condition, bounded by the deadline
+
+    def event(self, request_id: str, timeout: float = 10.0) -> dict[str, Any]:
+        """The one usage event of a request; fails if there are none or several."""
+        deadline = time.monotonic() + timeout
+        while True:
+            found = [e for e in self.events(0) if e["request_id"] == request_id]
+            if found or time.monotonic() > deadline:
+                assert len(found) == 1, f"{len(found)} usage events for {request_id}"
+                return found[0]
+            time.sleep(0.02)
 
     def log(self) -> str:
         return "".join(self.lines)

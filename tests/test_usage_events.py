@@ -1,0 +1,98 @@
+"""One usage event per audio request, on every path, with what the upstream reported and no secret."""
+
+from __future__ import annotations
+
+import uuid
+
+import aiohttp
+import pytest
+
+from tests.fakes import Behaviour, FakeUpstream
+from tests.gateway import PROVIDER_SECRET, TEAM_A, Gateway
+from tests.test_transcriptions import form
+
+SPEECH = {"model": "tts-prod", "input": "Hello there", "voice": "alloy"}
+
+
+async def request(gw: Gateway, path: str, key: str | None = TEAM_A, **kw) -> tuple[str, int]:
+    rid = uuid.uuid4().hex
+    headers = {"x-aisix-request-id": rid, **kw.pop("headers", {})}
+    if key:
+        headers["Authorization"] = f"Bearer {key}"
+    async with aiohttp.ClientSession() as s:
+        async with s.post(gw.url + path, headers=headers, **kw) as r:
+            await r.read()
+            return rid, r.status
+
+
+async def test_speech_success(gateway: Gateway, fake: FakeUpstream) -> None:
+    rid, _ = await request(gateway, "/v1/audio/speech", json=SPEECH)
+    e = gateway.event(rid)
+    assert e["ts"].endswith("Z") and len(e["ts"]) == len("2026-01-01T00:00:00.000Z")
+    assert {k: e[k] for k in ("route", "api_key", "model", "upstream_model", "provider_key", "status",
+                              "error_code", "stream", "bytes_out")} == {
+        "route": "speech", "api_key": "team-a", "model": "tts-prod", "upstream_model": "gpt-4o-mini-tts",
+        "provider_key": "fake", "status": 200, "error_code": None, "stream": True, "bytes_out": 3 * 4800}
+    assert e["bytes_in"] > 0 and e["latency_ms"] >= 0 and e["upstream_ttfb_ms"] >= 0
+    # Nothing is inferred from speech audio.
+    assert not {"input_tokens", "output_tokens", "total_tokens", "audio_seconds"} & e.keys()
+
+
+@pytest.mark.parametrize("fields, stream", [([], False), ([("stream", b"true")], True)], ids=["json", "sse"])
+async def test_transcription_tokens_from_the_upstream(gateway: Gateway, fake: FakeUpstream, fields, stream) -> None:
+    body, ctype = form("file", "model", fields=fields)
+    rid, status = await request(gateway, "/v1/audio/transcriptions", data=body, headers={"Content-Type": ctype})
+    e = gateway.event(rid)
+    assert status == 200
+    assert (e["input_tokens"], e["output_tokens"], e["total_tokens"]) == (10, 5, 15)
+    assert e["stream"] is stream and e["bytes_in"] == len(body) and e["route"] == "transcriptions"
+
+
+@pytest.mark.parametrize("key, path, kw, status, code, api_key", [
+    (None, "/v1/audio/speech", {"json": SPEECH}, 401, "invalid_api_key", None),
+    ("sk-disabled-secret", "/v1/audio/speech", {"json": SPEECH}, 401, "api_key_disabled", "off"),
+    ("sk-restricted-secret", "/v1/audio/speech", {"json": SPEECH}, 403, "model_not_allowed", "restricted"),
+    (TEAM_A, "/v1/audio/speech", {"json": {"input": "x"}}, 400, "missing_model", "team-a"),
+])
+async def test_rejections(gateway: Gateway, key, path, kw, status, code, api_key) -> None:
+    rid, got = await request(gateway, path, key, **kw)
+    e = gateway.event(rid)
+    assert (got, e["status"], e["error_code"], e["api_key"], e["stream"]) == (status, status, code, api_key, False)
+
+
+async def test_upstream_error_is_recorded(gateway: Gateway, fake: FakeUpstream) -> None:
+    fake.behaviour = Behaviour(status=503)
+    rid, status = await request(gateway, "/v1/audio/speech", json=SPEECH)
+    e = gateway.event(rid)
+    assert (status, e["status"], e["error_code"], e["stream"]) == (503, 503, "upstream_error", False)
+
+
+async def test_upstream_abort_mid_answer(gateway: Gateway, fake: FakeUpstream) -> None:
+    fake.behaviour = Behaviour(fail="reset_mid", speech_chunks=4)
+    rid = uuid.uuid4().hex
+    async with aiohttp.ClientSession() as s:
+        async with s.post(gateway.url + "/v1/audio/speech", json=SPEECH,
+                          headers={"Authorization": f"Bearer {TEAM_A}", "x-aisix-request-id": rid}) as r:
+            with pytest.raises(aiohttp.ClientPayloadError):
+                await r.read()
+    e = gateway.event(rid)
+    assert (e["status"], e["error_code"]) == (200, "upstream_aborted")
+
+
+async def test_no_events_for_models_and_health(gateway: Gateway) -> None:
+    rid = uuid.uuid4().hex
+    async with aiohttp.ClientSession() as s:
+        for path in ("/v1/models", "/livez", "/readyz", "/nope"):
+            async with s.get(gateway.url + path, headers={"Authorization": f"Bearer {TEAM_A}",
+                                                          "x-aisix-request-id": rid}) as r:
+                await r.read()
+    marker, _ = await request(gateway, "/v1/audio/speech", json=SPEECH)
+    gateway.event(marker)  # written after the others would have been
+    assert not [e for e in gateway.events() if e["request_id"] == rid]
+
+
+def test_no_secret_in_any_event(gateway: Gateway) -> None:
+    text = gateway.usage_file.read_text()
+    assert text  # the tests above wrote events
+    for secret in (PROVIDER_SECRET, TEAM_A, "sk-disabled-secret", "sk-restricted-secret", "Hello there"):
+        assert secret not in text
