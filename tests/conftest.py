@@ -9,6 +9,7 @@ import pytest
 
 from tests.fakes import FakeUpstream
 from tests.gateway import Gateway
+from tests.redis_server import redis_url  # noqa: F401  (a real redis-server, for the whole session)
 
 
 @pytest.fixture(scope="session")

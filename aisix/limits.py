@@ -1,0 +1,352 @@
+"""Rate limits on api keys and models: admit or refuse a request, then settle it; nothing else.
+
+Not a quota or billing system: windows are fixed and aligned to the clock (SPEC 4), and a
+limiter that cannot reach its store admits rather than refusing traffic (fails open).
+
+The top half is [core]: window math, the plan of what a request touches, and the 429 a refusal
+becomes. It takes ``now`` (Unix seconds) and does no I/O. Below it, two stores keep the counts
+behind one small interface, and ``Limiter`` joins them for the handlers:
+
+- ``MemoryStore``: dicts for one process. A window counter is keyed by scope, name and window
+  kind and holds only the current window (a new window replaces the old one), so memory is
+  bounded by the configured names, whatever the traffic.
+- ``RedisStore``: shared by every instance. One Lua script per admission reads every counter of
+  the request (key and model scopes; request windows, token windows, concurrency) and increments
+  only when all pass, so two instances can never both admit the last request of a window.
+  Counters are ``aisix:rl:{scope}:{name}:{window}:{window_start}``, expiring ``_MARGIN`` seconds
+  after their window (the margin absorbs clock skew between instances). Concurrency is a ZSET
+  ``aisix:rl:{scope}:{name}:concurrency`` of slot ids scored by ``admission + _LEASE``: settle
+  removes the id, and every admission first drops expired ids. A process that dies holding
+  slots therefore leaks them for at most the lease, never forever; a plain counter would leak
+  for good. The lease (1 h) outlasts ordinary answers (``upstream.timeout_ms`` defaults to
+  10 min); one still streaming after it loses its slot early, which can only admit too much,
+  never block. No refresh: it would cost a Redis call per long answer for that rare case.
+
+Scopes are named by the api key's ``name`` and the model's ``alias``, never a key hash or secret.
+Token windows are charged in the window current at ``settle`` (tokens are known only then).
+A refusal raises ``RateLimited``, a ``GatewayError`` whose ``scope`` ("key" or "model") labels
+``aisix_rate_limited_total``. Store errors are counted in ``fail_open_total`` (admissions that
+were not checked) and ``settle_errors_total`` (releases or token charges that were lost; a lost
+release is bounded by the lease).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import math
+import secrets
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import redis.asyncio
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import RedisError
+
+from .config import ApiKey, Model, RateLimit
+from .errors import GatewayError
+
+log = logging.getLogger(__name__)
+
+_WINDOWS = (  # (field, seconds, unit); this order breaks ties between windows that end together
+    ("rps", 1, "requests"), ("rpm", 60, "requests"), ("rph", 3600, "requests"),
+    ("rpd", 86400, "requests"), ("tpm", 60, "tokens"), ("tpd", 86400, "tokens"),
+)
+_PERIOD = {1: "second", 60: "minute", 3600: "hour", 86400: "day"}
+_MARGIN = 60  # seconds a window counter outlives its window in Redis
+_LEASE = 3600  # seconds a Redis concurrency slot outlives a process that never released it
+_PAUSE = 1.0  # after a store error, seconds to admit unchecked before trying the store again
+_WARN_EVERY = 10.0  # seconds between two warnings about the store
+
+
+# -- [core] --------------------------------------------------------------------------------------
+
+@dataclass(frozen=True, slots=True)
+class Limit:
+    """One limit of one scope: a window (``size`` seconds) or concurrency (``size`` 0)."""
+
+    scope: str  # "key" | "model"
+    name: str  # the api key's name or the model's alias
+    field: str  # "rpm", "tpd", "concurrency", ...
+    size: int
+    limit: int
+    unit: str  # "requests" | "tokens" | "concurrency"
+    key: str  # aisix:rl:{scope}:{name}:{field}; a window's counter adds ":{window_start}"
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    """Every limit one (api key, model) pair is held to, built once per pair."""
+
+    limits: tuple[Limit, ...]  # what admit checks, key scope first
+    tokens: tuple[Limit, ...]  # the token windows settle charges
+    concurrency: tuple[Limit, ...]  # the slots admit takes and settle gives back
+
+
+def window_start(now: float, size: int) -> int:
+    return int(now // size) * size
+
+
+def reset_after(now: float, size: int) -> int:
+    """Whole seconds from now to the end of the window, rounded up, at least 1."""
+    return max(1, math.ceil(window_start(now, size) + size - now))
+
+
+def is_over(limit: Limit, count: int) -> bool:
+    """Whether a count refuses the next request: tokens once over the limit, else once at it."""
+    return count > limit.limit if limit.unit == "tokens" else count >= limit.limit
+
+
+def _scope_limits(scope: str, name: str, rate: RateLimit | None) -> tuple[Limit, ...]:
+    if rate is None:
+        return ()
+    prefix = f"aisix:rl:{scope}:{name}:"
+    out = [Limit(scope, name, f, size, getattr(rate, f), unit, prefix + f)
+           for f, size, unit in _WINDOWS if getattr(rate, f) is not None]
+    if rate.concurrency is not None:
+        out.append(Limit(scope, name, "concurrency", 0, rate.concurrency, "concurrency",
+                         prefix + "concurrency"))
+    return tuple(out)
+
+
+@functools.lru_cache(maxsize=4096)
+def plan(key_name: str, key_rate: RateLimit | None, alias: str, model_rate: RateLimit | None) -> Plan:
+    limits = _scope_limits("key", key_name, key_rate) + _scope_limits("model", alias, model_rate)
+    return Plan(limits, tuple(x for x in limits if x.unit == "tokens"),
+                tuple(x for x in limits if x.unit == "concurrency"))
+
+
+class RateLimited(GatewayError):
+    """A 429 from a gateway limit; ``scope`` ("key" or "model") names whose limit refused it."""
+
+    __slots__ = ("scope",)
+
+    def __init__(self, scope: str, code: str, message: str, headers: dict[str, str]) -> None:
+        super().__init__(429, "rate_limit_error", code, message, None, headers)
+        self.scope = scope
+
+
+def rejection(blocked: Sequence[Limit], now: float) -> RateLimited:
+    """The 429 for a refused request. A window beats concurrency (its wait is known); among
+    windows, the one that resets last, since waiting for any earlier one would not be enough."""
+    windows = [x for x in blocked if x.size]
+    if not windows:
+        c = blocked[0]
+        return RateLimited(c.scope, "concurrency_limit_exceeded",
+                           f"Concurrency limit of {c.limit} requests in flight exceeded for "
+                           f"{_who(c)}.", {"Retry-After": "1"})
+    w = max(windows, key=lambda x: window_start(now, x.size) + x.size)  # ties: the first
+    reset = str(reset_after(now, w.size))
+    return RateLimited(w.scope, "rate_limit_exceeded",
+                       f"Rate limit of {w.limit} {w.unit} per {_PERIOD[w.size]} exceeded for {_who(w)}.",
+                       {"Retry-After": reset, f"x-ratelimit-limit-{w.unit}": str(w.limit),
+                        f"x-ratelimit-remaining-{w.unit}": "0", f"x-ratelimit-reset-{w.unit}": reset})
+
+
+def _who(limit: Limit) -> str:
+    return "this API key" if limit.scope == "key" else f"model '{limit.name}'"
+
+
+# -- stores --------------------------------------------------------------------------------------
+
+class Store(Protocol):
+    async def admit(self, plan: Plan, slot_id: str, now: float) -> list[Limit]:
+        """The limits that refuse the request (nothing counted), or [] once all is counted."""
+
+    async def settle(self, plan: Plan, slot_id: str, tokens: int, now: float) -> None:
+        """Give back the request's slots and charge its tokens."""
+
+    async def close(self) -> None: ...
+
+
+class MemoryStore:
+    """Counts for one process. Never suspends, so each admission is atomic under asyncio."""
+
+    def __init__(self) -> None:
+        self._windows: dict[str, list[int]] = {}  # Limit.key -> [window_start, count]
+        self._in_flight: dict[str, int] = {}  # Limit.key -> slots held
+
+    def _count(self, limit: Limit, now: float) -> int:
+        if not limit.size:
+            return self._in_flight.get(limit.key, 0)
+        entry = self._windows.get(limit.key)
+        return entry[1] if entry and entry[0] == window_start(now, limit.size) else 0
+
+    def _add(self, limit: Limit, n: int, now: float) -> None:
+        start = window_start(now, limit.size)
+        entry = self._windows.get(limit.key)
+        if entry and entry[0] == start:
+            entry[1] += n
+        else:  # a new window: the old counter is dropped here
+            self._windows[limit.key] = [start, n]
+
+    async def admit(self, plan: Plan, slot_id: str, now: float) -> list[Limit]:
+        blocked = [x for x in plan.limits if is_over(x, self._count(x, now))]
+        if not blocked:
+            for x in plan.limits:
+                if x.unit == "requests":
+                    self._add(x, 1, now)
+                elif x.unit == "concurrency":
+                    self._in_flight[x.key] = self._in_flight.get(x.key, 0) + 1
+        return blocked
+
+    async def settle(self, plan: Plan, slot_id: str, tokens: int, now: float) -> None:
+        for x in plan.concurrency:
+            held = self._in_flight.get(x.key, 0) - 1
+            if held > 0:
+                self._in_flight[x.key] = held
+            else:
+                self._in_flight.pop(x.key, None)
+        for x in plan.tokens if tokens else ():
+            self._add(x, tokens, now)
+
+    async def close(self) -> None:
+        pass
+
+
+# KEYS: one counter per limit. ARGV: now, slot id, its lease end, then per key its kind, limit
+# and ttl. Kinds: r (request window: refuses at the limit, counts the request),
+# t (token window: refuses over the limit, counted by settle), c (concurrency ZSET).
+# The rule of is_over() is repeated here; the store tests hold the two to the same answers.
+_ADMIT = """
+local blocked = {}
+for i, key in ipairs(KEYS) do
+  local kind, limit, count = ARGV[3 * i + 1], tonumber(ARGV[3 * i + 2])
+  if kind == 'c' then
+    redis.call('ZREMRANGEBYSCORE', key, '-inf', ARGV[1])
+    count = redis.call('ZCARD', key)
+  else
+    count = tonumber(redis.call('GET', key) or '0')
+  end
+  if count > limit or (count == limit and kind ~= 't') then blocked[#blocked + 1] = i end
+end
+if #blocked > 0 then return blocked end
+for i, key in ipairs(KEYS) do
+  local kind, ttl = ARGV[3 * i + 1], ARGV[3 * i + 3]
+  if kind == 'r' then
+    redis.call('INCR', key)
+    redis.call('EXPIRE', key, ttl)
+  elseif kind == 'c' then
+    redis.call('ZADD', key, ARGV[3], ARGV[2])
+    redis.call('EXPIRE', key, ttl)
+  end
+end
+return blocked
+"""
+
+
+class RedisStore:
+    """Counts shared by every instance through one Redis (not Cluster: a script's keys span
+    scopes). Short timeouts and no retries: a dead Redis stalls the requests already waiting on
+    it by at most 0.5 s per socket step; then Limiter admits unchecked for ``_PAUSE``."""
+
+    def __init__(self, url: str) -> None:
+        self._redis = redis.asyncio.Redis.from_url(
+            url, socket_connect_timeout=0.5, socket_timeout=0.5, retry=Retry(NoBackoff(), 0))
+        self._admit = self._redis.register_script(_ADMIT)
+
+    async def admit(self, plan: Plan, slot_id: str, now: float) -> list[Limit]:
+        keys: list[str] = []
+        args: list[str | int] = [repr(now), slot_id, repr(now + _LEASE)]
+        for x in plan.limits:
+            if x.size:
+                keys.append(f"{x.key}:{window_start(now, x.size)}")
+                args += [x.unit[0], x.limit, x.size + _MARGIN]
+            else:
+                keys.append(x.key)
+                args += ["c", x.limit, _LEASE]
+        blocked = await self._admit(keys, args)
+        return [plan.limits[i - 1] for i in blocked]
+
+    async def settle(self, plan: Plan, slot_id: str, tokens: int, now: float) -> None:
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for x in plan.concurrency:
+                pipe.zrem(x.key, slot_id)
+            for x in plan.tokens if tokens else ():
+                key = f"{x.key}:{window_start(now, x.size)}"
+                pipe.incrby(key, tokens)
+                pipe.expire(key, x.size + _MARGIN)
+            await pipe.execute()
+
+    async def close(self) -> None:
+        await self._redis.aclose()
+
+
+# -- the limiter ---------------------------------------------------------------------------------
+
+@dataclass(slots=True, eq=False)
+class Slot:
+    """What one admitted request holds until ``settle``; ``plan`` None: nothing left to give back."""
+
+    plan: Plan | None
+    id: str  # its member in the Redis concurrency ZSETs; "" when it holds no slot
+
+
+_STORE_ERRORS = (RedisError, OSError)  # OSError covers asyncio's TimeoutError
+
+
+class Limiter:
+    """admit -> Slot | None (or raise RateLimited), then settle(slot) once the answer is relayed."""
+
+    def __init__(self, store: Store) -> None:
+        self._store = store
+        self.fail_open_total = 0
+        self.settle_errors_total = 0
+        self._paused_until = 0.0
+        self._warned_at = -math.inf
+
+    @classmethod
+    def create(cls, backend: str) -> Limiter:
+        """``memory`` or ``redis://host:port/db`` (as ``ratelimit.backend`` in config.yaml)."""
+        if backend == "memory":
+            return cls(MemoryStore())
+        if backend.startswith(("redis://", "rediss://")):
+            return cls(RedisStore(backend))
+        raise ValueError("the rate limit backend must be 'memory' or 'redis://host:port/db'")
+
+    async def admit(self, key: ApiKey, model: Model, now: float) -> Slot | None:
+        """A slot to settle, or None when neither key nor model has limits; raises RateLimited."""
+        if key.rate_limit is None and model.rate_limit is None:
+            return None
+        p = plan(key.name, key.rate_limit, model.alias, model.rate_limit)
+        if not p.limits:
+            return None
+        if 0.0 < self._paused_until - now <= _PAUSE:  # the store just failed: do not wait on it
+            self.fail_open_total += 1
+            return Slot(None, "")
+        slot = Slot(p, secrets.token_hex(8) if p.concurrency else "")
+        try:
+            blocked = await self._store.admit(p, slot.id, now)
+        except _STORE_ERRORS as e:
+            self.fail_open_total += 1
+            self._paused_until = now + _PAUSE
+            self._warn(now, "rate limit store failed, admitting without checking limits: %s: %s", e)
+            return Slot(None, "")  # the script may have run: a slot it took ends with its lease
+        if blocked:
+            raise rejection(blocked, now)
+        return slot
+
+    async def settle(self, slot: Slot | None, tokens: int | None, now: float) -> None:
+        """Give back the slot's concurrency and charge ``tokens``; once per slot, never raises."""
+        if slot is None or slot.plan is None:
+            return
+        p, slot.plan = slot.plan, None  # before any await: a second settle finds nothing
+        tokens = tokens if tokens and tokens > 0 and p.tokens else 0
+        if not p.concurrency and not tokens:
+            return
+        try:
+            await self._store.settle(p, slot.id, tokens, now)
+        except Exception as e:  # noqa: BLE001 (settle runs in a finally; raising would mask the answer)
+            self.settle_errors_total += 1
+            self._warn(now, "rate limit store failed to settle a request: %s: %s", e)
+
+    async def close(self) -> None:
+        await self._store.close()
+
+    def _warn(self, now: float, message: str, e: Exception) -> None:
+        # Without a pause between warnings, a dead Redis writes one line per request.
+        if abs(now - self._warned_at) >= _WARN_EVERY:
+            self._warned_at = now
+            log.warning(message, type(e).__name__, e)

@@ -1,0 +1,343 @@
+"""Rate limits: the window math as plain functions, then both stores through the same tests."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from types import MappingProxyType
+
+import pytest
+import redis.asyncio
+
+from aisix.config import ApiKey, Model, ProviderKey, RateLimit
+from aisix.errors import GatewayError
+from aisix.limits import Limit, Limiter, RateLimited, Slot, is_over, plan, rejection, reset_after, window_start
+from tests.redis_server import RedisServer, free_port, redis_url  # noqa: F401
+
+T0 = 20000 * 86400.0  # a day boundary, so every window starts at T0
+PROVIDER = ProviderKey("openai-main", "openai", "http://127.0.0.1:1", "sk-provider", "Bearer sk-provider")
+
+
+def api_key(name: str = "team-a", **limits: int) -> ApiKey:
+    return ApiKey(name, "ab" * 32, ("*",), frozenset(), (), False, None, RateLimit(**limits) if limits else None)
+
+
+def model(alias: str = "tts-prod", **limits: int) -> Model:
+    return Model(alias, PROVIDER, "gpt-4o-mini-tts", None, RateLimit(**limits) if limits else None,
+                 MappingProxyType({}), b"gpt-4o-mini-tts")
+
+
+def limits_of(key: ApiKey, m: Model) -> dict[str, Limit]:
+    """'key.rpm' -> its Limit, for building refusals by hand."""
+    return {f"{x.scope}.{x.field}": x
+            for x in plan(key.name, key.rate_limit, m.alias, m.rate_limit).limits}
+
+
+# -- [core] --------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize(("now", "size", "start"), [
+    (T0, 60, T0),
+    (T0 + 59.999, 60, T0),
+    (T0 + 60, 60, T0 + 60),
+    (T0 + 0.5, 1, T0),
+    (T0 + 1, 1, T0 + 1),
+    (T0 + 3599.9, 3600, T0),
+    (T0 + 7200, 3600, T0 + 7200),
+    (T0 + 86399.9, 86400, T0),
+    (T0 - 0.001, 86400, T0 - 86400),
+])
+def test_windows_are_aligned_to_the_clock(now: float, size: int, start: float) -> None:
+    assert window_start(now, size) == start
+
+
+@pytest.mark.parametrize(("now", "size", "seconds"), [
+    (T0, 60, 60),  # a whole window ahead
+    (T0 + 0.1, 60, 60),  # 59.9 s rounds up
+    (T0 + 30.5, 60, 30),
+    (T0 + 59, 60, 1),
+    (T0 + 59.999, 60, 1),  # never 0
+    (T0 + 0.5, 1, 1),
+    (T0 + 60, 3600, 3540),
+    (T0 + 86399.5, 86400, 1),
+])
+def test_retry_after_is_whole_seconds_to_the_window_end_rounded_up(now: float, size: int, seconds: int) -> None:
+    assert reset_after(now, size) == seconds
+
+
+@pytest.mark.parametrize(("field", "limit", "count", "over"), [
+    ("rpm", 3, 2, False),
+    ("rpm", 3, 3, True),  # requests: the limit-th request was the last admitted
+    ("tpm", 100, 100, False),  # tokens: at the limit still admits
+    ("tpm", 100, 101, True),  # only a count over it refuses
+    ("concurrency", 2, 1, False),
+    ("concurrency", 2, 2, True),
+])
+def test_what_count_refuses(field: str, limit: int, count: int, over: bool) -> None:
+    x = limits_of(api_key(**{field: limit}), model())[f"key.{field}"]
+    assert is_over(x, count) is over
+
+
+KEY = api_key(rps=1, rpm=60, rph=100, rpd=1000, tpm=500, tpd=5000, concurrency=4)
+MODEL = model(rpm=600, rpd=1000, tpd=9000, concurrency=32)
+
+
+@pytest.mark.parametrize(("blocked", "now", "scope", "headers", "message"), [
+    (["key.rpm"], T0 + 15, "key",
+     {"Retry-After": "45", "x-ratelimit-limit-requests": "60", "x-ratelimit-remaining-requests": "0",
+      "x-ratelimit-reset-requests": "45"},
+     "Rate limit of 60 requests per minute exceeded for this API key."),
+    (["key.rps", "key.rpm", "key.rph"], T0 + 15.5, "key",  # the hour ends last
+     {"Retry-After": "3585", "x-ratelimit-limit-requests": "100", "x-ratelimit-remaining-requests": "0",
+      "x-ratelimit-reset-requests": "3585"},
+     "Rate limit of 100 requests per hour exceeded for this API key."),
+    (["key.rpm", "model.tpd"], T0 + 30, "model",
+     {"Retry-After": "86370", "x-ratelimit-limit-tokens": "9000", "x-ratelimit-remaining-tokens": "0",
+      "x-ratelimit-reset-tokens": "86370"},
+     "Rate limit of 9000 tokens per day exceeded for model 'tts-prod'."),
+    (["key.tpm"], T0 + 59.2, "key",
+     {"Retry-After": "1", "x-ratelimit-limit-tokens": "500", "x-ratelimit-remaining-tokens": "0",
+      "x-ratelimit-reset-tokens": "1"},
+     "Rate limit of 500 tokens per minute exceeded for this API key."),
+    (["key.rpd", "model.rpd"], T0, "key",  # a tie: the key's, which comes first
+     {"Retry-After": "86400", "x-ratelimit-limit-requests": "1000", "x-ratelimit-remaining-requests": "0",
+      "x-ratelimit-reset-requests": "86400"},
+     "Rate limit of 1000 requests per day exceeded for this API key."),
+    (["key.concurrency", "key.rps"], T0 + 0.25, "key",  # a window's wait is known, so it wins
+     {"Retry-After": "1", "x-ratelimit-limit-requests": "1", "x-ratelimit-remaining-requests": "0",
+      "x-ratelimit-reset-requests": "1"},
+     "Rate limit of 1 requests per second exceeded for this API key."),
+    (["model.concurrency"], T0, "model", {"Retry-After": "1"},
+     "Concurrency limit of 32 requests in flight exceeded for model 'tts-prod'."),
+])
+def test_the_refusal_describes_the_window_that_resets_last(
+        blocked: list[str], now: float, scope: str, headers: dict[str, str], message: str) -> None:
+    by_name = limits_of(KEY, MODEL)
+    e = rejection([by_name[b] for b in blocked], now)
+    assert isinstance(e, GatewayError)
+    assert (e.status, e.type, e.param) == (429, "rate_limit_error", None)
+    assert e.code == ("concurrency_limit_exceeded" if headers.keys() == {"Retry-After"} else "rate_limit_exceeded")
+    assert (e.scope, e.headers, e.message) == (scope, headers, message)
+    assert KEY.key_hash not in e.message
+
+
+def test_a_plan_is_built_once_per_pair_in_a_fixed_order() -> None:
+    p = plan(KEY.name, KEY.rate_limit, MODEL.alias, MODEL.rate_limit)
+    assert p is plan(KEY.name, KEY.rate_limit, MODEL.alias, MODEL.rate_limit)
+    assert [f"{x.scope}.{x.field}" for x in p.limits] == [
+        "key.rps", "key.rpm", "key.rph", "key.rpd", "key.tpm", "key.tpd", "key.concurrency",
+        "model.rpm", "model.rpd", "model.tpd", "model.concurrency"]
+    assert [x.field for x in p.tokens] == ["tpm", "tpd", "tpd"]
+    assert [x.scope for x in p.concurrency] == ["key", "model"]
+    assert {x.key for x in p.limits} >= {"aisix:rl:key:team-a:rpm", "aisix:rl:model:tts-prod:concurrency"}
+
+
+# -- both stores ---------------------------------------------------------------------------------
+
+async def flush(url: str) -> None:
+    r = redis.asyncio.Redis.from_url(url)
+    try:
+        await r.flushdb()
+    finally:
+        await r.aclose()
+
+
+@pytest.fixture(params=["memory", "redis"])
+async def limiter(request: pytest.FixtureRequest) -> AsyncIterator[Limiter]:
+    backend = "memory"
+    if request.param == "redis":
+        backend = request.getfixturevalue("redis_url")
+        await flush(backend)
+    lim = Limiter.create(backend)
+    try:
+        yield lim
+    finally:
+        await lim.close()
+    assert (lim.fail_open_total, lim.settle_errors_total) == (0, 0)  # the store answered every call
+
+
+async def refusal(lim: Limiter, key: ApiKey, m: Model, now: float) -> RateLimited:
+    with pytest.raises(RateLimited) as caught:
+        await lim.admit(key, m, now)
+    return caught.value
+
+
+async def test_no_limits_means_no_slot(limiter: Limiter) -> None:
+    assert await limiter.admit(api_key(), model(), T0) is None
+    assert await limiter.admit(api_key(), model(rpm=None), T0) is None  # an empty RateLimit, too
+    await limiter.settle(None, 100, T0)
+
+
+async def test_rpm_admits_exactly_the_limit_then_refuses_until_the_next_minute(limiter: Limiter) -> None:
+    key, m = api_key(rpm=3), model()
+    for _ in range(3):
+        assert isinstance(await limiter.admit(key, m, T0 + 15), Slot)
+    e = await refusal(limiter, key, m, T0 + 15)
+    assert (e.status, e.code, e.scope) == (429, "rate_limit_exceeded", "key")
+    assert e.headers == {"Retry-After": "45", "x-ratelimit-limit-requests": "3",
+                         "x-ratelimit-remaining-requests": "0", "x-ratelimit-reset-requests": "45"}
+    assert e.message == "Rate limit of 3 requests per minute exceeded for this API key."
+    await refusal(limiter, key, m, T0 + 59.99)
+    for _ in range(3):  # a new window, a new count
+        await limiter.admit(key, m, T0 + 60)
+    await refusal(limiter, key, m, T0 + 60.5)
+
+
+async def test_a_model_limit_is_shared_by_every_key(limiter: Limiter) -> None:
+    a, b, m = api_key("team-a"), api_key("team-b"), model(rpm=2)
+    await limiter.admit(a, m, T0)
+    await limiter.admit(b, m, T0)
+    for key in (a, b):
+        e = await refusal(limiter, key, m, T0 + 1)
+        assert e.scope == "model"
+        assert e.message == "Rate limit of 2 requests per minute exceeded for model 'tts-prod'."
+    await limiter.admit(a, model("whisper-prod", rpm=2), T0)  # another model, another count
+
+
+async def test_a_refused_admission_counts_nothing(limiter: Limiter) -> None:
+    a, b, m = api_key("team-a", rpm=1), api_key("team-b"), model(rpm=4)
+    await limiter.admit(a, m, T0)
+    for _ in range(10):  # refused by the key: the model's count stays put
+        assert (await refusal(limiter, a, m, T0)).scope == "key"
+    for _ in range(3):
+        await limiter.admit(b, m, T0)
+    assert (await refusal(limiter, b, m, T0)).scope == "model"
+    c = api_key("team-c", concurrency=1)
+    for _ in range(3):  # refused by the model: the key's one slot is not taken
+        assert (await refusal(limiter, c, m, T0)).scope == "model"
+    await limiter.settle(await limiter.admit(c, model("whisper-prod"), T0), None, T0)
+
+
+async def test_a_concurrency_slot_is_held_until_settled_once(limiter: Limiter) -> None:
+    key, m = api_key(concurrency=1), model()
+    first = await limiter.admit(key, m, T0)
+    e = await refusal(limiter, key, m, T0 + 1)
+    assert (e.code, e.headers, e.scope) == ("concurrency_limit_exceeded", {"Retry-After": "1"}, "key")
+    assert e.message == "Concurrency limit of 1 requests in flight exceeded for this API key."
+    await limiter.settle(first, None, T0 + 2)
+    second = await limiter.admit(key, m, T0 + 3)
+    await limiter.settle(first, None, T0 + 4)  # a second settle must not free the second slot
+    await refusal(limiter, key, m, T0 + 5)
+    await limiter.settle(second, None, T0 + 6)
+    await limiter.settle(second, None, T0 + 6)
+    await limiter.settle(await limiter.admit(key, m, T0 + 7), None, T0 + 8)
+
+
+async def test_a_model_concurrency_is_shared_by_every_key(limiter: Limiter) -> None:
+    m = model(concurrency=2)
+    slots = [await limiter.admit(api_key(name), m, T0) for name in ("team-a", "team-b")]
+    assert (await refusal(limiter, api_key("team-c"), m, T0)).scope == "model"
+    await limiter.settle(slots[0], None, T0)
+    await limiter.admit(api_key("team-c"), m, T0)
+
+
+async def test_tokens_settled_refuse_the_next_request_once_over_the_limit(limiter: Limiter) -> None:
+    key, m = api_key(tpm=100), model()
+    await limiter.settle(await limiter.admit(key, m, T0 + 1), 100, T0 + 2)
+    slot = await limiter.admit(key, m, T0 + 3)  # at the limit: still admitted
+    await limiter.settle(slot, 1, T0 + 4)
+    await limiter.settle(slot, 1000, T0 + 4)  # settled already: not charged again
+    e = await refusal(limiter, key, m, T0 + 40)
+    assert (e.code, e.scope) == ("rate_limit_exceeded", "key")
+    assert e.headers == {"Retry-After": "20", "x-ratelimit-limit-tokens": "100",
+                         "x-ratelimit-remaining-tokens": "0", "x-ratelimit-reset-tokens": "20"}
+    assert e.message == "Rate limit of 100 tokens per minute exceeded for this API key."
+    await limiter.settle(await limiter.admit(key, m, T0 + 60), None, T0 + 61)  # the next minute
+
+
+async def test_model_tokens_are_charged_in_the_window_of_the_settle(limiter: Limiter) -> None:
+    m = model(tpd=50)
+    slot = await limiter.admit(api_key("team-a"), m, T0 + 86399)
+    await limiter.settle(slot, 51, T0 + 86400)  # the answer ended the next day
+    await limiter.admit(api_key("team-b"), m, T0 + 86399.5)
+    e = await refusal(limiter, api_key("team-b"), m, T0 + 86400.5)
+    assert (e.scope, e.headers["x-ratelimit-limit-tokens"], e.headers["Retry-After"]) == ("model", "50", "86400")
+
+
+# -- Redis ---------------------------------------------------------------------------------------
+
+@pytest.fixture
+async def shared(redis_url: str) -> AsyncIterator[tuple[Limiter, Limiter]]:  # noqa: F811
+    """Two gateway instances on one Redis: two limiters, two connection pools."""
+    await flush(redis_url)
+    pair = (Limiter.create(redis_url), Limiter.create(redis_url))
+    yield pair
+    for lim in pair:
+        await lim.close()
+
+
+@pytest.mark.parametrize("limits", [{"rpm": 50}, {"concurrency": 50}, {"rph": 80, "rpm": 50}])
+async def test_two_instances_never_admit_past_the_limit_together(
+        shared: tuple[Limiter, Limiter], limits: dict[str, int]) -> None:
+    key, m = api_key(), model(**limits)
+
+    async def one(i: int) -> bool:
+        try:
+            await shared[i % 2].admit(key, m, T0 + 30)
+        except RateLimited:
+            return False
+        return True
+
+    admitted = await asyncio.gather(*(one(i) for i in range(200)))
+    assert sum(admitted) == 50
+    assert sum(lim.fail_open_total for lim in shared) == 0
+
+
+async def test_redis_counters_are_named_by_scope_and_expire(shared: tuple[Limiter, Limiter], redis_url: str) -> None:  # noqa: F811
+    lim = shared[0]
+    slot = await lim.admit(api_key(rpm=5, tpm=10), model(concurrency=3), T0 + 10)
+    await lim.settle(slot, 7, T0 + 11)
+    r = redis.asyncio.Redis.from_url(redis_url, decode_responses=True)
+    try:
+        keys = sorted(await r.keys("*"))
+        assert keys == [f"aisix:rl:key:team-a:rpm:{int(T0)}", f"aisix:rl:key:team-a:tpm:{int(T0)}"]
+        assert await r.get(keys[1]) == "7"
+        for k in keys:
+            assert 60 < await r.ttl(k) <= 120  # the window, plus a margin for clock skew
+        await lim.admit(api_key(), model(concurrency=3), T0 + 12)
+        assert await r.zcard("aisix:rl:model:tts-prod:concurrency") == 1
+        assert 0 < await r.ttl("aisix:rl:model:tts-prod:concurrency") <= 3600
+    finally:
+        await r.aclose()
+
+
+async def test_a_slot_never_settled_ends_with_its_lease(shared: tuple[Limiter, Limiter]) -> None:
+    dead, alive = shared  # `dead` admits and never settles, like a process that died
+    key, m = api_key(), model(concurrency=1)
+    await dead.admit(key, m, T0)
+    await refusal(alive, key, m, T0 + 3599)
+    await alive.settle(await alive.admit(key, m, T0 + 3600.5), None, T0 + 3601)
+
+
+async def test_an_unreachable_redis_fails_open(caplog: pytest.LogCaptureFixture) -> None:
+    lim = Limiter.create(f"redis://127.0.0.1:{free_port()}/0")
+    key, m = api_key(rpm=1, concurrency=1), model()
+    with caplog.at_level(logging.WARNING, logger="aisix.limits"):
+        slots = [await lim.admit(key, m, T0 + t) for t in (0, 0.5, 2, 3, 12)]
+    assert all(isinstance(s, Slot) for s in slots)
+    assert lim.fail_open_total == 5
+    assert len(caplog.records) == 2  # at most one warning per 10 s
+    for s in slots:
+        await lim.settle(s, 100, T0 + 13)  # nothing was taken, nothing to give back
+    assert lim.settle_errors_total == 0
+    await lim.close()
+
+
+async def test_the_limiter_recovers_when_redis_comes_back() -> None:
+    server = RedisServer().start()
+    lim = Limiter.create(server.url)
+    try:
+        key, m = api_key(rpm=1), model(concurrency=5)
+        held = await lim.admit(key, m, T0)
+        server.stop()
+        assert isinstance(await lim.admit(key, m, T0 + 1), Slot)  # admitted unchecked
+        assert lim.fail_open_total == 1
+        await lim.settle(held, None, T0 + 1)  # lost, and counted; its lease will end it
+        assert lim.settle_errors_total == 1
+        server.start()  # same port, empty
+        await lim.admit(key, m, T0 + 3)
+        await refusal(lim, key, m, T0 + 4)  # counted again
+        assert lim.fail_open_total == 1
+    finally:
+        await lim.close()
+        server.close()
