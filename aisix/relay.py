@@ -41,6 +41,7 @@ async def relay(
         held = None
         if reader is not None and guardrails.blocks(output_rules):
             held = await _hold(upstream, reader, deadline, idle)
+            ex.usage = reader.usage  # the upstream did the work, blocked or not: it is charged
             _screen_output(ex, reader, output_rules)
         headers = {name: up[name] for name in _RELAYED if name in up}
         if "x-request-id" in up:

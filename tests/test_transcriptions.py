@@ -20,11 +20,16 @@ EXTRA = [("response_format", b"json"), ("timestamp_granularities[]", b"word"),
          ("chunking_strategy[type]", b"server_vad"), ("language", b"en")]
 
 
-def form(*order: str, model: bytes = b"whisper-prod", file: bytes = AUDIO, file_name: bytes = b"speech.wav",
-         fields: list[tuple[str, bytes]] | None = None) -> tuple[bytes, str]:
-    """A multipart body with its parts in the given order, then `fields`; and its Content-Type."""
+def form(*order: str | tuple[str, bytes], model: bytes = b"whisper-prod", file: bytes = AUDIO,
+         file_name: bytes = b"speech.wav", fields: list[tuple[str, bytes]] | None = None) -> tuple[bytes, str]:
+    """A multipart body with its parts in the given order ("model", "file" or a (name, value)
+    field), then `fields`; and its Content-Type."""
     out = bytearray()
     for name in order:
+        if isinstance(name, tuple):
+            out += b"--" + BOUNDARY.encode() + b'\r\nContent-Disposition: form-data; name="' + name[0].encode()
+            out += b'"\r\n\r\n' + name[1] + b"\r\n"
+            continue
         out += b"--" + BOUNDARY.encode() + b"\r\n"
         if name == "file":
             out += b'Content-Disposition: form-data; name="file"; filename="' + file_name + b'"\r\n'

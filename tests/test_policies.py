@@ -1,0 +1,205 @@
+"""Rate limits and guardrails end to end: real gateway processes, the fake upstream, redis-server."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import uuid
+from typing import Any
+
+import aiohttp
+import pytest
+
+from aisix.config import hash_key
+from tests.fakes import Behaviour, FakeUpstream
+from tests.gateway import TEAM_A, Gateway
+from tests.test_transcriptions import form
+
+SPEECH = {"model": "tts-prod", "input": "Hello there", "voice": "alloy"}
+
+
+def limited_key(secret: str, **rate: int) -> dict[str, Any]:
+    # A fresh name per test: Redis counters outlive a test, names keep them apart.
+    return {"display_name": f"lim-{uuid.uuid4().hex[:8]}", "key_hash": hash_key(secret),
+            "allowed_models": ["*"], "rate_limit": rate}
+
+
+async def post(gw: Gateway, key: str, path: str = "/v1/audio/speech", **kw: Any) -> tuple[int, dict, bytes]:
+    kw.setdefault("json", SPEECH)
+    async with aiohttp.ClientSession() as s:
+        async with s.post(gw.url + path, headers={"Authorization": f"Bearer {key}", **kw.pop("headers", {})},
+                          **kw) as r:
+            return r.status, dict(r.headers), await r.read()
+
+
+async def test_request_window_admits_the_limit_then_429(make_gateway, fake: FakeUpstream) -> None:
+    gw = make_gateway(api_keys=[limited_key("sk-lim", rpd=3)])
+    statuses = [(await post(gw, "sk-lim"))[0] for _ in range(3)]
+    status, headers, body = await post(gw, "sk-lim")
+    assert statuses == [200] * 3 and status == 429
+    assert b'"type":"rate_limit_error"' in body and b'"code":"rate_limit_exceeded"' in body
+    assert headers["x-ratelimit-limit-requests"] == "3" and headers["x-ratelimit-remaining-requests"] == "0"
+    assert 0 < int(headers["Retry-After"]) <= 86400
+    assert headers["x-ratelimit-reset-requests"] == headers["Retry-After"]
+    assert len(fake.received) == 3
+    assert (await post(gw, TEAM_A))[0] == 200  # another key is not limited
+
+
+async def test_model_limit_is_shared_by_every_key(make_gateway) -> None:
+    gw = make_gateway(api_keys=[limited_key("sk-one"), limited_key("sk-two")],
+                      models=[{"display_name": "tts-shared", "provider_key": "fake", "model_name": "m",
+                               "rate_limit": {"rpd": 2}}])
+    body = {**SPEECH, "model": "tts-shared"}
+    got = [(await post(gw, k, json=body))[0] for k in ("sk-one", "sk-two", "sk-one", "sk-two")]
+    assert got == [200, 200, 429, 429]
+
+
+async def test_concurrency_slot_is_held_until_the_stream_ends(make_gateway, fake: FakeUpstream) -> None:
+    gw = make_gateway(api_keys=[limited_key("sk-c1", concurrency=1)])
+    fake.behaviour = Behaviour(speech_chunks=4, chunk_delay=0.3)
+    async with aiohttp.ClientSession() as s:
+        async with s.post(gw.url + "/v1/audio/speech", json=SPEECH, headers={"Authorization": "Bearer sk-c1"}) as r:
+            await r.content.readany()  # the first stream is under way and holds the slot
+            status, headers, body = await post(gw, "sk-c1")
+            assert status == 429 and b"concurrency_limit_exceeded" in body
+            assert headers["Retry-After"] == "1" and "x-ratelimit-limit-requests" not in headers
+            await r.read()
+    fake.behaviour = Behaviour()
+    assert (await post(gw, "sk-c1"))[0] == 200
+
+
+@pytest.mark.parametrize("failure", ["upstream-500", "client-leaves", "upstream-reset"])
+async def test_concurrency_slot_is_released_on_every_path(make_gateway, fake: FakeUpstream, failure: str) -> None:
+    gw = make_gateway(api_keys=[limited_key("sk-c2", concurrency=1)])
+    if failure == "upstream-500":
+        fake.behaviour = Behaviour(status=500)
+        assert (await post(gw, "sk-c2"))[0] == 500
+    elif failure == "upstream-reset":
+        fake.behaviour = Behaviour(fail="reset_mid")
+        with pytest.raises(aiohttp.ClientPayloadError):
+            await post(gw, "sk-c2")
+    else:
+        fake.behaviour = Behaviour(speech_chunks=50, chunk_delay=0.1)
+        rid = uuid.uuid4().hex
+        async with aiohttp.ClientSession() as s:
+            async with s.post(gw.url + "/v1/audio/speech", json=SPEECH,
+                              headers={"Authorization": "Bearer sk-c2", "x-aisix-request-id": rid}) as r:
+                await r.content.readany()
+        assert gw.event(rid)["status"] == 499  # written after the slot was given back
+    fake.behaviour = Behaviour()
+    assert (await post(gw, "sk-c2"))[0] == 200
+
+
+async def test_token_window_rejects_once_exceeded(make_gateway, fake: FakeUpstream) -> None:
+    gw = make_gateway(api_keys=[limited_key("sk-tok", tpd=10)])
+    body, ctype = form("model", "file")
+    kw = {"json": None, "data": body, "headers": {"Content-Type": ctype}}
+    rid_status = await post(gw, "sk-tok", "/v1/audio/transcriptions", **dict(kw))
+    assert rid_status[0] == 200  # the fake reports 15 tokens: known only after this answer
+    status, headers, _ = await post(gw, "sk-tok", "/v1/audio/transcriptions", **dict(kw))
+    assert status == 429
+    assert headers["x-ratelimit-limit-tokens"] == "10" and headers["x-ratelimit-remaining-tokens"] == "0"
+    assert headers["x-ratelimit-reset-tokens"] == headers["Retry-After"]
+
+
+async def test_two_gateways_share_one_redis_limit(make_gateway, redis_url: str) -> None:
+    key = limited_key("sk-shared", rpd=7)
+    settings = {"ratelimit": {"backend": redis_url}}
+    a, b = make_gateway(settings, api_keys=[key]), make_gateway(settings, api_keys=[key])
+    results = await asyncio.gather(*(post(gw, "sk-shared") for gw in [a, b] * 10))
+    assert sorted(r[0] for r in results) == [200] * 7 + [429] * 13
+    events = [e for gw in (a, b) for e in gw.events(10) if e["api_key"] == key["display_name"]]
+    assert sum(e["status"] == 200 for e in events) == 7
+
+
+async def test_unreachable_redis_fails_open(make_gateway) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    gw = make_gateway({"ratelimit": {"backend": f"redis://127.0.0.1:{port}/0"}},
+                      api_keys=[limited_key("sk-open", rpd=1)])
+    assert [(await post(gw, "sk-open"))[0] for _ in range(3)] == [200, 200, 200]
+    assert "admitting without checking limits" in gw.log()
+
+
+def rule(name: str, hook: str, mode: str, word: str) -> dict[str, Any]:
+    return {"name": name, "kind": "keyword", "hook_point": hook, "enforcement_mode": mode,
+            "patterns": [{"kind": "literal", "value": word}, {"kind": "regex", "value": r"\b\d{16}\b"}]}
+
+
+GUARDRAILS = [rule("no-secrets", "input", "block", "password"), rule("watch-refunds", "input", "monitor", "refund"),
+              rule("clean-output", "output", "block", "forbidden"), rule("note-output", "output", "monitor", "noted")]
+
+
+@pytest.fixture
+def guarded(make_gateway) -> Gateway:
+    return make_gateway(guardrails=GUARDRAILS)
+
+
+async def test_speech_input_block_and_monitor(guarded: Gateway, fake: FakeUpstream) -> None:
+    rid = uuid.uuid4().hex
+    status, _, body = await post(guarded, TEAM_A, json={**SPEECH, "input": "my PassWord is hunter2"},
+                                 headers={"x-aisix-request-id": rid})
+    assert status == 422
+    assert b'"type":"content_filter"' in body and b'"code":"guardrail_blocked"' in body and b"no-secrets" in body
+    assert b"hunter2" not in body and b"PassWord" not in body
+    assert fake.received == []
+    assert guarded.event(rid)["guardrail"] == {"name": "no-secrets", "action": "blocked"}
+
+    rid = uuid.uuid4().hex
+    status, _, _ = await post(guarded, TEAM_A, json={**SPEECH, "input": "a refund please"},
+                              headers={"x-aisix-request-id": rid})
+    assert status == 200
+    assert guarded.event(rid)["guardrail"] == {"name": "watch-refunds", "action": "monitored"}
+
+
+async def test_prompt_before_the_model_blocks_before_the_upstream(guarded: Gateway, fake: FakeUpstream) -> None:
+    body, ctype = form(("prompt", b"card 1234567812345678"), "file", "model")
+    status, _, out = await post(guarded, TEAM_A, "/v1/audio/transcriptions", json=None, data=body,
+                                headers={"Content-Type": ctype})
+    assert status == 422 and b"no-secrets" in out
+    assert fake.received == []
+
+
+async def test_prompt_after_the_file_aborts_the_upstream(guarded: Gateway, fake: FakeUpstream) -> None:
+    body, ctype = form("model", "file", fields=[("prompt", b"my password")])
+
+    async def slowly():
+        for i in range(0, len(body), 16384):
+            yield body[i:i + 16384]
+
+    status, _, out = await post(guarded, TEAM_A, "/v1/audio/transcriptions", json=None, data=slowly(),
+                                headers={"Content-Type": ctype})
+    assert status == 422 and b"no-secrets" in out
+    got = fake.wait_received()[0]
+    assert not got.complete  # the upstream had the file, never the whole request
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "sse"])
+async def test_output_block_holds_the_transcript(guarded: Gateway, fake: FakeUpstream, stream: bool) -> None:
+    fake.behaviour = Behaviour(transcript="this is forbidden text")
+    body, ctype = form("model", "file", fields=[("stream", b"true")] if stream else [])
+    rid = uuid.uuid4().hex
+    status, headers, out = await post(guarded, TEAM_A, "/v1/audio/transcriptions", json=None, data=body,
+                                      headers={"Content-Type": ctype, "x-aisix-request-id": rid})
+    assert status == 422 and b"clean-output" in out and b"forbidden" not in out
+    e = guarded.event(rid)
+    assert e["guardrail"] == {"name": "clean-output", "action": "blocked"} and e["status"] == 422
+    assert e["total_tokens"] == 15  # the upstream did the work: its usage is still recorded
+
+
+async def test_output_monitor_lets_the_answer_through(guarded: Gateway, fake: FakeUpstream) -> None:
+    fake.behaviour = Behaviour(transcript="this is noted text")
+    body, ctype = form("model", "file")
+    rid = uuid.uuid4().hex
+    status, _, out = await post(guarded, TEAM_A, "/v1/audio/transcriptions", json=None, data=body,
+                                headers={"Content-Type": ctype, "x-aisix-request-id": rid})
+    assert status == 200 and b"noted" in out
+    assert guarded.event(rid)["guardrail"] == {"name": "note-output", "action": "monitored"}
+
+
+async def test_audio_bytes_are_never_scanned(guarded: Gateway, fake: FakeUpstream) -> None:
+    body, ctype = form("model", "file", file=b"password forbidden 1234567812345678")
+    status, _, _ = await post(guarded, TEAM_A, "/v1/audio/transcriptions", json=None, data=body,
+                              headers={"Content-Type": ctype})
+    assert status == 200
