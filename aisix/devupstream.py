@@ -1,0 +1,226 @@
+"""A dev OpenAI audio upstream for `make run`: real MP3 silence, canned transcripts, no model.
+
+Speech answers are valid MPEG-2 Layer III silence (`file` names them), streamed in chunks the
+way a TTS provider streams. Transcriptions and translations never decode the upload: the text
+names the file and its size. Nothing here is meant for production or for load.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import math
+import signal
+import sys
+from typing import Any
+
+from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
+
+# MPEG-2 Layer III, no CRC, 160 kbit/s, 24 kHz, mono. Header, then 476 zero bytes: all-zero side
+# information (part2_3_length 0) decodes as 576 samples of silence.
+MP3_HEADER = bytes((0xFF, 0xF3, 0xE4, 0xC4))
+MP3_FRAME_BYTES = 72 * 160_000 // 24_000  # 480
+MP3_FRAME_SECONDS = 576 / 24_000  # 24 ms
+MP3_FRAME: bytes = MP3_HEADER + bytes(MP3_FRAME_BYTES - len(MP3_HEADER))
+
+SECONDS_PER_CHARACTER = 0.060
+MIN_SECONDS, MAX_SECONDS = 0.5, 30.0
+FRAMES_PER_CHUNK = 10
+CHUNK_PAUSE = 0.02  # seconds between chunks, so clients see a stream, not one write
+ASSUMED_UPLOAD_BYTES_PER_SECOND = 16_000  # 128 kbit/s: a guess for `duration`, nothing decoded
+TEXT_FORMATS = {"text", "srt", "vtt"}
+FORMATS = {"json", "verbose_json"} | TEXT_FORMATS
+
+
+def mp3_silence(seconds: float) -> bytes:
+    """Whole MP3 frames covering `seconds` (at least one frame)."""
+    return MP3_FRAME * max(1, math.ceil(seconds / MP3_FRAME_SECONDS))
+
+
+def speech_seconds(text: str) -> float:
+    return min(MAX_SECONDS, max(MIN_SECONDS, len(text) * SECONDS_PER_CHARACTER))
+
+
+def envelope(status: int, message: str, param: str | None = None, code: str | None = None,
+             kind: str = "invalid_request_error") -> web.Response:
+    error = {"message": message, "type": kind, "param": param, "code": code}
+    return web.json_response({"error": error}, status=status)
+
+
+def unauthorised(request: web.Request) -> web.Response | None:
+    if request.headers.get("Authorization", "").startswith("Bearer "):
+        return None
+    return envelope(401, "Missing bearer token in the Authorization header.",
+                    code="invalid_api_key", kind="authentication_error")
+
+
+async def speech(request: web.Request) -> web.StreamResponse:
+    if (denied := unauthorised(request)) is not None:
+        return denied
+    try:
+        body = await request.json()
+    except ValueError:
+        return envelope(400, "The body is not valid JSON.", code="invalid_json")
+    if not isinstance(body, dict):
+        return envelope(400, "The body must be a JSON object.", code="invalid_json")
+    for field in ("model", "input"):
+        if not isinstance(body.get(field), str) or not body[field]:
+            return envelope(400, f"Missing required parameter: '{field}'.", param=field)
+    if body.get("response_format", "mp3") != "mp3":
+        return envelope(400, "The development upstream only makes mp3.", param="response_format")
+
+    audio = mp3_silence(speech_seconds(body["input"]))
+    response = web.StreamResponse(headers={"Content-Type": "audio/mpeg"})
+    response.enable_chunked_encoding()
+    await response.prepare(request)
+    step = FRAMES_PER_CHUNK * MP3_FRAME_BYTES
+    for offset in range(0, len(audio), step):
+        if offset:
+            await asyncio.sleep(CHUNK_PAUSE)
+        await response.write(audio[offset:offset + step])
+    await response.write_eof()
+    return response
+
+
+def timestamp(seconds: float, separator: str) -> str:
+    millis = round(seconds * 1000)
+    hours, millis = divmod(millis, 3_600_000)
+    minutes, millis = divmod(millis, 60_000)
+    return f"{hours:02}:{minutes:02}:{millis // 1000:02}{separator}{millis % 1000:03}"
+
+
+def token_usage(audio_tokens: int, output_tokens: int) -> dict[str, Any]:
+    return {"type": "tokens", "input_tokens": audio_tokens,
+            "input_token_details": {"text_tokens": 0, "audio_tokens": audio_tokens},
+            "output_tokens": output_tokens, "total_tokens": audio_tokens + output_tokens}
+
+
+async def read_form(request: web.Request) -> tuple[dict[str, str], str | None, int]:
+    """Field values, the file's name and its size in bytes (None when no file part came)."""
+    fields: dict[str, str] = {}
+    filename, size = None, 0
+    reader = await request.multipart()
+    while (part := await reader.next()) is not None:
+        if part.name == "file":
+            filename = part.filename or "upload"
+            while chunk := await part.read_chunk():  # type: ignore[union-attr]
+                size += len(chunk)
+        elif part.name:
+            fields[part.name] = await part.text()  # type: ignore[union-attr]
+    return fields, filename, size
+
+
+async def transcribe(request: web.Request, route: str) -> web.StreamResponse:
+    if (denied := unauthorised(request)) is not None:
+        return denied
+    try:
+        fields, filename, size = await read_form(request)
+    except (ValueError, KeyError, AssertionError, RuntimeError, HttpProcessingError) as exc:
+        return envelope(400, f"Could not parse the multipart body: {exc}", code="invalid_multipart")
+    if filename is None:
+        return envelope(400, "Missing required parameter: 'file'.", param="file")
+    if not fields.get("model"):
+        return envelope(400, "Missing required parameter: 'model'.", param="model")
+    fmt = fields.get("response_format", "json")
+    if fmt not in FORMATS:
+        return envelope(400, f"Unsupported response_format '{fmt}'.", param="response_format")
+
+    text = f"Development transcript of {filename} ({size} bytes)."
+    words = text.split(" ")
+    usage = token_usage(max(1, size // 1000), len(words))
+    seconds = round(max(0.1, size / ASSUMED_UPLOAD_BYTES_PER_SECOND), 2)
+    if route == "transcriptions" and fields.get("stream", "").lower() == "true":
+        return await stream_transcript(request, words, usage)
+    if fmt == "text":
+        return web.Response(text=text + "\n")
+    if fmt in ("srt", "vtt"):
+        sep = "," if fmt == "srt" else "."
+        cue = f"{timestamp(0, sep)} --> {timestamp(seconds, sep)}\n{text}\n"
+        return web.Response(text=f"1\n{cue}\n" if fmt == "srt" else f"WEBVTT\n\n{cue}\n")
+    answer: dict[str, Any] = {"text": text}
+    if fmt == "verbose_json":
+        language = "english" if route == "translations" else "en"
+        task = "transcribe" if route == "transcriptions" else "translate"
+        answer = {"task": task, "language": language,
+                  "duration": seconds, "text": text,
+                  "segments": [{"id": 0, "seek": 0, "start": 0.0, "end": seconds, "text": text}]}
+        if route == "transcriptions":
+            answer["usage"] = {"type": "duration", "seconds": math.ceil(seconds)}
+    elif route == "transcriptions":
+        answer["usage"] = usage
+    return web.json_response(answer)
+
+
+async def stream_transcript(request: web.Request, words: list[str],
+                            usage: dict[str, Any]) -> web.StreamResponse:
+    response = web.StreamResponse(headers={"Content-Type": "text/event-stream",
+                                           "Cache-Control": "no-cache"})
+    await response.prepare(request)
+    events = [{"type": "transcript.text.delta", "delta": word + " "} for word in words]
+    events.append({"type": "transcript.text.done", "text": " ".join(words), "usage": usage})
+    for index, event in enumerate(events):
+        if index:
+            await asyncio.sleep(CHUNK_PAUSE)
+        await response.write(f"data: {json.dumps(event)}\n\n".encode())
+    await response.write_eof()
+    return response
+
+
+async def transcriptions(request: web.Request) -> web.StreamResponse:
+    return await transcribe(request, "transcriptions")
+
+
+async def translations(request: web.Request) -> web.StreamResponse:
+    return await transcribe(request, "translations")
+
+
+@web.middleware
+async def envelopes(request: web.Request, handler: Any) -> web.StreamResponse:
+    """Unknown paths and wrong methods answer an OpenAI envelope too, as the real API does."""
+    try:
+        return await handler(request)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        return envelope(exc.status, exc.reason)
+
+
+def create_app() -> web.Application:
+    app = web.Application(middlewares=[envelopes])
+    app.router.add_post("/v1/audio/speech", speech)
+    app.router.add_post("/v1/audio/transcriptions", transcriptions)
+    app.router.add_post("/v1/audio/translations", translations)
+    return app
+
+
+async def serve(host: str, port: int) -> None:
+    runner = web.AppRunner(create_app(), shutdown_timeout=5.0)
+    await runner.setup()
+    try:
+        await web.TCPSite(runner, host, port).start()
+        bound_host, bound_port = runner.addresses[0][:2]
+        print(f"devupstream listening on http://{bound_host}:{bound_port}", flush=True)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(signum, stop.set)
+        await stop.wait()
+    finally:
+        await runner.cleanup()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m aisix.devupstream", description=__doc__)
+    parser.add_argument("--listen", default="127.0.0.1:3001", help="HOST:PORT (port 0 = any)")
+    args = parser.parse_args(argv)
+    host, _, port = args.listen.rpartition(":")
+    if not host or not port.isdigit():
+        parser.error(f"--listen wants HOST:PORT, got {args.listen!r}")
+    asyncio.run(serve(host.strip("[]"), int(port)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,172 @@
+"""The development upstream, run as `make run` runs it: a real process on a real port."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from aisix.devupstream import MP3_FRAME, mp3_silence
+
+ROOT = Path(__file__).resolve().parent.parent
+AUTH = {"Authorization": "Bearer dev"}
+
+
+@pytest.fixture(scope="module")
+def base_url() -> Iterator[str]:
+    path = [str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(path))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "aisix.devupstream", "--listen", "127.0.0.1:0"],
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()  # blocks until bound; "" if the process died
+        assert line.startswith("devupstream listening on http://127.0.0.1:"), line
+        yield line.split()[-1] + "/v1"
+    finally:
+        proc.terminate()
+        assert proc.wait(timeout=10) == 0  # SIGTERM is a clean shutdown
+        if proc.stdout is not None:
+            proc.stdout.close()
+
+
+@pytest.fixture
+async def session() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession(headers=AUTH) as s:
+        yield s
+
+
+def audio_form(**fields: str) -> aiohttp.FormData:
+    form = aiohttp.FormData()
+    form.add_field("model", "whisper-1")
+    for name, value in fields.items():
+        form.add_field(name, value)
+    form.add_field("file", b"RIFF" + bytes(996), filename="speech.wav", content_type="audio/wav")
+    return form
+
+
+def test_mp3_silence_is_whole_frames() -> None:
+    assert len(MP3_FRAME) == 480 and MP3_FRAME[:4] == b"\xff\xf3\xe4\xc4"
+    assert mp3_silence(0.024) == MP3_FRAME
+    assert mp3_silence(1.0) == MP3_FRAME * 42  # ceil(1 / 0.024)
+
+
+async def test_speech_streams_real_mp3(base_url: str, session: aiohttp.ClientSession,
+                                       tmp_path: Path) -> None:
+    body = {"model": "tts-1", "input": "Hello from AISIX." * 3, "voice": "alloy"}
+    async with session.post(f"{base_url}/audio/speech", json=body) as resp:
+        assert resp.status == 200
+        assert resp.content_type == "audio/mpeg"
+        assert resp.content_length is None  # chunked
+        audio, http_chunks = bytearray(), 0
+        async for data, end_of_chunk in resp.content.iter_chunks():
+            audio += data
+            http_chunks += end_of_chunk and bool(data)
+    assert http_chunks > 1
+    assert len(audio) == len(mp3_silence(51 * 0.060))
+    out = tmp_path / "out.mp3"
+    out.write_bytes(audio)
+    file_cmd = shutil.which("file")
+    if file_cmd is None:
+        pytest.skip("the file command is not installed")
+    described = subprocess.run([file_cmd, str(out)], capture_output=True, text=True, check=True)
+    assert "MPEG ADTS, layer III" in described.stdout
+
+
+@pytest.mark.parametrize(("headers", "body", "status", "param"), [
+    (AUTH, {"model": "tts-1", "voice": "alloy"}, 400, "input"),
+    (AUTH, {"model": "tts-1", "input": ""}, 400, "input"),
+    (AUTH, {"input": "hi"}, 400, "model"),
+    (AUTH, {"model": "tts-1", "input": "hi", "response_format": "wav"}, 400, "response_format"),
+    ({"Authorization": ""}, {"model": "tts-1", "input": "hi"}, 401, None),
+])
+async def test_speech_rejections_are_envelopes(base_url: str, headers: dict[str, str],
+                                               body: dict[str, str], status: int,
+                                               param: str | None) -> None:
+    async with aiohttp.ClientSession(headers=headers) as s:
+        async with s.post(f"{base_url}/audio/speech", json=body) as resp:
+            assert resp.status == status
+            error = (await resp.json())["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert error["param"] == param
+    assert error["type"] == ("authentication_error" if status == 401 else "invalid_request_error")
+
+
+async def test_transcription_json_has_text_and_usage(base_url: str,
+                                                     session: aiohttp.ClientSession) -> None:
+    async with session.post(f"{base_url}/audio/transcriptions", data=audio_form()) as resp:
+        assert resp.status == 200
+        answer = await resp.json()
+    assert answer["text"] == "Development transcript of speech.wav (1000 bytes)."
+    usage = answer["usage"]
+    assert usage["type"] == "tokens"
+    assert usage["total_tokens"] == usage["input_tokens"] + usage["output_tokens"] > 0
+
+
+async def test_translation_json_is_text_only(base_url: str, session: aiohttp.ClientSession) -> None:
+    async with session.post(f"{base_url}/audio/translations", data=audio_form()) as resp:
+        assert await resp.json() == {"text": "Development transcript of speech.wav (1000 bytes)."}
+
+
+async def test_verbose_json_reports_duration(base_url: str, session: aiohttp.ClientSession) -> None:
+    form = audio_form(response_format="verbose_json")
+    async with session.post(f"{base_url}/audio/transcriptions", data=form) as resp:
+        answer = await resp.json()
+    assert answer["duration"] > 0 and answer["language"] == "en"
+    assert answer["segments"][0]["text"] == answer["text"]
+    assert answer["usage"]["type"] == "duration"
+
+
+@pytest.mark.parametrize(("fmt", "starts"), [
+    ("text", "Development transcript"), ("srt", "1\n00:00:00,000 --> "), ("vtt", "WEBVTT\n\n"),
+])
+async def test_text_formats_are_plain_text(base_url: str, session: aiohttp.ClientSession,
+                                           fmt: str, starts: str) -> None:
+    form = audio_form(response_format=fmt)
+    async with session.post(f"{base_url}/audio/transcriptions", data=form) as resp:
+        assert resp.status == 200
+        assert resp.content_type == "text/plain"
+        text = await resp.text()
+    assert text.startswith(starts)
+    assert "speech.wav (1000 bytes)" in text
+
+
+async def test_stream_true_answers_sse_frames(base_url: str,
+                                              session: aiohttp.ClientSession) -> None:
+    form = audio_form(stream="true")
+    async with session.post(f"{base_url}/audio/transcriptions", data=form) as resp:
+        assert resp.content_type == "text/event-stream"
+        raw = (await resp.read()).decode()
+    frames = raw.split("\n\n")
+    assert frames.pop() == ""
+    events = [json.loads(frame.removeprefix("data: ")) for frame in frames]
+    *deltas, done = events
+    assert {event["type"] for event in deltas} == {"transcript.text.delta"}
+    assert "".join(event["delta"] for event in deltas).strip() == done["text"]
+    assert done["type"] == "transcript.text.done"
+    assert done["usage"]["type"] == "tokens"
+
+
+@pytest.mark.parametrize(("fields", "param"), [({"model": "whisper-1"}, "file"),
+                                               ({"prompt": "x"}, "model")])
+async def test_missing_part_is_400_envelope(base_url: str, session: aiohttp.ClientSession,
+                                            fields: dict[str, str], param: str) -> None:
+    form = aiohttp.FormData(default_to_multipart=True)
+    for name, value in fields.items():
+        form.add_field(name, value)
+    if param != "file":
+        form.add_field("file", b"abc", filename="a.wav")
+    async with session.post(f"{base_url}/audio/transcriptions", data=form) as resp:
+        assert resp.status == 400
+        error = (await resp.json())["error"]
+    assert error["type"] == "invalid_request_error"
+    assert error["param"] == param
