@@ -1,9 +1,15 @@
-"""create_app(config): the routes, the middleware, and what lives as long as the app; serve() runs it."""
+"""create_app(config): the routes, the middleware, and what lives as long as the app; serve() runs it.
+
+serve() also owns the process's signals: SIGHUP reloads resources.yaml (all or nothing), SIGTERM
+and SIGINT drain (``/readyz`` 503 at once, in-flight requests finish up to the drain deadline, the
+usage queue is flushed) and exit 0.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 import sys
 from collections.abc import AsyncIterator
@@ -11,9 +17,11 @@ from collections.abc import AsyncIterator
 from aiohttp import web
 
 from . import handlers, middlewares, upstream
-from .config import Config
-from .keys import LIMITER, LIVE, SESSION, SETTINGS, USAGE, Live
+from .access_log import AccessLogger
+from .config import Config, ConfigError, Listen, load_resources
+from .keys import LIMITER, LIVE, METRICS, SESSION, SETTINGS, USAGE, Live
 from .limits import Limiter
+from .metrics import Metrics, metrics_app
 from .usage import UsageSink
 
 log = logging.getLogger(__name__)
@@ -24,9 +32,17 @@ def create_app(config: Config) -> web.Application:
     app = web.Application(middlewares=[middlewares.gateway])
     app[SETTINGS] = config.settings
     app[LIVE] = Live(config.resources)
-    app[USAGE] = UsageSink.create(config.settings.usage_sink)
-    app[LIMITER] = Limiter.create(config.settings.ratelimit_backend)
-    # Cleanup runs in reverse: the session closes first, then the usage queue is flushed.
+    sink = app[USAGE] = UsageSink.create(config.settings.usage_sink)
+    limiter = app[LIMITER] = Limiter.create(config.settings.ratelimit_backend)
+    app[METRICS] = Metrics({
+        "aisix_usage_events_dropped": ("Usage events dropped (queue full or write failed).",
+                                       lambda: sink.dropped_total),
+        "aisix_usage_events_written": ("Usage events written to the sink.", lambda: sink.written_total),
+        "aisix_ratelimit_fail_open": ("Admissions let through because the limit store failed.",
+                                      lambda: limiter.fail_open_total),
+    })
+    # Cleanup runs in reverse: the session closes first, then the limiter, then the usage queue
+    # is flushed, so the last events (those of the drained requests) are written.
     app.cleanup_ctx.append(_usage_sink)
     app.cleanup_ctx.append(_limiter)
     app.cleanup_ctx.append(_upstream_session)
@@ -61,6 +77,22 @@ async def _upstream_session(app: web.Application) -> AsyncIterator[None]:
     await session.close()
 
 
+def reload_resources(app: web.Application) -> bool:
+    """Swap in a new resources.yaml if it validates whole; otherwise keep serving the old one."""
+    path = app[SETTINGS].resources_file
+    try:
+        resources = load_resources(path, os.environ)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            log.error("reload refused, keeping the previous resources: %s", problem)
+        return False
+    app[LIVE].resources = resources
+    app[USAGE].reopen()  # logrotate moved the usage file away, most likely
+    log.info("reloaded %s: %d models, %d api keys, %d guardrails", path, len(resources.models),
+             len(resources.api_keys), len(resources.guardrails))
+    return True
+
+
 def serve(config: Config, access_log: bool = True) -> int:
     """Run the gateway until SIGTERM or SIGINT; the exit code."""
     logging.basicConfig(
@@ -75,24 +107,54 @@ def serve(config: Config, access_log: bool = True) -> int:
 
 
 async def _serve(config: Config, access_log: bool) -> None:
-    listen = config.settings.proxy.listen
+    settings = config.settings
+    app = create_app(config)
     runner = web.AppRunner(
-        create_app(config),
+        app,
         handler_cancellation=True,  # a caller that leaves also ends the upstream call it waits on
+        access_log_class=AccessLogger,
         access_log=logging.getLogger("aisix.access") if access_log else None,
+        shutdown_timeout=1.0,  # the drain below already waited for the requests that matter
     )
     await runner.setup()
+    metrics_runner = None
+    try:
+        await _listen(runner, settings.proxy.listen, "aisix listening on")
+        if settings.metrics_listen is not None:
+            metrics_runner = web.AppRunner(metrics_app(app[METRICS]), access_log=None)
+            await metrics_runner.setup()
+            await _listen(metrics_runner, settings.metrics_listen, "aisix metrics listening on")
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(signal.SIGHUP, reload_resources, app)
+        await stop.wait()
+        await _drain(app, settings.proxy.drain_timeout_ms / 1000)
+    finally:
+        await runner.cleanup()
+        if metrics_runner is not None:
+            await metrics_runner.cleanup()
+        log.info("aisix stopped")
+
+
+async def _listen(runner: web.AppRunner, listen: Listen, what: str) -> None:
+    # reuse_port: several processes (one per core) can serve one port; the kernel spreads
+    # connections between them.
     site = web.TCPSite(runner, listen.host, listen.port, reuse_port=True)
     await site.start()
     for sock in site._server.sockets if site._server else ():  # the real port when 0 was asked for
         host, port = sock.getsockname()[:2]
-        log.info("aisix listening on http://%s:%d", host, port)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    try:
-        await stop.wait()
-    finally:
-        log.info("aisix stopping")
-        await runner.cleanup()
+        log.info("%s http://%s:%d", what, host, port)
+
+
+async def _drain(app: web.Application, deadline: float) -> None:
+    live = app[LIVE]
+    live.draining = True
+    log.info("draining: /readyz answers 503, %d requests in flight, up to %.0f s", live.in_flight, deadline)
+    if live.in_flight:
+        try:
+            await asyncio.wait_for(live.idle.wait(), deadline)
+        except TimeoutError:
+            log.warning("drain deadline reached with %d requests in flight: closing them", live.in_flight)
+    log.info("drained")

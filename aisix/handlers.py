@@ -19,7 +19,8 @@ from . import aliases, auth, errors, guardrails, multipart, upstream
 from .config import ApiKey, Model, Resources, Settings
 from .deadline import CLIENT, UPSTREAM, Deadline
 from .exchange import Exchange
-from .keys import LIMITER, LIVE, REQUEST_ID, SESSION, SETTINGS, USAGE
+from .keys import EXCHANGE, LIMITER, LIVE, METRICS, REQUEST_ID, SESSION, SETTINGS, USAGE
+from .limits import RateLimited
 from .relay import abort, relay
 from .spool import Spool
 
@@ -77,11 +78,14 @@ BodyReader = Callable[[web.Request, Inbound, ApiKey, Resources, Settings, Deadli
 async def _exchange(request: web.Request, route: str, read_body: BodyReader) -> web.StreamResponse:
     app = request.app
     settings = app[SETTINGS]
-    resources = app[LIVE].resources  # this request's snapshot, whatever a reload does meanwhile
+    live = app[LIVE]
+    resources = live.resources  # this request's snapshot, whatever a reload does meanwhile
     idle = settings.upstream.stream_idle_timeout_ms / 1000
-    ex = Exchange(route, request[REQUEST_ID])
+    ex = request[EXCHANGE] = Exchange(route, request[REQUEST_ID])
     limiter = app[LIMITER]
     slot = out = None
+    live.enter()
+    app[METRICS].started(route)
     try:
         async with asyncio.timeout(None) as timer:
             deadline = Deadline(timer)
@@ -119,6 +123,8 @@ async def _exchange(request: web.Request, route: str, read_body: BodyReader) -> 
         raise
     except errors.GatewayError as exc:
         ex.fail(exc.status, exc.code)
+        if isinstance(exc, RateLimited):
+            app[METRICS].limited(exc.scope)
         raise
     except BaseException:
         ex.fail(500, "internal_error")
@@ -127,12 +133,14 @@ async def _exchange(request: web.Request, route: str, read_body: BodyReader) -> 
         if out is not None and out.held is not None:
             out.held.close()
         await limiter.settle(slot, ex.usage.tokens if ex.usage else None, time.time())
-        _finish(app, ex)
+        _finish(app, ex, resources)
 
 
-def _finish(app: web.Application, ex: Exchange) -> None:
+def _finish(app: web.Application, ex: Exchange, resources: Resources) -> None:
     """Every exchange ends here exactly once."""
     app[USAGE].emit(ex.event())
+    app[METRICS].finished(ex, ex.model in resources.models)
+    app[LIVE].leave()
 
 
 def _sent(ex: Exchange, deadline: Deadline, model: Model, settings: Settings) -> None:
@@ -311,5 +319,7 @@ async def livez(request: web.Request) -> web.Response:
 
 
 async def readyz(request: web.Request) -> web.Response:
+    if request.app[LIVE].draining:  # the load balancer stops sending; what is in flight finishes
+        return web.Response(status=503, body=b'{"status":"draining"}', content_type="application/json")
     return web.Response(body=b'{"status":"ready"}', content_type="application/json")
 

@@ -11,7 +11,7 @@ import uuid
 from aiohttp import web
 
 from . import errors
-from .keys import REQUEST_ID, SETTINGS
+from .keys import LIVE, REQUEST_ID, SETTINGS
 
 log = logging.getLogger(__name__)
 
@@ -52,3 +52,8 @@ async def stamp_request_id(request: web.Request, response: web.StreamResponse) -
     rid = request.get(REQUEST_ID)
     if rid is not None:
         response.headers["x-aisix-request-id"] = rid
+    if request.app[LIVE].draining:
+        # Callers reconnect to a process that stays. The hook runs after aiohttp wrote its
+        # Connection header, so both the header and the close are ours to set.
+        response.force_close()
+        response.headers["Connection"] = "close"

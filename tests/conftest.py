@@ -39,10 +39,13 @@ def make_gateway(fake: FakeUpstream, tmp_path: Path) -> Iterator:
     """A gateway of the test's own settings, stopped after the test."""
     started: list[Gateway] = []
 
-    def make(settings: dict | None = None, upstream_base: str | None = None, **resources) -> Gateway:
+    def make(settings: dict | None = None, upstream_base: str | None = None, args: list[str] | None = None,
+             **resources) -> Gateway:
         d = tmp_path / f"gw{len(started)}"
         d.mkdir()
-        gw = Gateway(d, upstream_base or fake.base_url, settings, **resources).start()
+        gw = Gateway(d, upstream_base or fake.base_url, settings, **resources)
+        gw.args = args or []
+        gw.start()
         started.append(gw)
         return gw
 

@@ -31,6 +31,7 @@ KEYS = {  # caller key -> (display_name, extra fields)
 }
 TEAM_A = "sk-team-a-secret"
 _LISTENING = re.compile(r"aisix listening on (http://\S+)")
+_METRICS = re.compile(r"aisix metrics listening on (http://\S+)")
 
 
 def resources(upstream_base: str, **extra: Any) -> dict[str, Any]:
@@ -63,12 +64,14 @@ class Gateway:
         (tmp / "resources.yaml").write_text(yaml.safe_dump(resources(upstream_base, **resource_extra)))
         self.lines: list[str] = []
         self.url = ""
+        self.metrics_url = ""
+        self.args: list[str] = []
         self.proc: subprocess.Popen[str] | None = None
         self._drain = threading.Thread()
 
     def start(self, timeout: float = 20.0) -> Gateway:
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "aisix", "serve", "-c", str(self.dir / "config.yaml")],
+            [sys.executable, "-m", "aisix", "serve", "-c", str(self.dir / "config.yaml"), *self.args],
             cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
             env={**os.environ, "PYTHONUNBUFFERED": "1"},
         )
@@ -78,6 +81,9 @@ class Gateway:
             assert self.proc is not None and self.proc.stderr is not None
             for line in self.proc.stderr:
                 self.lines.append(line)
+                m = _METRICS.search(line)
+                if m:
+                    self.metrics_url = m.group(1)
                 m = _LISTENING.search(line)
                 if m and not self.url:
                     self.url = m.group(1)
@@ -143,6 +149,24 @@ class Gateway:
                 assert len(found) == 1, f"{len(found)} usage events for {request_id}"
                 return found[0]
             time.sleep(0.02)
+
+    def wait_log(self, text: str, timeout: float = 10.0) -> str:
+        """Block until a log line containing text appears; that line."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for line in list(self.lines):
+                if text in line:
+                    return line
+            time.sleep(0.02)
+        raise AssertionError(f"no log line with {text!r}:\n{self.log()}")
+
+    def signal(self, sig: int) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(sig)
+
+    def wait(self, timeout: float = 30.0) -> int:
+        assert self.proc is not None
+        return self.proc.wait(timeout)
 
     def log(self) -> str:
         return "".join(self.lines)

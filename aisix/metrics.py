@@ -1,0 +1,99 @@
+"""Prometheus metrics (SPEC 7) and the listener that serves them, apart from the proxy port.
+
+Labels carry routes, configured aliases and guardrail names only: an alias a caller made up is
+counted as "" so no caller can grow the label space, and no key or request id is ever a label.
+Counters the gateway keeps elsewhere (usage drops, rate-limit fail-opens) are read at scrape time.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+from aiohttp import web
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily, Metric
+from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+
+from .exchange import Exchange
+
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
+
+
+class Metrics:
+    def __init__(self, live_counters: dict[str, tuple[str, Callable[[], float]]]) -> None:
+        self.registry = r = CollectorRegistry(auto_describe=True)
+        self.requests = Counter("aisix_requests", "Audio requests by route, alias and status.",
+                                ("route", "model", "status"), registry=r)
+        self.duration = Histogram("aisix_request_duration_seconds", "Whole request, arrival to last byte.",
+                                  ("route",), buckets=_LATENCY_BUCKETS, registry=r)
+        self.ttfb = Histogram("aisix_upstream_ttfb_seconds", "Last request byte sent upstream to answer headers.",
+                              ("route",), buckets=_LATENCY_BUCKETS, registry=r)
+        self.in_flight = Gauge("aisix_in_flight_requests", "Audio requests being handled.", ("route",), registry=r)
+        self.bytes = Counter("aisix_bytes", "Body bytes from callers (in) and to callers (out).",
+                             ("route", "direction"), registry=r)
+        self.rate_limited = Counter("aisix_rate_limited", "Requests refused by a gateway rate limit.",
+                                    ("scope",), registry=r)
+        self.guardrail_hits = Counter("aisix_guardrail_hits", "Guardrail matches by guardrail and action.",
+                                      ("guardrail", "action"), registry=r)
+        self.tokens = Counter("aisix_tokens", "Tokens the upstream reported, by alias and kind.",
+                              ("model", "kind"), registry=r)
+        r.register(_LiveCounters(live_counters))
+        self._children: dict[tuple, tuple] = {}
+
+    def started(self, route: str) -> None:
+        self.in_flight.labels(route).inc()
+
+    def finished(self, ex: Exchange, known_alias: bool) -> None:
+        route = ex.route
+        model = ex.model if known_alias and ex.model else ""
+        key = (route, model, ex.status)
+        children = self._children.get(key)
+        if children is None:  # labels() costs a lookup and a lock: resolve each child set once
+            children = self._children[key] = (
+                self.requests.labels(route, model, str(ex.status)), self.duration.labels(route),
+                self.ttfb.labels(route), self.in_flight.labels(route),
+                self.bytes.labels(route, "in"), self.bytes.labels(route, "out"),
+            )
+        requests, duration, ttfb, in_flight, bytes_in, bytes_out = children
+        requests.inc()
+        duration.observe(ex.latency_ms / 1000)
+        if ex.upstream_ttfb_ms is not None:
+            ttfb.observe(ex.upstream_ttfb_ms / 1000)
+        in_flight.dec()
+        bytes_in.inc(ex.bytes_in)
+        bytes_out.inc(ex.bytes_out)
+        if ex.verdict is not None:
+            self.guardrail_hits.labels(ex.verdict.guardrail, ex.verdict.action).inc()
+        if ex.usage is not None and model:
+            for kind, value in (("input", ex.usage.input_tokens), ("output", ex.usage.output_tokens)):
+                if value:
+                    self.tokens.labels(model, kind).inc(value)
+
+    def limited(self, scope: str) -> None:
+        self.rate_limited.labels(scope).inc()
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class _LiveCounters:
+    """Counters owned by other parts (the usage sink, the limiter), read when scraped."""
+
+    def __init__(self, counters: dict[str, tuple[str, Callable[[], float]]]) -> None:
+        self._counters = counters
+
+    def collect(self) -> Iterator[Metric]:
+        for name, (doc, read) in self._counters.items():
+            yield CounterMetricFamily(name, doc, value=read())
+
+    def describe(self) -> Iterator[Metric]:
+        return self.collect()
+
+
+def metrics_app(metrics: Metrics) -> web.Application:
+    async def scrape(request: web.Request) -> web.Response:
+        return web.Response(body=metrics.render(), headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    app = web.Application()
+    app.router.add_get("/metrics", scrape)
+    return app

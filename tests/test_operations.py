@@ -1,0 +1,161 @@
+"""What an operator relies on: metrics scraped and parsed, SIGHUP reload, SIGTERM drain, access log."""
+
+from __future__ import annotations
+
+import signal
+import uuid
+
+import aiohttp
+import pytest
+import yaml
+from prometheus_client.parser import text_string_to_metric_families
+
+from aisix.config import hash_key
+from tests.fakes import Behaviour, FakeUpstream
+from tests.gateway import PROVIDER_SECRET, TEAM_A, Gateway
+from tests.test_transcriptions import form
+
+SPEECH = {"model": "tts-prod", "input": "Hello there", "voice": "alloy"}
+AUTH = {"Authorization": f"Bearer {TEAM_A}"}
+
+
+async def post(gw: Gateway, json: dict = SPEECH, key: str = TEAM_A, headers: dict | None = None) -> int:
+    async with aiohttp.ClientSession() as s:
+        async with s.post(gw.url + "/v1/audio/speech", json=json,
+                          headers={"Authorization": f"Bearer {key}", **(headers or {})}) as r:
+            await r.read()
+            return r.status
+
+
+async def scrape(gw: Gateway) -> dict[str, list]:
+    async with aiohttp.ClientSession() as s:
+        async with s.get(gw.metrics_url + "/metrics") as r:
+            assert r.status == 200 and r.headers["Content-Type"].startswith("text/plain")
+            text = await r.text()
+    return {f.name: f.samples for f in text_string_to_metric_families(text)}, text
+
+
+def value(samples: list, name: str, **labels: str) -> float:
+    return sum(s.value for s in samples if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()))
+
+
+async def test_metrics_are_scraped_with_bounded_labels(make_gateway, fake: FakeUpstream) -> None:
+    gw = make_gateway({"metrics": {"listen": "127.0.0.1:0"}},
+                      api_keys=[{"display_name": "lim", "key_hash": hash_key("sk-lim-m"), "allowed_models": ["*"],
+                                 "rate_limit": {"rpd": 1}}],
+                      guardrails=[{"name": "watch", "kind": "keyword", "hook_point": "input",
+                                   "enforcement_mode": "monitor", "patterns": [{"kind": "literal", "value": "there"}]}])
+    assert await post(gw) == 200
+    assert await post(gw, {**SPEECH, "model": "made-up-" + uuid.uuid4().hex}) == 404
+    assert await post(gw, key="sk-lim-m") == 200 and await post(gw, key="sk-lim-m") == 429
+    body, ctype = form("model", "file")
+    async with aiohttp.ClientSession() as s:
+        async with s.post(gw.url + "/v1/audio/transcriptions", data=body,
+                          headers={**AUTH, "Content-Type": ctype}) as r:
+            assert r.status == 200
+    families, text = await scrape(gw)
+    req = families["aisix_requests"]
+    assert value(req, "aisix_requests_total", route="speech", model="tts-prod", status="200") == 2
+    assert value(req, "aisix_requests_total", route="speech", model="", status="404") == 1
+    assert value(req, "aisix_requests_total", route="speech", status="429") == 1
+    assert value(families["aisix_request_duration_seconds"], "aisix_request_duration_seconds_count",
+                 route="speech") == 4
+    assert value(families["aisix_upstream_ttfb_seconds"], "aisix_upstream_ttfb_seconds_count", route="speech") == 2
+    assert value(families["aisix_in_flight_requests"], "aisix_in_flight_requests", route="speech") == 0
+    assert value(families["aisix_bytes"], "aisix_bytes_total", route="speech", direction="out") == 2 * 3 * 4800
+    assert value(families["aisix_bytes"], "aisix_bytes_total", route="transcriptions", direction="in") == len(body)
+    assert value(families["aisix_rate_limited"], "aisix_rate_limited_total", scope="key") == 1
+    assert value(families["aisix_guardrail_hits"], "aisix_guardrail_hits_total", guardrail="watch",
+                 action="monitored") == 3
+    assert value(families["aisix_tokens"], "aisix_tokens_total", model="whisper-prod", kind="input") == 10
+    assert value(families["aisix_tokens"], "aisix_tokens_total", model="whisper-prod", kind="output") == 5
+    assert value(families["aisix_usage_events_dropped"], "aisix_usage_events_dropped_total") == 0
+    for secret in ("made-up", TEAM_A, "sk-lim-m", "team-a", "lim\"", PROVIDER_SECRET):
+        assert secret not in text
+
+
+async def test_reload_swaps_resources_all_or_nothing(make_gateway, fake: FakeUpstream) -> None:
+    gw = make_gateway()
+    path = gw.dir / "resources.yaml"
+    doc = yaml.safe_load(path.read_text())
+    assert await post(gw, {**SPEECH, "model": "tts-new"}) == 404
+
+    doc["models"].append({"display_name": "tts-new", "provider_key": "fake", "model_name": "m-new"})
+    path.write_text(yaml.safe_dump(doc))
+    gw.signal(signal.SIGHUP)
+    gw.wait_log("reloaded")
+    assert await post(gw, {**SPEECH, "model": "tts-new"}) == 200
+
+    bad = dict(doc, models=doc["models"] + [{"display_name": "broken", "provider_key": "nowhere",
+                                             "model_name": "x"}])
+    path.write_text(yaml.safe_dump(bad))
+    gw.signal(signal.SIGHUP)
+    line = gw.wait_log("reload refused")
+    assert "models[broken]" in line and "provider_key" in line
+    assert await post(gw, {**SPEECH, "model": "tts-new"}) == 200  # the previous resources still serve
+
+
+async def test_a_request_in_flight_keeps_the_config_it_started_with(make_gateway, fake: FakeUpstream) -> None:
+    gw = make_gateway()
+    path = gw.dir / "resources.yaml"
+    doc = yaml.safe_load(path.read_text())
+    fake.behaviour = Behaviour(speech_chunks=4, chunk_delay=0.3)
+    async with aiohttp.ClientSession() as s:
+        async with s.post(gw.url + "/v1/audio/speech", json=SPEECH, headers=AUTH) as r:
+            await r.content.readany()
+            doc["models"] = [m for m in doc["models"] if m["display_name"] != "tts-prod"]
+            path.write_text(yaml.safe_dump(doc))
+            gw.signal(signal.SIGHUP)
+            gw.wait_log("reloaded")
+            assert await post(gw) == 404  # new requests see the new file
+            rest = await r.read()
+    assert r.status == 200 and len(rest) == 3 * 4800
+
+
+async def test_sigterm_drains_then_exits_zero(make_gateway, fake: FakeUpstream) -> None:
+    gw = make_gateway()
+    fake.behaviour = Behaviour(speech_chunks=6, chunk_delay=0.3)
+    rid = uuid.uuid4().hex
+    async with aiohttp.ClientSession() as s:
+        async with s.post(gw.url + "/v1/audio/speech", json=SPEECH,
+                          headers={**AUTH, "x-aisix-request-id": rid}) as r:
+            await r.content.readany()
+            gw.signal(signal.SIGTERM)
+            gw.wait_log("draining")
+            async with s.get(gw.url + "/readyz") as ready:
+                assert ready.status == 503
+                assert ready.headers["Connection"] == "close"
+            audio = await r.read()
+    assert len(audio) == 5 * 4800  # the stream in flight finished whole
+    assert gw.wait(30) == 0
+    assert gw.event(rid, timeout=1)["status"] == 200  # its usage event was flushed before exit
+
+
+async def test_drain_deadline_cuts_what_is_left(make_gateway, fake: FakeUpstream) -> None:
+    gw = make_gateway({"proxy": {"drain_timeout_ms": 300}})
+    fake.behaviour = Behaviour(speech_chunks=40, chunk_delay=0.25)
+    async with aiohttp.ClientSession() as s:
+        async with s.post(gw.url + "/v1/audio/speech", json=SPEECH, headers=AUTH) as r:
+            await r.content.readany()
+            gw.signal(signal.SIGTERM)
+            with pytest.raises(aiohttp.ClientPayloadError):
+                await r.read()
+    assert gw.wait(30) == 0
+    assert "drain deadline reached with 1 requests in flight" in gw.log()
+
+
+async def test_access_log_line(gateway: Gateway, fake: FakeUpstream) -> None:
+    rid = uuid.uuid4().hex
+    await post(gateway, headers={"x-aisix-request-id": rid})
+    line = gateway.wait_log(f"rid={rid}")
+    assert '"POST /v1/audio/speech" 200' in line and "model=tts-prod" in line
+    assert "latency_ms=" in line and "bytes_out=14400" in line
+    assert TEAM_A not in gateway.log()
+
+
+async def test_access_log_off(make_gateway, fake: FakeUpstream) -> None:
+    gw = make_gateway(args=["--access-log", "off"])
+    rid = uuid.uuid4().hex
+    await post(gw, headers={"x-aisix-request-id": rid})
+    gw.event(rid)
+    assert f"rid={rid}" not in gw.log()
