@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import signal
+import time
 import uuid
 
 import aiohttp
+import orjson
 import pytest
 
 from tests.fakes import Behaviour, FakeUpstream
@@ -96,3 +99,34 @@ def test_no_secret_in_any_event(gateway: Gateway) -> None:
     assert text  # the tests above wrote events
     for secret in (PROVIDER_SECRET, TEAM_A, "sk-disabled-secret", "sk-restricted-secret", "Hello there"):
         assert secret not in text
+
+
+async def test_events_land_in_a_redis_stream(make_gateway, redis_url: str) -> None:
+    import redis
+
+    stream = f"aisix:usage:test:{uuid.uuid4().hex}"
+    gw = make_gateway({"usage": {"sink": f"{redis_url}?stream={stream}&maxlen=1000"}})
+    rids = [(await request(gw, "/v1/audio/speech", json=SPEECH))[0] for _ in range(3)]
+    client = redis.Redis.from_url(redis_url)
+    try:
+        deadline = time.monotonic() + 10
+        while client.xlen(stream) < 3 and time.monotonic() < deadline:
+            time.sleep(0.02)  # the writer task batches events off the request path
+        events = [orjson.loads(fields[b"data"]) for _, fields in client.xrange(stream)]
+    finally:
+        client.close()
+    assert [e["request_id"] for e in events] == rids
+    assert all(e["status"] == 200 and e["api_key"] == "team-a" for e in events)
+
+
+async def test_logrotate_then_sighup_reopens_the_usage_file(make_gateway, fake: FakeUpstream) -> None:
+    gw = make_gateway()
+    first, _ = await request(gw, "/v1/audio/speech", json=SPEECH)
+    gw.event(first)
+    rotated = gw.usage_file.with_suffix(".jsonl.1")
+    gw.usage_file.rename(rotated)  # what logrotate does (without copytruncate)
+    gw.signal(signal.SIGHUP)
+    gw.wait_log("reloaded")
+    second, _ = await request(gw, "/v1/audio/speech", json=SPEECH)
+    assert gw.event(second)["status"] == 200  # read from the new file at the original path
+    assert [orjson.loads(line)["request_id"] for line in rotated.read_bytes().splitlines()] == [first]
