@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from tests.fakes import FakeUpstream
-from tests.gateway import Gateway
+from tests.gateway import LEAKS, Gateway
 from tests.redis_server import redis_url  # noqa: F401  (a real redis-server, for the whole session)
 
 
@@ -52,3 +52,18 @@ def make_gateway(fake: FakeUpstream, tmp_path: Path) -> Iterator:
     yield make
     for gw in started:
         gw.stop()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _nothing_secret_was_written() -> Iterator[None]:
+    """After the whole suite: no gateway wrote a key or a prompt to its log or its usage events."""
+    yield
+    found = []
+    for gw in Gateway.started:
+        texts = [("log", gw.log())]
+        if gw.usage_file.exists():
+            texts.append(("usage", gw.usage_file.read_text(errors="replace")))
+        for what, text in texts:
+            found += [f"{gw.dir} {what}: {line.strip()}" for line in text.splitlines() if LEAKS.search(line)]
+    assert Gateway.started, "no gateway ran"
+    assert not found, "secrets or prompts written:\n" + "\n".join(found[:20])

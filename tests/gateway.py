@@ -30,6 +30,9 @@ KEYS = {  # caller key -> (display_name, extra fields)
     "sk-expired-secret": ("old", {"allowed_models": ["*"], "expires_at": "2020-01-01T00:00:00Z"}),
 }
 TEAM_A = "sk-team-a-secret"
+# What must never be written by a gateway: caller keys (any "sk-…" the tests send), the provider
+# key, and prompt text the tests send ("Hello there" is the speech input of many tests).
+LEAKS = re.compile(r"\bsk-[a-z]|" + re.escape(PROVIDER_SECRET) + r"|Hello there|hunter2|PassWord")
 _LISTENING = re.compile(r"aisix listening on (http://\S+)")
 _METRICS = re.compile(r"aisix metrics listening on (http://\S+)")
 
@@ -52,6 +55,8 @@ def resources(upstream_base: str, **extra: Any) -> dict[str, Any]:
 
 
 class Gateway:
+    started: list[Gateway] = []  # every gateway of the session, for the final scan for leaks
+
     def __init__(self, tmp: Path, upstream_base: str, settings: dict[str, Any] | None = None,
                  **resource_extra: Any) -> None:
         self.dir = tmp
@@ -70,6 +75,7 @@ class Gateway:
         self._drain = threading.Thread()
 
     def start(self, timeout: float = 20.0) -> Gateway:
+        Gateway.started.append(self)
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "aisix", "serve", "-c", str(self.dir / "config.yaml"), *self.args],
             cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
