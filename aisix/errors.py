@@ -12,7 +12,7 @@ import orjson
 class GatewayError(Exception):
     """An answer the gateway gives on its own behalf (never a relayed upstream answer)."""
 
-    __slots__ = ("status", "type", "code", "message", "param", "headers")
+    __slots__ = ("status", "type", "code", "message", "param", "headers", "_body")
 
     def __init__(
         self,
@@ -30,9 +30,12 @@ class GatewayError(Exception):
         self.message = message
         self.param = param
         self.headers = headers or {}
+        self._body: bytes | None = None
 
     def body(self) -> bytes:
-        return render(self.message, self.type, self.param, self.code)
+        if self._body is None:  # rendered once: the usage event counts it, the middleware sends it
+            self._body = render(self.message, self.type, self.param, self.code)
+        return self._body
 
     def __repr__(self) -> str:
         return f"GatewayError({self.status}, {self.code!r})"

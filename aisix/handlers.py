@@ -111,11 +111,11 @@ async def _exchange(request: web.Request, route: str, read_body: BodyReader) -> 
         if deadline.waiting_on == CLIENT:
             ex.fail(408, "client_timeout")
             if ex.response is None:
-                raise errors.client_timeout() from None
+                raise _answered(ex, errors.client_timeout()) from None
         else:
             ex.fail(504, "upstream_aborted" if ex.response is not None else "upstream_timeout")
             if ex.response is None:
-                raise errors.upstream_timeout() from None
+                raise _answered(ex, errors.upstream_timeout()) from None
         abort(request)
         return ex.response
     except asyncio.CancelledError:
@@ -123,6 +123,8 @@ async def _exchange(request: web.Request, route: str, read_body: BodyReader) -> 
         raise
     except errors.GatewayError as exc:
         ex.fail(exc.status, exc.code)
+        if ex.response is None:
+            ex.bytes_out = len(exc.body())  # the envelope is what the caller gets
         if isinstance(exc, RateLimited):
             app[METRICS].limited(exc.scope)
         raise
@@ -134,6 +136,11 @@ async def _exchange(request: web.Request, route: str, read_body: BodyReader) -> 
             out.held.close()
         await limiter.settle(slot, ex.usage.tokens if ex.usage else None, time.time())
         _finish(app, ex, resources)
+
+
+def _answered(ex: Exchange, exc: errors.GatewayError) -> errors.GatewayError:
+    ex.bytes_out = len(exc.body())
+    return exc
 
 
 def _finish(app: web.Application, ex: Exchange, resources: Resources) -> None:

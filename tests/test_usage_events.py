@@ -61,6 +61,7 @@ async def test_rejections(gateway: Gateway, key, path, kw, status, code, api_key
     rid, got = await request(gateway, path, key, **kw)
     e = gateway.event(rid)
     assert (got, e["status"], e["error_code"], e["api_key"], e["stream"]) == (status, status, code, api_key, False)
+    assert 80 < e["bytes_out"] < 300  # the envelope the caller got
 
 
 async def test_upstream_error_is_recorded(gateway: Gateway, fake: FakeUpstream) -> None:
