@@ -37,3 +37,80 @@ test: venv system-tools
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache
+
+# -- make install: the gateway as a systemd service (as root; docs/operations.md, "Deploy") ------
+# A venv of its own in $(PREFIX)/venv made with the base $(PYTHON), the units in $(UNITDIR),
+# /etc/aisix/{config,resources}.yaml only where absent (an operator's files are never
+# overwritten), the aisix system user and /var/log/aisix. It never enables or starts the service:
+# the shipped resources.yaml holds the demo key, so an operator reviews /etc/aisix/ first.
+# DESTDIR=/some/root stages everything under that root (packaging, tests): no user is made,
+# nothing is chowned, systemctl is not run. A venv is not relocatable: a staged one runs in place.
+DESTDIR    ?=
+PREFIX     ?= /opt/aisix
+SYSCONFDIR ?= /etc/aisix
+UNITDIR    ?= /etc/systemd/system
+AISIX_USER ?= aisix
+UNITS      := etc/systemd/aisix.service etc/systemd/aisix@.service
+# The units name /opt/aisix/ and /etc/aisix/; a PREFIX or SYSCONFDIR of another value is written in.
+UNIT_PATHS := sed -e 's|/opt/aisix/|$(PREFIX)/|g' -e 's|/etc/aisix/|$(SYSCONFDIR)/|g'
+
+.PHONY: install uninstall
+
+install:
+	@if [ -z "$(DESTDIR)" ] && [ "$$(id -u)" != 0 ]; then \
+	  echo "make install: run as root, or stage it with DESTDIR=/some/dir"; exit 1; fi
+	@if [ -z "$(DESTDIR)" ] && ! getent passwd $(AISIX_USER) >/dev/null; then \
+	  echo "creating system user $(AISIX_USER)"; \
+	  useradd --system --user-group --no-create-home --home-dir /nonexistent \
+	    --shell /usr/sbin/nologin $(AISIX_USER); fi
+	test -x $(DESTDIR)$(PREFIX)/venv/bin/python || $(PYTHON) -m venv $(DESTDIR)$(PREFIX)/venv
+	@# Built from a copy: setuptools' build/ in this tree would keep modules deleted since the
+	@# last build and ship them; a copy also leaves the working tree untouched.
+	src=$$(mktemp -d) && trap 'rm -rf "$$src"' EXIT && \
+	  cp -R setup.cfg pyproject.toml README.md aisix "$$src/" && \
+	  $(DESTDIR)$(PREFIX)/venv/bin/python -m pip install --quiet --disable-pip-version-check "$$src"
+	install -d -m 0755 $(DESTDIR)$(UNITDIR) $(DESTDIR)$(PREFIX)/share/doc
+	for unit in $(UNITS); do \
+	  $(UNIT_PATHS) "$$unit" > $(DESTDIR)$(UNITDIR)/$${unit##*/} && chmod 0644 $(DESTDIR)$(UNITDIR)/$${unit##*/}; done
+	install -m 0644 docs/operations.md $(DESTDIR)$(PREFIX)/share/doc/operations.md
+	@# Readable by the service's group only: resources.yaml holds key hashes, maybe secrets.
+	@etc=$(DESTDIR)$(SYSCONFDIR); \
+	if [ ! -d "$$etc" ]; then install -d -m 0750 "$$etc" && \
+	  { [ -n "$(DESTDIR)" ] || chgrp $(AISIX_USER) "$$etc"; }; fi; \
+	for f in config.yaml resources.yaml; do \
+	  if [ -e "$$etc/$$f" ]; then echo "kept $$etc/$$f (exists; compare with etc/aisix/$$f)"; \
+	  else install -m 0640 etc/aisix/$$f "$$etc/$$f" && echo "installed $$etc/$$f" && \
+	    { [ -n "$(DESTDIR)" ] || chgrp $(AISIX_USER) "$$etc/$$f"; }; fi; done; \
+	if [ ! -e "$$etc/env" ]; then \
+	  printf '%s\n' "# VAR=value lines for \$${VAR} in config.yaml and resources.yaml, e.g." \
+	    "# OPENAI_API_KEY=sk-..." "# Read by systemd (EnvironmentFile=) as root: keep it 0600 root:root." \
+	    > "$$etc/env" && chmod 0600 "$$etc/env" && echo "installed $$etc/env"; fi
+	install -d -m 0750 $(DESTDIR)/var/log/aisix
+	@[ -n "$(DESTDIR)" ] || chown $(AISIX_USER):$(AISIX_USER) /var/log/aisix
+	@if [ -z "$(DESTDIR)" ] && [ -d /run/systemd/system ]; then systemctl daemon-reload; \
+	  else echo "systemd is not running here (or DESTDIR is set): run 'systemctl daemon-reload' on the target"; fi
+	@echo "next: review $(SYSCONFDIR)/ (the demo key!), then"; \
+	echo "  (set -a; . $(SYSCONFDIR)/env; $(PREFIX)/venv/bin/aisix validate -c $(SYSCONFDIR)/config.yaml)"; \
+	echo "  systemctl enable --now aisix     (an upgrade: systemctl restart aisix)"
+
+# Removes the program and the units; keeps $(SYSCONFDIR)/, /var/log/aisix and the user.
+uninstall:
+	@if [ -z "$(DESTDIR)" ] && [ -d /run/systemd/system ]; then \
+	  systemctl stop aisix.service 'aisix@*.service' || true; fi
+	rm -f $(DESTDIR)$(UNITDIR)/*.wants/aisix.service $(DESTDIR)$(UNITDIR)/*.wants/aisix@*.service
+	rm -f $(DESTDIR)$(UNITDIR)/aisix.service $(DESTDIR)$(UNITDIR)/aisix@.service
+	rm -rf $(DESTDIR)$(PREFIX)/venv $(DESTDIR)$(PREFIX)/share/doc/operations.md
+	@if [ -z "$(DESTDIR)" ] && [ -d /run/systemd/system ]; then systemctl daemon-reload; fi
+	@echo "kept $(SYSCONFDIR)/, /var/log/aisix and the user $(AISIX_USER) (userdel $(AISIX_USER) to remove it)"
+
+# Performance (bench/README.md): installs nginx and wrk from Debian's packages when missing, then
+# starts everything it measures on 127.0.0.1, bounded in time (~4 min), and prints ratios against
+# nginx and a bare aiohttp relay with PASS/FAIL per target. BENCH_SECONDS, BENCH_ROUNDS, ... tune it.
+.PHONY: bench
+bench: venv
+	@missing=""; for t in nginx wrk; do PATH="$$PATH:/usr/sbin:/sbin" command -v $$t >/dev/null || missing="$$missing $$t"; done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing:$$missing"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
+	fi
+	$(BIN)/python bench/run.py

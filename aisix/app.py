@@ -16,7 +16,7 @@ from collections.abc import AsyncIterator
 
 from aiohttp import web
 
-from . import handlers, middlewares, upstream
+from . import handlers, middlewares, sdnotify, upstream
 from .access_log import AccessLogger
 from .config import Config, ConfigError, Listen, load_resources
 from .keys import LIMITER, LIVE, METRICS, SESSION, SETTINGS, USAGE, Live
@@ -119,18 +119,25 @@ async def _serve(config: Config, access_log: bool) -> None:
     await runner.setup()
     metrics_runner = None
     try:
-        await _listen(runner, settings.proxy.listen, "aisix listening on")
         if settings.metrics_listen is not None:
+            # First, and never shared: an instance that was given another's metrics port fails
+            # before it joins the proxy port, instead of answering half of someone else's scrapes.
             metrics_runner = web.AppRunner(metrics_app(app[METRICS]), access_log=None)
             await metrics_runner.setup()
-            await _listen(metrics_runner, settings.metrics_listen, "aisix metrics listening on")
+            await _listen(metrics_runner, settings.metrics_listen, "aisix metrics listening on", reuse_port=False)
+        # reuse_port: several processes (one per core) serve one port; the kernel spreads
+        # connections between them.
+        site = await _listen(runner, settings.proxy.listen, "aisix listening on", reuse_port=True)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
         loop.add_signal_handler(signal.SIGHUP, reload_resources, app)
+        sdnotify.notify("READY=1")
         await stop.wait()
-        await _drain(app, settings.proxy.drain_timeout_ms / 1000)
+        sdnotify.notify("STOPPING=1")
+        proxy = settings.proxy
+        await _drain(app, site, proxy.drain_grace_ms / 1000, proxy.drain_timeout_ms / 1000)
     finally:
         await runner.cleanup()
         if metrics_runner is not None:
@@ -138,23 +145,34 @@ async def _serve(config: Config, access_log: bool) -> None:
         log.info("aisix stopped")
 
 
-async def _listen(runner: web.AppRunner, listen: Listen, what: str) -> None:
-    # reuse_port: several processes (one per core) can serve one port; the kernel spreads
-    # connections between them.
-    site = web.TCPSite(runner, listen.host, listen.port, reuse_port=True)
+async def _listen(runner: web.AppRunner, listen: Listen, what: str, reuse_port: bool) -> web.TCPSite:
+    site = web.TCPSite(runner, listen.host, listen.port, reuse_port=reuse_port)
     await site.start()
     for sock in site._server.sockets if site._server else ():  # the real port when 0 was asked for
         host, port = sock.getsockname()[:2]
         log.info("%s http://%s:%d", what, host, port)
+    return site
 
 
-async def _drain(app: web.Application, deadline: float) -> None:
+async def _drain(app: web.Application, site: web.TCPSite, grace: float, deadline: float) -> None:
+    """/readyz 503 at once; the listener stays up while busy for ``grace``, then closes; what is
+    in flight gets ``deadline`` in all."""
     live = app[LIVE]
     live.draining = True
     log.info("draining: /readyz answers 503, %d requests in flight, up to %.0f s", live.in_flight, deadline)
-    if live.in_flight:
-        try:
-            await asyncio.wait_for(live.idle.wait(), deadline)
-        except TimeoutError:
-            log.warning("drain deadline reached with %d requests in flight: closing them", live.in_flight)
+    loop = asyncio.get_running_loop()
+    end = loop.time() + deadline
+    if live.in_flight and not await _idle_within(live, min(grace, deadline)):
+        await site.stop()  # new connections go to the other processes on the port, if any
+        log.info("stopped accepting: %d requests in flight", live.in_flight)
+    if live.in_flight and not await _idle_within(live, end - loop.time()):
+        log.warning("drain deadline reached with %d requests in flight: closing them", live.in_flight)
     log.info("drained")
+
+
+async def _idle_within(live: Live, seconds: float) -> bool:
+    try:
+        await asyncio.wait_for(live.idle.wait(), max(seconds, 0))
+    except TimeoutError:
+        return False
+    return True

@@ -118,6 +118,7 @@ class ProxySettings:
     json_body_limit_bytes: int  # speech JSON bodies, always capped
     request_id_headers: tuple[str, ...]
     drain_timeout_ms: int = 60000  # SIGTERM: how long in-flight requests may take to finish
+    drain_grace_ms: int = 5000     # SIGTERM: how long the listener stays up while busy
 
 
 @dataclass(frozen=True, slots=True)
@@ -380,12 +381,13 @@ def _load_settings(out: list[str], path: Path, env: Mapping[str, str]) -> tuple[
         return _Reader(out, top.file, name, raw, env, fields)
 
     proxy = section("proxy", ("listen", "request_body_limit_bytes", "json_body_limit_bytes",
-                              "request_id_headers", "drain_timeout_ms"))
+                              "request_id_headers", "drain_timeout_ms", "drain_grace_ms"))
     listen = proxy.listen("listen", "127.0.0.1:3000")
     body_limit = proxy.integer("request_body_limit_bytes", 0, minimum=0)
     json_limit = proxy.integer("json_body_limit_bytes", 1048576)
     id_headers = proxy.strings("request_id_headers", ("x-aisix-request-id",))
     drain_ms = proxy.integer("drain_timeout_ms", 60000, minimum=0)
+    grace_ms = proxy.integer("drain_grace_ms", 5000, minimum=0)
     if id_headers and not all(_TOKEN.fullmatch(h) for h in id_headers):
         proxy.problem("request_id_headers", "must be HTTP header names")
     up = section("upstream", UpstreamSettings.__slots__)
@@ -409,7 +411,8 @@ def _load_settings(out: list[str], path: Path, env: Mapping[str, str]) -> tuple[
     resources_file = Path(os.path.abspath(config_file.parent / name)) if name else None
     if not top.ok:
         return None, resources_file
-    proxy_settings = ProxySettings(listen, body_limit, json_limit, tuple(h.lower() for h in id_headers), drain_ms)
+    proxy_settings = ProxySettings(listen, body_limit, json_limit, tuple(h.lower() for h in id_headers), drain_ms,
+                                   grace_ms)
     return Settings(proxy_settings, UpstreamSettings(**upstream), metrics_listen, sink, backend,
                     resources_file, config_file), resources_file
 

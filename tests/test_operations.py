@@ -19,11 +19,14 @@ SPEECH = {"model": "tts-prod", "input": "Hello there", "voice": "alloy"}
 AUTH = {"Authorization": f"Bearer {TEAM_A}"}
 
 
+RECEIVED: list[int] = []  # body bytes of every answer post() read, for the bytes_total check
+
+
 async def post(gw: Gateway, json: dict = SPEECH, key: str = TEAM_A, headers: dict | None = None) -> int:
     async with aiohttp.ClientSession() as s:
         async with s.post(gw.url + "/v1/audio/speech", json=json,
                           headers={"Authorization": f"Bearer {key}", **(headers or {})}) as r:
-            await r.read()
+            RECEIVED.append(len(await r.read()))
             return r.status
 
 
@@ -45,6 +48,7 @@ async def test_metrics_are_scraped_with_bounded_labels(make_gateway, fake: FakeU
                                  "rate_limit": {"rpd": 1}}],
                       guardrails=[{"name": "watch", "kind": "keyword", "hook_point": "input",
                                    "enforcement_mode": "monitor", "patterns": [{"kind": "literal", "value": "there"}]}])
+    RECEIVED.clear()
     assert await post(gw) == 200
     assert await post(gw, {**SPEECH, "model": "made-up-" + uuid.uuid4().hex}) == 404
     assert await post(gw, key="sk-lim-m") == 200 and await post(gw, key="sk-lim-m") == 429
@@ -62,7 +66,8 @@ async def test_metrics_are_scraped_with_bounded_labels(make_gateway, fake: FakeU
                  route="speech") == 4
     assert value(families["aisix_upstream_ttfb_seconds"], "aisix_upstream_ttfb_seconds_count", route="speech") == 2
     assert value(families["aisix_in_flight_requests"], "aisix_in_flight_requests", route="speech") == 0
-    assert value(families["aisix_bytes"], "aisix_bytes_total", route="speech", direction="out") == 2 * 3 * 4800
+    assert value(families["aisix_bytes"], "aisix_bytes_total", route="speech", direction="out") == sum(RECEIVED)
+    assert sum(RECEIVED) > 2 * 3 * 4800  # two audio answers and two envelopes
     assert value(families["aisix_bytes"], "aisix_bytes_total", route="transcriptions", direction="in") == len(body)
     assert value(families["aisix_rate_limited"], "aisix_rate_limited_total", scope="key") == 1
     assert value(families["aisix_guardrail_hits"], "aisix_guardrail_hits_total", guardrail="watch",
@@ -159,3 +164,19 @@ async def test_access_log_off(make_gateway, fake: FakeUpstream) -> None:
     await post(gw, headers={"x-aisix-request-id": rid})
     gw.event(rid)
     assert f"rid={rid}" not in gw.log()
+
+
+async def test_a_busy_drain_stops_accepting_after_the_grace(make_gateway, fake: FakeUpstream) -> None:
+    gw = make_gateway({"proxy": {"drain_grace_ms": 200}})
+    fake.behaviour = Behaviour(speech_chunks=5, chunk_delay=0.3)
+    async with aiohttp.ClientSession() as s:
+        async with s.post(gw.url + "/v1/audio/speech", json=SPEECH, headers=AUTH) as r:
+            await r.content.readany()
+            gw.signal(signal.SIGTERM)
+            gw.wait_log("stopped accepting: 1 requests in flight")
+            with pytest.raises(aiohttp.ClientConnectorError):  # new callers go elsewhere
+                async with aiohttp.ClientSession() as fresh:
+                    await fresh.get(gw.url + "/livez")
+            audio = await r.read()
+    assert len(audio) == 4 * 4800  # what was in flight still finished
+    assert gw.wait(30) == 0
