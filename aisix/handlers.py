@@ -83,7 +83,7 @@ async def _exchange(request: web.Request, route: str, read_body: BodyReader) -> 
     idle = settings.upstream.stream_idle_timeout_ms / 1000
     ex = request[EXCHANGE] = Exchange(route, request[REQUEST_ID])
     limiter = app[LIMITER]
-    slot = out = None
+    slot = out = deadline = None
     live.enter()
     app[METRICS].started(route)
     try:
@@ -132,6 +132,8 @@ async def _exchange(request: web.Request, route: str, read_body: BodyReader) -> 
         ex.fail(500, "internal_error")
         raise
     finally:
+        if deadline is not None:
+            deadline.close()  # before any await: its timer must not fire into a finished exchange
         if out is not None and out.held is not None:
             out.held.close()
         await limiter.settle(slot, ex.usage.tokens if ex.usage else None, time.time())
