@@ -50,3 +50,4 @@ def test_over_the_cap_nothing_is_guessed() -> None:
 
 def test_tokens_total() -> None:
     assert Usage(2, 3, None).tokens == 5 and Usage(None, None, 9).tokens == 9 and Usage().tokens is None
+
