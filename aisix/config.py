@@ -1,8 +1,10 @@
 """Config files -> frozen, indexed dataclasses, strictly; reads only the files and env it is given.
 
 Every problem is collected before one ConfigError is raised; each names file, resource and field,
-and none echoes a string value (it may be a secret). No sockets, no clock, no asyncio: when to
-(re)load and what to do with a ConfigError is the caller's business.
+and none echoes a string value (it may be a secret). This module says which fields exist, their
+defaults and what they become; how a field is read (types, ``${VAR}``, repeated keys) is
+config_yaml.py. No sockets, no clock, no asyncio: when to (re)load and what to do with a
+ConfigError is the caller's business.
 """
 
 from __future__ import annotations
@@ -12,14 +14,14 @@ import fnmatch
 import hashlib
 import os
 import re
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, TypeVar
+from typing import TypeVar
 from urllib.parse import urlsplit
 
-import yaml
+from .config_yaml import Reader, add_problem, got, read_mapping
 
 T = TypeVar("T")
 
@@ -178,190 +180,33 @@ def _checked(out: list[str], value: T | None) -> T:
     return value
 
 
-# -- reading ------------------------------------------------------------------------------------
+# -- fields of both files -----------------------------------------------------------------------
 
-_REQUIRED: Any = object()
 _ROUTES = ("speech", "transcriptions", "translations")
-_VAR = re.compile(r"\$\$\{|\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}|\$\{")
-_RFC3339 = re.compile(r"\d{4}-\d\d-\d\d[Tt ]\d\d:\d\d:\d\d(\.\d+)?([Zz]|[+-]\d\d:\d\d)")
 _TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 
 
-def _got(value: object) -> str:
-    """What was found, for a message: integers as themselves, anything else only by its type."""
-    if isinstance(value, bool):
-        return "got a boolean"
-    if isinstance(value, int):
-        return f"got {value}"
-    kinds = {str: "a string", list: "a list", dict: "a mapping", float: "a number",
-             dt.datetime: "a timestamp", dt.date: "a date", type(None): "null"}
-    return "got " + kinds.get(type(value), type(value).__name__)
+def _listen(r: Reader, key: str, default: str) -> Listen | None:
+    text = r.text(key, default)
+    if text is None:
+        return None
+    host, _, port = text.rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    elif ":" in host:  # an IPv6 address needs its brackets, or the port is ambiguous
+        host = ""
+    if not host or not (port.isascii() and port.isdigit()) or int(port) > 65535:
+        r.problem(key, "must be host:port with a port from 0 to 65535 ([::1]:3000 for IPv6)")
+        return None
+    return Listen(host, int(port))
 
 
-def _problem(out: list[str], file: str, resource: str, key: str | None, message: str) -> None:
-    parts = [file, resource] if resource else [file]
-    if key is not None:
-        parts.append(f"field '{key}'")
-    out.append(": ".join([*parts, message]))
-
-
-class _Reader:
-    """Typed, substituted access to one YAML mapping; a problem is recorded, never raised."""
-
-    def __init__(self, out: list[str], file: str, resource: str, raw: object,
-                 env: Mapping[str, str], fields: Iterable[str], prefix: str = "") -> None:
-        self.out, self.file, self.resource, self.env, self.prefix = out, file, resource, env, prefix
-        self.start = len(out)
-        self.raw: dict[Any, Any] = raw if isinstance(raw, dict) else {}
-        allowed = set(fields)
-        for key in self.raw:
-            if key not in allowed:
-                self.problem(str(key), "unknown field")
-
-    @property
-    def ok(self) -> bool:
-        """No problem recorded since this reader was made (nested readers included)."""
-        return len(self.out) == self.start
-
-    def problem(self, key: str | None, message: str) -> None:
-        _problem(self.out, self.file, self.resource, None if key is None else self.prefix + key, message)
-
-    def child(self, key: str, fields: Iterable[str]) -> _Reader | None:
-        """The mapping under key; None when it is absent, null or not a mapping."""
-        value = self.raw.get(key)
-        return None if value is None else self.nested(key, value, fields)
-
-    def nested(self, label: str, value: object, fields: Iterable[str]) -> _Reader | None:
-        """A reader for value, whose problems name `label.<field>`; None when not a mapping."""
-        if not isinstance(value, dict):
-            self.problem(label, f"must be a mapping, {_got(value)}")
-            return None
-        return _Reader(self.out, self.file, self.resource, value, self.env, fields,
-                       f"{self.prefix}{label}.")
-
-    def string(self, key: str, value: object) -> str | None:
-        """value as a non-empty string with ${VAR} substituted, or None once the problem is noted."""
-        if not isinstance(value, str):
-            self.problem(key, f"must be a string, {_got(value)}")
-            return None
-        failed = False
-
-        def substitute(m: re.Match[str]) -> str:
-            nonlocal failed
-            name, default = m.group(1), m.group(2)
-            if m.group(0) == "$${":
-                return "${"
-            if name is None:
-                self.problem(key, "malformed ${...}: write ${NAME}, ${NAME:-default} or $${ for a literal")
-            elif default is not None and not self.env.get(name):
-                return default
-            elif name in self.env:
-                return self.env[name]
-            else:
-                self.problem(key, f"environment variable '{name}' is not set")
-            failed = True
-            return ""
-
-        text = _VAR.sub(substitute, value)
-        if not failed and not text:
-            self.problem(key, "must not be empty")
-        return None if failed or not text else text
-
-    def text(self, key: str, default: Any = _REQUIRED, options: tuple[str, ...] = ()) -> Any:
-        """A string field (null counts as absent); with options, one of them."""
-        value = self.raw.get(key)
-        if value is None:
-            if default is _REQUIRED:
-                self.problem(key, "required")
-                return None
-            return default
-        text = self.string(key, value)
-        if options and text is not None and text not in options:
-            self.problem(key, "must be one of " + ", ".join(f"'{o}'" for o in options))
-            return None
-        return text
-
-    def scalar(self, key: str, default: Any, valid: Callable[[object], bool], what: str) -> Any:
-        """A non-string field (null counts as absent): the value if valid(value), else None."""
-        value = self.raw.get(key)
-        if value is None:
-            return default
-        if not valid(value):
-            self.problem(key, f"must be {what}, {_got(value)}")
-            return None
-        return value
-
-    def integer(self, key: str, default: int | None, minimum: int = 1) -> Any:
-        # type() rather than isinstance(): YAML's true/false are bools, and bool is an int.
-        return self.scalar(key, default, lambda v: type(v) is int and v >= minimum,
-                           "a positive integer" if minimum == 1 else "an integer >= 0")
-
-    def strings(self, key: str, default: tuple[str, ...]) -> tuple[str, ...] | None:
-        value = self.raw.get(key)
-        if value is None:
-            return default
-        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-            got = "" if isinstance(value, list) else f", {_got(value)}"
-            self.problem(key, f"must be a list of strings{got}")
-            return None
-        items = [self.string(f"{key}[{i}]", v) for i, v in enumerate(value)]
-        return None if None in items else tuple(items)
-
-    def listen(self, key: str, default: str) -> Listen | None:
-        text = self.text(key, default)
-        if text is None:
-            return None
-        host, _, port = text.rpartition(":")
-        if host.startswith("[") and host.endswith("]"):
-            host = host[1:-1]
-        elif ":" in host:  # an IPv6 address needs its brackets, or the port is ambiguous
-            host = ""
-        if not host or not (port.isascii() and port.isdigit()) or int(port) > 65535:
-            self.problem(key, "must be host:port with a port from 0 to 65535 ([::1]:3000 for IPv6)")
-            return None
-        return Listen(host, int(port))
-
-    def rate_limit(self) -> RateLimit | None:
-        fields = RateLimit.__slots__
-        sub = self.child("rate_limit", fields)
-        values = {name: sub.integer(name, None) for name in fields} if sub else {}
-        return RateLimit(**values) if any(values.values()) else None
-
-
-class _Loader(yaml.SafeLoader):
-    """SafeLoader that refuses a repeated key (PyYAML would silently keep the last one)."""
-
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
-        seen: set[object] = set()
-        for key_node, _ in node.value:
-            if isinstance(key_node, yaml.ScalarNode) and key_node.tag != "tag:yaml.org,2002:merge":
-                key = self.construct_object(key_node)
-                if key in seen:
-                    raise yaml.constructor.ConstructorError(
-                        None, None, f"repeated key '{key}'", key_node.start_mark)
-                seen.add(key)
-        return super().construct_mapping(node, deep)
-
-
-def _top(out: list[str], path: Path, env: Mapping[str, str], fields: Iterable[str]) -> _Reader | None:
-    """A reader for a whole file, or None once why it cannot be read is recorded."""
-    try:
-        doc = yaml.load(path.read_bytes(), Loader=_Loader)  # noqa: S506 (a SafeLoader)
-    except OSError as e:
-        out.append(f"{path.name}: cannot read {path}: {e.strerror}")
-    except yaml.MarkedYAMLError as e:
-        # str(e) quotes the offending line, which may hold a secret: position and reason only.
-        mark = e.problem_mark or e.context_mark
-        at = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
-        out.append(f"{path.name}: {at}invalid YAML: {e.problem or e.context}")
-    except yaml.YAMLError as e:
-        out.append(f"{path.name}: invalid YAML: {type(e).__name__}")
-    else:
-        if doc is None or isinstance(doc, dict):
-            return _Reader(out, path.name, "", doc, env, fields)
-        out.append(f"{path.name}: the top level must be a mapping, {_got(doc)}")
-    return None
+def _rate_limit(r: Reader) -> RateLimit | None:
+    fields = RateLimit.__slots__
+    sub = r.child("rate_limit", fields)
+    values = {name: sub.integer(name, None) for name in fields} if sub else {}
+    return RateLimit(**values) if any(values.values()) else None
 
 
 # -- config.yaml --------------------------------------------------------------------------------
@@ -369,20 +214,13 @@ def _top(out: list[str], path: Path, env: Mapping[str, str], fields: Iterable[st
 def _load_settings(out: list[str], path: Path, env: Mapping[str, str]) -> tuple[Settings | None, Path | None]:
     """Settings (None on a problem) and the resources file path (None when it cannot be known)."""
     config_file = Path(os.path.abspath(path))
-    top = _top(out, config_file, env,
-               ("proxy", "upstream", "metrics", "usage", "ratelimit", "resources_file"))
+    top = read_mapping(out, config_file, env,
+                       ("proxy", "upstream", "metrics", "usage", "ratelimit", "resources_file"))
     if top is None:
         return None, None
-
-    def section(name: str, fields: Iterable[str]) -> _Reader:
-        raw = top.raw.get(name)
-        if raw is not None and not isinstance(raw, dict):
-            top.problem(name, f"must be a mapping, {_got(raw)}")
-        return _Reader(out, top.file, name, raw, env, fields)
-
-    proxy = section("proxy", ("listen", "request_body_limit_bytes", "json_body_limit_bytes",
-                              "request_id_headers", "drain_timeout_ms", "drain_grace_ms"))
-    listen = proxy.listen("listen", "127.0.0.1:3000")
+    proxy = top.section("proxy", ("listen", "request_body_limit_bytes", "json_body_limit_bytes",
+                                  "request_id_headers", "drain_timeout_ms", "drain_grace_ms"))
+    listen = _listen(proxy, "listen", "127.0.0.1:3000")
     body_limit = proxy.integer("request_body_limit_bytes", 0, minimum=0)
     json_limit = proxy.integer("json_body_limit_bytes", 1048576)
     id_headers = proxy.strings("request_id_headers", ("x-aisix-request-id",))
@@ -390,20 +228,20 @@ def _load_settings(out: list[str], path: Path, env: Mapping[str, str]) -> tuple[
     grace_ms = proxy.integer("drain_grace_ms", 5000, minimum=0)
     if id_headers and not all(_TOKEN.fullmatch(h) for h in id_headers):
         proxy.problem("request_id_headers", "must be HTTP header names")
-    up = section("upstream", UpstreamSettings.__slots__)
+    up = top.section("upstream", UpstreamSettings.__slots__)
     given = {name: up.integer(name, None) for name in UpstreamSettings.__slots__}
     upstream = {name: value for name, value in given.items() if value is not None}
-    metrics = section("metrics", ("listen",))
+    metrics = top.section("metrics", ("listen",))
     disabled = "listen" in metrics.raw and metrics.raw["listen"] is None
-    metrics_listen = None if disabled else metrics.listen("listen", "127.0.0.1:9090")
+    metrics_listen = None if disabled else _listen(metrics, "listen", "127.0.0.1:9090")
     if metrics_listen and metrics_listen == listen and listen.port:
         metrics.problem("listen", "must differ from proxy.listen")
-    usage = section("usage", ("sink",))
+    usage = top.section("usage", ("sink",))
     sink = usage.text("sink", "stdout")
     if sink and not (sink == "stdout" or (sink.startswith("file:") and len(sink) > 5)
                      or sink.startswith("redis://")):
         usage.problem("sink", "must be 'stdout', 'file:<path>' or 'redis://host:port/db?stream=<name>'")
-    ratelimit = section("ratelimit", ("backend",))
+    ratelimit = top.section("ratelimit", ("backend",))
     backend = ratelimit.text("backend", "memory")
     if backend and backend != "memory" and not backend.startswith("redis://"):
         ratelimit.problem("backend", "must be 'memory' or 'redis://host:port/db'")
@@ -419,34 +257,7 @@ def _load_settings(out: list[str], path: Path, env: Mapping[str, str]) -> tuple[
 
 # -- resources.yaml -----------------------------------------------------------------------------
 
-def _collect(top: _Reader, section: str, name_field: str, fields: tuple[str, ...],
-             build: Callable[[_Reader, str], T | None]) -> dict[str, T | None]:
-    """The items of one list section by name, each checked, duplicates refused; None for an item
-    with a problem, so a reference to it is not reported a second time."""
-    raw = top.raw.get(section)
-    if raw is not None and not isinstance(raw, list):
-        top.problem(section, f"must be a list, {_got(raw)}")
-    built: dict[str, T | None] = {}
-    first: dict[str, int] = {}
-    for i, item in enumerate(raw if isinstance(raw, list) else ()):
-        name = item.get(name_field) if isinstance(item, dict) else None
-        label = f"{section}[{name}]" if isinstance(name, str) and name else f"{section}[{i}]"
-        if not isinstance(item, dict):
-            _problem(top.out, top.file, label, None, f"must be a mapping, {_got(item)}")
-            continue
-        r = _Reader(top.out, top.file, label, item, top.env, (name_field, *fields))
-        name = r.text(name_field)
-        if name is not None and name in first:
-            r.problem(name_field, f"duplicate: {section}[{first[name]}] has the same {name_field}")
-        elif name is not None:
-            first[name] = i
-        obj = build(r, name)
-        if name is not None:
-            built.setdefault(name, obj if r.ok else None)
-    return built
-
-
-def _provider_key(r: _Reader, name: str) -> ProviderKey | None:
+def _provider_key(r: Reader, name: str) -> ProviderKey | None:
     provider, base, secret = r.text("provider"), r.text("api_base"), r.text("api_key")
     if base is not None and not _http_url(base):
         r.problem("api_base", "must be an http:// or https:// URL with a host, no query or fragment")
@@ -466,9 +277,9 @@ def _http_url(text: str) -> bool:
     return url.scheme in ("http", "https") and bool(url.hostname) and not url.query and not url.fragment
 
 
-def _model(r: _Reader, name: str, keys: Mapping[str, ProviderKey | None]) -> Model | None:
+def _model(r: Reader, name: str, keys: Mapping[str, ProviderKey | None]) -> Model | None:
     key_name, model_name = r.text("provider_key"), r.text("model_name")
-    timeout, rate_limit = r.integer("timeout", None), r.rate_limit()
+    timeout, rate_limit = r.integer("timeout", None), _rate_limit(r)
     if key_name is not None and key_name not in keys:
         r.problem("provider_key", f"no provider key named '{key_name}'")
     key = keys.get(key_name)
@@ -482,7 +293,7 @@ def _matching(globs: tuple[str, ...], aliases: Iterable[str]) -> frozenset[str]:
     return frozenset(a for a in aliases if any(fnmatch.fnmatchcase(a, g) for g in globs))
 
 
-def _api_key(r: _Reader, name: str, aliases: tuple[str, ...]) -> ApiKey | None:
+def _api_key(r: Reader, name: str, aliases: tuple[str, ...]) -> ApiKey | None:
     given = [k for k in ("key_hash", "key_env") if r.raw.get(k) is not None]
     if len(given) != 1:
         r.problem("key_hash", "exactly one of key_hash or key_env is required, "
@@ -499,44 +310,22 @@ def _api_key(r: _Reader, name: str, aliases: tuple[str, ...]) -> ApiKey | None:
             key_hash = hash_key(r.env[key_env])
     globs = r.strings("allowed_models", ())
     disabled = r.scalar("disabled", False, lambda v: isinstance(v, bool), "true or false")
-    rate_limit = r.rate_limit()
-    expires_at = _timestamp(r, "expires_at")
+    rate_limit = _rate_limit(r)
+    expires_at = r.timestamp("expires_at")
     if not r.ok:
         return None
     allowed = _matching(globs, aliases)
     return ApiKey(name, key_hash, globs, allowed, tuple(sorted(allowed)), disabled, expires_at, rate_limit)
 
 
-def _timestamp(r: _Reader, key: str) -> dt.datetime | None:
-    """An RFC 3339 string, or the datetime YAML makes of an unquoted one; naive means UTC."""
-    value = r.raw.get(key)
-    if value is None:
-        return None
-    if isinstance(value, str):
-        text = r.string(key, value)
-        if text is None:
-            return None
-        try:
-            if not _RFC3339.fullmatch(text):
-                raise ValueError(text)
-            value = dt.datetime.fromisoformat(text.upper().replace("Z", "+00:00"))
-        except ValueError:
-            r.problem(key, "must be an RFC 3339 timestamp such as 2027-01-01T00:00:00Z")
-            return None
-    elif not isinstance(value, dt.datetime):
-        r.problem(key, f"must be an RFC 3339 timestamp, {_got(value)}")
-        return None
-    return (value if value.tzinfo else value.replace(tzinfo=dt.timezone.utc)).astimezone(dt.timezone.utc)
-
-
-def _guardrail(r: _Reader, name: str, aliases: tuple[str, ...]) -> Guardrail | None:
+def _guardrail(r: Reader, name: str, aliases: tuple[str, ...]) -> Guardrail | None:
     kind = r.text("kind", options=("keyword",))
     globs = r.strings("models", ("*",))
     hook_point = r.text("hook_point", options=("input", "output"))
     mode = r.text("enforcement_mode", options=("block", "monitor"))
     raw, patterns = r.raw.get("patterns"), []
     if not isinstance(raw, list) or not raw:
-        r.problem("patterns", f"must be a non-empty list of {{kind, value}}, {_got(raw)}")
+        r.problem("patterns", f"must be a non-empty list of {{kind, value}}, {got(raw)}")
     for i, item in enumerate(raw if isinstance(raw, list) else ()):
         p = r.nested(f"patterns[{i}]", item, ("kind", "value"))
         p_kind, value = (p.text("kind", options=("literal", "regex")), p.text("value")) if p else (None, None)
@@ -553,27 +342,28 @@ def _guardrail(r: _Reader, name: str, aliases: tuple[str, ...]) -> Guardrail | N
 
 
 def _load_resources(out: list[str], path: Path, env: Mapping[str, str]) -> Resources | None:
-    top = _top(out, path, env, ("_format_version", "provider_keys", "models", "api_keys", "guardrails"))
+    top = read_mapping(out, path, env,
+                       ("_format_version", "provider_keys", "models", "api_keys", "guardrails"))
     if top is None:
         return None
     if top.text("_format_version", "1") not in ("1", None):
         top.problem("_format_version", 'must be "1"')
     key_fields = ("provider", "api_base", "api_key")
     model_fields = ("provider_key", "model_name", "timeout", "rate_limit")
-    keys = _collect(top, "provider_keys", "display_name", key_fields, _provider_key)
-    models = _collect(top, "models", "display_name", model_fields, lambda r, name: _model(r, name, keys))
+    keys = top.collect("provider_keys", "display_name", key_fields, _provider_key)
+    models = top.collect("models", "display_name", model_fields, lambda r, name: _model(r, name, keys))
     aliases = tuple(models)
-    api_keys = _collect(top, "api_keys", "display_name",
-                        ("key_hash", "key_env", "allowed_models", "rate_limit", "disabled", "expires_at"),
-                        lambda r, name: _api_key(r, name, aliases))
-    guardrails = _collect(top, "guardrails", "name",
-                          ("kind", "models", "hook_point", "enforcement_mode", "patterns"),
-                          lambda r, name: _guardrail(r, name, aliases))
+    api_keys = top.collect("api_keys", "display_name",
+                           ("key_hash", "key_env", "allowed_models", "rate_limit", "disabled", "expires_at"),
+                           lambda r, name: _api_key(r, name, aliases))
+    guardrails = top.collect("guardrails", "name",
+                             ("kind", "models", "hook_point", "enforcement_mode", "patterns"),
+                             lambda r, name: _guardrail(r, name, aliases))
     by_hash: dict[str, ApiKey] = {}
     for key in filter(None, api_keys.values()):
         if key.key_hash in by_hash:
-            _problem(out, top.file, f"api_keys[{key.name}]", None,
-                     f"same caller key (key_hash/key_env) as api_keys[{by_hash[key.key_hash].name}]")
+            add_problem(out, top.file, f"api_keys[{key.name}]", None,
+                        f"same caller key (key_hash/key_env) as api_keys[{by_hash[key.key_hash].name}]")
         by_hash.setdefault(key.key_hash, key)
     if not top.ok:  # so no item is None from here on
         return None

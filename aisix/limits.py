@@ -10,24 +10,16 @@ behind one small interface, and ``Limiter`` joins them for the handlers:
 - ``MemoryStore``: dicts for one process. A window counter is keyed by scope, name and window
   kind and holds only the current window (a new window replaces the old one), so memory is
   bounded by the configured names, whatever the traffic.
-- ``RedisStore``: shared by every instance. One Lua script per admission reads every counter of
-  the request (key and model scopes; request windows, token windows, concurrency) and increments
-  only when all pass, so two instances can never both admit the last request of a window.
-  Counters are ``aisix:rl:{scope}:{name}:{window}:{window_start}``, expiring ``_MARGIN`` seconds
-  after their window (the margin absorbs clock skew between instances). Concurrency is a ZSET
-  ``aisix:rl:{scope}:{name}:concurrency`` of slot ids scored by ``admission + _LEASE``: settle
-  removes the id, and every admission first drops expired ids. A process that dies holding
-  slots therefore leaks them for at most the lease, never forever; a plain counter would leak
-  for good. The lease (1 h) outlasts ordinary answers (``upstream.timeout_ms`` defaults to
-  10 min); one still streaming after it loses its slot early, which can only admit too much,
-  never block. No refresh: it would cost a Redis call per long answer for that rare case.
+- ``RedisStore`` (limits_redis.py): shared by every instance; one atomic script per admission,
+  concurrency slots as leases a dead process cannot hold forever. ``Limiter.create`` imports it
+  only for a ``redis://`` backend, so this module does not need redis-py.
 
 Scopes are named by the api key's ``name`` and the model's ``alias``, never a key hash or secret.
 Token windows are charged in the window current at ``settle`` (tokens are known only then).
 A refusal raises ``RateLimited``, a ``GatewayError`` whose ``scope`` ("key" or "model") labels
 ``aisix_rate_limited_total``. Store errors are counted in ``fail_open_total`` (admissions that
-were not checked) and ``settle_errors_total`` (releases or token charges that were lost; a lost
-release is bounded by the lease).
+were not checked) and ``settle_errors_total`` (releases or token charges that were lost; in Redis
+a lost release is bounded by the lease).
 """
 
 from __future__ import annotations
@@ -40,11 +32,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-import redis.asyncio
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
-from redis.exceptions import RedisError
-
 from .config import ApiKey, Model, RateLimit
 from .errors import GatewayError
 
@@ -55,8 +42,6 @@ _WINDOWS = (  # (field, seconds, unit); this order breaks ties between windows t
     ("rpd", 86400, "requests"), ("tpm", 60, "tokens"), ("tpd", 86400, "tokens"),
 )
 _PERIOD = {1: "second", 60: "minute", 3600: "hour", 86400: "day"}
-_MARGIN = 60  # seconds a window counter outlives its window in Redis
-_LEASE = 3600  # seconds a Redis concurrency slot outlives a process that never released it
 _PAUSE = 1.0  # after a store error, seconds to admit unchecked before trying the store again
 _WARN_EVERY = 10.0  # seconds between two warnings about the store
 
@@ -152,6 +137,8 @@ def _who(limit: Limit) -> str:
 # -- stores --------------------------------------------------------------------------------------
 
 class Store(Protocol):
+    errors: tuple[type[Exception], ...]  # what it raises when it cannot answer: admit fails open
+
     async def admit(self, plan: Plan, slot_id: str, now: float) -> list[Limit]:
         """The limits that refuse the request (nothing counted), or [] once all is counted."""
 
@@ -163,6 +150,8 @@ class Store(Protocol):
 
 class MemoryStore:
     """Counts for one process. Never suspends, so each admission is atomic under asyncio."""
+
+    errors: tuple[type[Exception], ...] = ()  # dicts do not fail
 
     def __init__(self) -> None:
         self._windows: dict[str, list[int]] = {}  # Limit.key -> [window_start, count]
@@ -206,74 +195,6 @@ class MemoryStore:
         pass
 
 
-# KEYS: one counter per limit. ARGV: now, slot id, its lease end, then per key its kind, limit
-# and ttl. Kinds: r (request window: refuses at the limit, counts the request),
-# t (token window: refuses over the limit, counted by settle), c (concurrency ZSET).
-# The rule of is_over() is repeated here; the store tests hold the two to the same answers.
-_ADMIT = """
-local blocked = {}
-for i, key in ipairs(KEYS) do
-  local kind, limit, count = ARGV[3 * i + 1], tonumber(ARGV[3 * i + 2])
-  if kind == 'c' then
-    redis.call('ZREMRANGEBYSCORE', key, '-inf', ARGV[1])
-    count = redis.call('ZCARD', key)
-  else
-    count = tonumber(redis.call('GET', key) or '0')
-  end
-  if count > limit or (count == limit and kind ~= 't') then blocked[#blocked + 1] = i end
-end
-if #blocked > 0 then return blocked end
-for i, key in ipairs(KEYS) do
-  local kind, ttl = ARGV[3 * i + 1], ARGV[3 * i + 3]
-  if kind == 'r' then
-    redis.call('INCR', key)
-    redis.call('EXPIRE', key, ttl)
-  elseif kind == 'c' then
-    redis.call('ZADD', key, ARGV[3], ARGV[2])
-    redis.call('EXPIRE', key, ttl)
-  end
-end
-return blocked
-"""
-
-
-class RedisStore:
-    """Counts shared by every instance through one Redis (not Cluster: a script's keys span
-    scopes). Short timeouts and no retries: a dead Redis stalls the requests already waiting on
-    it by at most 0.5 s per socket step; then Limiter admits unchecked for ``_PAUSE``."""
-
-    def __init__(self, url: str) -> None:
-        self._redis = redis.asyncio.Redis.from_url(
-            url, socket_connect_timeout=0.5, socket_timeout=0.5, retry=Retry(NoBackoff(), 0))
-        self._admit = self._redis.register_script(_ADMIT)
-
-    async def admit(self, plan: Plan, slot_id: str, now: float) -> list[Limit]:
-        keys: list[str] = []
-        args: list[str | int] = [repr(now), slot_id, repr(now + _LEASE)]
-        for x in plan.limits:
-            if x.size:
-                keys.append(f"{x.key}:{window_start(now, x.size)}")
-                args += [x.unit[0], x.limit, x.size + _MARGIN]
-            else:
-                keys.append(x.key)
-                args += ["c", x.limit, _LEASE]
-        blocked = await self._admit(keys, args)
-        return [plan.limits[i - 1] for i in blocked]
-
-    async def settle(self, plan: Plan, slot_id: str, tokens: int, now: float) -> None:
-        async with self._redis.pipeline(transaction=False) as pipe:
-            for x in plan.concurrency:
-                pipe.zrem(x.key, slot_id)
-            for x in plan.tokens if tokens else ():
-                key = f"{x.key}:{window_start(now, x.size)}"
-                pipe.incrby(key, tokens)
-                pipe.expire(key, x.size + _MARGIN)
-            await pipe.execute()
-
-    async def close(self) -> None:
-        await self._redis.aclose()
-
-
 # -- the limiter ---------------------------------------------------------------------------------
 
 @dataclass(slots=True, eq=False)
@@ -284,14 +205,12 @@ class Slot:
     id: str  # its member in the Redis concurrency ZSETs; "" when it holds no slot
 
 
-_STORE_ERRORS = (RedisError, OSError)  # OSError covers asyncio's TimeoutError
-
-
 class Limiter:
     """admit -> Slot | None (or raise RateLimited), then settle(slot) once the answer is relayed."""
 
     def __init__(self, store: Store) -> None:
         self._store = store
+        self._store_errors = store.errors
         self.fail_open_total = 0
         self.settle_errors_total = 0
         self._paused_until = 0.0
@@ -303,6 +222,8 @@ class Limiter:
         if backend == "memory":
             return cls(MemoryStore())
         if backend.startswith(("redis://", "rediss://")):
+            from .limits_redis import RedisStore  # here, so that a memory backend never imports redis-py
+
             return cls(RedisStore(backend))
         raise ValueError("the rate limit backend must be 'memory' or 'redis://host:port/db'")
 
@@ -319,7 +240,7 @@ class Limiter:
         slot = Slot(p, secrets.token_hex(8) if p.concurrency else "")
         try:
             blocked = await self._store.admit(p, slot.id, now)
-        except _STORE_ERRORS as e:
+        except self._store_errors as e:
             self.fail_open_total += 1
             self._paused_until = now + _PAUSE
             self._warn(now, "rate limit store failed, admitting without checking limits: %s: %s", e)

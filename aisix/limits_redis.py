@@ -1,0 +1,97 @@
+"""RedisStore: rate limit counts shared by every instance through one Redis (not Cluster).
+
+The ``limits.Store`` behind a ``redis://`` backend; ``Limiter`` (limits.py) decides what a
+failure means. One Lua script per admission reads every counter of the request (key and model
+scopes; request windows, token windows, concurrency) and increments only when all pass, so two
+instances can never both admit the last request of a window. Counters are
+``aisix:rl:{scope}:{name}:{window}:{window_start}``, expiring ``_MARGIN`` seconds after their
+window (the margin absorbs clock skew between instances). Concurrency is a ZSET
+``aisix:rl:{scope}:{name}:concurrency`` of slot ids scored by ``admission + _LEASE``: settle
+removes the id, and every admission first drops expired ids. A process that dies holding slots
+therefore leaks them for at most the lease, never forever; a plain counter would leak for good.
+The lease (1 h) outlasts ordinary answers (``upstream.timeout_ms`` defaults to 10 min); one
+still streaming after it loses its slot early, which can only admit too much, never block. No
+refresh: it would cost a Redis call per long answer for that rare case.
+"""
+
+from __future__ import annotations
+
+import redis.asyncio
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import RedisError
+
+from .limits import Limit, Plan, window_start
+
+_MARGIN = 60  # seconds a window counter outlives its window in Redis
+_LEASE = 3600  # seconds a Redis concurrency slot outlives a process that never released it
+
+
+# KEYS: one counter per limit. ARGV: now, slot id, its lease end, then per key its kind, limit
+# and ttl. Kinds: r (request window: refuses at the limit, counts the request),
+# t (token window: refuses over the limit, counted by settle), c (concurrency ZSET).
+# The rule of limits.is_over() is repeated here; the store tests hold the two to the same answers.
+_ADMIT = """
+local blocked = {}
+for i, key in ipairs(KEYS) do
+  local kind, limit, count = ARGV[3 * i + 1], tonumber(ARGV[3 * i + 2])
+  if kind == 'c' then
+    redis.call('ZREMRANGEBYSCORE', key, '-inf', ARGV[1])
+    count = redis.call('ZCARD', key)
+  else
+    count = tonumber(redis.call('GET', key) or '0')
+  end
+  if count > limit or (count == limit and kind ~= 't') then blocked[#blocked + 1] = i end
+end
+if #blocked > 0 then return blocked end
+for i, key in ipairs(KEYS) do
+  local kind, ttl = ARGV[3 * i + 1], ARGV[3 * i + 3]
+  if kind == 'r' then
+    redis.call('INCR', key)
+    redis.call('EXPIRE', key, ttl)
+  elseif kind == 'c' then
+    redis.call('ZADD', key, ARGV[3], ARGV[2])
+    redis.call('EXPIRE', key, ttl)
+  end
+end
+return blocked
+"""
+
+
+class RedisStore:
+    """Counts shared by every instance through one Redis (not Cluster: a script's keys span
+    scopes). Short timeouts and no retries: a dead Redis stalls the requests already waiting on
+    it by at most 0.5 s per socket step; then Limiter admits unchecked for ``limits._PAUSE``."""
+
+    errors: tuple[type[Exception], ...] = (RedisError, OSError)  # OSError covers asyncio's TimeoutError
+
+    def __init__(self, url: str) -> None:
+        self._redis = redis.asyncio.Redis.from_url(
+            url, socket_connect_timeout=0.5, socket_timeout=0.5, retry=Retry(NoBackoff(), 0))
+        self._admit = self._redis.register_script(_ADMIT)
+
+    async def admit(self, plan: Plan, slot_id: str, now: float) -> list[Limit]:
+        keys: list[str] = []
+        args: list[str | int] = [repr(now), slot_id, repr(now + _LEASE)]
+        for x in plan.limits:
+            if x.size:
+                keys.append(f"{x.key}:{window_start(now, x.size)}")
+                args += [x.unit[0], x.limit, x.size + _MARGIN]
+            else:
+                keys.append(x.key)
+                args += ["c", x.limit, _LEASE]
+        blocked = await self._admit(keys, args)
+        return [plan.limits[i - 1] for i in blocked]
+
+    async def settle(self, plan: Plan, slot_id: str, tokens: int, now: float) -> None:
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for x in plan.concurrency:
+                pipe.zrem(x.key, slot_id)
+            for x in plan.tokens if tokens else ():
+                key = f"{x.key}:{window_start(now, x.size)}"
+                pipe.incrby(key, tokens)
+                pipe.expire(key, x.size + _MARGIN)
+            await pipe.execute()
+
+    async def close(self) -> None:
+        await self._redis.aclose()
