@@ -10,9 +10,14 @@ field it only wanted to read). The closing delimiter is released only once the b
 hold a ``model`` and a ``file`` part, so an upstream can never receive a complete request that
 the gateway rejects.
 
-Delimiter matching follows RFC 2046 as Go's mime/multipart reads it: ``CRLF--boundary`` is a
-delimiter only when followed by ``--``, or by optional spaces/tabs and CRLF; anything else after
-it is part data, passed through.
+Strict on purpose. The gateway checks one ``model`` value and the provider's parser must read the
+same one; parsers disagree on malformed layouts (bare LF line ends, obs-folded headers, RFC 2231
+``name*``, non-form-data dispositions, a preamble, part data that starts with the boundary, a
+delimiter followed by junk), so a caller could hide a second model value in them. Every such
+layout is a 400, never forwarded: a correct encoder (browsers, curl, every SDK) produces none.
+The body starts with ``--boundary``; ``CRLF--boundary`` is always a delimiter and must be followed
+by ``--`` or by optional spaces/tabs and CRLF; each part has CRLF-ended ``name: value`` header
+lines and exactly one ``Content-Disposition: form-data`` with exactly one ``name``.
 """
 
 from __future__ import annotations
@@ -29,7 +34,9 @@ FILE = "file"
 _CRLF = b"\r\n"
 _BLANK = b"\r\n\r\n"
 _BOUNDARY_PARAM = re.compile(r';\s*boundary\s*=\s*(?:"([^"]{1,70})"|([^\s;"]{1,70}))\s*(?:;|$)', re.IGNORECASE)
-_PARAM = re.compile(r';\s*([^\s=;]+)\s*=\s*("(?:[^"\\]|\\.)*"|[^;]*)')
+_TOKEN = r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+"
+_HEADER_LINE = re.compile(rb"(" + _TOKEN.encode() + rb"):[ \t]*(.*)")
+_PARAM = re.compile(r'[ \t]*;[ \t]*(' + _TOKEN + r')[ \t]*=[ \t]*("(?:[^"\\\r\n]|\\.)*"|' + _TOKEN + r')[ \t]*')
 
 # Parser states.
 _DATA, _DELIM, _HEAD, _EPILOGUE = range(4)
@@ -63,28 +70,37 @@ def boundary_of(content_type: str) -> bytes:
         raise errors.invalid_multipart("Content-Type has no valid multipart boundary.") from None
 
 
-def disposition(head: bytes) -> tuple[str | None, bool]:
-    """(form field name, has a filename) from a part's header block."""
-    for line in head.split(_CRLF):
-        key, sep, value = line.partition(b":")
-        if not sep or key.strip().lower() != b"content-disposition":
-            continue
-        text = value.decode("utf-8", "replace")
-        kind, _, params = text.partition(";")
-        if kind.strip().lower() != "form-data":
-            return None, False
-        name, has_filename = None, False
-        for m in _PARAM.finditer(";" + params):
-            key_ = m.group(1).lower()
-            raw = m.group(2).strip()
-            if raw.startswith('"'):
-                raw = re.sub(r"\\(.)", r"\1", raw[1:-1])
-            if key_ == "name":
-                name = raw
-            elif key_ in ("filename", "filename*"):
-                has_filename = True
-        return name, has_filename
-    return None, False
+def disposition(head: bytes) -> tuple[str, bool]:
+    """(form field name, has a filename) from a part's header block, each line CRLF-ended; a 400
+    for anything two parsers could read differently."""
+    found = None
+    for line in head.split(_CRLF)[:-1]:
+        m = _HEADER_LINE.fullmatch(line)
+        if m is None or b"\r" in line or b"\n" in line:  # also obs-fold, bare CR or LF
+            raise errors.invalid_multipart("Malformed part header line.")
+        if m.group(1).lower() == b"content-disposition":
+            if found is not None:
+                raise errors.invalid_multipart("A part has more than one Content-Disposition.")
+            found = m.group(2).decode("utf-8", "replace")
+    if found is None:
+        raise errors.invalid_multipart("A part has no Content-Disposition.")
+    kind, sep, params = found.partition(";")
+    if kind.strip(" \t").lower() != "form-data":
+        raise errors.invalid_multipart("A part's Content-Disposition is not form-data.")
+    values: dict[str, str] = {}
+    at, params = 0, sep + params
+    while at < len(params):
+        m = _PARAM.match(params, at)
+        if m is None:
+            raise errors.invalid_multipart("Malformed Content-Disposition parameters.")
+        key, raw = m.group(1).lower(), m.group(2)
+        if key in values or key == "name*":
+            raise errors.invalid_multipart("Ambiguous Content-Disposition parameters.")
+        values[key] = re.sub(r"\\(.)", r"\1", raw[1:-1]) if raw.startswith('"') else raw
+        at = m.end()
+    if "name" not in values:
+        raise errors.invalid_multipart("A part's Content-Disposition has no name.")
+    return values["name"], "filename" in values or "filename*" in values
 
 
 class Rewriter:
@@ -92,7 +108,7 @@ class Rewriter:
 
     __slots__ = (
         "_delim", "_buf", "_state", "_drop", "_max_head", "_max_value",
-        "_capture", "_current", "_value", "_scanned", "seen", "parts",
+        "_capture", "_current", "_value", "_scanned", "_fresh", "seen", "parts",
     )
 
     def __init__(
@@ -114,6 +130,7 @@ class Rewriter:
         self._current: str | None = None  # captured field whose value is being read
         self._value = bytearray()
         self._scanned = 0  # how much of a head block has been searched for its blank line
+        self._fresh = True  # at the start of part data (or of the body): "--boundary" may not follow
         self.seen: set[str] = set()  # captured names and "file", as met
         self.parts = 0
 
@@ -129,6 +146,8 @@ class Rewriter:
         while True:
             state = self._state
             if state == _DATA:
+                if self._fresh and not self._check_fresh(buf):
+                    return out
                 i = buf.find(delim)
                 if i < 0:
                     keep = _prefix_start(buf, delim)
@@ -152,13 +171,10 @@ class Rewriter:
                     buf.clear()
                     self._state = _EPILOGUE
                     return out
-                if after in (0x20, 0x09, 0x0D):
-                    self._state = _HEAD
-                    self._scanned = 0
-                else:  # CRLF--boundary followed by anything else is part data
-                    self._sink(out, buf[:n])
-                    del buf[:n]
-                    self._state = _DATA
+                if after not in (0x20, 0x09, 0x0D):
+                    raise errors.invalid_multipart("Malformed multipart boundary line.")
+                self._state = _HEAD
+                self._scanned = 0
             else:  # _HEAD: buf starts with the delimiter of a new part
                 n = len(delim)
                 end = buf.find(_BLANK, max(n, self._scanned - 3))
@@ -178,12 +194,34 @@ class Rewriter:
                 self._emit(out, buf[:end + 4])
                 del buf[:end + 4]
                 self._state = _DATA
+                self._fresh = True
+
+    def _check_fresh(self, buf: bytearray) -> bool:
+        """At the start of the body, or of a part's data: the body must begin with the
+        delimiter, and part data must not (others would read it as an empty part). False while
+        there are too few bytes to tell."""
+        delim = self._delim
+        if not self.parts:  # buf holds the virtual CRLF, then the body's first bytes
+            if len(buf) < len(delim):
+                if not delim.startswith(buf):
+                    raise errors.invalid_multipart("The body does not start with the boundary from Content-Type.")
+                return False
+            if not buf.startswith(delim):
+                raise errors.invalid_multipart("The body does not start with the boundary from Content-Type.")
+        else:
+            dash = delim[2:]
+            if len(buf) < len(dash) and dash.startswith(buf):
+                return False
+            if buf.startswith(dash):
+                raise errors.invalid_multipart("Part data starts with the boundary.")
+        self._fresh = False
+        return True
 
     def close(self) -> list[Piece]:
         """The body has ended: return what is left, or raise if it was not a whole body."""
         if self._state != _EPILOGUE:
             if not self.parts:
-                raise errors.invalid_multipart("The body holds no part with the boundary from Content-Type.")
+                raise errors.invalid_multipart("The body does not start with the boundary from Content-Type.")
             raise errors.invalid_multipart("The multipart body ended before its closing boundary.")
         return []
 

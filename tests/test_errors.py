@@ -10,7 +10,7 @@ import pytest
 
 from tests.fakes import Behaviour, FakeUpstream
 from tests.gateway import PROVIDER_SECRET, TEAM_A, Gateway
-from tests.test_transcriptions import form
+from tests.test_transcriptions import BOUNDARY, form
 
 SPEECH = "/v1/audio/speech"
 TRANSCRIBE = "/v1/audio/transcriptions"
@@ -75,6 +75,14 @@ CASES = [
      "permission_error", "model_not_allowed", "model"),
     ("form-unknown-alias", TRANSCRIBE, transcription("file", "model", model=b"nope"), 404,
      "invalid_request_error", "model_not_found", "model"),
+    ("form-hidden-model", TRANSCRIBE, {"data": b"--" + BOUNDARY.encode() + b'\r\nContent-Disposition: form-data; '
+                                       b'name="language"\r\nContent-Disposition: form-data; name="model"\r\n\r\n'
+                                       b"gpt-secret\r\n" + form("model", "file")[0],
+                                       "headers": {**bearer(TEAM_A), "Content-Type": form("file")[1]}},
+     400, "invalid_request_error", "invalid_multipart", None),
+    ("form-preamble", TRANSCRIBE, {"data": b"hello\r\n" + form("model", "file")[0],
+                                   "headers": {**bearer(TEAM_A), "Content-Type": form("file")[1]}},
+     400, "invalid_request_error", "invalid_multipart", None),
     ("form-non-utf8-model", TRANSCRIBE, transcription("model", "file", model=b"\xff\xfe"), 400,
      "invalid_request_error", "invalid_multipart", None),
     ("unknown-path", "/v1/chat/completions", {"json": {}}, 404, "invalid_request_error", "not_found", None),

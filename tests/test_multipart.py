@@ -71,10 +71,10 @@ def test_byte_at_a_time_and_two_splits(data: bytes) -> None:
 
 
 BOUNDARY_LIKE = [
-    b"--" + B,                          # the boundary without its CRLF
-    b"\r\n--" + B + b"X tail",          # CRLF--boundary followed by a boundary char
-    b"\r\n--" + B + b"-x",              # one dash is not a close
+    b"x--" + B + b"\r\n",               # the boundary without its CRLF, mid-line
+    b"\n--" + B + b"X",                  # after a bare LF, followed by a boundary char
     b"\r\n--" + B[:-1],                 # a prefix of the delimiter
+    b"\r\n-" + B,                       # one dash short
     b"x\r\n--" + B[:10] + b"\r\n--",    # several partial matches
     b"\r",                              # a file ending in CR
     b"\r\n",                            # a file ending in CRLF
@@ -90,11 +90,58 @@ def test_file_bytes_that_look_like_a_boundary_pass_through(content: bytes) -> No
         assert rewrite(data, [i])[0] == swapped(data), f"split at {i}"
 
 
-def test_preamble_epilogue_and_padding_pass_through() -> None:
-    data = (b"preamble text\r\n" + part("model", b"whisper-prod").replace(B + b"\r\n", B + b" \t\r\n", 1)
+def test_epilogue_and_padding_pass_through() -> None:
+    data = (part("model", b"whisper-prod").replace(B + b"\r\n", B + b" \t\r\n", 1)
             + part("file", b"abc", "a.wav") + b"--" + B + b"--\r\nepilogue")
     for i in range(len(data) + 1):
         assert rewrite(data, [i])[0] == swapped(data)
+
+
+def cd(name: str) -> bytes:
+    return f'Content-Disposition: form-data; name="{name}"\r\n'.encode()
+
+
+HIDDEN = b"hidden-model"
+MODEL = part("model", b"whisper-prod")
+FILE = part("file", b"RIFF", "a.wav")
+END = b"--" + B + b"--\r\n"
+# Layouts that some multipart parser reads differently from a strict one: each could hide a model
+# value the gateway never checked. All are refused; none comes from a correct encoder.
+AMBIGUOUS = {
+    "preamble": b"preamble\r\n" + MODEL + FILE + END,
+    "preamble-bare-lf": b"x\n--" + B + b"\r\n" + cd("model") + b"\r\n" + HIDDEN + b"\r\n" + MODEL + FILE + END,
+    "delimiter-then-junk": FILE[:-2] + b"\r\n--" + B + b"X\r\n" + MODEL + END,
+    "delimiter-then-bare-lf": FILE[:-2] + b"\r\n--" + B + b"\n" + cd("model") + b"\n" + HIDDEN + b"\r\n" + MODEL + END,
+    "delimiter-one-dash": FILE[:-2] + b"\r\n--" + B + b"-x\r\n" + MODEL + END,
+    "header-bare-lf": b"--" + B + b"\r\n" + cd("model") + b"\n" + HIDDEN + b"\r\n--" + B + b"\r\n"
+                      + cd("language") + b"\r\nwhisper-prod\r\n" + FILE + END,
+    "header-cr-line": b"--" + B + b"\r\n" + cd("model") + b"\r\r\n" + HIDDEN + b"\r\n" + MODEL + FILE + END,
+    "obs-fold": b"--" + B + b'\r\nContent-Disposition: form-data;\r\n name="model"\r\n\r\n' + HIDDEN
+                + b"\r\n" + MODEL + FILE + END,
+    "data-starts-with-boundary": b"--" + B + b"\r\n" + cd("file")[:-2] + b'; filename="a"\r\n\r\n'
+                                 + b"--" + B + b"\r\n" + cd("model") + b"\r\n" + HIDDEN + b"\r\n" + MODEL + END,
+    "name-star": b"--" + B + b"\r\nContent-Disposition: form-data; name*=UTF-8''model\r\n\r\n" + HIDDEN
+                 + b"\r\n" + MODEL + FILE + END,
+    "two-names": b"--" + B + b'\r\nContent-Disposition: form-data; name="language"; name="model"\r\n\r\n'
+                 + HIDDEN + b"\r\n" + MODEL + FILE + END,
+    "two-dispositions": b"--" + B + b"\r\n" + cd("language") + cd("model") + b"\r\n" + HIDDEN + b"\r\n"
+                        + MODEL + FILE + END,
+    "attachment": b"--" + B + b'\r\nContent-Disposition: attachment; name="model"\r\n\r\n' + HIDDEN
+                  + b"\r\n" + MODEL + FILE + END,
+    "no-disposition": b"--" + B + b"\r\nContent-Type: text/plain\r\n\r\n" + HIDDEN + b"\r\n" + MODEL + FILE + END,
+    "space-before-colon": b"--" + B + b'\r\nContent-Disposition : form-data; name="model"\r\n\r\n' + HIDDEN
+                          + b"\r\n" + MODEL + FILE + END,
+    "unquoted-junk-param": b"--" + B + b'\r\nContent-Disposition: form-data; name=a b\r\n\r\n' + HIDDEN
+                           + b"\r\n" + MODEL + FILE + END,
+}
+
+
+@pytest.mark.parametrize("data", AMBIGUOUS.values(), ids=AMBIGUOUS.keys())
+def test_ambiguous_layouts_are_refused(data: bytes) -> None:
+    for cuts in ([], [len(data) // 2], list(range(1, len(data), 7))):
+        with pytest.raises(errors.GatewayError) as info:
+            rewrite(data, cuts)
+        assert (info.value.status, info.value.code) == (400, "invalid_multipart")
 
 
 def test_part_headers_filename_and_repeated_fields_are_kept() -> None:
@@ -133,7 +180,9 @@ def error_of(data: bytes, **kw) -> errors.GatewayError:
     (b"", "invalid_multipart"),
     (body(part("model", b"x" * (64 * 1024 + 1)), part("file", b"x", "a.wav")), "invalid_multipart"),
     (b"--" + B + b"junk\r\n\r\n", "invalid_multipart"),
-], ids=["no-model", "no-file", "two-models", "truncated", "wrong-boundary", "empty", "huge-model", "bad-line"])
+    (b"--" + B + b"\r\n\r\nvalue\r\n--" + B + b"--", "invalid_multipart"),
+], ids=["no-model", "no-file", "two-models", "truncated", "wrong-boundary", "empty", "huge-model", "bad-line",
+        "no-headers"])
 def test_bad_bodies_raise_the_envelope_error(data: bytes, code: str) -> None:
     err = error_of(data)
     assert err.status == 400 and err.code == code
@@ -207,10 +256,10 @@ def test_bad_content_types(ctype: str, code: str) -> None:
 
 @pytest.mark.parametrize("head, expected", [
     (b'Content-Disposition: form-data; name="model"\r\n', ("model", False)),
-    (b'content-disposition: form-data; filename="model"; name=file\r\n', ("file", True)),
+    (b'content-disposition: FORM-DATA; filename="model"; NAME=file\r\nContent-Type: audio/wav\r\n', ("file", True)),
     (b'Content-Disposition: form-data; name="a\\"b"\r\n', ('a"b', False)),
-    (b"Content-Type: text/plain\r\n", (None, False)),
-    (b'Content-Disposition: attachment; name="model"\r\n', (None, False)),
+    (b"Content-Disposition: form-data; name=f; filename*=UTF-8''na%C3%AFve.wav\r\n", ("f", True)),
+    (b'Content-Disposition:form-data;name="x";filename="a;b.wav"\r\n', ("x", True)),
 ])
-def test_disposition(head: bytes, expected: tuple[str | None, bool]) -> None:
+def test_disposition(head: bytes, expected: tuple[str, bool]) -> None:
     assert disposition(head) == expected
