@@ -49,6 +49,7 @@ def envelope(exc: errors.GatewayError) -> web.Response:
 
 
 async def stamp_request_id(request: web.Request, response: web.StreamResponse) -> None:
+    response.headers["Server"] = "aisix"  # not aiohttp's, which names Python's and its own version
     rid = request.get(REQUEST_ID)
     if rid is not None:
         response.headers["x-aisix-request-id"] = rid

@@ -55,6 +55,7 @@ async def test_answer_headers_relayed(gateway: Gateway, fake: FakeUpstream) -> N
     assert r.headers["Content-Length"] == str(len(audio)) == str(3 * 4800)
     assert r.headers["x-upstream-request-id"] == "req_fake"
     assert "Transfer-Encoding" not in r.headers
+    assert r.headers["Server"] == "aisix"  # no version of Python or aiohttp given away
 
 
 async def test_first_byte_arrives_before_the_upstream_sends_its_last_chunk(gateway: Gateway, fake: FakeUpstream) -> None:
