@@ -207,10 +207,11 @@ async def _form_body(
     request: web.Request, inbound: Inbound, key: ApiKey, resources: Resources,
     settings: Settings, deadline: Deadline, ex: Exchange,
 ) -> Outbound:
-    content_type = request.headers.get(hdrs.CONTENT_TYPE, "")
+    boundary = multipart.boundary_of(request.headers.get(hdrs.CONTENT_TYPE, ""))
+    content_type = multipart.content_type_for(boundary)
     # Prompts are read only when some input guardrail could look at them.
     scan = any(g.hook_point == guardrails.INPUT for g in resources.guardrails)
-    rw = multipart.Rewriter(multipart.boundary_of(content_type), _PROMPT if scan else _MODEL_ONLY)
+    rw = multipart.Rewriter(boundary, _PROMPT if scan else _MODEL_ONLY)
     held = Spool()  # what comes before the model value (the whole file, when it comes first)
     prompts: list[str] = []  # prompts met before the alias, checked once it is known
     try:

@@ -33,8 +33,10 @@ FILE = "file"
 
 _CRLF = b"\r\n"
 _BLANK = b"\r\n\r\n"
-_BOUNDARY_PARAM = re.compile(r';\s*boundary\s*=\s*(?:"([^"]{1,70})"|([^\s;"]{1,70}))\s*(?:;|$)', re.IGNORECASE)
 _TOKEN = r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+"
+_TOKEN_RE = re.compile(_TOKEN)
+# RFC 2046: 1 to 70 of these, not ending in a space.
+_BCHARS = re.compile(r"[0-9A-Za-z'()+_,\-./:=? ]{0,69}[0-9A-Za-z'()+_,\-./:=?]")
 _HEADER_LINE = re.compile(rb"(" + _TOKEN.encode() + rb"):[ \t]*(.*)")
 _PARAM = re.compile(r'[ \t]*;[ \t]*(' + _TOKEN + r')[ \t]*=[ \t]*("(?:[^"\\\r\n]|\\.)*"|' + _TOKEN + r')[ \t]*')
 
@@ -54,20 +56,34 @@ Piece = Union[bytes, bytearray, Field]
 
 
 def boundary_of(content_type: str) -> bytes:
-    """The boundary of a ``multipart/form-data`` Content-Type, or a 400."""
-    media, _, params = content_type.partition(";")
-    if media.strip().lower() != "multipart/form-data":
+    """The boundary of a ``multipart/form-data`` Content-Type, or a 400.
+
+    Parameters are read by the RFC 2045 grammar (token or quoted-string values), never searched
+    for: a ``boundary=`` inside another parameter's quoted value is not the boundary. A repeated
+    or malformed parameter is refused, and the upstream is sent ``content_type_for(boundary)``,
+    so no reader can split the body on another boundary than the gateway did."""
+    media, sep, params = content_type.partition(";")
+    if media.strip(" \t").lower() != "multipart/form-data":
         raise errors.unsupported_content_type("multipart/form-data")
-    m = _BOUNDARY_PARAM.search(";" + params)
-    if m is None:
+    values: dict[str, str] = {}
+    at, params = 0, sep + params
+    while at < len(params):
+        m = _PARAM.match(params, at)
+        if m is None or m.group(1).lower() in values:
+            raise errors.invalid_multipart("Malformed or repeated Content-Type parameters.")
+        raw = m.group(2)
+        values[m.group(1).lower()] = re.sub(r"\\(.)", r"\1", raw[1:-1]) if raw.startswith('"') else raw
+        at = m.end()
+    boundary = values.get("boundary", "")
+    if not _BCHARS.fullmatch(boundary):
         raise errors.invalid_multipart("Content-Type has no valid multipart boundary.")
-    value = m.group(1) or m.group(2)
-    if value.endswith(" "):
-        raise errors.invalid_multipart("Content-Type has no valid multipart boundary.")
-    try:
-        return value.encode("ascii")
-    except UnicodeEncodeError:
-        raise errors.invalid_multipart("Content-Type has no valid multipart boundary.") from None
+    return boundary.encode("ascii")
+
+
+def content_type_for(boundary: bytes) -> str:
+    """The Content-Type the upstream gets: the media type and the boundary, nothing else."""
+    b = boundary.decode("ascii")
+    return f"multipart/form-data; boundary={b}" if _TOKEN_RE.fullmatch(b) else f'multipart/form-data; boundary="{b}"'
 
 
 def disposition(head: bytes) -> tuple[str, bool]:

@@ -107,7 +107,10 @@ async def test_body_limit(make_gateway, fake: FakeUpstream) -> None:
     status, _, body = await call(gw, SPEECH, data=b"x" * 5000, headers={"Content-Type": "application/json"})
     assert (status, body["error"]["code"]) == (413, "request_too_large")
 
+    head = form("model", "file")[0][:300]  # a valid start, then more than the cap allows
+
     async def chunks():
+        yield head
         for _ in range(10):
             yield b"x" * 1000
 

@@ -334,10 +334,6 @@ async def test_a_part_parsers_read_as_model_is_never_forwarded_unchecked(
         assert models == [b"whisper-1"], reader
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: aisix/multipart.py boundary_of() finds boundary= with a regex "
-                   "over the raw parameters, so a `; boundary=x;` inside another parameter's quoted value "
-                   "wins; the Content-Type goes upstream unchanged and the upstream (Go, Python email) "
-                   "splits the body on the real boundary: a model part the gateway never saw reaches it")
 async def test_content_type_boundary_is_read_as_the_upstream_reads_it(gateway: Gateway, fake: FakeUpstream) -> None:
     # The gateway splits on "decoy" (model whisper-prod, then a file); a reader that parses the
     # quoted parameter splits on "real": the decoy parts are its preamble, and inside the "file"

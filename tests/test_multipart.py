@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from aisix import errors
-from aisix.multipart import Field, Rewriter, boundary_of, disposition
+from aisix.multipart import Field, Rewriter, boundary_of, content_type_for, disposition
 
 B = b"----aisixTestBoundary7MA4YWxk"
 
@@ -236,10 +236,20 @@ def test_memory_held_is_bounded_while_streaming_a_file() -> None:
     ("multipart/form-data; boundary=abc", b"abc"),
     ('multipart/form-data; boundary="a b:c"', b"a b:c"),
     ("Multipart/Form-Data; charset=utf-8; boundary=xyz", b"xyz"),
+    ('multipart/form-data; note="x;y"; BOUNDARY="q"', b"q"),
+    ('multipart/form-data; note="; boundary=decoy;"; boundary=real', b"real"),  # not the one inside quotes
     ("multipart/form-data;boundary=----WebKitFormBoundary7MA4YWxkTrZu0gW", b"----WebKitFormBoundary7MA4YWxkTrZu0gW"),
 ])
 def test_boundary_of(ctype: str, expected: bytes) -> None:
     assert boundary_of(ctype) == expected
+
+
+@pytest.mark.parametrize("boundary, ctype", [
+    (b"abc-123", "multipart/form-data; boundary=abc-123"),
+    (b"a b:c", 'multipart/form-data; boundary="a b:c"'),
+])
+def test_upstream_content_type_is_rebuilt(boundary: bytes, ctype: str) -> None:
+    assert content_type_for(boundary) == ctype and boundary_of(ctype) == boundary
 
 
 @pytest.mark.parametrize("ctype, code", [
@@ -247,6 +257,10 @@ def test_boundary_of(ctype: str, expected: bytes) -> None:
     ("multipart/form-data", "invalid_multipart"),
     ("multipart/form-data; boundary=", "invalid_multipart"),
     ("multipart/form-data; boundary=" + "x" * 71, "invalid_multipart"),
+    ('multipart/form-data; note="; boundary=decoy;"', "invalid_multipart"),  # only inside a quoted value
+    ("multipart/form-data; boundary=a; boundary=b", "invalid_multipart"),
+    ("multipart/form-data; boundary=a b", "invalid_multipart"),
+    ('multipart/form-data; boundary="ends in space "', "invalid_multipart"),
 ])
 def test_bad_content_types(ctype: str, code: str) -> None:
     with pytest.raises(errors.GatewayError) as info:
