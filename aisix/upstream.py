@@ -17,11 +17,26 @@ from .config import Model, UpstreamSettings
 USER_AGENT = f"aisix/{__version__}"
 
 
+class _Connector(aiohttp.TCPConnector):
+    """Aborts a connection it will not reuse instead of closing it gracefully.
+
+    A graceful close first flushes what is still buffered: after a 504 or a 499 mid-upload, that
+    is the rest of a request body for an upstream that stopped reading, and the socket stayed
+    open for as long as the upstream kept it. Nothing unsent is worth sending once the request
+    is given up. (``_release`` is aiohttp's own hook for this; aiohttp is pinned below 3.15.)
+    """
+
+    def _release(self, key, protocol, *, should_close: bool = False) -> None:  # type: ignore[no-untyped-def]
+        if should_close or protocol.should_close or self.force_close:
+            protocol.abort()
+        super()._release(key, protocol, should_close=should_close)
+
+
 def create_session(settings: UpstreamSettings) -> aiohttp.ClientSession:
     connect = settings.connect_timeout_ms / 1000
     return aiohttp.ClientSession(
         # aiohttp's defaults would cap us at 100 connections and cut every call at 300 s.
-        connector=aiohttp.TCPConnector(limit=settings.max_connections, limit_per_host=0, ttl_dns_cache=300),
+        connector=_Connector(limit=settings.max_connections, limit_per_host=0, ttl_dns_cache=300),
         # Reads are timed by the request's Deadline: the header wait and the idle gap differ.
         timeout=aiohttp.ClientTimeout(total=None, connect=connect, sock_connect=connect, sock_read=None),
         auto_decompress=False,  # bytes are relayed as they came

@@ -420,11 +420,6 @@ async def test_raw_fault_during_the_upload(faults_gw: Gateway, fake: FakeUpstrea
 
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: after a 504 while the upload streams to an upstream that stopped "
-                   "reading, the upstream connection stays open (for as long as the upstream holds it): "
-                   "aiohttp's client closes it with transport.close(), which first waits to flush the unsent "
-                   "body (client.py: resp.close(); conn.close() on cancellation), and aisix/handlers.py "
-                   "_exchange never aborts it")
 async def test_an_upload_to_an_upstream_that_stopped_reading_lets_go_of_it(
         faults_gw: Gateway, fake: FakeUpstream, raw_upstream: RawUpstream) -> None:
     raw_upstream.fault = "no_read_during_upload"
