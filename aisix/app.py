@@ -11,13 +11,12 @@ import asyncio
 import logging
 import os
 import signal
-import sys
 from collections.abc import AsyncIterator
 
 import uvloop
 from aiohttp import web
 
-from . import handlers, middlewares, sdnotify, upstream
+from . import handlers, logs, middlewares, sdnotify, upstream
 from .access_log import AccessLogger
 from .config import Config, ConfigError, Listen, load_resources
 from .keys import LIMITER, LIVE, METRICS, SESSION, SETTINGS, USAGE, Live
@@ -96,9 +95,7 @@ def reload_resources(app: web.Application) -> bool:
 
 def serve(config: Config, access_log: bool = True) -> int:
     """Run the gateway until SIGTERM or SIGINT; the exit code."""
-    logging.basicConfig(
-        level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    logs.setup()
     try:
         # uvloop: the event loop and transports in C; the proxy's per-request cost is mostly loop
         # and socket work, which it cuts by about a third.

@@ -1,0 +1,31 @@
+"""The process's logging: one line format on stderr, and no caller bytes from aiohttp's own logs.
+
+Our modules log names, counts and the request id, never a key, a prompt or audio. aiohttp logs a
+request its HTTP parser refused with the offending line and a traceback, at ERROR: that line can
+be an ``Authorization`` header, and a flood of malformed requests would flood the log. The filter
+keeps the fact and the kind of error, at INFO, and drops the bytes.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+from aiohttp.http_exceptions import HttpProcessingError
+
+FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+class _RefusedRequestFilter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if isinstance(record.exc_info, tuple) else None
+        if isinstance(exc, HttpProcessingError):
+            record.msg, record.args = "refused a malformed HTTP request (%s)", (type(exc).__name__,)
+            record.exc_info = record.exc_text = None
+            record.levelno, record.levelname = logging.INFO, "INFO"
+        return True
+
+
+def setup() -> None:
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format=FORMAT)
+    logging.getLogger("aiohttp.server").addFilter(_RefusedRequestFilter())
