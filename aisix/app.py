@@ -116,6 +116,8 @@ async def _serve(config: Config, access_log: bool) -> None:
         access_log_class=AccessLogger,
         access_log=logging.getLogger("aisix.access") if access_log else None,
         shutdown_timeout=1.0,  # the drain below already waited for the requests that matter
+        # aiohttp's default is an hour, and the same timer is the only bound on a header phase.
+        keepalive_timeout=settings.proxy.keepalive_timeout_ms / 1000,
     )
     await runner.setup()
     metrics_runner = None

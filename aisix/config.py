@@ -121,6 +121,7 @@ class ProxySettings:
     request_id_headers: tuple[str, ...]
     drain_timeout_ms: int = 60000  # SIGTERM: how long in-flight requests may take to finish
     drain_grace_ms: int = 5000     # SIGTERM: how long the listener stays up while busy
+    keepalive_timeout_ms: int = 30000  # idle keep-alive, and the bound on a slow header phase
 
 
 @dataclass(frozen=True, slots=True)
@@ -219,13 +220,14 @@ def _load_settings(out: list[str], path: Path, env: Mapping[str, str]) -> tuple[
     if top is None:
         return None, None
     proxy = top.section("proxy", ("listen", "request_body_limit_bytes", "json_body_limit_bytes",
-                                  "request_id_headers", "drain_timeout_ms", "drain_grace_ms"))
+                                  "request_id_headers", "drain_timeout_ms", "drain_grace_ms", "keepalive_timeout_ms"))
     listen = _listen(proxy, "listen", "127.0.0.1:3000")
     body_limit = proxy.integer("request_body_limit_bytes", 0, minimum=0)
     json_limit = proxy.integer("json_body_limit_bytes", 1048576)
     id_headers = proxy.strings("request_id_headers", ("x-aisix-request-id",))
     drain_ms = proxy.integer("drain_timeout_ms", 60000, minimum=0)
     grace_ms = proxy.integer("drain_grace_ms", 5000, minimum=0)
+    keepalive_ms = proxy.integer("keepalive_timeout_ms", 30000)
     if id_headers and not all(_TOKEN.fullmatch(h) for h in id_headers):
         proxy.problem("request_id_headers", "must be HTTP header names")
     up = top.section("upstream", UpstreamSettings.__slots__)
@@ -250,7 +252,7 @@ def _load_settings(out: list[str], path: Path, env: Mapping[str, str]) -> tuple[
     if not top.ok:
         return None, resources_file
     proxy_settings = ProxySettings(listen, body_limit, json_limit, tuple(h.lower() for h in id_headers), drain_ms,
-                                   grace_ms)
+                                   grace_ms, keepalive_ms)
     return Settings(proxy_settings, UpstreamSettings(**upstream), metrics_listen, sink, backend,
                     resources_file, config_file), resources_file
 
