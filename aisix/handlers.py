@@ -7,6 +7,8 @@ multipart body through the rewriter and never hold the file in memory.
 from __future__ import annotations
 
 import asyncio
+import json
+import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -185,7 +187,10 @@ async def _speech_body(
     raw = await inbound.read_all(settings.proxy.json_body_limit_bytes)
     try:
         doc = orjson.loads(raw)
-    except orjson.JSONDecodeError:
+        exact = _LONG_NUMBER.search(raw) is not None
+        if exact:  # orjson reads an integer past 64 bits as a float; the stdlib keeps it exact
+            doc = json.loads(raw)
+    except (orjson.JSONDecodeError, RecursionError):
         raise errors.invalid_json("The request body is not valid JSON.") from None
     if not isinstance(doc, dict):
         raise errors.invalid_json("The request body must be a JSON object.")
@@ -200,7 +205,11 @@ async def _speech_body(
     # Re-serialised rather than spliced: the upstream gets exactly the document we checked, with
     # every other key in its order and with its value.
     doc["model"] = model.model_name
-    return Outbound(model, orjson.dumps(doc), "application/json", None)
+    body = json.dumps(doc, ensure_ascii=False, separators=(",", ":")).encode() if exact else orjson.dumps(doc)
+    return Outbound(model, body, "application/json", None)
+
+
+_LONG_NUMBER = re.compile(rb"\d{19,}")
 
 
 async def _form_body(

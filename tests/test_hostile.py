@@ -421,9 +421,6 @@ async def test_numbers_in_range_keep_their_value(gateway: Gateway, fake: FakeUps
     assert (sent["speed"], sent["n"], sent["m"], sent["t"]) == (1.7976931348623157e308, 2**64 - 1, -2**63, 5e-324)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: aisix/handlers.py _speech_body re-serialises with orjson, "
-                   "which reads an integer beyond 64 bits as a float: the upstream gets another value "
-                   "(SPEC 5: values unchanged); it should be kept or refused with 400")
 async def test_an_integer_beyond_64_bits_is_kept_or_refused(gateway: Gateway, fake: FakeUpstream) -> None:
     big = 123456789012345678901234567890
     data = b'{"model":"tts-prod","input":"x","voice":"a","seed":%d}' % big

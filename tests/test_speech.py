@@ -107,3 +107,12 @@ async def test_upstream_reset_mid_answer_never_looks_complete(gateway: Gateway, 
     fake.reset()
     r, audio = await post_speech(gateway)
     assert r.status == 200 and len(audio) == 3 * 4800
+
+
+async def test_big_integers_keep_their_value_and_order(gateway: Gateway, fake: FakeUpstream) -> None:
+    body = {"seed": 2**70 + 1, "model": "tts-prod", "input": "h\u00e9llo 12345678901234567890", "voice": "alloy",
+            "speed": 1.5}
+    r, _ = await post_speech(gateway, body)
+    assert r.status == 200
+    sent = json.loads(fake.wait_received()[0].body)
+    assert list(sent.items()) == list({**body, "model": "gpt-4o-mini-tts"}.items())
