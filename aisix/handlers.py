@@ -277,6 +277,7 @@ class _Upload:
             for chunk in self._held.chunks():
                 yield chunk
             yield self._joined(after)
+            after.clear()  # it holds the first chunk after the model: not for the whole upload
             while True:
                 chunk = await inbound.read()
                 pieces = rw.feed(chunk) if chunk else rw.close()
