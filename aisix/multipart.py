@@ -157,8 +157,11 @@ class Rewriter:
                 out.append(data)
             return out
         buf = self._buf
-        buf += data
         delim = self._delim
+        if (self._state == _DATA and not self._fresh and self._current is None
+                and len(data) >= len(delim) and self._passes(out, buf, data)):
+            return out
+        buf += data
         while True:
             state = self._state
             if state == _DATA:
@@ -211,6 +214,26 @@ class Rewriter:
                 del buf[:end + 4]
                 self._state = _DATA
                 self._fresh = True
+
+    def _passes(self, out: list[Piece], buf: bytearray, data: bytes | bytearray) -> bool:
+        """The fast path for file bytes: when no delimiter starts in the held tail or in data,
+        pass data on without copying it (a slice at most). False: take the general path."""
+        delim = self._delim
+        if buf and (bytes(buf) + data[:len(delim) - 1]).find(delim) >= 0:
+            return False
+        if data.find(delim) >= 0:
+            return False
+        if buf:  # no delimiter starts in it: it was data
+            self._emit(out, buf[:])
+            buf.clear()
+        keep = _prefix_start(data, delim)
+        if keep == len(data):
+            out.append(data)
+        else:
+            if keep:
+                out.append(data[:keep])
+            buf += data[keep:]
+        return True
 
     def _check_fresh(self, buf: bytearray) -> bool:
         """At the start of the body, or of a part's data: the body must begin with the
@@ -281,7 +304,7 @@ class Rewriter:
             out.append(chunk)
 
 
-def _prefix_start(buf: bytearray, delim: bytes) -> int:
+def _prefix_start(buf: bytes | bytearray, delim: bytes) -> int:
     """Where the tail of buf that could begin a delimiter starts (len(buf) when none could)."""
     n = len(buf)
     j = buf.find(b"\r", max(0, n - len(delim) + 1))
