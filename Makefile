@@ -114,3 +114,24 @@ bench: venv
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
 	fi
 	$(BIN)/python bench/run.py
+
+# Coverage-guided fuzzing of the multipart rewriter with atheris (fuzz/README.md), for a bounded
+# time: FUZZ_SECONDS=600 make soak-fuzz. New inputs and any crash land in FUZZ_DIR;
+# AISIX_FUZZ_AIOHTTP=0 skips the aiohttp differential check.
+FUZZ_SECONDS ?= 120
+FUZZ_DIR     ?= /tmp/aisix-fuzz
+.PHONY: soak-fuzz
+soak-fuzz: venv
+	@$(BIN)/python -c "import atheris" 2>/dev/null || $(BIN)/python -m pip install --quiet atheris
+	mkdir -p $(FUZZ_DIR)/corpus
+	$(BIN)/python fuzz/fuzz_multipart.py $(FUZZ_DIR)/corpus fuzz/corpus -dict=fuzz/multipart.dict \
+	  -max_total_time=$(FUZZ_SECONDS) -timeout=10 -rss_limit_mb=2048 -print_final_stats=1 \
+	  -artifact_prefix=$(FUZZ_DIR)/
+
+# Load and leak checks, not part of `make test` (soak/, ~1 min): 1,000 concurrent speech streams
+# and 200 concurrent 25 MiB uploads through one gateway process, then fds, spool files and in-flight
+# requests back to where they were. Prints the figures. Runs soak-fuzz too when there is one.
+.PHONY: soak
+soak: venv
+	$(BIN)/python -m pytest soak -q -s
+	@if $(MAKE) -n soak-fuzz >/dev/null 2>&1; then $(MAKE) --no-print-directory soak-fuzz; fi
