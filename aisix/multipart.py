@@ -208,6 +208,8 @@ class Rewriter:
                 line_end = buf.find(_CRLF, n)
                 if buf[n:line_end].strip(b" \t"):
                     raise errors.invalid_multipart("Malformed multipart boundary line.")
+                if buf.find(delim, line_end, end + 2) >= 0:  # CRLF--boundary is always a delimiter
+                    raise errors.invalid_multipart("A part header block holds the boundary.")
                 self._end_part(out)
                 self._start_part(bytes(buf[line_end + 2:end + 2]))
                 self._emit(out, buf[:end + 4])
