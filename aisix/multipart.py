@@ -65,19 +65,25 @@ def boundary_of(content_type: str) -> bytes:
     media, sep, params = content_type.partition(";")
     if media.strip(" \t").lower() != "multipart/form-data":
         raise errors.unsupported_content_type("multipart/form-data")
-    values: dict[str, str] = {}
-    at, params = 0, sep + params
-    while at < len(params):
-        m = _PARAM.match(params, at)
-        if m is None or m.group(1).lower() in values:
-            raise errors.invalid_multipart("Malformed or repeated Content-Type parameters.")
-        raw = m.group(2)
-        values[m.group(1).lower()] = re.sub(r"\\(.)", r"\1", raw[1:-1]) if raw.startswith('"') else raw
-        at = m.end()
-    boundary = values.get("boundary", "")
+    boundary = _parameters(sep + params, "Content-Type").get("boundary", "")
     if not _BCHARS.fullmatch(boundary):
         raise errors.invalid_multipart("Content-Type has no valid multipart boundary.")
     return boundary.encode("ascii")
+
+
+def _parameters(text: str, header: str) -> dict[str, str]:
+    """``; key=value`` pairs (token or quoted-string values, unescaped), keys lower-cased; a 400
+    for anything else, or for a key given twice."""
+    values: dict[str, str] = {}
+    at = 0
+    while at < len(text):
+        m = _PARAM.match(text, at)
+        if m is None or m.group(1).lower() in values:
+            raise errors.invalid_multipart(f"Malformed or repeated {header} parameters.")
+        raw = m.group(2)
+        values[m.group(1).lower()] = re.sub(r"\\(.)", r"\1", raw[1:-1]) if raw.startswith('"') else raw
+        at = m.end()
+    return values
 
 
 def content_type_for(boundary: bytes) -> str:
@@ -103,17 +109,9 @@ def disposition(head: bytes) -> tuple[str, bool]:
     kind, sep, params = found.partition(";")
     if kind.strip(" \t").lower() != "form-data":
         raise errors.invalid_multipart("A part's Content-Disposition is not form-data.")
-    values: dict[str, str] = {}
-    at, params = 0, sep + params
-    while at < len(params):
-        m = _PARAM.match(params, at)
-        if m is None:
-            raise errors.invalid_multipart("Malformed Content-Disposition parameters.")
-        key, raw = m.group(1).lower(), m.group(2)
-        if key in values or key == "name*":
-            raise errors.invalid_multipart("Ambiguous Content-Disposition parameters.")
-        values[key] = re.sub(r"\\(.)", r"\1", raw[1:-1]) if raw.startswith('"') else raw
-        at = m.end()
+    values = _parameters(sep + params, "Content-Disposition")
+    if "name*" in values:  # RFC 7578 forbids it; readers that decode it would see another name
+        raise errors.invalid_multipart("Ambiguous Content-Disposition parameters.")
     if "name" not in values:
         raise errors.invalid_multipart("A part's Content-Disposition has no name.")
     return values["name"], "filename" in values or "filename*" in values
