@@ -105,6 +105,9 @@ class Resources:
     api_keys: tuple[ApiKey, ...]
     keys_by_hash: Mapping[str, ApiKey]
     guardrails: tuple[Guardrail, ...]
+    # (alias, hook point) -> the guardrails that apply, in file order; built once, read per request
+    rules: Mapping[tuple[str, str], tuple[Guardrail, ...]] = field(default_factory=lambda: MappingProxyType({}))
+    scans_prompts: bool = False  # some input guardrail exists: multipart prompts must be read
 
 
 @dataclass(frozen=True, slots=True)
@@ -369,5 +372,10 @@ def _load_resources(out: list[str], path: Path, env: Mapping[str, str]) -> Resou
         by_hash.setdefault(key.key_hash, key)
     if not top.ok:  # so no item is None from here on
         return None
+    rails = tuple(guardrails.values())
+    rules = {(alias, hook): tuple(g for g in rails if g.hook_point == hook and alias in g.applies_to)
+             for alias in models for hook in ("input", "output")}
     return Resources(MappingProxyType(keys), MappingProxyType(models),
-                     tuple(api_keys.values()), MappingProxyType(by_hash), tuple(guardrails.values()))
+                     tuple(api_keys.values()), MappingProxyType(by_hash), rails,
+                     MappingProxyType({k: v for k, v in rules.items() if v}),
+                     any(g.hook_point == "input" for g in rails))

@@ -7,11 +7,11 @@ guardrail, never the text that matched.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from . import errors
-from .config import Guardrail
+from .config import Guardrail, Resources
 
 INPUT = "input"
 OUTPUT = "output"
@@ -28,8 +28,9 @@ class Verdict:
         return {"name": self.guardrail, "action": self.action}
 
 
-def rules_for(guardrails: Iterable[Guardrail], alias: str, hook_point: str) -> tuple[Guardrail, ...]:
-    return tuple(g for g in guardrails if g.hook_point == hook_point and alias in g.applies_to)
+def rules_for(resources: Resources, alias: str, hook_point: str) -> tuple[Guardrail, ...]:
+    """The guardrails on this alias at this hook point (indexed when the config loaded)."""
+    return resources.rules.get((alias, hook_point), ())
 
 
 def blocks(rules: Sequence[Guardrail]) -> bool:

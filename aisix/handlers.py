@@ -107,7 +107,7 @@ async def _exchange(request: web.Request, route: str, read_body: BodyReader) -> 
             if isinstance(out.body, bytes):
                 _sent(ex, deadline, model, settings)
             answer = await upstream.send(app[SESSION], model.urls[route], headers, out.body)
-            outputs = guardrails.rules_for(resources.guardrails, model.alias, guardrails.OUTPUT)
+            outputs = guardrails.rules_for(resources, model.alias, guardrails.OUTPUT)
             return await relay(request, answer, ex, deadline, idle, outputs)
     except TimeoutError:
         if deadline.waiting_on == CLIENT:
@@ -201,7 +201,7 @@ async def _speech_body(
     model = aliases.resolve(alias, key, resources.models)
     text = doc.get("input")
     if isinstance(text, str):
-        _screen_input(ex, guardrails.rules_for(resources.guardrails, alias, guardrails.INPUT), text)
+        _screen_input(ex, guardrails.rules_for(resources, alias, guardrails.INPUT), text)
     # Re-serialised rather than spliced: the upstream gets exactly the document we checked, with
     # every other key in its order and with its value.
     doc["model"] = model.model_name
@@ -219,8 +219,7 @@ async def _form_body(
     boundary = multipart.boundary_of(request.headers.get(hdrs.CONTENT_TYPE, ""))
     content_type = multipart.content_type_for(boundary)
     # Prompts are read only when some input guardrail could look at them.
-    scan = any(g.hook_point == guardrails.INPUT for g in resources.guardrails)
-    rw = multipart.Rewriter(boundary, _PROMPT if scan else _MODEL_ONLY)
+    rw = multipart.Rewriter(boundary, _PROMPT if resources.scans_prompts else _MODEL_ONLY)
     held = Spool()  # what comes before the model value (the whole file, when it comes first)
     prompts: list[str] = []  # prompts met before the alias, checked once it is known
     try:
@@ -237,7 +236,7 @@ async def _form_body(
                     alias = _text(piece)
                     ex.model = alias
                     model = aliases.resolve(alias, key, resources.models)
-                    rules = guardrails.rules_for(resources.guardrails, alias, guardrails.INPUT)
+                    rules = guardrails.rules_for(resources, alias, guardrails.INPUT)
                     for prompt in prompts:
                         _screen_input(ex, rules, prompt)
                     after = [model.model_name_bytes, *pieces[i + 1:]]

@@ -39,9 +39,13 @@ class Metrics:
                               ("model", "kind"), registry=r)
         r.register(_LiveCounters(live_counters))
         self._children: dict[tuple, tuple] = {}
+        self._in_flight: dict[str, Gauge] = {}
 
     def started(self, route: str) -> None:
-        self.in_flight.labels(route).inc()
+        gauge = self._in_flight.get(route)
+        if gauge is None:
+            gauge = self._in_flight[route] = self.in_flight.labels(route)
+        gauge.inc()
 
     def finished(self, ex: Exchange, known_alias: bool) -> None:
         route = ex.route

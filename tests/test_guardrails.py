@@ -5,8 +5,9 @@ from __future__ import annotations
 import re
 
 import pytest
+import yaml
 
-from aisix.config import Guardrail, Pattern
+from aisix.config import Guardrail, Pattern, load_resources
 from aisix.guardrails import BLOCKED, MONITORED, Verdict, blocks, check, rules_for
 
 
@@ -35,11 +36,24 @@ def test_check(text: str, expected: Verdict | None) -> None:
     assert check((WATCH, SECRETS), text) == expected
 
 
-def test_rules_for_picks_hook_point_and_alias() -> None:
-    out = rule("out", "block", ("literal", "x"), hook="output")
-    other = rule("other", "block", ("literal", "x"), aliases=frozenset({"whisper-prod"}))
-    assert rules_for((SECRETS, out, other, WATCH), "tts-prod", "input") == (SECRETS, WATCH)
-    assert rules_for((SECRETS, out, other), "tts-prod", "output") == (out,)
+def test_rules_are_indexed_by_alias_and_hook_point(tmp_path) -> None:
+    def g(name: str, hook: str, models: list[str]) -> dict:
+        return {"name": name, "kind": "keyword", "hook_point": hook, "enforcement_mode": "block",
+                "models": models, "patterns": [{"kind": "literal", "value": "x"}]}
+
+    path = tmp_path / "resources.yaml"
+    path.write_text(yaml.safe_dump({
+        "provider_keys": [{"display_name": "p", "provider": "openai", "api_base": "http://127.0.0.1:1/v1",
+                           "api_key": "k"}],
+        "models": [{"display_name": a, "provider_key": "p", "model_name": "m"} for a in ("tts-prod", "whisper-prod")],
+        "guardrails": [g("all-in", "input", ["*"]), g("tts-out", "output", ["tts-*"]), g("w-in", "input", ["whisper-*"])],
+    }))
+    resources = load_resources(path, {})
+    names = lambda alias, hook: [r.name for r in rules_for(resources, alias, hook)]  # noqa: E731
+    assert names("tts-prod", "input") == ["all-in"] and names("tts-prod", "output") == ["tts-out"]
+    assert names("whisper-prod", "input") == ["all-in", "w-in"] and names("whisper-prod", "output") == []
+    assert names("made-up", "input") == []
+    assert resources.scans_prompts is True
     assert blocks((WATCH,)) is False and blocks((WATCH, SECRETS)) is True
 
 
