@@ -10,7 +10,7 @@ import asyncio
 import json
 import re
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 
 import orjson
@@ -270,35 +270,45 @@ class _Upload:
         self._deadline, self._ex, self._rules = deadline, ex, rules
 
     async def stream(self, after: list[multipart.Piece], model: Model,
-                     settings: Settings) -> AsyncIterator[bytes | bytearray]:
+                     settings: Settings) -> AsyncIterator[bytes | bytearray | memoryview]:
         rw, inbound = self._rw, self._inbound
         try:
             for chunk in self._held.chunks():
                 yield chunk
-            yield self._joined(after)
+            for out in self._outgoing(after):
+                yield out
             after.clear()  # it holds the first chunk after the model: not for the whole upload
             while True:
                 chunk = await inbound.read()
                 pieces = rw.feed(chunk) if chunk else rw.close()
-                if pieces:
-                    yield self._joined(pieces)
+                for out in self._outgoing(pieces):
+                    yield out
                 if not chunk:
                     break
             _sent(self._ex, self._deadline, model, settings)
         finally:
             self._held.close()
 
-    def _joined(self, pieces: list[multipart.Piece]) -> bytes | bytearray:
-        if len(pieces) == 1 and not isinstance(pieces[0], multipart.Field):
-            return pieces[0]
-        out = bytearray()
+    def _outgoing(self, pieces: list[multipart.Piece]) -> Iterator[bytes | bytearray | memoryview]:
+        """The pieces as writes: small ones joined (fewer writes), large ones as they are (no
+        copy of file bytes), a prompt checked before it and anything after it goes out."""
+        small = bytearray()
         for piece in pieces:
-            if isinstance(piece, multipart.Field):  # a prompt: checked, then passed on unchanged
+            if isinstance(piece, multipart.Field):
                 _screen_input(self._ex, self._rules, _text(piece))
-                out += piece.value
+                piece = piece.value
+            if len(piece) >= _SMALL:
+                if small:
+                    yield small
+                    small = bytearray()
+                yield piece
             else:
-                out += piece
-        return out
+                small += piece
+        if small:
+            yield small
+
+
+_SMALL = 16 * 1024  # below this, pieces are joined into one write
 
 
 def _screen_input(ex: Exchange, rules: tuple, text: str) -> None:

@@ -52,7 +52,8 @@ class Field:
     value: bytes
 
 
-Piece = Union[bytes, bytearray, Field]
+Piece = Union[bytes, bytearray, memoryview, Field]
+_WINDOW = 16 * 1024  # the most the state machine copies from one feed() at a time
 
 
 def boundary_of(content_type: str) -> bytes:
@@ -154,24 +155,39 @@ class Rewriter:
             if data:
                 out.append(data)
             return out
+        # File bytes go through _pass without a copy; everything else (heads, captured values,
+        # delimiters) through the state machine, at most a window at a time, so a whole body
+        # that arrives in one read is not copied whole into the buffer.
+        start, n = 0, len(data)
+        while start < n:
+            if self._state == _EPILOGUE:  # the closing delimiter was in an earlier window
+                out.append(data[start:])
+                break
+            if self._state == _DATA and not self._fresh and self._current is None:
+                start = self._pass(out, data, start)
+                if start >= n:
+                    break
+            end = n if n - start <= _WINDOW else start + _WINDOW
+            self._general(out, data if start == 0 and end == n else data[start:end])
+            start = end
+        return out
+
+    def _general(self, out: list[Piece], data: bytes | bytearray) -> None:
         buf = self._buf
         delim = self._delim
-        if (self._state == _DATA and not self._fresh and self._current is None
-                and len(data) >= len(delim) and self._passes(out, buf, data)):
-            return out
         buf += data
         while True:
             state = self._state
             if state == _DATA:
                 if self._fresh and not self._check_fresh(buf):
-                    return out
+                    return
                 i = buf.find(delim)
                 if i < 0:
                     keep = _prefix_start(buf, delim)
                     if keep:
                         self._sink(out, buf[:keep])
                         del buf[:keep]
-                    return out
+                    return
                 if i:
                     self._sink(out, buf[:i])
                     del buf[:i]
@@ -179,7 +195,7 @@ class Rewriter:
             elif state == _DELIM:
                 n = len(delim)
                 if len(buf) < n + 2:
-                    return out
+                    return
                 after = buf[n]
                 if after == 0x2D and buf[n + 1] == 0x2D:  # "--": the closing delimiter
                     self._end_part(out)
@@ -187,7 +203,7 @@ class Rewriter:
                     self._emit(out, buf[:])
                     buf.clear()
                     self._state = _EPILOGUE
-                    return out
+                    return
                 if after not in (0x20, 0x09, 0x0D):
                     raise errors.invalid_multipart("Malformed multipart boundary line.")
                 self._state = _HEAD
@@ -202,7 +218,7 @@ class Rewriter:
                         f"A part header block is over {self._max_head} bytes."
                     )
                 if end < 0:
-                    return out
+                    return
                 line_end = buf.find(_CRLF, n)
                 if buf[n:line_end].strip(b" \t"):
                     raise errors.invalid_multipart("Malformed multipart boundary line.")
@@ -215,25 +231,30 @@ class Rewriter:
                 self._state = _DATA
                 self._fresh = True
 
-    def _passes(self, out: list[Piece], buf: bytearray, data: bytes | bytearray) -> bool:
-        """The fast path for file bytes: when no delimiter starts in the held tail or in data,
-        pass data on without copying it (a slice at most). False: take the general path."""
-        delim = self._delim
-        if buf and (bytes(buf) + data[:len(delim) - 1]).find(delim) >= 0:
-            return False
-        if data.find(delim) >= 0:
-            return False
-        if buf:  # no delimiter starts in it: it was data
+    def _pass(self, out: list[Piece], data: bytes | bytearray, start: int) -> int:
+        """File bytes from data[start:] up to where a delimiter may start, passed on as they are
+        (a memoryview, no copy); where the state machine must go on."""
+        delim, buf = self._delim, self._buf
+        if buf:  # a delimiter may begin in the held tail and end in data: the state machine's
+            if (len(data) - start < len(delim) - 1
+                    or (bytes(buf) + bytes(data[start:start + len(delim) - 1])).find(delim) >= 0):
+                return start
             self._emit(out, buf[:])
             buf.clear()
-        keep = _prefix_start(data, delim)
-        if keep == len(data):
-            out.append(data)
-        else:
-            if keep:
-                out.append(data[:keep])
-            buf += data[keep:]
-        return True
+        n = len(data)
+        i = data.find(delim, start)
+        stop = i if i >= 0 else _prefix_start(data, delim, start)
+        if stop > start:
+            if start == 0 and stop == n:
+                out.append(data)
+            elif isinstance(data, bytes):
+                out.append(memoryview(data)[start:stop])
+            else:  # the caller's bytearray may change after feed(): copy it
+                out.append(bytes(data[start:stop]))
+        if i >= 0:
+            return i
+        buf += data[stop:]  # shorter than the delimiter
+        return n
 
     def _check_fresh(self, buf: bytearray) -> bool:
         """At the start of the body, or of a part's data: the body must begin with the
@@ -304,10 +325,11 @@ class Rewriter:
             out.append(chunk)
 
 
-def _prefix_start(buf: bytes | bytearray, delim: bytes) -> int:
-    """Where the tail of buf that could begin a delimiter starts (len(buf) when none could)."""
+def _prefix_start(buf: bytes | bytearray, delim: bytes, start: int = 0) -> int:
+    """Where the tail of buf[start:] that could begin a delimiter starts (len(buf) when none
+    could)."""
     n = len(buf)
-    j = buf.find(b"\r", max(0, n - len(delim) + 1))
+    j = buf.find(b"\r", max(start, n - len(delim) + 1))
     while j >= 0:
         if delim.startswith(buf[j:]):
             return j

@@ -72,11 +72,11 @@ class BodyStream:
 
     __slots__ = ("_gen", "error")
 
-    def __init__(self, gen: AsyncIterator[bytes | bytearray]) -> None:
+    def __init__(self, gen: AsyncIterator[bytes | bytearray | memoryview]) -> None:
         self._gen = gen
         self.error: BaseException | None = None
 
-    async def __aiter__(self) -> AsyncIterator[bytes | bytearray]:
+    async def __aiter__(self) -> AsyncIterator[bytes | bytearray | memoryview]:
         try:
             async for chunk in self._gen:
                 yield chunk

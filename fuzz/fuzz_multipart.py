@@ -286,7 +286,7 @@ def run(
                 res.out += MARK if p.name == MODEL else p.value
                 raw = p.value
             else:
-                assert isinstance(p, (bytes, bytearray)), type(p)
+                assert isinstance(p, (bytes, bytearray, memoryview)), type(p)
                 res.out += p
                 raw = p
             if body is not None:
