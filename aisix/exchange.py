@@ -12,7 +12,9 @@ from typing import Any
 
 from aiohttp import web
 
+from . import guardrails
 from .answer import Usage
+from .config import Guardrail
 from .guardrails import Verdict
 
 
@@ -42,6 +44,16 @@ class Exchange:
         if self.response is None:
             self.status = status
         self.error_code = code
+
+    def screen(self, rules: tuple[Guardrail, ...], text: str) -> None:
+        """Run the guardrails on text: a match is recorded; a blocking one raises the 422."""
+        if not rules:
+            return
+        verdict = guardrails.check(rules, text)
+        if verdict is not None:
+            self.verdict = verdict
+            if verdict.action == guardrails.BLOCKED:
+                raise guardrails.blocked(verdict)
 
     def gone(self) -> None:
         """The caller went away before the answer was complete."""

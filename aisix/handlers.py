@@ -201,7 +201,7 @@ async def _speech_body(
     model = aliases.resolve(alias, key, resources.models)
     text = doc.get("input")
     if isinstance(text, str):
-        _screen_input(ex, guardrails.rules_for(resources, alias, guardrails.INPUT), text)
+        ex.screen(guardrails.rules_for(resources, alias, guardrails.INPUT), text)
     # Re-serialised rather than spliced: the upstream gets exactly the document we checked, with
     # every other key in its order and with its value.
     doc["model"] = model.model_name
@@ -238,7 +238,7 @@ async def _form_body(
                     model = aliases.resolve(alias, key, resources.models)
                     rules = guardrails.rules_for(resources, alias, guardrails.INPUT)
                     for prompt in prompts:
-                        _screen_input(ex, rules, prompt)
+                        ex.screen(rules, prompt)
                     after = [model.model_name_bytes, *pieces[i + 1:]]
                     length = request.content_length
                     if length is not None:
@@ -295,7 +295,7 @@ class _Upload:
         small = bytearray()
         for piece in pieces:
             if isinstance(piece, multipart.Field):
-                _screen_input(self._ex, self._rules, _text(piece))
+                self._ex.screen(self._rules, _text(piece))
                 piece = piece.value
             if len(piece) >= _SMALL:
                 if small:
@@ -309,16 +309,6 @@ class _Upload:
 
 
 _SMALL = 16 * 1024  # below this, pieces are joined into one write
-
-
-def _screen_input(ex: Exchange, rules: tuple, text: str) -> None:
-    if not rules:
-        return
-    verdict = guardrails.check(rules, text)
-    if verdict is not None:
-        ex.verdict = verdict
-        if verdict.action == guardrails.BLOCKED:
-            raise guardrails.blocked(verdict)
 
 
 def _text(field: multipart.Field) -> str:

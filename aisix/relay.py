@@ -10,7 +10,6 @@ any of it is released (streaming gives way to the check for those requests only)
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
 
 import aiohttp
 from aiohttp import web
@@ -28,7 +27,7 @@ HOLD_LIMIT = 1024 * 1024  # a held transcript over this cannot be checked: refus
 
 async def relay(
     request: web.Request, upstream: aiohttp.ClientResponse, ex: Exchange, deadline: Deadline, idle: float,
-    output_rules: Sequence[Guardrail] = (),
+    output_rules: tuple[Guardrail, ...] = (),
 ) -> web.StreamResponse:
     if ex.upstream_sent is not None:
         ex.upstream_ttfb_ms = int((time.monotonic() - ex.upstream_sent) * 1000)
@@ -42,7 +41,7 @@ async def relay(
         if reader is not None and guardrails.blocks(output_rules):
             held = await _hold(upstream, reader, deadline, idle)
             ex.usage = reader.usage  # the upstream did the work, blocked or not: it is charged
-            _screen_output(ex, reader, output_rules)
+            ex.screen(output_rules, reader.text)
         headers = {name: up[name] for name in _RELAYED if name in up}
         if "x-request-id" in up:
             headers["x-upstream-request-id"] = up["x-request-id"]
@@ -77,7 +76,7 @@ async def relay(
     if reader is not None:
         if held is None:
             reader.finish()
-            _screen_output(ex, reader, output_rules)
+            ex.screen(output_rules, reader.text)
         ex.usage = reader.usage
     return response
 
@@ -113,17 +112,6 @@ async def _hold(upstream: aiohttp.ClientResponse, reader: AnswerReader, deadline
         reader.feed(chunk)
     reader.finish()
     return bytes(body)
-
-
-def _screen_output(ex: Exchange, reader: AnswerReader, rules: Sequence[Guardrail]) -> None:
-    if not rules:
-        return
-    verdict = guardrails.check(rules, reader.text)
-    if verdict is None:
-        return
-    ex.verdict = verdict
-    if verdict.action == guardrails.BLOCKED:
-        raise guardrails.blocked(verdict)
 
 
 def abort(request: web.Request) -> None:

@@ -27,3 +27,27 @@ def test_event_has_unknowns_absent_and_nothing_guessed() -> None:
     event = ex.event()
     assert (event["output_tokens"], event["audio_seconds"], event["guardrail"]) == (3, 2.5, {"name": "g", "action": "monitored"})
     assert "input_tokens" not in event and "total_tokens" not in event
+
+
+def test_screen_records_a_match_and_raises_only_for_a_block() -> None:
+    import re
+
+    import pytest
+
+    from aisix.config import Guardrail, Pattern
+    from aisix.errors import GatewayError
+
+    def rule(name: str, mode: str, word: str) -> Guardrail:
+        return Guardrail(name, "keyword", ("*",), frozenset({"a"}), "input", mode,
+                         (Pattern("literal", word, re.compile(re.escape(word), re.I)),))
+
+    ex = Exchange("speech", "rid")
+    ex.screen((), "anything")
+    ex.screen((rule("watch", "monitor", "refund"),), "no match")
+    assert ex.verdict is None
+    ex.screen((rule("watch", "monitor", "refund"),), "a REFUND please")
+    assert ex.verdict == Verdict("watch", "monitored")
+    with pytest.raises(GatewayError) as info:
+        ex.screen((rule("stop", "block", "secret"),), "the secret")
+    assert (info.value.status, info.value.code) == (422, "guardrail_blocked")
+    assert ex.verdict == Verdict("stop", "blocked")
