@@ -28,8 +28,10 @@ import aiohttp
 import pytest
 
 from tests.fakes import Behaviour, FakeUpstream
-from tests.gateway import TEAM_A, Gateway
+from tests.gateway import TEAM_A, Gateway, fd_targets
 from tests.test_disconnects import spool_files
+from tests.test_memory import big_body, big_length
+from tests.test_transcriptions import BOUNDARY
 
 MIB = 1024 * 1024
 STREAMS = 1000
@@ -43,7 +45,6 @@ SPEECH_RSS_CAP_MIB = 400
 UPLOAD_RSS_CAP_MIB = 800
 POOL = 1000  # upstream.max_connections (the SPEC default, set explicitly below)
 AUTH = {"Authorization": f"Bearer {TEAM_A}"}
-BOUNDARY = "----aisixSoakBoundary0123456789"
 FIGURES: dict[str, Any] = {}
 
 
@@ -79,11 +80,7 @@ def fd_census(pid: int, own_port: int, fake_port: int) -> dict[str, int]:
     """The process's fds by kind; its TCP sockets by peer (callers, the upstream, listeners)."""
     kinds: dict[str, int] = {"socket": 0, "other": 0}
     inodes = set()
-    for fd in Path(f"/proc/{pid}/fd").iterdir():
-        try:
-            target = os.readlink(fd)
-        except OSError:
-            continue
+    for target in fd_targets(pid):
         if target.startswith("socket:["):
             kinds["socket"] += 1
             inodes.add(target[8:-1])
@@ -173,39 +170,16 @@ async def test_a_thousand_concurrent_speech_streams(gw: Gateway, fake: FakeUpstr
     assert peak < SPEECH_RSS_CAP_MIB * 1024, f"peak RSS {peak // 1024} MiB"
 
 
-async def upload_body(model_first: bool):
-    model = (f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="model"\r\n\r\nwhisper-prod\r\n').encode()
-    head = (f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="file"; filename="soak.wav"\r\n'
-            f"Content-Type: audio/wav\r\n\r\n").encode()
-    block = bytes(range(256)) * (MIB // 256)
-    if model_first:
-        yield model
-    yield head
-    for _ in range(UPLOAD_BYTES // MIB):
-        yield block
-    yield b"\r\n"
-    if not model_first:
-        yield model
-    yield f"--{BOUNDARY}--\r\n".encode()
-
-
-def upload_length() -> int:
-    model = len(f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="model"\r\n\r\nwhisper-prod\r\n')
-    head = len(f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="file"; filename="soak.wav"\r\n'
-               f"Content-Type: audio/wav\r\n\r\n")
-    return model + head + UPLOAD_BYTES + 2 + len(f"--{BOUNDARY}--\r\n")
-
-
 async def test_two_hundred_concurrent_25_mib_uploads(gw: Gateway, fake: FakeUpstream,
                                                      baseline: dict[str, int]) -> None:
     fake.reset()
     fake.behaviour = Behaviour(keep_body=False)
     gw.reset_peak()
-    length = upload_length()
+    length = big_length(UPLOAD_BYTES)
     jobs = [(f"soak-upload-{i}-{uuid.uuid4().hex[:8]}", i % 2 == 0) for i in range(UPLOADS)]
 
     async def one(s: aiohttp.ClientSession, rid: str, model_first: bool) -> tuple[int, str]:
-        async with s.post(gw.url + "/v1/audio/transcriptions", data=upload_body(model_first),
+        async with s.post(gw.url + "/v1/audio/transcriptions", data=big_body(model_first, UPLOAD_BYTES),
                           headers={**AUTH, "x-aisix-request-id": rid, "Content-Length": str(length),
                                    "Content-Type": f"multipart/form-data; boundary={BOUNDARY}"}) as r:
             return r.status, (await r.json())["text"]

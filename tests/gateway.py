@@ -178,6 +178,17 @@ class Gateway:
         return "".join(self.lines)
 
 
+def fd_targets(pid: int) -> list[str]:
+    """What each of the process's file descriptors points at ("socket:[inode]", a path, ...)."""
+    targets = []
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            targets.append(os.readlink(fd))
+        except OSError:  # closed while we looked
+            continue
+    return targets
+
+
 def _status_kib(pid: int, field: str) -> int:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith(field + ":"):

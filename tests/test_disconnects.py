@@ -11,7 +11,7 @@ import aiohttp
 import pytest
 
 from tests.fakes import Behaviour, FakeUpstream
-from tests.gateway import TEAM_A, Gateway
+from tests.gateway import TEAM_A, Gateway, fd_targets
 from tests.test_transcriptions import BOUNDARY, no_complete_request_reached
 
 MODEL_PART = (b"--" + BOUNDARY.encode() + b'\r\nContent-Disposition: form-data; name="model"\r\n\r\n'
@@ -22,14 +22,7 @@ FILE_HEAD = (b"--" + BOUNDARY.encode() + b'\r\nContent-Disposition: form-data; n
 
 def established_to(pid: int, port: int) -> int:
     """How many of the process's sockets are ESTABLISHED connections to 127.0.0.1:port."""
-    inodes = set()
-    for fd in Path(f"/proc/{pid}/fd").iterdir():
-        try:
-            target = os.readlink(fd)
-        except OSError:
-            continue
-        if target.startswith("socket:["):
-            inodes.add(target[8:-1])
+    inodes = {t[8:-1] for t in fd_targets(pid) if t.startswith("socket:[")}
     count = 0
     for line in Path(f"/proc/{pid}/net/tcp").read_text().splitlines()[1:]:
         fields = line.split()
@@ -40,15 +33,7 @@ def established_to(pid: int, port: int) -> int:
 
 
 def spool_files(pid: int) -> list[str]:
-    out = []
-    for fd in Path(f"/proc/{pid}/fd").iterdir():
-        try:
-            target = os.readlink(fd)
-        except OSError:
-            continue
-        if "aisix-spool" in target:
-            out.append(target)
-    return out
+    return [t for t in fd_targets(pid) if "aisix-spool" in t]
 
 
 async def open_upload(gw: Gateway, rid: str, length: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:

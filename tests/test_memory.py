@@ -18,12 +18,18 @@ _FILE_HEAD = (b'--' + BOUNDARY.encode() + b'\r\nContent-Disposition: form-data; 
 _END = b"--" + BOUNDARY.encode() + b"--\r\n"
 
 
-async def big_body(model_first: bool):
+def big_length(file_size: int) -> int:
+    """The Content-Length of big_body(…, file_size)."""
+    return len(_MODEL) + len(_FILE_HEAD) + file_size + 2 + len(_END)
+
+
+async def big_body(model_first: bool, file_size: int = FILE_SIZE):
+    """A multipart upload of file_size bytes (whole MiB), made while it is sent."""
     block = bytes(range(256)) * (MIB // 256)
     if model_first:
         yield _MODEL
     yield _FILE_HEAD
-    for _ in range(FILE_SIZE // MIB):
+    for _ in range(file_size // MIB):
         yield block
     yield b"\r\n"
     if not model_first:
@@ -34,7 +40,7 @@ async def big_body(model_first: bool):
 @pytest.mark.parametrize("model_first", [True, False], ids=["model-first", "file-first"])
 async def test_big_upload_keeps_memory_flat(gateway: Gateway, fake: FakeUpstream, model_first: bool) -> None:
     fake.behaviour = Behaviour(keep_body=False)
-    length = len(_MODEL) + len(_FILE_HEAD) + FILE_SIZE + 2 + len(_END)
+    length = big_length(FILE_SIZE)
     gateway.reset_peak()
     before = gateway.rss_kib()
     async with aiohttp.ClientSession() as s:
