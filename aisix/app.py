@@ -19,7 +19,7 @@ from aiohttp import web
 from . import handlers, logs, middlewares, sdnotify, upstream
 from .access_log import AccessLogger
 from .config import Config, ConfigError, Listen, load_resources
-from .keys import LIMITER, LIVE, METRICS, SESSION, SETTINGS, USAGE, Live
+from .keys import LIMITER, LIVE, METRICS, SETTINGS, UPSTREAM, USAGE, Live
 from .limits import Limiter
 from .metrics import Metrics, metrics_app
 from .usage import UsageSink
@@ -45,7 +45,7 @@ def create_app(config: Config) -> web.Application:
     # is flushed, so the last events (those of the drained requests) are written.
     app.cleanup_ctx.append(_usage_sink)
     app.cleanup_ctx.append(_limiter)
-    app.cleanup_ctx.append(_upstream_session)
+    app.cleanup_ctx.append(_upstream_pool)
     app.on_response_prepare.append(middlewares.stamp_request_id)
 
     app.router.add_post("/v1/audio/speech", handlers.speech)
@@ -70,11 +70,10 @@ async def _limiter(app: web.Application) -> AsyncIterator[None]:
     await app[LIMITER].close()
 
 
-async def _upstream_session(app: web.Application) -> AsyncIterator[None]:
-    session = upstream.create_session(app[SETTINGS].upstream)
-    app[SESSION] = session
+async def _upstream_pool(app: web.Application) -> AsyncIterator[None]:
+    pool = app[UPSTREAM] = upstream.Pool(app[SETTINGS].upstream)
     yield
-    await session.close()
+    await pool.close()
 
 
 def reload_resources(app: web.Application) -> bool:
@@ -87,6 +86,7 @@ def reload_resources(app: web.Application) -> bool:
             log.error("reload refused, keeping the previous resources: %s", problem)
         return False
     app[LIVE].resources = resources
+    app[UPSTREAM].forget_targets()
     app[USAGE].reopen()  # logrotate moved the usage file away, most likely
     log.info("reloaded %s: %d models, %d api keys, %d guardrails", path, len(resources.models),
              len(resources.api_keys), len(resources.guardrails))

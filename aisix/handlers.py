@@ -21,7 +21,7 @@ from . import aliases, auth, errors, guardrails, multipart, upstream
 from .config import ApiKey, Model, Resources, Settings
 from .deadline import CLIENT, UPSTREAM, Deadline
 from .exchange import Exchange
-from .keys import EXCHANGE, LIMITER, LIVE, METRICS, REQUEST_ID, SESSION, SETTINGS, USAGE
+from .keys import EXCHANGE, LIMITER, LIVE, METRICS, REQUEST_ID, SETTINGS, UPSTREAM, USAGE
 from .limits import RateLimited
 from .relay import abort, relay
 from .spool import Spool
@@ -32,7 +32,7 @@ class Outbound:
     """What goes upstream: to which model, with which body."""
 
     model: Model
-    body: bytes | upstream.BodyStream
+    body: bytes | upstream.Body
     content_type: str
     content_length: int | None  # None: aiohttp sizes a bytes body, a stream goes chunked
     held: Spool | None = None   # closed by the pipeline whatever happens, even if never sent
@@ -101,12 +101,12 @@ async def _exchange(request: web.Request, route: str, read_body: BodyReader) -> 
             ex.upstream_model = model.model_name
             ex.provider_key = model.provider_key.name
             slot = await limiter.admit(key, model, time.time())
-            headers = upstream.request_headers(
-                model, ex.request_id, out.content_type, out.content_length, request.headers.get(hdrs.ACCEPT)
-            )
             if isinstance(out.body, bytes):
                 _sent(ex, deadline, model, settings)
-            answer = await upstream.send(app[SESSION], model.urls[route], headers, out.body)
+            answer = await app[UPSTREAM].send(
+                model.urls[route], model.provider_key.authorization, ex.request_id, out.content_type,
+                request.headers.get(hdrs.ACCEPT), out.body, out.content_length,
+            )
             outputs = guardrails.rules_for(resources, model.alias, guardrails.OUTPUT)
             return await relay(request, answer, ex, deadline, idle, outputs)
     except TimeoutError:
@@ -245,7 +245,7 @@ async def _form_body(
                         length += len(model.model_name_bytes) - len(piece.value)
                     form = _Upload(held, rw, inbound, deadline, ex, rules)
                     body = form.stream(after, model, settings)
-                    return Outbound(model, upstream.BodyStream(body), content_type, length, held)
+                    return Outbound(model, body, content_type, length, held)
             if not chunk:
                 raise errors.missing_model()
     except BaseException:

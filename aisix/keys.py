@@ -5,12 +5,13 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass, field
 
-from aiohttp import ClientSession, web
+from aiohttp import web
 
 from .config import Resources, Settings
 from .exchange import Exchange
 from .limits import Limiter
 from .metrics import Metrics
+from .upstream import Pool
 from .usage import UsageSink
 
 
@@ -36,7 +37,7 @@ class Live:
 
 SETTINGS = web.AppKey("settings", Settings)
 LIVE = web.AppKey("live", Live)
-SESSION = web.AppKey("session", ClientSession)
+UPSTREAM = web.AppKey("upstream", Pool)
 USAGE = web.AppKey("usage", UsageSink)
 LIMITER = web.AppKey("limiter", Limiter)
 METRICS = web.AppKey("metrics", Metrics)

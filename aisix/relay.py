@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import time
 
-import aiohttp
 from aiohttp import web
 
 from . import errors, guardrails
@@ -19,6 +18,7 @@ from .answer import AnswerReader
 from .config import Guardrail
 from .deadline import CLIENT, UPSTREAM, Deadline
 from .exchange import Exchange
+from .upstream import Answer
 
 _RELAYED = ("Content-Type", "Content-Length", "Content-Disposition", "Retry-After")
 _STREAMED = ("audio/", "text/event-stream")
@@ -26,7 +26,7 @@ HOLD_LIMIT = 1024 * 1024  # a held transcript over this cannot be checked: refus
 
 
 async def relay(
-    request: web.Request, upstream: aiohttp.ClientResponse, ex: Exchange, deadline: Deadline, idle: float,
+    request: web.Request, upstream: Answer, ex: Exchange, deadline: Deadline, idle: float,
     output_rules: tuple[Guardrail, ...] = (),
 ) -> web.StreamResponse:
     if ex.upstream_sent is not None:
@@ -59,7 +59,7 @@ async def relay(
         else:
             await _stream(upstream, response, reader, ex, deadline, idle)
         await response.write_eof()
-    except (aiohttp.ClientError, ConnectionError):
+    except ConnectionError:  # either side's connection
         upstream.close()
         if deadline.waiting_on == CLIENT:
             ex.gone()
@@ -82,13 +82,12 @@ async def relay(
 
 
 async def _stream(
-    upstream: aiohttp.ClientResponse, response: web.StreamResponse, reader: AnswerReader | None,
+    upstream: Answer, response: web.StreamResponse, reader: AnswerReader | None,
     ex: Exchange, deadline: Deadline, idle: float,
 ) -> None:
-    content = upstream.content
     while True:
         deadline.wait(idle, UPSTREAM)
-        chunk = await content.readany()
+        chunk = await upstream.read()
         if not chunk:
             return
         if reader is not None:
@@ -98,11 +97,11 @@ async def _stream(
         ex.bytes_out += len(chunk)
 
 
-async def _hold(upstream: aiohttp.ClientResponse, reader: AnswerReader, deadline: Deadline, idle: float) -> bytes:
+async def _hold(upstream: Answer, reader: AnswerReader, deadline: Deadline, idle: float) -> bytes:
     body = bytearray()
     while True:
         deadline.wait(idle, UPSTREAM)
-        chunk = await upstream.content.readany()
+        chunk = await upstream.read()
         if not chunk:
             break
         body += chunk
