@@ -40,11 +40,12 @@ def make_gateway(fake: FakeUpstream, tmp_path: Path) -> Iterator:
     started: list[Gateway] = []
 
     def make(settings: dict | None = None, upstream_base: str | None = None, args: list[str] | None = None,
-             **resources) -> Gateway:
+             env: dict[str, str] | None = None, **resources) -> Gateway:
         d = tmp_path / f"gw{len(started)}"
         d.mkdir()
         gw = Gateway(d, upstream_base or fake.base_url, settings, **resources)
         gw.args = args or []
+        gw.env = env or {}
         gw.start()
         started.append(gw)
         return gw

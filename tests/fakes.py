@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import ssl
 import threading
 import time
 from dataclasses import dataclass
@@ -70,7 +71,9 @@ class Behaviour:
 class FakeUpstream:
     """Serves `POST /v1/audio/{speech,transcriptions,translations}` on 127.0.0.1, port 0."""
 
-    def __init__(self) -> None:
+    def __init__(self, ssl_context: ssl.SSLContext | None = None, host: str = "127.0.0.1") -> None:
+        self.ssl_context = ssl_context  # https://host:port/v1 when set (host: a name the cert has)
+        self.host = host
         self.behaviour = Behaviour()
         self.received: list[Received] = []
         self.sent_at: list[float] = []
@@ -139,9 +142,9 @@ class FakeUpstream:
                                access_log=None)
         await runner.setup()
         try:
-            await web.TCPSite(runner, "127.0.0.1", 0).start()
-            host, port = runner.addresses[0][:2]
-            self.base_url = f"http://{host}:{port}/v1"
+            await web.TCPSite(runner, "127.0.0.1", 0, ssl_context=self.ssl_context).start()
+            port = runner.addresses[0][1]
+            self.base_url = f"{'https' if self.ssl_context else 'http'}://{self.host}:{port}/v1"
             self._ready.set()
             await self._stopping.wait()
         finally:

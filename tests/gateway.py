@@ -71,6 +71,7 @@ class Gateway:
         self.url = ""
         self.metrics_url = ""
         self.args: list[str] = []
+        self.env: dict[str, str] = {}
         self.proc: subprocess.Popen[str] | None = None
         self._drain = threading.Thread()
 
@@ -79,7 +80,7 @@ class Gateway:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "aisix", "serve", "-c", str(self.dir / "config.yaml"), *self.args],
             cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            env={**os.environ, "PYTHONUNBUFFERED": "1", **self.env},
         )
         found = threading.Event()
 

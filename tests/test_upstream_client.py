@@ -1,0 +1,230 @@
+"""The gateway's own upstream client (aisix/upstream.py): TLS, keep-alive, the connection cap, and
+answers HTTP/1.1 allows that the fault matrix in test_faults does not send.
+
+A scripted raw upstream here reads each request whole and answers with bytes the test chose,
+counting connections and the requests each one carried.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import ssl
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import aiohttp
+import pytest
+import trustme
+
+from tests.fakes import FakeUpstream
+from tests.gateway import TEAM_A, Gateway
+from tests.test_faults import _read_body
+from tests.test_transcriptions import form
+
+AUTH = {"Authorization": f"Bearer {TEAM_A}"}
+SPEECH = {"model": "tts-prod", "input": "hello", "voice": "alloy"}
+
+
+class Scripted:
+    """An HTTP/1.1 upstream on 127.0.0.1 whose answers are the bytes `answer(n)` returns for the
+    n-th request (from 0); `close` after an answer when the answer says so. Thread per connection."""
+
+    def __init__(self, answer: Callable[[int], bytes], before_answer: Callable[[], None] = lambda: None) -> None:
+        self.answer = answer
+        self.before_answer = before_answer
+        self.connections = 0
+        self.requests: list[tuple[int, str]] = []  # (connection number, path)
+        self.open = 0
+        self.peak_open = 0
+        self._lock = threading.Lock()
+        self._listener = socket.socket()
+        self._listener.bind(("127.0.0.1", 0))
+        self._listener.listen(64)
+        self.base_url = f"http://127.0.0.1:{self._listener.getsockname()[1]}/v1"
+        self._threads: list[threading.Thread] = []
+        self._conns: list[socket.socket] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def stop(self) -> None:
+        self._listener.shutdown(socket.SHUT_RDWR)
+        self._listener.close()
+        for conn in self._conns:
+            try:
+                conn.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        for t in self._threads:
+            t.join(5)
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self._listener.accept()
+            except OSError:
+                return
+            with self._lock:
+                self.connections += 1
+                number = self.connections
+            self._conns.append(conn)
+            t = threading.Thread(target=self._serve, args=(conn, number), daemon=True)
+            self._threads.append(t)
+            t.start()
+
+    def _serve(self, conn: socket.socket, number: int) -> None:
+        conn.settimeout(30)
+        f = conn.makefile("rb")
+        try:
+            while line := f.readline():
+                headers = {}
+                while (h := f.readline()) not in (b"\r\n", b""):
+                    name, _, value = h.decode("latin-1").partition(":")
+                    headers[name.strip().lower()] = value.strip()
+                _read_body(f, headers)
+                with self._lock:
+                    n = len(self.requests)
+                    self.requests.append((number, line.split()[1].decode()))
+                    self.open += 1
+                    self.peak_open = max(self.peak_open, self.open)
+                self.before_answer()
+                data = self.answer(n)
+                with self._lock:
+                    self.open -= 1
+                conn.sendall(data)
+                if b"\r\nConnection: close\r\n" in data.split(b"\r\n\r\n")[0] + b"\r\n":
+                    conn.shutdown(socket.SHUT_WR)
+                    return
+        except OSError:
+            pass
+        finally:
+            conn.close()
+
+
+@pytest.fixture
+def scripted() -> Iterator[list[Scripted]]:
+    made: list[Scripted] = []
+    yield made
+    for s in made:
+        s.stop()
+
+
+def audio(body: bytes = b"ID3-audio-bytes", extra: str = "") -> bytes:
+    return (f"HTTP/1.1 200 OK\r\nContent-Type: audio/mpeg\r\nContent-Length: {len(body)}\r\n{extra}\r\n"
+            .encode() + body)
+
+
+async def speech(gw: Gateway, n: int = 1) -> list[tuple[int, bytes, str]]:
+    out = []
+    async with aiohttp.ClientSession() as s:
+        for _ in range(n):
+            async with s.post(gw.url + "/v1/audio/speech", json=SPEECH, headers=AUTH) as r:
+                out.append((r.status, await r.read(), r.headers["Content-Type"]))
+    return out
+
+
+# -- TLS ------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def ca(tmp_path_factory: pytest.TempPathFactory) -> tuple[trustme.CA, Path]:
+    authority = trustme.CA()
+    pem = tmp_path_factory.mktemp("ca") / "ca.pem"
+    authority.cert_pem.write_to_path(str(pem))
+    return authority, pem
+
+
+@pytest.fixture
+def tls_fake(ca: tuple[trustme.CA, Path]) -> Iterator[FakeUpstream]:
+    server = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca[0].issue_cert("localhost").configure_cert(server)
+    fake = FakeUpstream(ssl_context=server, host="localhost")
+    fake.start()
+    yield fake
+    fake.stop()
+
+
+async def test_an_https_upstream_serves_every_route(tls_fake: FakeUpstream, ca: tuple[trustme.CA, Path],
+                                                     make_gateway) -> None:
+    """A provider is https in production; the system's trust store decides (SSL_CERT_FILE here).
+    (The fake is a fixture before make_gateway: the gateway, holding keep-alive connections to
+    it, stops first.)"""
+    assert tls_fake.base_url.startswith("https://localhost:")
+    gw = make_gateway(upstream_base=tls_fake.base_url, env={"SSL_CERT_FILE": str(ca[1])})
+    [(status, body, ctype)] = await speech(gw)
+    assert (status, ctype, len(body)) == (200, "audio/mpeg", 3 * 4800)
+    data, content_type = form("model", "file")
+    async with aiohttp.ClientSession() as s:
+        async with s.post(gw.url + "/v1/audio/transcriptions", data=data,
+                          headers={**AUTH, "Content-Type": content_type}) as r:
+            assert r.status == 200, await r.text()
+            assert (await r.json())["text"] == "hello from the fake"
+    got = tls_fake.wait_received(2)
+    assert [g.path for g in got] == ["/v1/audio/speech", "/v1/audio/transcriptions"]
+    assert got[0].headers["Host"] == f"localhost:{tls_fake.base_url.split(':')[2].split('/')[0]}"
+
+
+async def test_an_upstream_certificate_nobody_trusts_is_a_502(tls_fake: FakeUpstream, make_gateway) -> None:
+    gw = make_gateway(upstream_base=tls_fake.base_url)
+    async with aiohttp.ClientSession() as s:
+        async with s.post(gw.url + "/v1/audio/speech", json=SPEECH, headers=AUTH) as r:
+            assert r.status == 502
+            assert (await r.json())["error"]["code"] == "upstream_unavailable"
+    assert tls_fake.received == []
+
+
+# -- keep-alive and the connection cap ------------------------------------------------------------
+
+
+async def test_one_connection_carries_sequential_requests(make_gateway, scripted: list[Scripted]) -> None:
+    up = Scripted(lambda n: audio(b"answer-%d" % n))
+    scripted.append(up)
+    gw = make_gateway(upstream_base=up.base_url)
+    got = await speech(gw, 5)
+    assert [b for _, b, _ in got] == [b"answer-%d" % n for n in range(5)]
+    assert up.connections == 1 and [c for c, _ in up.requests] == [1] * 5
+
+
+async def test_an_answer_that_ends_with_its_connection_is_whole_and_not_reused(
+        make_gateway, scripted: list[Scripted]) -> None:
+    """No Content-Length, not chunked: the body runs to the connection's end (RFC 9112 6.3)."""
+    body = b"x" * 300_000
+    up = Scripted(lambda n: b"HTTP/1.1 200 OK\r\nContent-Type: audio/mpeg\r\nConnection: close\r\n\r\n" + body)
+    scripted.append(up)
+    gw = make_gateway(upstream_base=up.base_url)
+    got = await speech(gw, 2)
+    assert [(s, len(b)) for s, b, _ in got] == [(200, len(body))] * 2 and got[0][1] == body
+    assert up.connections == 2
+
+
+async def test_interim_answers_are_skipped(make_gateway, scripted: list[Scripted]) -> None:
+    up = Scripted(lambda n: b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\n"
+                  + audio(b"after-the-hints"))
+    scripted.append(up)
+    gw = make_gateway(upstream_base=up.base_url)
+    assert await speech(gw, 2) == [(200, b"after-the-hints", "audio/mpeg")] * 2
+    assert up.connections == 1
+
+
+async def test_an_answer_head_over_64_kib_is_a_502(make_gateway, scripted: list[Scripted]) -> None:
+    up = Scripted(lambda n: audio(extra="".join(f"x-pad-{i}: {'p' * 1000}\r\n" for i in range(70))))
+    scripted.append(up)
+    gw = make_gateway(upstream_base=up.base_url)
+    [(status, body, _)] = await speech(gw)
+    assert status == 502 and b"upstream_unavailable" in body
+
+
+async def test_max_connections_caps_the_requests_in_flight_upstream(make_gateway, scripted: list[Scripted]) -> None:
+    """Four callers at once, a cap of two: the upstream holds each answer until a second request
+    is there with it, so two do run together, and never three."""
+    pair = threading.Barrier(2, timeout=10)
+    up = Scripted(lambda n: audio(b"answer"), before_answer=pair.wait)
+    scripted.append(up)
+    gw = make_gateway({"upstream": {"max_connections": 2}}, upstream_base=up.base_url)
+    async with aiohttp.ClientSession() as s:
+        async def one() -> int:
+            async with s.post(gw.url + "/v1/audio/speech", json=SPEECH, headers=AUTH) as r:
+                await r.read()
+                return r.status
+        assert await asyncio.gather(*(one() for _ in range(4))) == [200] * 4
+    assert up.peak_open == 2 and len(up.requests) == 4 and up.connections == 2
