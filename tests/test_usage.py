@@ -118,10 +118,8 @@ async def test_close_flushes_everything_queued(tmp_path: Path) -> None:
 async def test_full_queue_drops_and_counts(tmp_path: Path) -> None:
     path = tmp_path / "usage.jsonl"
     sink = UsageSink.create(f"file:{path}", queue_size=10)
-    t0 = time.perf_counter()
     for event in events(100):               # the writer has not run yet: the queue fills at 10
-        sink.emit(event)
-    assert time.perf_counter() - t0 < 0.05
+        sink.emit(event)                    # (emit never awaits, so it cannot wait for room)
     assert sink.dropped_total == 90
     await sink.start()
     await sink.close()
