@@ -132,6 +132,8 @@ async def _exchange(request: web.Request, route: str, read_body: BodyReader) -> 
         raise
     except BaseException:
         ex.fail(500, "internal_error")
+        if ex.response is not None:
+            abort(request)  # a bug mid-answer: the caller must not wait on, or trust, what it got
         raise
     finally:
         if deadline is not None:

@@ -40,7 +40,7 @@ HIGH_WATER = 256 * 1024   # answer bytes buffered before the socket stops being 
 MAX_HEAD = 64 * 1024      # answer status line and headers, in all
 MAX_HEADERS = 256
 
-Body = AsyncIterator[bytes | bytearray | memoryview]
+Body = AsyncIterator[list[bytes | bytearray | memoryview]]  # an upload, as writes
 
 
 class UpstreamError(ConnectionError):
@@ -64,6 +64,7 @@ class Pool:
     """The connections to every upstream, and the only way a request reaches one."""
 
     def __init__(self, settings: UpstreamSettings) -> None:
+        self._loop = asyncio.get_running_loop()
         self._limit = settings.max_connections
         self._connect_timeout = settings.connect_timeout_ms / 1000
         self._in_use = 0
@@ -98,10 +99,10 @@ class Pool:
         try:
             if conn.closed:  # between its connect and now
                 raise UpstreamError("the upstream closed the connection")
-            conn.transport.write(b"".join(head))
-            if not isinstance(body, bytes):
-                answer._writer = asyncio.get_running_loop().create_task(
-                    answer._write(body, content_length is None))
+            if isinstance(body, bytes):
+                conn.transport.write(b"".join(head))
+            else:  # the head leaves with the body's first write
+                answer._writer = self._loop.create_task(answer._write(b"".join(head), body, content_length is None))
             await answer._headers
         except UpstreamError:
             answer.close()
@@ -140,7 +141,7 @@ class Pool:
         if self._in_use < self._limit and not self._waiters:
             self._in_use += 1
         else:
-            waiter = asyncio.get_running_loop().create_future()
+            waiter = self._loop.create_future()
             self._waiters.append(waiter)
             try:
                 await waiter  # a finished request hands its slot over
@@ -153,7 +154,7 @@ class Pool:
         try:
             idle = self._idle.get(origin)
             if idle:
-                now = asyncio.get_running_loop().time()
+                now = self._loop.time()
                 while idle:
                     conn = idle.pop()  # the most recently used: the least likely to be closed
                     if not conn.closed and now - conn.idle_since < KEEPALIVE_S:
@@ -165,7 +166,7 @@ class Pool:
             raise
 
     async def _connect(self, origin: _Origin) -> _Conn:
-        loop = asyncio.get_running_loop()
+        loop = self._loop
         tls = None
         if origin.tls:
             if self._tls is None:
@@ -189,7 +190,7 @@ class Pool:
         handed to the next waiting request or freed."""
         if reusable and not conn.closed and not self._closed:
             conn.answer = None
-            conn.idle_since = asyncio.get_running_loop().time()
+            conn.idle_since = self._loop.time()
             self._idle.setdefault(conn.origin, []).append(conn)
         else:
             conn.abort()
@@ -204,7 +205,7 @@ class Pool:
         self._in_use -= 1
 
     def _sweep(self) -> None:
-        loop = asyncio.get_running_loop()
+        loop = self._loop
         now = loop.time()
         for origin, conns in list(self._idle.items()):
             keep = [c for c in conns if not c.closed and now - c.idle_since < KEEPALIVE_S]
@@ -343,7 +344,7 @@ class Answer:
         self.complete = False
         self._pool = pool
         self._conn = conn
-        self._headers: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._headers: asyncio.Future[None] = pool._loop.create_future()
         self._raw_headers: list[tuple[str, str]] = []
         self._keep_alive = False
         self._chunks: list[bytes] = []
@@ -370,7 +371,7 @@ class Answer:
                 raise self._error
             if self.complete:
                 return b""
-            self._waiter = asyncio.get_running_loop().create_future()
+            self._waiter = self._pool._loop.create_future()
             try:
                 await self._waiter
             finally:
@@ -441,14 +442,14 @@ class Answer:
         if self._waiter is not None and not self._waiter.done():
             self._waiter.set_result(None)
 
-    async def _write(self, body: Body, chunked: bool) -> None:
-        """The upload, piece by piece as its iterator yields, at the pace the upstream reads."""
+    async def _write(self, head: bytes, body: Body, chunked: bool) -> None:
+        """The upload, one writev per write its iterator yields, at the pace the upstream reads."""
         conn = self._conn
-        pieces = body.__aiter__()
+        writes = body.__aiter__()
         try:
             while True:
                 try:
-                    piece = await pieces.__anext__()
+                    pieces = await writes.__anext__()
                 except StopAsyncIteration:
                     break
                 except asyncio.CancelledError:
@@ -460,18 +461,22 @@ class Answer:
                     return
                 if conn.closed:
                     return  # the answer's reader says why
-                if not chunked:
-                    conn.transport.write(piece)
-                elif piece:
-                    conn.transport.writelines((b"%x\r\n" % len(piece), piece, b"\r\n"))
+                if chunked:
+                    size = sum(map(len, pieces))
+                    pieces = [b"%x\r\n" % size, *pieces, b"\r\n"] if size else []
+                if head:
+                    pieces = [head, *pieces]
+                    head = b""
+                if pieces:
+                    conn.transport.writelines(pieces)
                 if conn._paused:
                     await conn.drain()
-            if chunked and not conn.closed:
-                conn.transport.write(b"0\r\n\r\n")
+            if not conn.closed:
+                conn.transport.write(head + b"0\r\n\r\n" if chunked else head)
         except UpstreamError:
             pass  # lost while waiting to write: the answer's reader says so
         finally:
-            aclose = getattr(pieces, "aclose", None)
+            aclose = getattr(writes, "aclose", None)
             if aclose is not None:
                 with contextlib.suppress(BaseException):
                     await aclose()
