@@ -10,7 +10,7 @@ import asyncio
 import json
 import re
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 
 import orjson
@@ -272,28 +272,33 @@ class _Upload:
         self._deadline, self._ex, self._rules = deadline, ex, rules
 
     async def stream(self, after: list[multipart.Piece], model: Model,
-                     settings: Settings) -> AsyncIterator[bytes | bytearray | memoryview]:
+                     settings: Settings) -> AsyncIterator[list[bytes | bytearray | memoryview]]:
+        """The body as writes: each a list of pieces the client sends with one writev."""
         rw, inbound = self._rw, self._inbound
         try:
-            for chunk in self._held.chunks():
-                yield chunk
-            for out in self._outgoing(after):
-                yield out
+            write: list[bytes | bytearray | memoryview] = []
+            for chunk in self._held.chunks():  # one in memory; 256 KiB reads from a temp file
+                if write:
+                    yield write
+                write = [chunk]
+            write += self._outgoing(after)
             after.clear()  # it holds the first chunk after the model: not for the whole upload
+            yield write
             while True:
                 chunk = await inbound.read()
                 pieces = rw.feed(chunk) if chunk else rw.close()
-                for out in self._outgoing(pieces):
-                    yield out
+                if pieces:
+                    yield self._outgoing(pieces)
                 if not chunk:
                     break
             _sent(self._ex, self._deadline, model, settings)
         finally:
             self._held.close()
 
-    def _outgoing(self, pieces: list[multipart.Piece]) -> Iterator[bytes | bytearray | memoryview]:
-        """The pieces as writes: small ones joined (fewer writes), large ones as they are (no
-        copy of file bytes), a prompt checked before it and anything after it goes out."""
+    def _outgoing(self, pieces: list[multipart.Piece]) -> list[bytes | bytearray | memoryview]:
+        """The pieces as one write: small ones joined (fewer iovecs), large ones as they are (no
+        copy of file bytes), and any prompt among them checked before the write can go out."""
+        out: list[bytes | bytearray | memoryview] = []
         small = bytearray()
         for piece in pieces:
             if isinstance(piece, multipart.Field):
@@ -301,13 +306,14 @@ class _Upload:
                 piece = piece.value
             if len(piece) >= _SMALL:
                 if small:
-                    yield small
+                    out.append(small)
                     small = bytearray()
-                yield piece
+                out.append(piece)
             else:
                 small += piece
         if small:
-            yield small
+            out.append(small)
+        return out
 
 
 _SMALL = 16 * 1024  # below this, pieces are joined into one write
