@@ -54,7 +54,13 @@ class Inbound:
         """The next chunk; b"" at the end of the body."""
         self._deadline.wait(self._idle, CLIENT)
         try:
-            chunk = await self._content.readany()
+            while True:
+                # One chunk as aiohttp's parser gave it (readany would join all that are
+                # buffered: a copy of up to the whole body). (b"", True) marks the end of an
+                # HTTP chunk, not of the body.
+                chunk, chunk_end = await self._content.readchunk()
+                if chunk or not chunk_end:
+                    break
         except ConnectionError:
             raise errors.client_closed() from None
         except HttpProcessingError:

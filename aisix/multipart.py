@@ -39,6 +39,7 @@ _TOKEN_RE = re.compile(_TOKEN)
 _BCHARS = re.compile(r"[0-9A-Za-z'()+_,\-./:=? ]{0,69}[0-9A-Za-z'()+_,\-./:=?]")
 _HEADER_LINE = re.compile(rb"(" + _TOKEN.encode() + rb"):[ \t]*(.*)")
 _PARAM = re.compile(r'[ \t]*;[ \t]*(' + _TOKEN + r')[ \t]*=[ \t]*("(?:[^"\\\r\n]|\\.)*"|' + _TOKEN + r')[ \t]*')
+_QUOTED_PAIR = re.compile(r"\\(.)")
 
 # Parser states.
 _DATA, _DELIM, _HEAD, _EPILOGUE = range(4)
@@ -82,7 +83,9 @@ def _parameters(text: str, header: str) -> dict[str, str]:
         if m is None or m.group(1).lower() in values:
             raise errors.invalid_multipart(f"Malformed or repeated {header} parameters.")
         raw = m.group(2)
-        values[m.group(1).lower()] = re.sub(r"\\(.)", r"\1", raw[1:-1]) if raw.startswith('"') else raw
+        if raw.startswith('"'):
+            raw = _QUOTED_PAIR.sub(r"\1", raw[1:-1]) if "\\" in raw else raw[1:-1]
+        values[m.group(1).lower()] = raw
         at = m.end()
     return values
 
