@@ -8,6 +8,7 @@ usage queue is flushed) and exit 0.
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import logging
 import os
 import signal
@@ -96,6 +97,7 @@ def reload_resources(app: web.Application) -> bool:
 def serve(config: Config, access_log: bool = True) -> int:
     """Run the gateway until SIGTERM or SIGINT; the exit code."""
     logs.setup()
+    _steady_malloc()
     try:
         # uvloop: the event loop and transports in C; the proxy's per-request cost is mostly loop
         # and socket work, which it cuts by about a third.
@@ -105,6 +107,27 @@ def serve(config: Config, access_log: bool = True) -> int:
         log.error("cannot start: %s", exc)
         return 1
     return 0
+
+
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters
+
+
+def _steady_malloc() -> None:
+    """Fixed glibc malloc thresholds instead of its adaptive ones.
+
+    Body chunks are up to 256 KiB. With the defaults, glibc serves blocks that size from mmap
+    or gives the top of the heap back to the kernel after a burst, then takes it again: under a
+    steady upload load that was 4 to 20 page faults per request (bench, 256 KiB transcriptions)
+    and up to a fifth of the gateway's CPU, coming and going as glibc re-tuned itself. Blocks
+    under 4 MiB now always come from the heap, and the heap is trimmed only when 64 MiB of it is
+    free at its top: what a process holds after a burst is what it will need for the next one.
+    """
+    try:
+        libc = ctypes.CDLL(None)
+        libc.mallopt(_M_MMAP_THRESHOLD, 4 * 1024 * 1024)
+        libc.mallopt(_M_TRIM_THRESHOLD, 64 * 1024 * 1024)
+    except (OSError, AttributeError):  # not glibc (musl, macOS): their allocators, as they are
+        pass
 
 
 async def _serve(config: Config, access_log: bool) -> None:
