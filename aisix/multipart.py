@@ -40,6 +40,12 @@ _BCHARS = re.compile(r"[0-9A-Za-z'()+_,\-./:=? ]{0,69}[0-9A-Za-z'()+_,\-./:=?]")
 _HEADER_LINE = re.compile(rb"(" + _TOKEN.encode() + rb"):[ \t]*(.*)")
 _PARAM = re.compile(r'[ \t]*;[ \t]*(' + _TOKEN + r')[ \t]*=[ \t]*("(?:[^"\\\r\n]|\\.)*"|' + _TOKEN + r')[ \t]*')
 _QUOTED_PAIR = re.compile(r"\\(.)")
+# The usual part head, and nothing the full parser reads otherwise: one Content-Disposition with
+# a plain name (no escapes) and maybe a filename without escapes, then maybe a Content-Type.
+_PLAIN_HEAD = re.compile(
+    rb'Content-Disposition: form-data; name="([A-Za-z0-9_.\-]{1,64})"(; filename="[^"\\\r\n]*")?\r\n'
+    rb'(?:Content-Type: [^\r\n]*\r\n)?'
+)
 
 # Parser states.
 _DATA, _DELIM, _HEAD, _EPILOGUE = range(4)
@@ -99,6 +105,9 @@ def content_type_for(boundary: bytes) -> str:
 def disposition(head: bytes) -> tuple[str, bool]:
     """(form field name, has a filename) from a part's header block, each line CRLF-ended; a 400
     for anything two parsers could read differently."""
+    m = _PLAIN_HEAD.fullmatch(head)
+    if m is not None:  # what the SDKs, curl and browsers send, read as the full parser would
+        return m.group(1).decode("ascii"), m.group(2) is not None
     found = None
     for line in head.split(_CRLF)[:-1]:
         m = _HEADER_LINE.fullmatch(line)
