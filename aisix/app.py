@@ -30,7 +30,7 @@ log = logging.getLogger(__name__)
 
 def create_app(config: Config) -> web.Application:
     # client_max_size does not cover streamed reads: the handlers count body bytes themselves.
-    app = web.Application(middlewares=[middlewares.gateway])
+    app = web.Application()
     app[SETTINGS] = config.settings
     app[LIVE] = Live(config.resources)
     sink = app[USAGE] = UsageSink.create(config.settings.usage_sink)
@@ -47,14 +47,22 @@ def create_app(config: Config) -> web.Application:
     app.cleanup_ctx.append(_usage_sink)
     app.cleanup_ctx.append(_limiter)
     app.cleanup_ctx.append(_upstream_pool)
-    app.on_response_prepare.append(middlewares.stamp_request_id)
 
-    app.router.add_post("/v1/audio/speech", handlers.speech)
-    app.router.add_post("/v1/audio/transcriptions", handlers.transcriptions)
-    app.router.add_post("/v1/audio/translations", handlers.translations)
-    app.router.add_get("/v1/models", handlers.models)
-    app.router.add_get("/livez", handlers.livez)
-    app.router.add_get("/readyz", handlers.readyz)
+    routes = [("POST", "/v1/audio/speech", handlers.speech),
+              ("POST", "/v1/audio/transcriptions", handlers.transcriptions),
+              ("POST", "/v1/audio/translations", handlers.translations),
+              ("GET", "/v1/models", handlers.models),
+              ("GET", "/livez", handlers.livez),
+              ("GET", "/readyz", handlers.readyz)]
+    methods: dict[str, tuple[str, ...]] = {}
+    for method, path, handler in routes:
+        if method == "GET":
+            app.router.add_get(path, middlewares.route(handler))  # and HEAD
+            methods[path] = ("GET", "HEAD")
+        else:
+            app.router.add_route(method, path, middlewares.route(handler))
+            methods[path] = (method,)
+    app.router.add_route("*", "/{path:.*}", middlewares.unrouted(methods))  # last: 404 and 405
     return app
 
 

@@ -1,12 +1,17 @@
-"""The request id and the error envelope: the only middleware, so no route can skip either.
+"""The request id and the error envelope, around every route's handler, so no route can skip
+either; and the headers every response of ours carries.
 
-Every response, streamed ones included, gets ``x-aisix-request-id`` in ``on_response_prepare``.
+This was an aiohttp middleware plus an ``on_response_prepare`` hook. Both run per request
+through aiohttp's generic machinery (a middleware chain with a current-app context manager, a
+signal that builds a coroutine per receiver); a wrapper made once per route at startup does the
+same work for less. Paths and methods no route serves get the envelope from a catch-all route.
 """
 
 from __future__ import annotations
 
 import logging
 import uuid
+from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
@@ -15,7 +20,7 @@ from .keys import LIVE, REQUEST_ID, SETTINGS
 
 log = logging.getLogger(__name__)
 
-_HTTP_ERRORS = {404: errors.not_found, 405: errors.method_not_allowed}
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 def request_id(request: web.Request, names: tuple[str, ...]) -> str:
@@ -27,34 +32,53 @@ def request_id(request: web.Request, names: tuple[str, ...]) -> str:
     return uuid.uuid4().hex
 
 
-@web.middleware
-async def gateway(request: web.Request, handler: web.Handler) -> web.StreamResponse:
-    rid = request[REQUEST_ID] = request_id(request, request.app[SETTINGS].proxy.request_id_headers)
-    try:
-        return await handler(request)
-    except errors.GatewayError as exc:
-        return envelope(exc)
-    except web.HTTPException as exc:
-        make = _HTTP_ERRORS.get(exc.status)
-        if make is not None:
-            return envelope(make())
-        return envelope(errors.GatewayError(exc.status, "invalid_request_error", "http_error", exc.reason))
-    except Exception:
-        log.exception("request %s: unhandled error", rid)
-        return envelope(errors.internal_error())
+def route(handler: Handler) -> Handler:
+    """handler with the request id set first and any error answered as an envelope."""
+
+    async def gateway(request: web.Request) -> web.StreamResponse:
+        rid = request[REQUEST_ID] = request_id(request, request.app[SETTINGS].proxy.request_id_headers)
+        try:
+            response = await handler(request)
+        except errors.GatewayError as exc:
+            response = envelope(exc)
+        except web.HTTPException as exc:
+            response = envelope(errors.GatewayError(exc.status, "invalid_request_error", "http_error", exc.reason))
+        except Exception:
+            log.exception("request %s: unhandled error", rid)
+            response = envelope(errors.internal_error())
+        if not response.prepared:  # a streamed answer was stamped before it started
+            stamp(request, response)
+        return response
+
+    return gateway
+
+
+def unrouted(methods: dict[str, tuple[str, ...]]) -> Handler:
+    """The catch-all route: 405 (with Allow) on a path served with other methods, else 404."""
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        allowed = methods.get(request.path)
+        if allowed is None:
+            raise errors.not_found()
+        exc = errors.method_not_allowed()
+        exc.headers["Allow"] = ", ".join(allowed)
+        raise exc
+
+    return route(handler)
 
 
 def envelope(exc: errors.GatewayError) -> web.Response:
     return web.Response(status=exc.status, body=exc.body(), content_type="application/json", headers=exc.headers)
 
 
-async def stamp_request_id(request: web.Request, response: web.StreamResponse) -> None:
-    response.headers["Server"] = "aisix"  # not aiohttp's, which names Python's and its own version
+def stamp(request: web.Request, response: web.StreamResponse) -> None:
+    """The headers every answer of ours carries; call before the response is prepared."""
+    headers = response.headers
+    headers["Server"] = "aisix"  # not aiohttp's, which names Python's and its own version
     rid = request.get(REQUEST_ID)
     if rid is not None:
-        response.headers["x-aisix-request-id"] = rid
+        headers["x-aisix-request-id"] = rid
     if request.app[LIVE].draining:
-        # Callers reconnect to a process that stays. The hook runs after aiohttp wrote its
-        # Connection header, so both the header and the close are ours to set.
+        # Callers reconnect to a process that stays.
         response.force_close()
-        response.headers["Connection"] = "close"
+        headers["Connection"] = "close"

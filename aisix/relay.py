@@ -18,6 +18,7 @@ from .answer import AnswerReader
 from .config import Guardrail
 from .deadline import CLIENT, UPSTREAM, Deadline
 from .exchange import Exchange
+from .middlewares import stamp
 from .upstream import Answer
 
 _RELAYED = ("Content-Type", "Content-Length", "Content-Disposition", "Retry-After")
@@ -50,6 +51,7 @@ async def relay(
         ex.stream = ok and content_type.startswith(_STREAMED) and held is None
         if not ok:
             ex.error_code = "upstream_error"
+        stamp(request, response)
         deadline.wait(idle, CLIENT)
         await response.prepare(request)
         ex.response = response

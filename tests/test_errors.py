@@ -101,6 +101,17 @@ async def test_gateway_errors(gateway: Gateway, fake: FakeUpstream, path: str, k
     assert fake.received == []  # rejected before anything reached the upstream
 
 
+@pytest.mark.parametrize("path, method, status, allow", [
+    (SPEECH, "GET", 405, "POST"), (SPEECH, "PUT", 405, "POST"), ("/v1/models", "POST", 405, "GET, HEAD"),
+    ("/livez", "DELETE", 405, "GET, HEAD"), ("/v1/audio/speech/", "POST", 404, None), ("/", "GET", 404, None)])
+async def test_unrouted_requests_get_the_envelope_and_our_headers(gateway: Gateway, path: str, method: str,
+                                                                 status: int, allow: str | None) -> None:
+    got_status, headers, body = await call(gateway, path, method, headers={"x-aisix-request-id": "unrouted-1"})
+    assert (got_status, body["error"]["type"]) == (status, "invalid_request_error")
+    assert headers.get("Allow") == allow
+    assert (headers["Server"], headers["x-aisix-request-id"]) == ("aisix", "unrouted-1")
+
+
 async def test_body_limit(make_gateway, fake: FakeUpstream) -> None:
     gw = make_gateway({"proxy": {"request_body_limit_bytes": 4096}})
     # A declared Content-Length over the cap is 413 before anything else, even auth.
