@@ -106,14 +106,22 @@ uninstall:
 # Performance (bench/README.md): installs nginx and wrk from Debian's packages when missing, then
 # starts everything it measures on 127.0.0.1, bounded in time (~4 min), and prints ratios against
 # nginx and a bare aiohttp relay with PASS/FAIL per target. BENCH_SECONDS, BENCH_ROUNDS, ... tune it.
-.PHONY: bench
-bench: venv
+.PHONY: bench bench-tools
+bench-tools:
 	@missing=""; for t in nginx wrk; do PATH="$$PATH:/usr/sbin:/sbin" command -v $$t >/dev/null || missing="$$missing $$t"; done; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing:$$missing"; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
 	fi
+
+bench: venv bench-tools
 	$(BIN)/python bench/run.py
+
+# One change's cost: CPU per request of aisix at AB_REF (default HEAD) against this tree and the
+# bare relay, interleaved (bench/README.md, "Measuring one change").
+.PHONY: bench-ab
+bench-ab: venv bench-tools
+	AB_REF=$(or $(REF),HEAD) $(BIN)/python bench/ab.py
 
 # Coverage-guided fuzzing of the multipart rewriter with atheris (fuzz/README.md), for a bounded
 # time: FUZZ_SECONDS=600 make soak-fuzz. New inputs and any crash land in FUZZ_DIR;
