@@ -11,6 +11,7 @@ import asyncio
 import socket
 import ssl
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -21,6 +22,7 @@ import trustme
 from tests.fakes import FakeUpstream
 from tests.gateway import TEAM_A, Gateway
 from tests.test_faults import _read_body
+from tests.test_operations import scrape, value
 from tests.test_transcriptions import form
 
 AUTH = {"Authorization": f"Bearer {TEAM_A}"}
@@ -228,3 +230,44 @@ async def test_max_connections_caps_the_requests_in_flight_upstream(make_gateway
                 return r.status
         assert await asyncio.gather(*(one() for _ in range(4))) == [200] * 4
     assert up.peak_open == 2 and len(up.requests) == 4 and up.connections == 2
+
+
+async def test_a_slot_comes_back_whatever_ends_the_request(make_gateway, scripted: list[Scripted]) -> None:
+    """With one connection allowed, a slot that any ending failed to give back would hang every
+    later request: a caller leaving while the upstream holds its answer, a caller leaving while
+    it waits for the slot, an upstream that resets. Each is followed by a request that must pass."""
+    hold = threading.Event()
+    held = threading.Event()
+
+    def answer(n: int) -> bytes:
+        if n == 0:  # the first request: held until the test lets go
+            held.set()
+            hold.wait(10)
+        return audio(b"answer-%d" % n)
+
+    up = Scripted(answer)
+    scripted.append(up)
+    gw = make_gateway({"upstream": {"max_connections": 1}, "metrics": {"listen": "127.0.0.1:0"}},
+                      upstream_base=up.base_url)
+    async with aiohttp.ClientSession() as s:
+        async def in_flight() -> float:
+            families, _ = await scrape(gw)
+            return value(families["aisix_in_flight_requests"], "aisix_in_flight_requests", route="speech")
+
+        async def post() -> tuple[int, bytes]:
+            async with s.post(gw.url + "/v1/audio/speech", json=SPEECH, headers=AUTH) as r:
+                return r.status, await r.read()
+
+        first = asyncio.ensure_future(post())   # takes the one slot; its answer is held
+        await asyncio.get_running_loop().run_in_executor(None, held.wait, 10)
+        queued = asyncio.ensure_future(post())  # waits for the slot in the gateway
+        deadline = time.monotonic() + 10
+        while await in_flight() < 2:  # polling the gateway's own count, bounded
+            assert time.monotonic() < deadline, "the second request never reached the gateway"
+        for task in (first, queued):  # both callers leave
+            task.cancel()
+        await asyncio.gather(first, queued, return_exceptions=True)
+        hold.set()
+        async with asyncio.timeout(10):  # a slot lost for good would hang here
+            assert await post() == (200, b"answer-1")  # the queued one never reached the upstream
+    assert len(up.requests) == 2
