@@ -97,10 +97,8 @@ class Pool:
         conn = await self._acquire(target.origin)
         answer = Answer(self, conn)
         try:
-            if conn.closed:  # between its connect and now
-                raise UpstreamError("the upstream closed the connection")
             if isinstance(body, bytes):
-                conn.transport.write(b"".join(head))
+                conn.send(b"".join(head))
             else:  # the head leaves with the body's first write
                 answer._writer = self._loop.create_task(answer._write(b"".join(head), body, content_length is None))
             await answer._headers
@@ -296,6 +294,16 @@ class _Conn(asyncio.Protocol):
         if self.closed:
             raise UpstreamError("the upstream closed the connection")
 
+    def send(self, *data: bytes | bytearray | memoryview) -> None:
+        """One write (a writev for several pieces); UpstreamError once the socket is closing."""
+        transport = self.transport
+        if self.closed or transport.is_closing():
+            raise UpstreamError("the upstream closed the connection")
+        try:
+            transport.writelines(data) if len(data) > 1 else transport.write(data[0])
+        except (RuntimeError, OSError):  # closed under us, between the check and the write
+            raise UpstreamError("the upstream closed the connection") from None
+
     def abort(self) -> None:
         self.closed = True
         if self.transport is not None:
@@ -459,8 +467,6 @@ class Answer:
                     self._fail(UpstreamError("the upload was given up"))
                     conn.abort()
                     return
-                if conn.closed:
-                    return  # the answer's reader says why
                 if chunked:
                     size = sum(map(len, pieces))
                     pieces = [b"%x\r\n" % size, *pieces, b"\r\n"] if size else []
@@ -468,11 +474,11 @@ class Answer:
                     pieces = [head, *pieces]
                     head = b""
                 if pieces:
-                    conn.transport.writelines(pieces)
+                    conn.send(*pieces)
                 if conn._paused:
                     await conn.drain()
-            if not conn.closed:
-                conn.transport.write(head + b"0\r\n\r\n" if chunked else head)
+            if head or chunked:
+                conn.send(head + b"0\r\n\r\n" if chunked else head)
         except UpstreamError:
             pass  # lost while waiting to write: the answer's reader says so
         finally:
