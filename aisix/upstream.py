@@ -275,7 +275,7 @@ class _Conn(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         if self.answer is not None:
-            self.answer._lost()
+            self.answer._lost(exc)
         if self._drain is not None and not self._drain.done():
             self._drain.set_exception(UpstreamError("the upstream closed the connection"))
 
@@ -437,13 +437,13 @@ class Answer:
             self._headers.set_exception(exc)
         self._wake()
 
-    def _lost(self) -> None:
+    def _lost(self, exc: Exception | None) -> None:
         if self.complete:
             return
-        if self._headers.done() and self._eof_ends:
-            self._complete()  # the body ran to the end of the connection, as announced
+        if exc is None and self._headers.done() and self._eof_ends:
+            self._complete()  # the body ran to a clean end of the connection, as announced
             self._keep_alive = False
-        else:
+        else:  # a reset is never the end of a body, whatever framed it
             self._fail(UpstreamError("the upstream closed the connection before its answer was complete"))
 
     def _wake(self) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import socket
 import ssl
+import struct
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -26,6 +27,7 @@ from tests.test_operations import scrape, value
 from tests.test_transcriptions import form
 
 AUTH = {"Authorization": f"Bearer {TEAM_A}"}
+RST = b"<reset the connection>"  # an answer ending with this is cut by an RST
 SPEECH = {"model": "tts-prod", "input": "hello", "voice": "alloy"}
 
 
@@ -93,6 +95,10 @@ class Scripted:
                 data = self.answer(n)
                 with self._lock:
                     self.open -= 1
+                if data.endswith(RST):  # what comes before it, then a reset
+                    conn.sendall(data[:-len(RST)])
+                    conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                    return
                 conn.sendall(data)
                 if b"\r\nConnection: close\r\n" in data.split(b"\r\n\r\n")[0] + b"\r\n":
                     conn.shutdown(socket.SHUT_WR)
@@ -197,6 +203,24 @@ async def test_an_answer_that_ends_with_its_connection_is_whole_and_not_reused(
     got = await speech(gw, 2)
     assert [(s, len(b)) for s, b, _ in got] == [(200, len(body))] * 2 and got[0][1] == body
     assert up.connections == 2
+
+
+async def test_an_answer_that_ends_with_a_reset_is_cut_short_not_complete(
+        make_gateway, scripted: list[Scripted]) -> None:
+    """No Content-Length, not chunked, then an RST instead of a FIN: the caller must not get a
+    complete answer (its chunked answer is never terminated), and the event says so."""
+    up = Scripted(lambda n: b"HTTP/1.1 200 OK\r\nContent-Type: audio/mpeg\r\nConnection: close\r\n\r\n"
+                  + b"x" * 100_000 + RST)
+    scripted.append(up)
+    gw = make_gateway(upstream_base=up.base_url)
+    async with aiohttp.ClientSession() as s:
+        async with s.post(gw.url + "/v1/audio/speech", json=SPEECH,
+                          headers={**AUTH, "x-aisix-request-id": "cut-by-rst"}) as r:
+            assert r.status == 200
+            with pytest.raises(aiohttp.ClientPayloadError):
+                await r.read()
+    event = gw.event("cut-by-rst")
+    assert (event["status"], event["error_code"]) == (200, "upstream_aborted")
 
 
 async def test_interim_answers_are_skipped(make_gateway, scripted: list[Scripted]) -> None:
