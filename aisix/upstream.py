@@ -39,6 +39,7 @@ KEEPALIVE_S = 15.0        # an idle connection older than this is closed, not re
 HIGH_WATER = 256 * 1024   # answer bytes buffered before the socket stops being read
 MAX_HEAD = 64 * 1024      # answer status line and headers, in all
 MAX_HEADERS = 256
+DNS_TTL_S = 300.0
 
 Body = AsyncIterator[list[bytes | bytearray | memoryview]]  # an upload, as writes
 
@@ -71,6 +72,8 @@ class Pool:
         self._waiters: collections.deque[asyncio.Future[None]] = collections.deque()
         self._idle: dict[_Origin, list[_Conn]] = {}
         self._targets: dict[tuple[str, str], _Target] = {}
+        # (host, port) -> (the lookup, when it expires); aiohttp's connector had ttl_dns_cache=300
+        self._addresses: dict[tuple[str, int], tuple[asyncio.Task[list[tuple[int, tuple]]], float]] = {}
         self._tls: ssl.SSLContext | None = None
         self._sweeper: asyncio.TimerHandle | None = None
         self._closed = False
@@ -172,8 +175,18 @@ class Pool:
             tls = self._tls
         try:
             async with asyncio.timeout(self._connect_timeout):
-                _, conn = await loop.create_connection(
-                    _Conn, origin.host, origin.port, ssl=tls, server_hostname=origin.host if tls else None)
+                error: OSError = OSError("no address")
+                for family, address in await self._resolve(origin.host, origin.port):
+                    try:
+                        _, conn = await loop.create_connection(
+                            _Conn, address[0], address[1], family=family, ssl=tls,
+                            server_hostname=origin.host if tls else None)
+                        break
+                    except OSError as exc:  # the next address, as aiohttp and curl do
+                        error = exc
+                else:
+                    self._addresses.pop((origin.host, origin.port), None)  # look it up anew next time
+                    raise error
         except TimeoutError:
             raise errors.upstream_timeout() from None
         except OSError:  # refused, unreachable, no such host, a TLS failure
@@ -182,6 +195,28 @@ class Pool:
         if self._sweeper is None and not self._closed:
             self._sweeper = loop.call_later(KEEPALIVE_S, self._sweep)
         return conn
+
+    async def _resolve(self, host: str, port: int) -> list[tuple[int, tuple]]:
+        """The host's addresses, looked up at most once per DNS_TTL_S; lookups under way for
+        the same host are shared (a burst of new connections makes one getaddrinfo, not one
+        per connection on a small thread pool). A failed lookup is not remembered."""
+        key = (host, port)
+        entry = self._addresses.get(key)
+        if entry is None or (entry[0].done() and self._loop.time() >= entry[1]):
+            lookup = self._loop.create_task(self._lookup(key))
+            lookup.add_done_callback(_retrieved)
+            entry = self._addresses[key] = (lookup, self._loop.time() + DNS_TTL_S)
+        return await asyncio.shield(entry[0])  # one caller leaving does not cancel the others' lookup
+
+    async def _lookup(self, key: tuple[str, int]) -> list[tuple[int, tuple]]:
+        try:
+            infos = await self._loop.getaddrinfo(key[0], key[1], type=socket.SOCK_STREAM)
+        except BaseException:
+            entry = self._addresses.get(key)
+            if entry is not None and entry[0] is asyncio.current_task():
+                del self._addresses[key]
+            raise
+        return [(family, address) for family, _, _, _, address in infos]
 
     def _done(self, conn: _Conn, reusable: bool) -> None:
         """A request is over: its connection goes back to the pool or is aborted; its slot is
@@ -224,6 +259,14 @@ class Pool:
             for conn in conns:
                 conn.abort()
         self._idle.clear()
+        for lookup, _ in self._addresses.values():
+            lookup.cancel()
+
+
+def _retrieved(task: asyncio.Task) -> None:
+    """A lookup's failure is seen by whoever awaits it; none may be left to see it."""
+    if not task.cancelled():
+        task.exception()
 
 
 def _field(value: str) -> bytes:

@@ -181,6 +181,20 @@ async def test_an_upstream_certificate_nobody_trusts_is_a_502(tls_fake: FakeUpst
     assert tls_fake.received == []
 
 
+async def test_an_upstream_named_by_host_name(make_gateway) -> None:
+    """api_base with a name, not an address: resolved (and cached) by the client, sent as Host."""
+    fake = FakeUpstream(host="localhost")
+    fake.start()
+    try:
+        gw = make_gateway(upstream_base=fake.base_url)
+        assert [s for s, _, _ in await speech(gw, 3)] == [200] * 3
+        port = fake.base_url.split(":")[2].split("/")[0]
+        assert [g.headers["Host"] for g in fake.wait_received(3)] == [f"localhost:{port}"] * 3
+        gw.stop()
+    finally:
+        fake.stop()
+
+
 # -- keep-alive and the connection cap ------------------------------------------------------------
 
 
@@ -288,9 +302,12 @@ async def test_a_slot_comes_back_whatever_ends_the_request(make_gateway, scripte
         deadline = time.monotonic() + 10
         while await in_flight() < 2:  # polling the gateway's own count, bounded
             assert time.monotonic() < deadline, "the second request never reached the gateway"
-        for task in (first, queued):  # both callers leave
-            task.cancel()
-        await asyncio.gather(first, queued, return_exceptions=True)
+        queued.cancel()  # the waiting caller leaves: its place in the queue goes
+        await asyncio.gather(queued, return_exceptions=True)
+        while await in_flight() > 1:
+            assert time.monotonic() < deadline, "the gateway never saw the waiting caller leave"
+        first.cancel()  # then the one holding the slot
+        await asyncio.gather(first, return_exceptions=True)
         hold.set()
         async with asyncio.timeout(10):  # a slot lost for good would hang here
             assert await post() == (200, b"answer-1")  # the queued one never reached the upstream
