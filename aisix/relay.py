@@ -19,7 +19,7 @@ from .config import Guardrail
 from .deadline import CLIENT, UPSTREAM, Deadline
 from .exchange import Exchange
 from .middlewares import stamp
-from .upstream import Answer
+from .http1 import Answer
 
 _RELAYED = ("Content-Type", "Content-Length", "Content-Disposition", "Retry-After")
 _STREAMED = ("audio/", "text/event-stream")

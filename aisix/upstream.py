@@ -7,7 +7,8 @@ the gateway needs much less: it sends one POST to a URL known at load time, with
 from nothing, and relays the answer's bytes. So the request head is a byte string with its fixed
 part cached per (URL, provider key); a small body goes out with it in one write; an upload is
 written by one task with flow control; the answer is parsed by llhttp (``httptools``, the
-parser of Node.js and uvicorn) straight into a list of chunks the relay takes.
+parser of Node.js and uvicorn) straight into a list of chunks the relay takes (http1.py: one
+connection's protocol and answer; here: which connection, and the pool's rules).
 
 Outbound headers are built from nothing rather than filtered from the caller's: the caller's
 ``Authorization``, ``x-api-key``, cookies, ``Host`` and hop-by-hop headers cannot leak because
@@ -21,32 +22,20 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import contextlib
 import socket
 import ssl
-from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from urllib.parse import quote, urlsplit
 
-import httptools
-from multidict import CIMultiDict, CIMultiDictProxy
-
 from . import __version__, errors
 from .config import UpstreamSettings
+from .http1 import Answer, Body, Conn, UpstreamError
+
+__all__ = ["Answer", "Body", "Pool", "UpstreamError"]
 
 USER_AGENT = f"aisix/{__version__}"
 KEEPALIVE_S = 15.0        # an idle connection older than this is closed, not reused
-HIGH_WATER = 256 * 1024   # answer bytes buffered before the socket stops being read
-MAX_HEAD = 64 * 1024      # answer status line and headers, in all
-MAX_HEADERS = 256
 DNS_TTL_S = 300.0
-
-Body = AsyncIterator[list[bytes | bytearray | memoryview]]  # an upload, as writes
-
-
-class UpstreamError(ConnectionError):
-    """The upstream connection broke, or what came back is not HTTP/1.1."""
-
 
 @dataclass(frozen=True, slots=True)
 class _Origin:
@@ -70,7 +59,7 @@ class Pool:
         self._connect_timeout = settings.connect_timeout_ms / 1000
         self._in_use = 0
         self._waiters: collections.deque[asyncio.Future[None]] = collections.deque()
-        self._idle: dict[_Origin, list[_Conn]] = {}
+        self._idle: dict[_Origin, list[Conn]] = {}
         self._targets: dict[tuple[str, str], _Target] = {}
         # (host, port) -> (the lookup, when it expires); aiohttp's connector had ttl_dns_cache=300
         self._addresses: dict[tuple[str, int], tuple[asyncio.Task[list[tuple[int, tuple]]], float]] = {}
@@ -98,7 +87,7 @@ class Pool:
         else:
             head.append(b"\r\nTransfer-Encoding: chunked\r\n\r\n")
         conn = await self._acquire(target.origin)
-        answer = Answer(self, conn)
+        answer = Answer(self._loop, conn, self._done)
         try:
             if isinstance(body, bytes):
                 conn.send(b"".join(head))
@@ -138,7 +127,7 @@ class Pool:
 
     # -- connections ------------------------------------------------------------------------------
 
-    async def _acquire(self, origin: _Origin) -> _Conn:
+    async def _acquire(self, origin: _Origin) -> Conn:
         if self._in_use < self._limit and not self._waiters:
             self._in_use += 1
         else:
@@ -166,7 +155,7 @@ class Pool:
             self._free_slot()
             raise
 
-    async def _connect(self, origin: _Origin) -> _Conn:
+    async def _connect(self, origin: _Origin) -> Conn:
         loop = self._loop
         tls = None
         if origin.tls:
@@ -179,7 +168,7 @@ class Pool:
                 for family, address in await self._resolve(origin.host, origin.port):
                     try:
                         _, conn = await loop.create_connection(
-                            _Conn, address[0], address[1], family=family, ssl=tls,
+                            Conn, address[0], address[1], family=family, ssl=tls,
                             server_hostname=origin.host if tls else None)
                         break
                     except OSError as exc:  # the next address, as aiohttp and curl do
@@ -218,7 +207,7 @@ class Pool:
             raise
         return [(family, address) for family, _, _, _, address in infos]
 
-    def _done(self, conn: _Conn, reusable: bool) -> None:
+    def _done(self, conn: Conn, reusable: bool) -> None:
         """A request is over: its connection goes back to the pool or is aborted; its slot is
         handed to the next waiting request or freed."""
         if reusable and not conn.closed and not self._closed:
@@ -275,260 +264,3 @@ def _field(value: str) -> bytes:
     if b"\r" in data or b"\n" in data or b"\0" in data:
         raise errors.invalid_request("invalid_header", "A header value contains a line break.")
     return data
-
-
-class _Conn(asyncio.Protocol):
-    """One upstream connection: the socket's events and llhttp's, for the answer under way."""
-
-    def __init__(self) -> None:
-        self.transport: asyncio.Transport = None  # type: ignore[assignment]  # set on connect
-        self.answer: Answer | None = None
-        self.closed = False
-        self.idle_since = 0.0
-        self.origin: _Origin | None = None
-        self._parser = httptools.HttpResponseParser(self)
-        self._head_size = 0
-        self._interim = False
-        self._paused = False       # writing: the socket's send buffer is full
-        self._drain: asyncio.Future[None] | None = None
-
-    # -- the socket -------------------------------------------------------------------------------
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
-        sock = transport.get_extra_info("socket")
-        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
-            with contextlib.suppress(OSError):
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-
-    def data_received(self, data: bytes) -> None:
-        answer = self.answer
-        if answer is None or answer.complete:
-            self.abort()  # bytes nobody asked for: this connection can no longer be trusted
-            return
-        try:
-            self._parser.feed_data(data)
-        except Exception:  # llhttp's errors, and ours from its callbacks (headers too large)
-            answer._fail(UpstreamError("the upstream's answer is not valid HTTP/1.1"))
-            self.abort()
-
-    def eof_received(self) -> bool:
-        return False  # close the connection
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.closed = True
-        if self.answer is not None:
-            self.answer._lost(exc)
-        if self._drain is not None and not self._drain.done():
-            self._drain.set_exception(UpstreamError("the upstream closed the connection"))
-
-    def pause_writing(self) -> None:
-        self._paused = True
-
-    def resume_writing(self) -> None:
-        self._paused = False
-        if self._drain is not None and not self._drain.done():
-            self._drain.set_result(None)
-
-    async def drain(self) -> None:
-        if self._paused and not self.closed:
-            self._drain = asyncio.get_running_loop().create_future()
-            await self._drain
-        if self.closed:
-            raise UpstreamError("the upstream closed the connection")
-
-    def send(self, *data: bytes | bytearray | memoryview) -> None:
-        """One write (a writev for several pieces); UpstreamError once the socket is closing."""
-        transport = self.transport
-        if self.closed or transport.is_closing():
-            raise UpstreamError("the upstream closed the connection")
-        try:
-            transport.writelines(data) if len(data) > 1 else transport.write(data[0])
-        except (RuntimeError, OSError):  # closed under us, between the check and the write
-            raise UpstreamError("the upstream closed the connection") from None
-
-    def abort(self) -> None:
-        self.closed = True
-        if self.transport is not None:
-            self.transport.abort()
-
-    # -- llhttp's callbacks -----------------------------------------------------------------------
-
-    def on_message_begin(self) -> None:
-        self._head_size = 0
-        self.answer._raw_headers = []  # type: ignore[union-attr]
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        answer = self.answer
-        self._head_size += len(name) + len(value) + 4
-        if self._head_size > MAX_HEAD or len(answer._raw_headers) >= MAX_HEADERS:  # type: ignore[union-attr]
-            raise UpstreamError("the upstream's answer headers are too large")
-        answer._raw_headers.append((name.decode("latin-1"), value.decode("latin-1")))  # type: ignore[union-attr]
-
-    def on_headers_complete(self) -> None:
-        status = self._parser.get_status_code()
-        if 100 <= status < 200:  # 100 Continue, 103 Early Hints: the answer is still to come
-            self._interim = True
-            return
-        self.answer._head(status, self._parser.should_keep_alive())  # type: ignore[union-attr]
-
-    def on_body(self, body: bytes) -> None:
-        self.answer._feed(body)  # type: ignore[union-attr]
-
-    def on_message_complete(self) -> None:
-        if self._interim:
-            self._interim = False
-            return
-        self.answer._complete()  # type: ignore[union-attr]
-
-
-class Answer:
-    """An upstream answer: status and headers at once, the body as it arrives."""
-
-    __slots__ = ("status", "headers", "body_error", "complete", "_pool", "_conn", "_headers", "_raw_headers",
-                 "_keep_alive", "_chunks", "_buffered", "_error", "_waiter", "_writer", "_eof_ends", "_finished")
-
-    def __init__(self, pool: Pool, conn: _Conn) -> None:
-        self.status = 0
-        self.headers: CIMultiDictProxy[str] = _NO_HEADERS
-        self.body_error: BaseException | None = None  # what the upload's iterator raised
-        self.complete = False
-        self._pool = pool
-        self._conn = conn
-        self._headers: asyncio.Future[None] = pool._loop.create_future()
-        self._raw_headers: list[tuple[str, str]] = []
-        self._keep_alive = False
-        self._chunks: list[bytes] = []
-        self._buffered = 0
-        self._error: BaseException | None = None
-        self._waiter: asyncio.Future[None] | None = None
-        self._writer: asyncio.Task[None] | None = None
-        self._eof_ends = False  # no Content-Length, not chunked: the body ends with the connection
-        self._finished = False
-        conn.answer = self
-
-    async def read(self) -> bytes:
-        """The body bytes that have arrived (waiting for some); b"" at its end."""
-        while True:
-            chunks = self._chunks
-            if chunks:
-                data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
-                chunks.clear()
-                if self._buffered >= HIGH_WATER and not self._conn.closed:
-                    self._conn.transport.resume_reading()
-                self._buffered = 0
-                return data
-            if self._error is not None:
-                raise self._error
-            if self.complete:
-                return b""
-            self._waiter = self._pool._loop.create_future()
-            try:
-                await self._waiter
-            finally:
-                self._waiter = None
-
-    def release(self) -> None:
-        """The body was read to its end: the connection may serve the next request."""
-        if self._finished:
-            return
-        self._finished = True
-        self._headers.cancel()  # no-op once the headers are in; otherwise nobody will await it
-        writer = self._writer
-        sent = writer is None or (writer.done() and not writer.cancelled() and self.body_error is None)
-        if writer is not None and not writer.done():
-            writer.cancel()
-        self._pool._done(self._conn, self.complete and self._keep_alive and sent and self._error is None)
-
-    def close(self) -> None:
-        """Give up on this answer: the connection is aborted."""
-        if self._finished:
-            return
-        self._finished = True
-        self._headers.cancel()
-        if self._writer is not None and not self._writer.done():
-            self._writer.cancel()
-        self._pool._done(self._conn, False)
-
-    # -- from the connection ----------------------------------------------------------------------
-
-    def _head(self, status: int, keep_alive: bool) -> None:
-        self.status = status
-        self.headers = CIMultiDictProxy(CIMultiDict(self._raw_headers))
-        self._keep_alive = keep_alive
-        self._eof_ends = ("Content-Length" not in self.headers
-                          and "chunked" not in self.headers.get("Transfer-Encoding", "").lower()
-                          and status not in (204, 304))
-        if not self._headers.done():
-            self._headers.set_result(None)
-
-    def _feed(self, body: bytes) -> None:
-        self._chunks.append(body)
-        self._buffered += len(body)
-        if self._buffered >= HIGH_WATER:
-            self._conn.transport.pause_reading()
-        self._wake()
-
-    def _complete(self) -> None:
-        self.complete = True
-        self._wake()
-
-    def _fail(self, exc: BaseException) -> None:
-        if self._error is None:
-            self._error = exc
-        if not self._headers.done():
-            self._headers.set_exception(exc)
-        self._wake()
-
-    def _lost(self, exc: Exception | None) -> None:
-        if self.complete:
-            return
-        if exc is None and self._headers.done() and self._eof_ends:
-            self._complete()  # the body ran to a clean end of the connection, as announced
-            self._keep_alive = False
-        else:  # a reset is never the end of a body, whatever framed it
-            self._fail(UpstreamError("the upstream closed the connection before its answer was complete"))
-
-    def _wake(self) -> None:
-        if self._waiter is not None and not self._waiter.done():
-            self._waiter.set_result(None)
-
-    async def _write(self, head: bytes, body: Body, chunked: bool) -> None:
-        """The upload, one writev per write its iterator yields, at the pace the upstream reads."""
-        conn = self._conn
-        writes = body.__aiter__()
-        try:
-            while True:
-                try:
-                    pieces = await writes.__anext__()
-                except StopAsyncIteration:
-                    break
-                except asyncio.CancelledError:
-                    raise
-                except BaseException as exc:  # the caller's side of the upload failed
-                    self.body_error = exc
-                    self._fail(UpstreamError("the upload was given up"))
-                    conn.abort()
-                    return
-                if chunked:
-                    size = sum(map(len, pieces))
-                    pieces = [b"%x\r\n" % size, *pieces, b"\r\n"] if size else []
-                if head:
-                    pieces = [head, *pieces]
-                    head = b""
-                if pieces:
-                    conn.send(*pieces)
-                if conn._paused:
-                    await conn.drain()
-            if head or chunked:
-                conn.send(head + b"0\r\n\r\n" if chunked else head)
-        except UpstreamError:
-            pass  # lost while waiting to write: the answer's reader says so
-        finally:
-            aclose = getattr(writes, "aclose", None)
-            if aclose is not None:
-                with contextlib.suppress(BaseException):
-                    await aclose()
-
-
-_NO_HEADERS: CIMultiDictProxy[str] = CIMultiDictProxy(CIMultiDict())

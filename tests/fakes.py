@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import socket
 import ssl
 import threading
 import time
@@ -284,3 +285,49 @@ class FakeUpstream:
         except ConnectionError:  # the client left mid-answer; nothing to report to it
             pass
         return response
+
+
+class SocketUpstream:
+    """A raw upstream on 127.0.0.1, port 0: a thread accepts, one thread serves each connection
+    (``_serve(conn, number)``, numbered from 1). For faults and answers aiohttp will not make."""
+
+    def __init__(self, rcvbuf: int | None = None) -> None:
+        self.connections = 0
+        self._listener = socket.socket()
+        if rcvbuf is not None:  # set before listen: accepted sockets inherit it (no autotuning)
+            self._listener.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+        self._listener.bind(("127.0.0.1", 0))
+        self._listener.listen(64)
+        self.port = self._listener.getsockname()[1]
+        self.base_url = f"http://127.0.0.1:{self.port}/v1"
+        self._threads: list[threading.Thread] = []
+        self._conns: list[socket.socket] = []
+        self._accept = threading.Thread(target=self._run, daemon=True)
+        self._accept.start()
+
+    def stop(self) -> None:
+        self._listener.shutdown(socket.SHUT_RDWR)
+        self._listener.close()
+        self._accept.join(5)
+        for conn in self._conns:  # wakes the threads still waiting on a gateway that holds on
+            try:
+                conn.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        for t in self._threads:
+            t.join(5)
+
+    def _run(self) -> None:
+        while True:
+            try:
+                conn, _ = self._listener.accept()
+            except OSError:
+                return
+            self.connections += 1
+            self._conns.append(conn)
+            t = threading.Thread(target=self._serve, args=(conn, self.connections), daemon=True)
+            self._threads.append(t)
+            t.start()
+
+    def _serve(self, conn: socket.socket, number: int) -> None:
+        raise NotImplementedError

@@ -33,7 +33,7 @@ import aiohttp
 import pytest
 
 from aisix.devupstream import MP3_FRAME
-from tests.fakes import Behaviour, FakeUpstream
+from tests.fakes import Behaviour, FakeUpstream, SocketUpstream
 from tests.gateway import TEAM_A, Gateway
 from tests.test_disconnects import established_to
 from tests.test_transcriptions import form
@@ -63,51 +63,20 @@ ANSWERS = {
 }
 
 
-class RawUpstream:
+class RawUpstream(SocketUpstream):
     """One thread per connection; `fault` says what it does with the next requests."""
 
     def __init__(self) -> None:
+        # A small receive buffer (no autotuning): an upstream that stops reading stops the upload.
+        super().__init__(rcvbuf=64 * 1024)
         self.fault = ""
         self.answer = ANSWERS["speech"]
         self.requests: list[tuple[str, bool]] = []  # (path, whole body read)
         # Set by the test once the caller has the answer's first bytes: a fault mid-answer then
         # happens after the gateway has started answering, never in the same read as the headers.
         self.release = threading.Event()
-        self._listener = socket.socket()
-        # A small receive buffer (no autotuning): an upstream that stops reading stops the upload.
-        self._listener.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
-        self._listener.bind(("127.0.0.1", 0))
-        self._listener.listen(64)
-        self.port = self._listener.getsockname()[1]
-        self._threads: list[threading.Thread] = []
-        self._conns: list[socket.socket] = []
-        self._accept = threading.Thread(target=self._run, daemon=True)
-        self._accept.start()
 
-    def stop(self) -> None:
-        self._listener.shutdown(socket.SHUT_RDWR)
-        self._listener.close()
-        self._accept.join(5)
-        for conn in self._conns:  # wakes the threads still waiting on a gateway that holds on
-            try:
-                conn.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-        for t in self._threads:
-            t.join(5)
-
-    def _run(self) -> None:
-        while True:
-            try:
-                conn, _ = self._listener.accept()
-            except OSError:
-                return
-            self._conns.append(conn)
-            t = threading.Thread(target=self._serve, args=(conn,), daemon=True)
-            self._threads.append(t)
-            t.start()
-
-    def _serve(self, conn: socket.socket) -> None:
+    def _serve(self, conn: socket.socket, number: int) -> None:
         fault, answer = self.fault, self.answer
         try:
             conn.settimeout(30)

@@ -20,7 +20,7 @@ import aiohttp
 import pytest
 import trustme
 
-from tests.fakes import FakeUpstream
+from tests.fakes import FakeUpstream, SocketUpstream
 from tests.gateway import TEAM_A, Gateway
 from tests.test_faults import _read_body
 from tests.test_operations import scrape, value
@@ -31,50 +31,19 @@ RST = b"<reset the connection>"  # an answer ending with this is cut by an RST
 SPEECH = {"model": "tts-prod", "input": "hello", "voice": "alloy"}
 
 
-class Scripted:
-    """An HTTP/1.1 upstream on 127.0.0.1 whose answers are the bytes `answer(n)` returns for the
-    n-th request (from 0); `close` after an answer when the answer says so. Thread per connection."""
+class Scripted(SocketUpstream):
+    """An HTTP/1.1 upstream whose answers are the bytes `answer(n)` returns for the n-th request
+    (from 0); it closes after an answer that says `Connection: close`, resets where one ends
+    with RST. Counts connections, requests per connection and requests waiting for an answer."""
 
     def __init__(self, answer: Callable[[int], bytes], before_answer: Callable[[], None] = lambda: None) -> None:
+        super().__init__()
         self.answer = answer
         self.before_answer = before_answer
-        self.connections = 0
         self.requests: list[tuple[int, str]] = []  # (connection number, path)
         self.open = 0
         self.peak_open = 0
         self._lock = threading.Lock()
-        self._listener = socket.socket()
-        self._listener.bind(("127.0.0.1", 0))
-        self._listener.listen(64)
-        self.base_url = f"http://127.0.0.1:{self._listener.getsockname()[1]}/v1"
-        self._threads: list[threading.Thread] = []
-        self._conns: list[socket.socket] = []
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def stop(self) -> None:
-        self._listener.shutdown(socket.SHUT_RDWR)
-        self._listener.close()
-        for conn in self._conns:
-            try:
-                conn.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-        for t in self._threads:
-            t.join(5)
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                conn, _ = self._listener.accept()
-            except OSError:
-                return
-            with self._lock:
-                self.connections += 1
-                number = self.connections
-            self._conns.append(conn)
-            t = threading.Thread(target=self._serve, args=(conn, number), daemon=True)
-            self._threads.append(t)
-            t.start()
 
     def _serve(self, conn: socket.socket, number: int) -> None:
         conn.settimeout(30)
