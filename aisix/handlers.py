@@ -34,7 +34,7 @@ class Outbound:
     model: Model
     body: bytes | upstream.Body
     content_type: str
-    content_length: int | None  # None: aiohttp sizes a bytes body, a stream goes chunked
+    content_length: int | None  # None: a bytes body is sized by the client, a stream goes chunked
     held: Spool | None = None   # closed by the pipeline whatever happens, even if never sent
 
 

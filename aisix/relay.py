@@ -18,8 +18,8 @@ from .answer import AnswerReader
 from .config import Guardrail
 from .deadline import CLIENT, UPSTREAM, Deadline
 from .exchange import Exchange
-from .middlewares import stamp
 from .http1 import Answer
+from .middlewares import stamp
 
 _RELAYED = ("Content-Type", "Content-Length", "Content-Disposition", "Retry-After")
 _STREAMED = ("audio/", "text/event-stream")
