@@ -294,3 +294,21 @@ def test_bodies_larger_than_a_window_in_one_feed_or_many() -> None:
         cuts = sorted(rng.sample(range(1, len(data)), rng.randint(1, 6)))
         out, fields = rewrite(data, cuts)
         assert out == expected and fields == [Field("model", b"m" * 40_000)]
+
+
+def test_the_delimiter_search_is_bytes_find() -> None:
+    """The rewriter's SIMD search (stringzilla) must answer as bytes.find does, on every kind of
+    buffer it is given and for every start, including past the end."""
+    import random
+
+    from aisix.multipart import _find
+
+    rng = random.Random(7)
+    alphabet = b"\r\n-ab"  # few symbols: many near-misses and overlaps
+    for _ in range(20000):
+        hay = bytes(rng.choice(alphabet) for _ in range(rng.randint(0, 48)))
+        needle = bytes(rng.choice(alphabet) for _ in range(rng.randint(1, 6)))
+        start = rng.randint(0, len(hay) + 2)
+        want = hay.find(needle, start)
+        for buffer in (hay, bytearray(hay), memoryview(hay)):
+            assert _find(buffer, needle, start) == want, (hay, needle, start)
