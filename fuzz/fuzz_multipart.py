@@ -186,7 +186,8 @@ def reference(
     ``CRLF--boundary`` is always a delimiter, followed by ``--`` (the close; anything after is
     epilogue) or by spaces/tabs and CRLF (a part), anything else is a 400, and so is a body that
     ends before two bytes follow it. A part's header block runs from the delimiter's ``--`` to
-    the blank line, included, capped at max_head, and must pass ``ref_disposition()``; its data
+    the blank line, included, capped at max_head, must not hold ``CRLF--boundary`` (that is
+    always a delimiter) and must pass ``ref_disposition()``; its data
     must not start with ``--boundary``; a captured value is capped at max_value.
     """
     bad = RefError("invalid_multipart")
@@ -221,6 +222,8 @@ def reference(
             raise bad
         line_end = data.find(b"\r\n", i + n)
         if data[i + n:line_end].strip(b" \t"):
+            raise bad
+        if data.find(delim, line_end, end + 2) >= 0:  # CRLF--boundary is always a delimiter
             raise bad
         if heads is not None:
             heads.append(end + 4 - (i + 2))
