@@ -17,7 +17,7 @@ import httptools
 from multidict import CIMultiDict, CIMultiDictProxy
 
 HIGH_WATER = 256 * 1024   # answer bytes buffered before the socket stops being read
-MAX_HEAD = 64 * 1024      # answer status line and headers, in all
+MAX_HEAD = 64 * 1024      # answer status line and headers (1xx heads included), in all
 MAX_HEADERS = 256
 
 Body = AsyncIterator[list[bytes | bytearray | memoryview]]  # an upload, as writes
@@ -38,6 +38,7 @@ class Conn(asyncio.Protocol):
         self.origin: object = None  # the pool's key for where it leads
         self._parser = httptools.HttpResponseParser(self)
         self._head_size = 0
+        self._unanswered = 0       # bytes of the answer under way before its final head
         self._interim = False
         self._paused = False       # writing: the socket's send buffer is full
         self._drain: asyncio.Future[None] | None = None
@@ -58,7 +59,11 @@ class Conn(asyncio.Protocol):
             return
         try:
             self._parser.feed_data(data)
-        except Exception:  # llhttp's errors, and ours from its callbacks (headers too large)
+            if not answer.status:  # no final head yet: bound it, however it is cut into lines
+                self._unanswered += len(data)
+                if self._unanswered > MAX_HEAD:
+                    raise UpstreamError("the upstream's answer head is too large")
+        except Exception:  # llhttp's errors, and ours (heads too large)
             answer._fail(UpstreamError("the upstream's answer is not valid HTTP/1.1"))
             self.abort()
 
@@ -158,6 +163,7 @@ class Answer:
         self._eof_ends = False  # no Content-Length, not chunked: the body ends with the connection
         self._finished = False
         conn.answer = self
+        conn._unanswered = 0
 
     async def read(self) -> bytes:
         """The body bytes that have arrived (waiting for some); b"" at its end."""

@@ -223,6 +223,17 @@ async def test_an_answer_head_over_64_kib_is_a_502(make_gateway, scripted: list[
     assert status == 502 and b"upstream_unavailable" in body
 
 
+async def test_an_answer_head_that_never_ends_is_a_502_at_once(make_gateway, scripted: list[Scripted]) -> None:
+    """One header value that never ends (no line break to count it by): refused once past
+    64 KiB, not buffered until the answer timeout (here 60 s; the caller waits at most 10)."""
+    up = Scripted(lambda n: b"HTTP/1.1 200 OK\r\nContent-Type: audio/mpeg\r\nX-Endless: " + b"v" * 300_000)
+    scripted.append(up)
+    gw = make_gateway({"upstream": {"timeout_ms": 60_000}}, upstream_base=up.base_url)
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as s:
+        async with s.post(gw.url + "/v1/audio/speech", json=SPEECH, headers=AUTH) as r:
+            assert r.status == 502 and (await r.json())["error"]["code"] == "upstream_unavailable"
+
+
 async def test_max_connections_caps_the_requests_in_flight_upstream(make_gateway, scripted: list[Scripted]) -> None:
     """Four callers at once, a cap of two: the upstream holds each answer until a second request
     is there with it, so two do run together, and never three."""
