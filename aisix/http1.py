@@ -59,7 +59,8 @@ class Conn(asyncio.Protocol):
             return
         try:
             self._parser.feed_data(data)
-            if not answer.status:  # no final head yet: bound it, however it is cut into lines
+            # on_header bounds a head that arrives whole; this one that never ends (no line to count)
+            if not answer.status:
                 self._unanswered += len(data)
                 if self._unanswered > MAX_HEAD:
                     raise UpstreamError("the upstream's answer head is too large")
