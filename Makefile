@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed-$(shell cat setup.cfg pyproject.toml | cksum | cut 
 # redis-server for the shared rate limits and usage stream.
 SYSTEM_TOOLS := curl file redis-server
 
-.PHONY: run test venv system-tools clean
+.PHONY: run test lint venv system-tools clean
 
 venv: $(STAMP)
 
@@ -32,11 +32,25 @@ run: venv
 	trap 'kill $$dev 2>/dev/null' EXIT INT TERM; \
 	$(BIN)/python -m aisix serve -c etc/aisix/config.yaml
 
+# The static gate over aisix/ (pyproject.toml: [tool.ruff], [tool.mypy]): both run, either failing
+# fails it.
+lint: venv
+	@status=0; \
+	echo "ruff check aisix"; $(BIN)/python -m ruff check aisix || status=1; \
+	echo "mypy aisix"; $(BIN)/python -m mypy aisix || status=1; \
+	exit $$status
+
+# lint, then the tests. The tests run even when lint fails, so one run shows every failure; make
+# test exits non-zero if either failed.
 test: venv system-tools
-	$(BIN)/python -m pytest
+	@status=0; \
+	$(MAKE) --no-print-directory lint || status=1; \
+	$(BIN)/python -m pytest || status=1; \
+	if [ $$status -ne 0 ]; then echo "make test: FAILED (see lint and pytest above)"; fi; \
+	exit $$status
 
 clean:
-	rm -rf $(VENV) *.egg-info .pytest_cache
+	rm -rf $(VENV) *.egg-info .pytest_cache .mypy_cache .ruff_cache
 
 # -- make install: the gateway as a systemd service (as root; docs/operations.md, "Deploy") ------
 # A venv of its own in $(PREFIX)/venv made with the base $(PYTHON), the units in $(UNITDIR),
