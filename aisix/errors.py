@@ -92,6 +92,13 @@ def unsupported_content_type(expected: str) -> GatewayError:
     return invalid_request("unsupported_content_type", f"Content-Type must be {expected}.")
 
 
+def unsupported_content_encoding() -> GatewayError:
+    exc = invalid_request("unsupported_content_encoding",
+                          "Request bodies must not be compressed: send them without Content-Encoding.", status=415)
+    exc.headers["Accept-Encoding"] = "identity"  # RFC 7694: the codings this resource accepts
+    return exc
+
+
 def request_too_large(limit: int) -> GatewayError:
     return invalid_request("request_too_large", f"The request body is over the limit of {limit} bytes.", status=413)
 

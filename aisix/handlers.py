@@ -101,6 +101,7 @@ async def _exchange(request: web.Request, route: str, read_body: BodyReader) -> 
             key = auth.lookup(request.headers.get(hdrs.AUTHORIZATION), resources.keys_by_hash)
             ex.api_key = key.name
             auth.check_active(key, time.time())
+            _check_content_encoding(request)
             inbound = Inbound(request, settings.proxy.request_body_limit_bytes, deadline, idle, ex)
             out = await read_body(request, inbound, key, resources, settings, deadline, ex)
             model = out.model
@@ -167,6 +168,14 @@ def _sent(ex: Exchange, deadline: Deadline, model: Model, settings: Settings) ->
     timeout_ms = model.timeout_ms or settings.upstream.timeout_ms
     deadline.wait(timeout_ms / 1000, UPSTREAM)
     ex.upstream_sent = time.monotonic()
+
+
+def _check_content_encoding(request: web.Request) -> None:
+    """Bodies are read as sent (the server does not decode them): a coded body is refused, since
+    the gateway could not forward it with a length it can vouch for (docs/design.md)."""
+    for coding in request.headers.getall(hdrs.CONTENT_ENCODING, ()):
+        if any(c.strip(" \t").lower() not in ("identity", "") for c in coding.split(",")):
+            raise errors.unsupported_content_encoding()
 
 
 def _check_declared_length(request: web.Request, limit: int) -> None:

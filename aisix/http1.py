@@ -27,6 +27,11 @@ class UpstreamError(ConnectionError):
     """The upstream connection broke, or what came back is not HTTP/1.1."""
 
 
+class LengthMismatch(Exception):
+    """An upload that does not match the Content-Length its head declared: a bug, never a
+    caller's doing (the server checks the caller's framing); the connection is aborted."""
+
+
 class Conn(asyncio.Protocol):
     """One upstream connection: the socket's events and llhttp's, for the answer under way."""
 
@@ -252,10 +257,15 @@ class Answer:
         if self._waiter is not None and not self._waiter.done():
             self._waiter.set_result(None)
 
-    async def _write(self, head: bytes, body: Body, chunked: bool) -> None:
-        """The upload, one writev per write its iterator yields, at the pace the upstream reads."""
+    async def _write(self, head: bytes, body: Body, length: int | None) -> None:
+        """The upload, one writev per write its iterator yields, at the pace the upstream reads.
+
+        ``length`` is the Content-Length the head declared (None: chunked). What is written is
+        counted against it: a body that would go past it, or ends short of it, aborts the
+        connection before the difference can be read as the start of the next request."""
         conn = self._conn
         writes = body.__aiter__()
+        left = length
         try:
             while True:
                 try:
@@ -265,13 +275,16 @@ class Answer:
                 except asyncio.CancelledError:
                     raise
                 except BaseException as exc:  # the caller's side of the upload failed
-                    self.body_error = exc
-                    self._fail(UpstreamError("the upload was given up"))
-                    conn.abort()
+                    self._give_up(exc)
                     return
-                if chunked:
-                    size = sum(map(len, pieces))
+                size = sum(map(len, pieces))
+                if left is None:
                     pieces = [b"%x\r\n" % size, *pieces, b"\r\n"] if size else []
+                else:
+                    left -= size
+                    if left < 0:
+                        self._give_up(LengthMismatch(f"the upload went past its Content-Length of {length} bytes"))
+                        return
                 if head:
                     pieces = [head, *pieces]
                     head = b""
@@ -279,8 +292,11 @@ class Answer:
                     conn.send(*pieces)
                 if conn._paused:
                     await conn.drain()
-            if head or chunked:
-                conn.send(head + b"0\r\n\r\n" if chunked else head)
+            if left:
+                self._give_up(LengthMismatch(f"the upload ended {left} bytes short of its Content-Length"))
+                return
+            if head or left is None:
+                conn.send(head + b"0\r\n\r\n" if left is None else head)
         except UpstreamError:
             pass  # lost while waiting to write: the answer's reader says so
         finally:
@@ -288,6 +304,12 @@ class Answer:
             if aclose is not None:
                 with contextlib.suppress(BaseException):
                     await aclose()
+
+    def _give_up(self, exc: BaseException) -> None:
+        """The upload cannot be finished as declared: the connection is aborted, never reused."""
+        self.body_error = exc
+        self._fail(UpstreamError("the upload was given up"))
+        self._conn.abort()
 
 
 _NO_HEADERS: CIMultiDictProxy[str] = CIMultiDictProxy(CIMultiDict())

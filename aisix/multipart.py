@@ -140,7 +140,7 @@ class Rewriter:
 
     __slots__ = (
         "_delim", "_buf", "_state", "_drop", "_max_head", "_max_value",
-        "_capture", "_current", "_value", "_scanned", "_fresh", "seen", "parts",
+        "_capture", "_current", "_value", "_scanned", "_fresh", "_last", "seen", "parts",
     )
 
     def __init__(
@@ -163,10 +163,34 @@ class Rewriter:
         self._value = bytearray()
         self._scanned = 0  # how much of a head block has been searched for its blank line
         self._fresh = True  # at the start of part data (or of the body): "--boundary" may not follow
+        self._last = b""  # the last byte given out so far, held back until the closing delimiter
         self.seen: set[str] = set()  # captured names and "file", as met
         self.parts = 0
 
     def feed(self, data: bytes | bytearray) -> list[Piece]:
+        out = self._feed(data)
+        # Until the closing delimiter, the last byte given out is held back: a truncated form
+        # (which close() refuses) then never reaches the upstream whole, whatever its length.
+        held = self._last
+        if self._state == _EPILOGUE:
+            if held:
+                self._last = b""
+                out.insert(0, held)
+            return out
+        if out:
+            if held:
+                out.insert(0, held)
+                self._last = b""
+            tail = out[-1]
+            if not isinstance(tail, Field):  # a Field is never last: the delimiter after it is held
+                self._last = bytes(tail[-1:])
+                if len(tail) > 1:
+                    out[-1] = memoryview(tail)[:-1]
+                else:
+                    out.pop()
+        return out
+
+    def _feed(self, data: bytes | bytearray) -> list[Piece]:
         out: list[Piece] = []
         if self._state == _EPILOGUE:
             if data:

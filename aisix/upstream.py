@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import logging
 import socket
 import ssl
 from dataclasses import dataclass
@@ -29,9 +30,11 @@ from urllib.parse import quote, urlsplit
 
 from . import __version__, errors
 from .config import UpstreamSettings
-from .http1 import Answer, Body, Conn, UpstreamError
+from .http1 import Answer, Body, Conn, LengthMismatch, UpstreamError
 
 __all__ = ["Answer", "Body", "Pool", "UpstreamError"]
+
+log = logging.getLogger(__name__)
 
 USER_AGENT = f"aisix/{__version__}"
 KEEPALIVE_S = 15.0        # an idle connection older than this is closed, not reused
@@ -92,10 +95,13 @@ class Pool:
             if isinstance(body, bytes):
                 conn.send(b"".join(head))
             else:  # the head leaves with the body's first write
-                answer._writer = self._loop.create_task(answer._write(b"".join(head), body, content_length is None))
+                answer._writer = self._loop.create_task(answer._write(b"".join(head), body, content_length))
             await answer._headers
         except UpstreamError:
             answer.close()
+            if isinstance(answer.body_error, LengthMismatch):
+                log.error("request %s: %s; upstream connection aborted", request_id, answer.body_error)
+                raise errors.internal_error() from None
             if answer.body_error is not None:
                 raise answer.body_error from None
             raise errors.upstream_unavailable() from None

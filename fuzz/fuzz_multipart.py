@@ -27,10 +27,15 @@ For every input, ``check()`` asserts:
    same fields at the same offsets (the model value is replaced by a marker and the output
    compared to the body with that span swapped);
 6. when the rewriter rejects a body, what it has forwarded is not a complete body by the
-   reference: an upstream never receives a whole request that the gateway refused;
+   reference, and is shorter than the body: an upstream never receives a whole request that
+   the gateway refused, nor every byte a Content-Length promised;
 7. when it accepts a body, aiohttp's MultipartReader (the reader of aisix.devupstream) refuses
    it, finds no model, or finds exactly the model value the rewriter reported: never a hidden
-   model the gateway did not check (``AISIX_FUZZ_AIOHTTP=0`` turns this off).
+   model the gateway did not check (``AISIX_FUZZ_AIOHTTP=0`` turns this off);
+8. framing: when it accepts a body, the request the gateway would send upstream (the caller's
+   Content-Length adjusted by the size difference of the model value, then the rewritten
+   bytes) ends exactly where it says, so the next request on that keep-alive connection is
+   read from its first byte (``next_request_intact``).
 
 This file doubles as a library: tests/test_multipart_properties.py loads it to replay the
 corpus and to use ``reference()``. atheris is only imported when it runs as a script.
@@ -67,6 +72,7 @@ CODES = frozenset({"invalid_multipart", "missing_model", "missing_file"})
 # Check accepted bodies against aiohttp's reader too (AISIX_FUZZ_AIOHTTP=0 turns it off).
 DIFFERENTIAL = os.environ.get("AISIX_FUZZ_AIOHTTP", "1") != "0"
 MARK = b"<<MODEL>>"
+UPSTREAM_MODEL = b"upstream-model-id"  # what the gateway writes in the model value's place
 
 
 class RefError(Exception):
@@ -251,11 +257,12 @@ def buf_bound(boundary: bytes, max_head: int) -> int:
 class Outcome:
     """What one run of the rewriter produced."""
 
-    __slots__ = ("out", "raw", "fields", "code", "status")
+    __slots__ = ("out", "raw", "wire", "fields", "code", "status")
 
     def __init__(self) -> None:
         self.out = bytearray()   # the forwarded bytes, the model value replaced by MARK
         self.raw = bytearray()   # the forwarded bytes, every Field counted as its own value
+        self.wire = bytearray()  # what the upstream gets: the model value replaced by UPSTREAM_MODEL
         self.fields: list[Field] = []
         self.code: str | None = None
         self.status: int | None = None
@@ -287,10 +294,12 @@ def run(
             if isinstance(p, Field):
                 res.fields.append(p)
                 res.out += MARK if p.name == MODEL else p.value
+                res.wire += UPSTREAM_MODEL if p.name == MODEL else p.value
                 raw = p.value
             else:
                 assert isinstance(p, (bytes, bytearray, memoryview)), type(p)
                 res.out += p
+                res.wire += p
                 raw = p
             if body is not None:
                 at = len(res.raw)
@@ -386,6 +395,19 @@ def expected_output(body: bytes, spans: list[tuple[str, int, int]]) -> bytes:
     return bytes(out + body[at:])
 
 
+NEXT_REQUEST = b"POST /v1/audio/speech HTTP/1.1\r\nHost: upstream\r\nContent-Length: 2\r\n\r\n{}"
+
+
+def next_request_intact(body: bytes, outcome: Outcome) -> bool:
+    """One keep-alive connection as the upstream reads it: this request, framed by the length
+    the gateway declares (the caller's, adjusted for the model value), then the next request.
+    What is left after reading the declared length must be the next request, whole."""
+    old = b"".join(f.value for f in outcome.fields if f.name == MODEL)
+    declared = len(body) + len(UPSTREAM_MODEL) - len(old)
+    wire = bytes(outcome.wire) + NEXT_REQUEST
+    return wire[declared:] == NEXT_REQUEST
+
+
 def check(
     boundary: bytes,
     body: bytes,
@@ -412,12 +434,14 @@ def check(
             pass
         else:
             raise AssertionError("a rejected body was forwarded complete") from None
+        assert not chunked.raw or len(chunked.raw) < len(body), "a rejected body was forwarded to its last byte"
         return chunked
     assert chunked.code is None, f"reference accepts, rewriter rejected with {chunked.code}"
     assert bytes(chunked.raw) == body
     assert [f.name for f in chunked.fields] == [name for name, _, _ in spans]
     assert [f.value for f in chunked.fields] == [body[s:e] for _, s, e in spans]
     assert bytes(chunked.out) == expected_output(body, spans)
+    assert next_request_intact(body, chunked), "the rewritten body does not end where its length says"
     if DIFFERENTIAL:
         # aiohttp may refuse the body or miss the model (the upstream then fails the request),
         # but any model value it reads must be the one the gateway checked and rewrites.

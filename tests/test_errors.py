@@ -1,4 +1,4 @@
-"""Every SPEC section 4 case the gateway answers itself: exact status, type and code, as an envelope."""
+"""Every error the gateway answers itself (docs/api.md, "Errors"): exact status, type and code, as an envelope."""
 
 from __future__ import annotations
 
@@ -32,9 +32,10 @@ def speech(model: str = "tts-prod", key: str = TEAM_A) -> dict[str, Any]:
     return {"json": {"model": model, "input": "hi", "voice": "alloy"}, "headers": bearer(key)}
 
 
-def transcription(*order: str, key: str = TEAM_A, **values: bytes) -> dict[str, Any]:
+def transcription(*order: str, key: str = TEAM_A, headers: dict[str, str] | None = None,
+                  **values: bytes) -> dict[str, Any]:
     body, ctype = form(*order, **values)
-    return {"data": body, "headers": {**bearer(key), "Content-Type": ctype}}
+    return {"data": body, "headers": {**bearer(key), "Content-Type": ctype, **(headers or {})}}
 
 
 CASES = [
@@ -85,6 +86,17 @@ CASES = [
      400, "invalid_request_error", "invalid_multipart", None),
     ("form-non-utf8-model", TRANSCRIBE, transcription("model", "file", model=b"\xff\xfe"), 400,
      "invalid_request_error", "invalid_multipart", None),
+    # Bodies are forwarded as sent, so a coded one could not be forwarded with a length the
+    # gateway can vouch for: refused before it is read (a gzip upload once desynchronised the
+    # upstream connection).
+    ("speech-gzip", SPEECH, {"data": b"\x1f\x8b", "headers": {**bearer(TEAM_A), "Content-Type": "application/json",
+                                                              "Content-Encoding": "gzip"}},
+     415, "invalid_request_error", "unsupported_content_encoding", None),
+    ("form-br", TRANSCRIBE, transcription("model", "file", headers={"Content-Encoding": "br"}),
+     415, "invalid_request_error", "unsupported_content_encoding", None),
+    ("form-identity-then-deflate", TRANSCRIBE, transcription("model", "file",
+                                                             headers={"Content-Encoding": "identity, deflate"}),
+     415, "invalid_request_error", "unsupported_content_encoding", None),
     ("unknown-path", "/v1/chat/completions", {"json": {}}, 404, "invalid_request_error", "not_found", None),
     ("wrong-method", SPEECH, {"method": "GET"}, 405, "invalid_request_error", "method_not_allowed", None),
 ]

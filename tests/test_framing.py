@@ -1,0 +1,173 @@
+"""Every length the gateway declares upstream is one it can prove: coded bodies are refused, the
+upstream writer counts what it writes against the Content-Length it sent, and a form the gateway
+refuses never reaches the upstream whole, whatever its framing.
+
+The attack this guards against: a gzip upload was decoded by the server while the upstream was
+told the caller's compressed Content-Length, so the bytes past it were read by the provider as
+the start of the next request on that keep-alive connection (another caller's, provider key and
+all).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gzip
+import socket
+import threading
+from collections.abc import AsyncIterator, Iterator
+
+import aiohttp
+import pytest
+
+from aisix import errors
+from aisix.config import UpstreamSettings
+from aisix.upstream import Pool
+from tests.fakes import FakeUpstream, SocketUpstream
+from tests.gateway import TEAM_A, Gateway
+from tests.test_hostile import END, FORM_TYPE, TRANSCRIBE, envelope, post
+from tests.test_transcriptions import form, no_complete_request_reached
+
+AUTH = {"Authorization": f"Bearer {TEAM_A}"}
+
+
+class Recorder(SocketUpstream):
+    """Reads requests off each connection as an HTTP/1.1 server would (head, then exactly
+    Content-Length body bytes) and answers each with a small 200: what it records is how the
+    upstream saw the byte stream, request by request."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.requests: list[tuple[int, bytes, bytes | None]] = []  # (connection, request line, body or None if cut)
+        self.ended: set[int] = set()  # connections that are over
+        self._changed = threading.Condition()
+
+    def _serve(self, conn: socket.socket, number: int) -> None:
+        conn.settimeout(30)
+        f = conn.makefile("rb")
+        try:
+            while line := f.readline():
+                length = 0
+                while (h := f.readline()) not in (b"\r\n", b""):
+                    name, _, value = h.partition(b":")
+                    if name.strip().lower() == b"content-length":
+                        length = int(value)
+                try:
+                    body: bytes | None = f.read(length)
+                except OSError:
+                    body = None
+                if body is None or len(body) < length:
+                    self._record(number, line.rstrip(), None)
+                    return
+                self._record(number, line.rstrip(), body)
+                conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{}")
+        except OSError:
+            pass
+        finally:
+            conn.close()
+            with self._changed:
+                self.ended.add(number)
+                self._changed.notify_all()
+
+    def _record(self, number: int, line: bytes, body: bytes | None) -> None:
+        with self._changed:
+            self.requests.append((number, line, body))
+            self._changed.notify_all()
+
+    def wait_ended(self, number: int) -> None:
+        with self._changed:
+            assert self._changed.wait_for(lambda: number in self.ended, timeout=10)
+
+
+@pytest.fixture
+def recorder() -> Iterator[Recorder]:
+    r = Recorder()
+    yield r
+    r.stop()
+
+
+async def writes(*sizes: int) -> AsyncIterator[list[bytes | bytearray | memoryview]]:
+    for size in sizes:
+        yield [b"a" * size]
+
+
+@pytest.mark.parametrize("sizes", [(5, 5), (3,), (5, 0, 1)], ids=["past-it", "short-of-it", "one-byte-past"])
+async def test_the_writer_aborts_an_upload_that_differs_from_its_content_length(
+        recorder: Recorder, sizes: tuple[int, ...]) -> None:
+    """Whatever the cause, a body that does not match the declared length is never left for the
+    upstream to read as the start of the next request: the connection is aborted, and the next
+    request goes on a new one."""
+    pool = Pool(UpstreamSettings())
+    url = recorder.base_url + "/audio/transcriptions"
+    try:
+        with pytest.raises(errors.GatewayError) as caught:
+            async with asyncio.timeout(10):  # without the count, a short body waits for ever
+                await pool.send(url, "Bearer k", "rid-1", "application/octet-stream", None, writes(*sizes), 5)
+        assert (caught.value.status, caught.value.code) == (500, "internal_error")
+        answer = await pool.send(url, "Bearer k", "rid-2", "application/json", None, b"{}", None)
+        assert (answer.status, await answer.read()) == (200, b"{}")
+        answer.release()
+    finally:
+        await pool.close()
+    recorder.wait_ended(1)
+    # The first connection carried one request at most (a reset may beat its bytes to the
+    # reader), the declared bytes at most, then nothing: no second request read off it. The
+    # next request went on a new connection.
+    *first, last = sorted(recorder.requests, key=lambda r: r[0])  # threads record in any order
+    assert last == (2, b"POST /v1/audio/transcriptions HTTP/1.1", b"{}")
+    assert first in ([], [(1, b"POST /v1/audio/transcriptions HTTP/1.1", None)],
+                     [(1, b"POST /v1/audio/transcriptions HTTP/1.1", b"aaaaa")]), first
+
+
+@pytest.mark.parametrize("coding", ["gzip", "deflate", "br", "zstd", "GZIP", "identity, gzip"])
+async def test_a_coded_upload_is_refused_before_anything_is_sent(make_gateway, recorder: Recorder,
+                                                                 coding: str) -> None:
+    """The original attack: a compressible body whose decoded bytes hold a whole second request.
+    Refused with 415 before the body is read; the upstream gets nothing, and the next caller's
+    request on the gateway's upstream connection is read as itself."""
+    gw = make_gateway(upstream_base=recorder.base_url)
+    hidden = (b"POST /v1/audio/speech HTTP/1.1\r\nHost: x\r\nContent-Length: 40\r\n\r\n" + b"A" * 4000)
+    body, ctype = form("model", "file", file=hidden)
+    async with aiohttp.ClientSession() as s:
+        async with s.post(gw.url + TRANSCRIBE, data=gzip.compress(body),
+                          headers={**AUTH, "Content-Type": ctype, "Content-Encoding": coding}) as r:
+            error = envelope(r.status, await r.read(), dict(r.headers), 415, "unsupported_content_encoding")
+            assert r.headers["Accept-Encoding"] == "identity"
+            assert error["param"] is None
+        async with s.post(gw.url + TRANSCRIBE, data=body, headers={**AUTH, "Content-Type": ctype}) as r:
+            assert r.status == 200
+    assert [(line, len(b or b"")) for _, line, b in recorder.requests] == [
+        (b"POST /v1/audio/transcriptions HTTP/1.1", len(body) - len(b"whisper-prod") + len(b"whisper-1"))]
+
+
+async def test_identity_is_not_a_coding(gateway: Gateway, fake: FakeUpstream) -> None:
+    body, ctype = form("model", "file")
+    status, _, _ = await post(gateway, TRANSCRIBE, data=body, ctype=ctype, headers={"Content-Encoding": "identity"})
+    assert status == 200 and fake.wait_received()[0].complete
+
+
+def truncated(order: tuple[str, str], cut: str) -> bytes:
+    body, _ = form(*order, file=b"RIFF" + b"\x01" * 50_000)
+    if cut == "after-last-part":
+        return body.removesuffix(END)  # the last part ends with its CRLF: a clean-looking end
+    at = body.index(b"\x01" * 1000) + 20_000
+    return body[:at]
+
+
+async def _chunks(data: bytes) -> AsyncIterator[bytes]:
+    for i in range(0, len(data), 7919):
+        yield data[i:i + 7919]
+
+
+@pytest.mark.parametrize("framing", ["content-length", "chunked"])
+@pytest.mark.parametrize("cut", ["mid-file", "after-last-part"])
+@pytest.mark.parametrize("order", [("model", "file"), ("file", "model")], ids=["model-first", "file-first"])
+async def test_a_form_cut_short_never_reaches_the_upstream_whole(
+        gateway: Gateway, fake: FakeUpstream, order: tuple[str, str], cut: str, framing: str) -> None:
+    """The HTTP body is complete but the form is not (no closing delimiter): the gateway holds
+    back the end of the body until it has seen that delimiter, so the upstream never receives
+    every byte its Content-Length promised."""
+    body = truncated(order, cut)
+    data = body if framing == "content-length" else _chunks(body)
+    status, headers, out = await post(gateway, TRANSCRIBE, data=data, ctype=FORM_TYPE)
+    envelope(status, out, headers, 400, "invalid_multipart")
+    await no_complete_request_reached(gateway, fake)
