@@ -64,12 +64,12 @@ def key_expired() -> GatewayError:
 def model_not_allowed(alias: str) -> GatewayError:
     return GatewayError(
         403, "permission_error", "model_not_allowed",
-        f"This API key may not use the model '{alias}'.", "model",
+        f"This API key may not use the model '{alias}'.",
     )
 
 
 def model_not_found(alias: str) -> GatewayError:
-    return invalid_request("model_not_found", f"The model '{alias}' does not exist.", "model", status=404)
+    return invalid_request("model_not_found", f"The model '{alias}' does not exist.", status=404)
 
 
 def missing_model() -> GatewayError:

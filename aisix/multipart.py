@@ -330,8 +330,8 @@ class Rewriter:
         self.parts += 1
         name, _ = disposition(head)
         if name in self._capture:
-            if name in self.seen:
-                raise errors.invalid_multipart(f"The '{name}' field appears more than once.")
+            if name == MODEL and MODEL in self.seen:  # a second model: which one would be used?
+                raise errors.invalid_multipart("The 'model' field appears more than once.")
             self._current = name
             self._value.clear()
         if name == FILE or name in self._capture:

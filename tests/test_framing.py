@@ -24,7 +24,7 @@ from aisix.config import UpstreamSettings
 from aisix.upstream import Pool
 from tests.fakes import FakeUpstream, SocketUpstream
 from tests.gateway import TEAM_A, Gateway
-from tests.test_hostile import END, FORM_TYPE, TRANSCRIBE, envelope, post
+from tests.test_hostile import END, FORM_TYPE, PASSWORD_RULE, TRANSCRIBE, envelope, post
 from tests.test_transcriptions import form, no_complete_request_reached
 
 AUTH = {"Authorization": f"Bearer {TEAM_A}"}
@@ -171,3 +171,26 @@ async def test_a_form_cut_short_never_reaches_the_upstream_whole(
     status, headers, out = await post(gateway, TRANSCRIBE, data=data, ctype=FORM_TYPE)
     envelope(status, out, headers, 400, "invalid_multipart")
     await no_complete_request_reached(gateway, fake)
+
+
+@pytest.mark.parametrize("where", ["before-model", "after-file"])
+async def test_repeated_prompts_are_relayed_and_every_one_screened(make_gateway, fake: FakeUpstream,
+                                                                   where: str) -> None:
+    gw = make_gateway(guardrails=PASSWORD_RULE)
+
+    def body(*prompts: bytes) -> bytes:
+        fields = [("prompt", p) for p in prompts]
+        if where == "before-model":
+            return form(*fields, "file", "model")[0]
+        return form("model", "file", fields=fields)[0]
+
+    ok = body(b"first hint", b"second hint")
+    status, _, out = await post(gw, TRANSCRIBE, data=ok, ctype=FORM_TYPE)
+    assert status == 200, out
+    got = fake.wait_received()[0]
+    assert got.complete and got.body == ok.replace(b"whisper-prod", b"whisper-1")
+    fake.reset()
+    status, headers, out = await post(gw, TRANSCRIBE, data=body(b"a harmless hint", b"my password is x"),
+                                      ctype=FORM_TYPE)
+    envelope(status, out, headers, 422, "guardrail_blocked")
+    await no_complete_request_reached(gw, fake)
