@@ -1,6 +1,6 @@
 """The `aisix` command: serve, validate, hash-key (`python -m aisix` is the same program).
 
-Limit: parses arguments, loads and reports on the config, and hands a valid one to aisix.app;
+Limit: parses arguments, loads and reports on the config, and hands a valid one to aisix.server;
 it never starts a server on a config that does not validate.
 """
 
@@ -72,7 +72,7 @@ def _serve(args: argparse.Namespace) -> int:
     loaded = _load(args.config)
     if loaded is None:
         return 1
-    from aisix.app import serve  # imported late: validate and hash-key need no aiohttp
+    from aisix.server import serve  # imported late: validate and hash-key need no aiohttp
 
     return serve(loaded, access_log=args.access_log == "on")
 

@@ -3,8 +3,10 @@
 Every problem is collected before one ConfigError is raised; each names file, resource and field,
 and none echoes a string value (it may be a secret). This module says which fields exist, their
 defaults and what they become; how a field is read (types, ``${VAR}``, repeated keys) is
-config_yaml.py. No sockets, no clock, no asyncio: when to (re)load and what to do with a
-ConfigError is the caller's business.
+config_yaml.py.
+
+[core] No sockets, no clock, no asyncio: when to (re)load and what to do with a ConfigError is
+the caller's business.
 """
 
 from __future__ import annotations
@@ -14,12 +16,12 @@ import fnmatch
 import hashlib
 import os
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
 from typing import TypeVar
-from urllib.parse import urlsplit
+from urllib.parse import SplitResult, parse_qs, urlsplit, urlunsplit
 
 from .config_yaml import Reader, add_problem, got, read_mapping
 
@@ -136,12 +138,37 @@ class UpstreamSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class SinkSpec:
+    """Where usage events go (``usage.sink``), parsed once."""
+
+    kind: str            # "stdout" | "file" | "redis"
+    target: str = ""     # the file's path, or the Redis URL without its query
+    stream: str = "aisix:usage"
+    maxlen: int = 1000000
+    name: str = "stdout"  # for messages: the spec with any password masked
+
+    def __str__(self) -> str:
+        return self.name
+
+
+@dataclass(frozen=True, slots=True)
+class BackendSpec:
+    """Where rate-limit counts live (``ratelimit.backend``), parsed once."""
+
+    kind: str            # "memory" | "redis"
+    url: str = field(default="", repr=False)  # may hold a password
+
+    def __str__(self) -> str:
+        return "memory" if self.kind == "memory" else redact(self.url)
+
+
+@dataclass(frozen=True, slots=True)
 class Settings:
     proxy: ProxySettings
     upstream: UpstreamSettings
     metrics_listen: Listen | None  # None: no metrics listener
-    usage_sink: str
-    ratelimit_backend: str
+    usage_sink: SinkSpec
+    ratelimit_backend: BackendSpec
     resources_file: Path  # absolute
     config_file: Path  # absolute
 
@@ -178,6 +205,11 @@ def load(path: str | os.PathLike[str], env: Mapping[str, str] | None = None) -> 
     return Config(_checked(out, settings), _checked(out, resources))
 
 
+def _present(items: Mapping[str, T | None]) -> dict[str, T]:
+    """The items that were read; once no problem was found, every one."""
+    return {name: item for name, item in items.items() if item is not None}
+
+
 def _checked(out: list[str], value: T | None) -> T:
     if out or value is None:
         raise ConfigError(out)
@@ -204,6 +236,78 @@ def _listen(r: Reader, key: str, default: str) -> Listen | None:
         r.problem(key, "must be host:port with a port from 0 to 65535 ([::1]:3000 for IPv6)")
         return None
     return Listen(host, int(port))
+
+
+def _spec(r: Reader, key: str, default: str, parse: Callable[[str], T]) -> T | None:
+    text = r.text(key, default)
+    if text is None:
+        return None
+    try:
+        return parse(text)
+    except ValueError as exc:
+        r.problem(key, str(exc))
+        return None
+
+
+def parse_sink(text: str) -> SinkSpec:
+    """``stdout``, ``file:<path>`` or ``redis[s]://host:port/db?stream=<name>&maxlen=<n>``."""
+    if text == "stdout":
+        return SinkSpec("stdout")
+    if text.startswith("file:"):
+        if len(text) == 5:
+            raise ValueError("must be 'stdout', 'file:<path>' or 'redis://host:port/db?stream=<name>' (no path given)")
+        return SinkSpec("file", text[5:], name=text)
+    if text.startswith(("redis://", "rediss://")):
+        name = redact(text)
+        try:
+            url = urlsplit(text)
+            query = parse_qs(url.query, strict_parsing=bool(url.query))
+            unknown = set(query) - {"stream", "maxlen"}
+            if unknown:
+                raise ValueError(f"unknown option(s) {', '.join(sorted(unknown))}; expected stream, maxlen")
+            _redis_url(url)
+            maxlen = int(query.get("maxlen", ["1000000"])[-1])
+            if maxlen < 1:
+                raise ValueError("maxlen must be at least 1")
+        except ValueError as exc:
+            raise ValueError(f"{name!r}: {exc}") from None
+        return SinkSpec("redis", urlunsplit((url.scheme, url.netloc, url.path, "", "")),
+                        query.get("stream", ["aisix:usage"])[-1], maxlen, name)
+    raise ValueError("must be 'stdout', 'file:<path>' or 'redis://host:port/db?stream=<name>'")
+
+
+def parse_backend(text: str) -> BackendSpec:
+    """``memory`` or ``redis[s]://host:port/db``."""
+    if text == "memory":
+        return BackendSpec("memory")
+    if text.startswith(("redis://", "rediss://")):
+        try:
+            url = urlsplit(text)
+            if url.query:
+                raise ValueError("takes no options")
+            _redis_url(url)
+        except ValueError as exc:
+            raise ValueError(f"{redact(text)!r}: {exc}") from None
+        return BackendSpec("redis", text)
+    raise ValueError("must be 'memory' or 'redis://host:port/db'")
+
+
+def _redis_url(url: SplitResult) -> None:
+    if not url.hostname:
+        raise ValueError("no host")
+    _ = url.port  # raises on a port that is not a number
+    db = url.path.strip("/")
+    if db and not db.isdigit():
+        raise ValueError(f"database {db!r} is not a number")
+
+
+def redact(spec: str) -> str:
+    """The spec without userinfo: a Redis password must not reach a message or a log line."""
+    scheme, sep, rest = spec.partition("://")
+    where, q, query = rest.partition("?")  # a password may hold an unescaped '/', never a '?'
+    if not sep or "@" not in where:
+        return spec
+    return f"{scheme}://***@{where.rpartition('@')[2]}{q}{query}"
 
 
 def _rate_limit(r: Reader) -> RateLimit | None:
@@ -242,17 +346,12 @@ def _load_settings(out: list[str], path: Path, env: Mapping[str, str]) -> tuple[
     if metrics_listen and metrics_listen == listen and listen.port:
         metrics.problem("listen", "must differ from proxy.listen")
     usage = top.section("usage", ("sink",))
-    sink = usage.text("sink", "stdout")
-    if sink and not (sink == "stdout" or (sink.startswith("file:") and len(sink) > 5)
-                     or sink.startswith("redis://")):
-        usage.problem("sink", "must be 'stdout', 'file:<path>' or 'redis://host:port/db?stream=<name>'")
+    sink = _spec(usage, "sink", "stdout", parse_sink)
     ratelimit = top.section("ratelimit", ("backend",))
-    backend = ratelimit.text("backend", "memory")
-    if backend and backend != "memory" and not backend.startswith("redis://"):
-        ratelimit.problem("backend", "must be 'memory' or 'redis://host:port/db'")
+    backend = _spec(ratelimit, "backend", "memory", parse_backend)
     name = top.text("resources_file", "resources.yaml")
     resources_file = Path(os.path.abspath(config_file.parent / name)) if name else None
-    if not top.ok:
+    if not top.ok or listen is None or sink is None or backend is None or resources_file is None:
         return None, resources_file
     proxy_settings = ProxySettings(listen, body_limit, json_limit, tuple(h.lower() for h in id_headers), drain_ms,
                                    grace_ms, keepalive_ms)
@@ -333,7 +432,9 @@ def _guardrail(r: Reader, name: str, aliases: tuple[str, ...]) -> Guardrail | No
         r.problem("patterns", f"must be a non-empty list of {{kind, value}}, {got(raw)}")
     for i, item in enumerate(raw if isinstance(raw, list) else ()):
         p = r.nested(f"patterns[{i}]", item, ("kind", "value"))
-        p_kind, value = (p.text("kind", options=("literal", "regex")), p.text("value")) if p else (None, None)
+        if p is None:
+            continue
+        p_kind, value = p.text("kind", options=("literal", "regex")), p.text("value")
         if p_kind == "literal" and value:
             patterns.append(Pattern(p_kind, value, re.compile(re.escape(value), re.IGNORECASE)))
         elif p_kind == "regex" and value:
@@ -372,10 +473,10 @@ def _load_resources(out: list[str], path: Path, env: Mapping[str, str]) -> Resou
         by_hash.setdefault(key.key_hash, key)
     if not top.ok:  # so no item is None from here on
         return None
-    rails = tuple(guardrails.values())
+    rails = tuple(_present(guardrails).values())
     rules = {(alias, hook): tuple(g for g in rails if g.hook_point == hook and alias in g.applies_to)
              for alias in models for hook in ("input", "output")}
-    return Resources(MappingProxyType(keys), MappingProxyType(models),
-                     tuple(api_keys.values()), MappingProxyType(by_hash), rails,
+    return Resources(MappingProxyType(_present(keys)), MappingProxyType(_present(models)),
+                     tuple(_present(api_keys).values()), MappingProxyType(by_hash), rails,
                      MappingProxyType({k: v for k, v in rules.items() if v}),
                      any(g.hook_point == "input" for g in rails))

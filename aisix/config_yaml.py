@@ -168,16 +168,17 @@ class Reader:
         return self.scalar(key, default, lambda v: type(v) is int and v >= minimum,
                            "a positive integer" if minimum == 1 else "an integer >= 0")
 
-    def strings(self, key: str, default: tuple[str, ...]) -> tuple[str, ...] | None:
+    def strings(self, key: str, default: tuple[str, ...]) -> tuple[str, ...]:
+        """A list of strings; on a problem (recorded) the default, never to be used."""
         value = self.raw.get(key)
         if value is None:
             return default
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
             kind = "" if isinstance(value, list) else f", {got(value)}"
             self.problem(key, f"must be a list of strings{kind}")
-            return None
+            return default
         items = [self.string(f"{key}[{i}]", v) for i, v in enumerate(value)]
-        return None if None in items else tuple(items)
+        return tuple(i for i in items if i is not None)
 
     def timestamp(self, key: str) -> dt.datetime | None:
         """An RFC 3339 string, or the datetime YAML makes of an unquoted one; naive means UTC."""

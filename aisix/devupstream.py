@@ -15,7 +15,7 @@ import signal
 import sys
 from typing import Any
 
-from aiohttp import web
+from aiohttp import BodyPartReader, web
 from aiohttp.http_exceptions import HttpProcessingError
 
 # MPEG-2 Layer III, no CRC, 160 kbit/s, 24 kHz, mono. Header, then 476 zero bytes: all-zero side
@@ -103,12 +103,14 @@ async def read_form(request: web.Request) -> tuple[dict[str, str], str | None, i
     filename, size = None, 0
     reader = await request.multipart()
     while (part := await reader.next()) is not None:
+        if not isinstance(part, BodyPartReader):  # a nested multipart: not a form field
+            continue
         if part.name == "file":
             filename = part.filename or "upload"
-            while chunk := await part.read_chunk():  # type: ignore[union-attr]
+            while chunk := await part.read_chunk():
                 size += len(chunk)
         elif part.name:
-            fields[part.name] = await part.text()  # type: ignore[union-attr]
+            fields[part.name] = await part.text()
     return fields, filename, size
 
 
@@ -158,7 +160,7 @@ async def stream_transcript(request: web.Request, words: list[str],
     response = web.StreamResponse(headers={"Content-Type": "text/event-stream",
                                            "Cache-Control": "no-cache"})
     await response.prepare(request)
-    events = [{"type": "transcript.text.delta", "delta": word + " "} for word in words]
+    events: list[dict[str, Any]] = [{"type": "transcript.text.delta", "delta": word + " "} for word in words]
     events.append({"type": "transcript.text.done", "text": " ".join(words), "usage": usage})
     for index, event in enumerate(events):
         if index:

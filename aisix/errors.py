@@ -1,10 +1,14 @@
-"""Every error the gateway itself answers with, and the one OpenAI envelope renderer.
+"""Every error the gateway answers on its own behalf, the one OpenAI envelope renderer, and the one
+mapping from what went wrong during a request to the status and code it ends with.
 
-[core] No I/O. Handlers raise a ``GatewayError``; the envelope middleware renders it. Messages
-are written for callers: they never carry an upstream URL, a secret, a prompt or a path.
+[core] No I/O. Stages raise a ``GatewayError``; the route wrapper (responses.py) renders it.
+Messages are written for callers: they never carry an upstream URL, a secret, a prompt or a
+path. docs/api.md, "Errors", is the table callers see.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import orjson
 
@@ -12,7 +16,7 @@ import orjson
 class GatewayError(Exception):
     """An answer the gateway gives on its own behalf (never a relayed upstream answer)."""
 
-    __slots__ = ("status", "type", "code", "message", "param", "headers", "_body")
+    __slots__ = ("_body", "code", "headers", "message", "param", "status", "type")
 
     def __init__(
         self,
@@ -33,7 +37,7 @@ class GatewayError(Exception):
         self._body: bytes | None = None
 
     def body(self) -> bytes:
-        if self._body is None:  # rendered once: the usage event counts it, the middleware sends it
+        if self._body is None:  # rendered once: the usage event counts it, the wrapper sends it
             self._body = render(self.message, self.type, self.param, self.code)
         return self._body
 
@@ -41,9 +45,32 @@ class GatewayError(Exception):
         return f"GatewayError({self.status}, {self.code!r})"
 
 
+class RateLimited(GatewayError):
+    """A 429 from a gateway limit; ``scope`` ("key" or "model") names whose limit refused it."""
+
+    __slots__ = ("scope",)
+
+    def __init__(self, scope: str, code: str, message: str, headers: dict[str, str]) -> None:
+        super().__init__(429, "rate_limit_error", code, message, None, headers)
+        self.scope = scope
+
+
+class GuardrailBlocked(GatewayError):
+    """A 422 from a blocking guardrail; ``guardrail`` names it (never the text it matched)."""
+
+    __slots__ = ("guardrail",)
+
+    def __init__(self, guardrail: str) -> None:
+        super().__init__(422, "content_filter", "guardrail_blocked",
+                         f"The request was blocked by the guardrail '{guardrail}'.")
+        self.guardrail = guardrail
+
+
 def render(message: str, type: str, param: str | None, code: str | None) -> bytes:
     return orjson.dumps({"error": {"message": message, "type": type, "param": param, "code": code}})
 
+
+# -- what a caller did ---------------------------------------------------------------------------
 
 def invalid_request(code: str, message: str, param: str | None = None, status: int = 400) -> GatewayError:
     return GatewayError(status, "invalid_request_error", code, message, param)
@@ -62,10 +89,7 @@ def key_expired() -> GatewayError:
 
 
 def model_not_allowed(alias: str) -> GatewayError:
-    return GatewayError(
-        403, "permission_error", "model_not_allowed",
-        f"This API key may not use the model '{alias}'.",
-    )
+    return GatewayError(403, "permission_error", "model_not_allowed", f"This API key may not use the model '{alias}'.")
 
 
 def model_not_found(alias: str) -> GatewayError:
@@ -88,6 +112,14 @@ def invalid_multipart(message: str) -> GatewayError:
     return invalid_request("invalid_multipart", message)
 
 
+def invalid_body() -> GatewayError:
+    return invalid_request("invalid_body", "The request body is malformed.")
+
+
+def invalid_header() -> GatewayError:
+    return invalid_request("invalid_header", "A header value contains a line break.")
+
+
 def unsupported_content_type(expected: str) -> GatewayError:
     return invalid_request("unsupported_content_type", f"Content-Type must be {expected}.")
 
@@ -103,6 +135,35 @@ def request_too_large(limit: int) -> GatewayError:
     return invalid_request("request_too_large", f"The request body is over the limit of {limit} bytes.", status=413)
 
 
+def window_exceeded(scope: str, who: str, limit: int, unit: str, period: str, reset: int) -> RateLimited:
+    """A request or token window is spent; the headers describe that window."""
+    after = str(reset)
+    return RateLimited(scope, "rate_limit_exceeded", f"Rate limit of {limit} {unit} per {period} exceeded for {who}.",
+                       {"Retry-After": after, f"x-ratelimit-limit-{unit}": str(limit),
+                        f"x-ratelimit-remaining-{unit}": "0", f"x-ratelimit-reset-{unit}": after})
+
+
+def concurrency_exceeded(scope: str, who: str, limit: int) -> RateLimited:
+    return RateLimited(scope, "concurrency_limit_exceeded",
+                       f"Concurrency limit of {limit} requests in flight exceeded for {who}.", {"Retry-After": "1"})
+
+
+def client_timeout() -> GatewayError:
+    return invalid_request("client_timeout", "The request body did not arrive in time.", status=408)
+
+
+def not_found() -> GatewayError:
+    return invalid_request("not_found", "No such route.", status=404)
+
+
+def method_not_allowed(allow: str) -> GatewayError:
+    exc = invalid_request("method_not_allowed", "Method not allowed on this route.", status=405)
+    exc.headers["Allow"] = allow
+    return exc
+
+
+# -- what an upstream or the gateway did ---------------------------------------------------------
+
 def upstream_unavailable() -> GatewayError:
     return GatewayError(502, "upstream_error", "upstream_unavailable", "The upstream provider could not be reached.")
 
@@ -111,22 +172,51 @@ def upstream_timeout() -> GatewayError:
     return GatewayError(504, "upstream_error", "upstream_timeout", "The upstream provider did not answer in time.")
 
 
-def client_timeout() -> GatewayError:
-    return invalid_request("client_timeout", "The request body did not arrive in time.", status=408)
-
-
-def client_closed() -> GatewayError:
-    """The caller went away; never seen by anyone, but it ends the exchange as a 499."""
-    return invalid_request("client_closed", "The client closed the connection.", status=499)
-
-
-def not_found() -> GatewayError:
-    return invalid_request("not_found", "No such route.", status=404)
-
-
-def method_not_allowed() -> GatewayError:
-    return invalid_request("method_not_allowed", "Method not allowed on this route.", status=405)
+def answer_too_large() -> GatewayError:
+    return GatewayError(502, "upstream_error", "upstream_answer_too_large",
+                        "The upstream answer is too large to be checked by the guardrails.")
 
 
 def internal_error() -> GatewayError:
     return GatewayError(500, "server_error", "internal_error", "The gateway failed to handle this request.")
+
+
+# -- the one mapping -----------------------------------------------------------------------------
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """How a failed request ends: the status and code its usage event records, and the envelope
+    the caller gets (None when nobody can be answered: the caller left, or has the status line
+    of an answer already, and is cut off instead)."""
+
+    status: int
+    code: str
+    reply: GatewayError | None
+
+
+def outcome(exc: BaseException, waiting_on_client: bool, answered: bool) -> Outcome:
+    """The one mapping from what ended a request to its status and code.
+
+    ``waiting_on_client``: the request was waiting on the caller (reading its body, or writing
+    to it) rather than on the upstream. ``answered``: the caller has the status line already;
+    the status recorded is then the one sent.
+    """
+    reply: GatewayError
+    if isinstance(exc, GatewayError):
+        reply = exc
+    elif isinstance(exc, TimeoutError):
+        if waiting_on_client:
+            reply = client_timeout()
+        elif answered:
+            return Outcome(504, "upstream_aborted", None)
+        else:
+            reply = upstream_timeout()
+    elif isinstance(exc, ConnectionError):
+        if waiting_on_client:
+            return Outcome(499, "client_closed", None)
+        if answered:
+            return Outcome(502, "upstream_aborted", None)
+        reply = upstream_unavailable()
+    else:
+        reply = internal_error()
+    return Outcome(reply.status, reply.code, None if answered else reply)

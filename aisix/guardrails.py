@@ -48,8 +48,12 @@ def check(rules: Sequence[Guardrail], text: str) -> Verdict | None:
     return noted
 
 
-def blocked(verdict: Verdict) -> errors.GatewayError:
-    return errors.GatewayError(
-        422, "content_filter", "guardrail_blocked",
-        f"The request was blocked by the guardrail '{verdict.guardrail}'.",
-    )
+def enforce(rules: Sequence[Guardrail], text: str) -> Verdict | None:
+    """Run the rules on text: a monitoring match to record, or None; a blocking match raises
+    the 422 (``GuardrailBlocked`` names the rule, never the text)."""
+    if not rules:
+        return None
+    verdict = check(rules, text)
+    if verdict is not None and verdict.action == BLOCKED:
+        raise errors.GuardrailBlocked(verdict.guardrail)
+    return verdict

@@ -12,6 +12,8 @@ import asyncio
 import contextlib
 import socket
 from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import cast
 
 import httptools
 from multidict import CIMultiDict, CIMultiDictProxy
@@ -20,11 +22,25 @@ HIGH_WATER = 256 * 1024   # answer bytes buffered before the socket stops being 
 MAX_HEAD = 64 * 1024      # answer status line and headers (1xx heads included), in all
 MAX_HEADERS = 256
 
-Body = AsyncIterator[list[bytes | bytearray | memoryview]]  # an upload, as writes
+Write = list[bytes | bytearray | memoryview]  # one writev
+Body = AsyncIterator[Write]  # an upload, as writes
+
+
+@dataclass(frozen=True, slots=True)
+class Origin:
+    """Where a connection leads: the pool keeps idle connections per origin."""
+
+    host: str
+    port: int
+    tls: bool
 
 
 class UpstreamError(ConnectionError):
     """The upstream connection broke, or what came back is not HTTP/1.1."""
+
+
+class _Unasked(Exception):
+    """Bytes of an answer nobody asked for."""
 
 
 class LengthMismatch(Exception):
@@ -36,13 +52,14 @@ class Conn(asyncio.Protocol):
     """One upstream connection: the socket's events and llhttp's, for the answer under way."""
 
     def __init__(self) -> None:
-        self.transport: asyncio.Transport = None  # type: ignore[assignment]  # set on connect
+        self.transport: asyncio.Transport | None = None  # set on connect
         self.answer: Answer | None = None
         self.closed = False
         self.idle_since = 0.0
-        self.origin: object = None  # the pool's key for where it leads
+        self.origin = Origin("", 0, False)  # set by the pool once connected
         self._parser = httptools.HttpResponseParser(self)
         self._head_size = 0
+        self._raw_headers: list[tuple[str, str]] = []
         self._unanswered = 0       # bytes of the answer under way before its final head
         self._interim = False
         self._paused = False       # writing: the socket's send buffer is full
@@ -51,7 +68,7 @@ class Conn(asyncio.Protocol):
     # -- the socket -------------------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
         sock = transport.get_extra_info("socket")
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             with contextlib.suppress(OSError):
@@ -69,6 +86,8 @@ class Conn(asyncio.Protocol):
                 self._unanswered += len(data)
                 if self._unanswered > MAX_HEAD:
                     raise UpstreamError("the upstream's answer head is too large")
+        except _Unasked:  # the answer is whole; what came after it must not meet the next request
+            self.abort()
         except Exception:  # llhttp's errors, and ours (heads too large)
             answer._fail(UpstreamError("the upstream's answer is not valid HTTP/1.1"))
             self.abort()
@@ -98,10 +117,20 @@ class Conn(asyncio.Protocol):
         if self.closed:
             raise UpstreamError("the upstream closed the connection")
 
+    @property
+    def paused(self) -> bool:
+        """The socket's send buffer is full: drain() before the next write."""
+        return self._paused
+
+    def begin(self, answer: Answer) -> None:
+        """A request is going out on this connection: its answer is the one under way."""
+        self.answer = answer
+        self._unanswered = 0
+
     def send(self, *data: bytes | bytearray | memoryview) -> None:
         """One write (a writev for several pieces); UpstreamError once the socket is closing."""
         transport = self.transport
-        if self.closed or transport.is_closing():
+        if self.closed or transport is None or transport.is_closing():
             raise UpstreamError("the upstream closed the connection")
         try:
             transport.writelines(data) if len(data) > 1 else transport.write(data[0])
@@ -113,41 +142,56 @@ class Conn(asyncio.Protocol):
         if self.transport is not None:
             self.transport.abort()
 
+    def pause_reading(self) -> None:
+        if self.transport is not None:
+            self.transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        if self.transport is not None and not self.closed:
+            self.transport.resume_reading()
+
     # -- llhttp's callbacks -----------------------------------------------------------------------
 
+    def _under_way(self) -> Answer:
+        answer = self.answer
+        if answer is None:  # data_received drops bytes nobody asked for before llhttp sees them
+            raise UpstreamError("an answer with no request")
+        return answer
+
     def on_message_begin(self) -> None:
+        if self._under_way().complete:  # a second answer in the same read as the first
+            raise _Unasked
         self._head_size = 0
-        self.answer._raw_headers = []  # type: ignore[union-attr]
+        self._raw_headers = []
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        answer = self.answer
         self._head_size += len(name) + len(value) + 4
-        if self._head_size > MAX_HEAD or len(answer._raw_headers) >= MAX_HEADERS:  # type: ignore[union-attr]
+        if self._head_size > MAX_HEAD or len(self._raw_headers) >= MAX_HEADERS:
             raise UpstreamError("the upstream's answer headers are too large")
-        answer._raw_headers.append((name.decode("latin-1"), value.decode("latin-1")))  # type: ignore[union-attr]
+        self._raw_headers.append((name.decode("latin-1"), value.decode("latin-1")))
 
     def on_headers_complete(self) -> None:
         status = self._parser.get_status_code()
         if 100 <= status < 200:  # 100 Continue, 103 Early Hints: the answer is still to come
             self._interim = True
             return
-        self.answer._head(status, self._parser.should_keep_alive())  # type: ignore[union-attr]
+        self._under_way()._head(status, self._parser.should_keep_alive(), self._raw_headers)
 
     def on_body(self, body: bytes) -> None:
-        self.answer._feed(body)  # type: ignore[union-attr]
+        self._under_way()._feed(body)
 
     def on_message_complete(self) -> None:
         if self._interim:
             self._interim = False
             return
-        self.answer._complete()  # type: ignore[union-attr]
+        self._under_way()._complete()
 
 
 class Answer:
     """An upstream answer: status and headers at once, the body as it arrives."""
 
-    __slots__ = ("status", "headers", "body_error", "complete", "_loop", "_done", "_conn", "_headers", "_raw_headers",
-                 "_keep_alive", "_chunks", "_buffered", "_error", "_waiter", "_writer", "_eof_ends", "_finished")
+    __slots__ = ("_buffered", "_chunks", "_conn", "_done", "_eof_ends", "_error", "_finished", "_headers",
+                 "_keep_alive", "_loop", "_waiter", "_writer", "body_error", "complete", "headers", "status")
 
     def __init__(self, loop: asyncio.AbstractEventLoop, conn: Conn, done: Callable[[Conn, bool], None]) -> None:
         """done(conn, reusable) is called once, when the answer is released or closed."""
@@ -159,7 +203,6 @@ class Answer:
         self._done = done
         self._conn = conn
         self._headers: asyncio.Future[None] = loop.create_future()
-        self._raw_headers: list[tuple[str, str]] = []
         self._keep_alive = False
         self._chunks: list[bytes] = []
         self._buffered = 0
@@ -168,8 +211,16 @@ class Answer:
         self._writer: asyncio.Task[None] | None = None
         self._eof_ends = False  # no Content-Length, not chunked: the body ends with the connection
         self._finished = False
-        conn.answer = self
-        conn._unanswered = 0
+        conn.begin(self)
+
+    async def head(self) -> None:
+        """Wait for the status and headers (UpstreamError if the connection fails first)."""
+        await self._headers
+
+    def upload(self, head: bytes, body: Body, length: int | None) -> None:
+        """Write the request head and then the body from a task of its own, at the pace the
+        upstream reads: the upstream may answer before it has read it all."""
+        self._writer = self._loop.create_task(self._write(head, body, length))
 
     async def read(self) -> bytes:
         """The body bytes that have arrived (waiting for some); b"" at its end."""
@@ -178,8 +229,8 @@ class Answer:
             if chunks:
                 data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
                 chunks.clear()
-                if self._buffered >= HIGH_WATER and not self._conn.closed:
-                    self._conn.transport.resume_reading()
+                if self._buffered >= HIGH_WATER:
+                    self._conn.resume_reading()
                 self._buffered = 0
                 return data
             if self._error is not None:
@@ -216,9 +267,9 @@ class Answer:
 
     # -- from the connection ----------------------------------------------------------------------
 
-    def _head(self, status: int, keep_alive: bool) -> None:
+    def _head(self, status: int, keep_alive: bool, raw_headers: list[tuple[str, str]]) -> None:
         self.status = status
-        self.headers = CIMultiDictProxy(CIMultiDict(self._raw_headers))
+        self.headers = CIMultiDictProxy(CIMultiDict(raw_headers))
         self._keep_alive = keep_alive
         self._eof_ends = ("Content-Length" not in self.headers
                           and "chunked" not in self.headers.get("Transfer-Encoding", "").lower()
@@ -230,7 +281,7 @@ class Answer:
         self._chunks.append(body)
         self._buffered += len(body)
         if self._buffered >= HIGH_WATER:
-            self._conn.transport.pause_reading()
+            self._conn.pause_reading()
         self._wake()
 
     def _complete(self) -> None:
@@ -290,7 +341,7 @@ class Answer:
                     head = b""
                 if pieces:
                     conn.send(*pieces)
-                if conn._paused:
+                if conn.paused:
                     await conn.drain()
             if left:
                 self._give_up(LengthMismatch(f"the upload ended {left} bytes short of its Content-Length"))

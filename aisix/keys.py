@@ -2,45 +2,27 @@
 
 from __future__ import annotations
 
-import asyncio
-from dataclasses import dataclass, field
+from collections.abc import Callable
 
 from aiohttp import web
 
-from .config import Resources, Settings
+from .config import Settings
 from .exchange import Exchange
 from .limits import Limiter
+from .live import Live
 from .metrics import Metrics
 from .upstream import Pool
 from .usage import UsageSink
 
-
-@dataclass(slots=True)
-class Live:
-    """What changes while the app runs. A request reads ``resources`` once and keeps that
-    snapshot, so a reload never changes the rules of a request in flight."""
-
-    resources: Resources
-    draining: bool = False
-    in_flight: int = 0                      # audio exchanges under way
-    idle: asyncio.Event = field(default_factory=asyncio.Event)  # set when in_flight drops to 0
-
-    def enter(self) -> None:
-        self.in_flight += 1
-        self.idle.clear()
-
-    def leave(self) -> None:
-        self.in_flight -= 1
-        if not self.in_flight:
-            self.idle.set()
-
-
 SETTINGS = web.AppKey("settings", Settings)
 LIVE = web.AppKey("live", Live)
-UPSTREAM = web.AppKey("upstream", Pool)
+POOL = web.AppKey("pool", Pool)
 USAGE = web.AppKey("usage", UsageSink)
 LIMITER = web.AppKey("limiter", Limiter)
 METRICS = web.AppKey("metrics", Metrics)
+# The wall clock (Unix seconds) the limits, key expiry and usage events read: injectable, so a
+# test can put a request where it wants in a rate-limit window.
+CLOCK: web.AppKey[Callable[[], float]] = web.AppKey("clock")
 
 REQUEST_ID = web.RequestKey("request_id", str)
 EXCHANGE = web.RequestKey("exchange", Exchange)

@@ -1,11 +1,11 @@
 """Rate limits on api keys and models: admit or refuse a request, then settle it; nothing else.
 
-Not a quota or billing system: windows are fixed and aligned to the clock (SPEC 4), and a
-limiter that cannot reach its store admits rather than refusing traffic (fails open).
+Not a quota or billing system: windows are fixed and aligned to the clock (docs/api.md, "Rate
+limits"), and a limiter that cannot reach its store admits rather than refusing traffic (fails open).
 
 The top half is [core]: window math, the plan of what a request touches, and the 429 a refusal
 becomes. It takes ``now`` (Unix seconds) and does no I/O. Below it, two stores keep the counts
-behind one small interface, and ``Limiter`` joins them for the handlers:
+behind one small interface, and ``Limiter`` joins them for the pipeline:
 
 - ``MemoryStore``: dicts for one process. A window counter is keyed by scope, name and window
   kind and holds only the current window (a new window replaces the old one), so memory is
@@ -16,7 +16,7 @@ behind one small interface, and ``Limiter`` joins them for the handlers:
 
 Scopes are named by the api key's ``name`` and the model's ``alias``, never a key hash or secret.
 Token windows are charged in the window current at ``settle`` (tokens are known only then).
-A refusal raises ``RateLimited``, a ``GatewayError`` whose ``scope`` ("key" or "model") labels
+A refusal raises ``errors.RateLimited``, whose ``scope`` ("key" or "model") labels
 ``aisix_rate_limited_total``. Store errors are counted in ``fail_open_total`` (admissions that
 were not checked) and ``settle_errors_total`` (releases or token charges that were lost; in Redis
 a lost release is bounded by the lease).
@@ -32,8 +32,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from .config import ApiKey, Model, RateLimit
-from .errors import GatewayError
+from . import errors
+from .config import ApiKey, BackendSpec, Model, RateLimit
 
 log = logging.getLogger(__name__)
 
@@ -103,31 +103,15 @@ def plan(key_name: str, key_rate: RateLimit | None, alias: str, model_rate: Rate
                 tuple(x for x in limits if x.unit == "concurrency"))
 
 
-class RateLimited(GatewayError):
-    """A 429 from a gateway limit; ``scope`` ("key" or "model") names whose limit refused it."""
-
-    __slots__ = ("scope",)
-
-    def __init__(self, scope: str, code: str, message: str, headers: dict[str, str]) -> None:
-        super().__init__(429, "rate_limit_error", code, message, None, headers)
-        self.scope = scope
-
-
-def rejection(blocked: Sequence[Limit], now: float) -> RateLimited:
+def rejection(blocked: Sequence[Limit], now: float) -> errors.RateLimited:
     """The 429 for a refused request. A window beats concurrency (its wait is known); among
     windows, the one that resets last, since waiting for any earlier one would not be enough."""
     windows = [x for x in blocked if x.size]
     if not windows:
         c = blocked[0]
-        return RateLimited(c.scope, "concurrency_limit_exceeded",
-                           f"Concurrency limit of {c.limit} requests in flight exceeded for "
-                           f"{_who(c)}.", {"Retry-After": "1"})
+        return errors.concurrency_exceeded(c.scope, _who(c), c.limit)
     w = max(windows, key=lambda x: window_start(now, x.size) + x.size)  # ties: the first
-    reset = str(reset_after(now, w.size))
-    return RateLimited(w.scope, "rate_limit_exceeded",
-                       f"Rate limit of {w.limit} {w.unit} per {_PERIOD[w.size]} exceeded for {_who(w)}.",
-                       {"Retry-After": reset, f"x-ratelimit-limit-{w.unit}": str(w.limit),
-                        f"x-ratelimit-remaining-{w.unit}": "0", f"x-ratelimit-reset-{w.unit}": reset})
+    return errors.window_exceeded(w.scope, _who(w), w.limit, w.unit, _PERIOD[w.size], reset_after(now, w.size))
 
 
 def _who(limit: Limit) -> str:
@@ -217,15 +201,12 @@ class Limiter:
         self._warned_at = -math.inf
 
     @classmethod
-    def create(cls, backend: str) -> Limiter:
-        """``memory`` or ``redis://host:port/db`` (as ``ratelimit.backend`` in config.yaml)."""
-        if backend == "memory":
-            return cls(MemoryStore())
-        if backend.startswith(("redis://", "rediss://")):
+    def create(cls, backend: BackendSpec) -> Limiter:
+        if backend.kind == "redis":
             from .limits_redis import RedisStore  # here, so that a memory backend never imports redis-py
 
-            return cls(RedisStore(backend))
-        raise ValueError("the rate limit backend must be 'memory' or 'redis://host:port/db'")
+            return cls(RedisStore(backend.url))
+        return cls(MemoryStore())
 
     async def admit(self, key: ApiKey, model: Model, now: float) -> Slot | None:
         """A slot to settle, or None when neither key nor model has limits; raises RateLimited."""

@@ -1,4 +1,5 @@
-"""Prometheus metrics (SPEC 7) and the listener that serves them, apart from the proxy port.
+"""Prometheus metrics (docs/api.md, "Metrics") and the listener that serves them, apart from the
+proxy port.
 
 Labels carry routes, configured aliases and guardrail names only: an alias a caller made up is
 counted as "" so no caller can grow the label space, and no key or request id is ever a label.

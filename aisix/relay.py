@@ -1,4 +1,4 @@
-"""An upstream answer to the caller, chunk by chunk as it arrives, with the headers SPEC 5 names.
+"""An upstream answer to the caller, chunk by chunk as it arrives, with the headers docs/api.md names.
 
 Memory per request is one chunk, plus at most 1 MiB of a transcript read for its usage. A failure
 after the caller has the status line aborts the caller's connection: a chunked answer is never
@@ -14,12 +14,12 @@ import time
 from aiohttp import web
 
 from . import errors, guardrails
-from .answer import AnswerReader
 from .config import Guardrail
 from .deadline import CLIENT, UPSTREAM, Deadline
 from .exchange import Exchange
 from .http1 import Answer
-from .middlewares import stamp
+from .responses import stamp
+from .transcript import TranscriptReader
 
 _RELAYED = ("Content-Type", "Content-Length", "Content-Disposition", "Retry-After")
 _STREAMED = ("audio/", "text/event-stream")
@@ -36,13 +36,13 @@ async def relay(
     content_type = up.get("Content-Type", "")
     ok = upstream.status < 300
     # Transcripts are read for their usage and text; speech audio never is (nothing is inferred).
-    reader = AnswerReader(content_type, HOLD_LIMIT) if ok and not content_type.startswith("audio/") else None
+    reader = TranscriptReader(content_type, HOLD_LIMIT) if ok and not content_type.startswith("audio/") else None
     try:
         held = None
         if reader is not None and guardrails.blocks(output_rules):
             held = await _hold(upstream, reader, deadline, idle)
             ex.usage = reader.usage  # the upstream did the work, blocked or not: it is charged
-            ex.screen(output_rules, reader.text)
+            ex.verdict = guardrails.enforce(output_rules, reader.text)
         headers = {name: up[name] for name in _RELAYED if name in up}
         if "x-request-id" in up:
             headers["x-upstream-request-id"] = up["x-request-id"]
@@ -61,30 +61,20 @@ async def relay(
         else:
             await _stream(upstream, response, reader, ex, deadline, idle)
         await response.write_eof()
-    except ConnectionError:  # either side's connection
-        upstream.close()
-        if deadline.waiting_on == CLIENT:
-            ex.gone()
-        elif ex.response is None:
-            raise errors.upstream_unavailable() from None
-        else:
-            ex.fail(502, "upstream_aborted")
-        abort(request)
-        return response
-    except BaseException:
+    except BaseException:  # how it ends for the caller is the pipeline's (errors.outcome)
         upstream.close()
         raise
     upstream.release()  # read to the end: the connection goes back to the pool
     if reader is not None:
         if held is None:
             reader.finish()
-            ex.screen(output_rules, reader.text)
+            ex.verdict = guardrails.enforce(output_rules, reader.text) or ex.verdict
         ex.usage = reader.usage
     return response
 
 
 async def _stream(
-    upstream: Answer, response: web.StreamResponse, reader: AnswerReader | None,
+    upstream: Answer, response: web.StreamResponse, reader: TranscriptReader | None,
     ex: Exchange, deadline: Deadline, idle: float,
 ) -> None:
     while True:
@@ -99,7 +89,7 @@ async def _stream(
         ex.bytes_out += len(chunk)
 
 
-async def _hold(upstream: Answer, reader: AnswerReader, deadline: Deadline, idle: float) -> bytes:
+async def _hold(upstream: Answer, reader: TranscriptReader, deadline: Deadline, idle: float) -> bytes:
     body = bytearray()
     while True:
         deadline.wait(idle, UPSTREAM)
@@ -108,15 +98,8 @@ async def _hold(upstream: Answer, reader: AnswerReader, deadline: Deadline, idle
             break
         body += chunk
         if len(body) > HOLD_LIMIT:
-            raise errors.GatewayError(502, "upstream_error", "upstream_answer_too_large",
-                                      "The upstream answer is too large to be checked by the guardrails.")
+            raise errors.answer_too_large()
         reader.feed(chunk)
     reader.finish()
     return bytes(body)
 
-
-def abort(request: web.Request) -> None:
-    """Cut the caller's connection so a started answer cannot look complete."""
-    transport = request.transport
-    if transport is not None:
-        transport.abort()

@@ -15,16 +15,14 @@ _READ_SIZE = 256 * 1024
 
 
 class Spool:
-    __slots__ = ("_head", "_file", "_limit", "size")
+    __slots__ = ("_file", "_head", "_limit")
 
     def __init__(self, memory_limit: int = 64 * 1024) -> None:
         self._head = bytearray()
         self._file: IO[bytes] | None = None
         self._limit = memory_limit
-        self.size = 0
 
-    def write(self, chunk: bytes | bytearray) -> None:
-        self.size += len(chunk)
+    def write(self, chunk: bytes | bytearray | memoryview) -> None:
         if self._file is None:
             if len(self._head) + len(chunk) <= self._limit:
                 self._head += chunk

@@ -30,9 +30,9 @@ from urllib.parse import quote, urlsplit
 
 from . import __version__, errors
 from .config import UpstreamSettings
-from .http1 import Answer, Body, Conn, LengthMismatch, UpstreamError
+from .http1 import Answer, Body, Conn, LengthMismatch, Origin, UpstreamError, Write
 
-__all__ = ["Answer", "Body", "Pool", "UpstreamError"]
+__all__ = ["Answer", "Body", "Pool", "UpstreamError", "Write"]
 
 log = logging.getLogger(__name__)
 
@@ -41,15 +41,8 @@ KEEPALIVE_S = 15.0        # an idle connection older than this is closed, not re
 DNS_TTL_S = 300.0
 
 @dataclass(frozen=True, slots=True)
-class _Origin:
-    host: str
-    port: int
-    tls: bool
-
-
-@dataclass(frozen=True, slots=True)
 class _Target:
-    origin: _Origin
+    origin: Origin
     prefix: bytes  # request line and the headers that never change for this URL and key
 
 
@@ -62,7 +55,7 @@ class Pool:
         self._connect_timeout = settings.connect_timeout_ms / 1000
         self._in_use = 0
         self._waiters: collections.deque[asyncio.Future[None]] = collections.deque()
-        self._idle: dict[_Origin, list[Conn]] = {}
+        self._idle: dict[Origin, list[Conn]] = {}
         self._targets: dict[tuple[str, str], _Target] = {}
         # (host, port) -> (the lookup, when it expires); aiohttp's connector had ttl_dns_cache=300
         self._addresses: dict[tuple[str, int], tuple[asyncio.Task[list[tuple[int, tuple]]], float]] = {}
@@ -95,8 +88,8 @@ class Pool:
             if isinstance(body, bytes):
                 conn.send(b"".join(head))
             else:  # the head leaves with the body's first write
-                answer._writer = self._loop.create_task(answer._write(b"".join(head), body, content_length))
-            await answer._headers
+                answer.upload(b"".join(head), body, content_length)
+            await answer.head()
         except UpstreamError:
             answer.close()
             if isinstance(answer.body_error, LengthMismatch):
@@ -124,7 +117,7 @@ class Pool:
             prefix = (f"POST {path} HTTP/1.1\r\nHost: {host_header}\r\nAuthorization: {authorization}\r\n"
                       f"Accept-Encoding: identity\r\nUser-Agent: {USER_AGENT}\r\n").encode("ascii")
             # identity: the body is relayed as it came, and Content-Encoding is never relayed
-            target = self._targets[(url, authorization)] = _Target(_Origin(host, port, tls), prefix)
+            target = self._targets[(url, authorization)] = _Target(Origin(host, port, tls), prefix)
         return target
 
     def forget_targets(self) -> None:
@@ -133,7 +126,7 @@ class Pool:
 
     # -- connections ------------------------------------------------------------------------------
 
-    async def _acquire(self, origin: _Origin) -> Conn:
+    async def _acquire(self, origin: Origin) -> Conn:
         if self._in_use < self._limit and not self._waiters:
             self._in_use += 1
         else:
@@ -161,7 +154,7 @@ class Pool:
             self._free_slot()
             raise
 
-    async def _connect(self, origin: _Origin) -> Conn:
+    async def _connect(self, origin: Origin) -> Conn:
         loop = self._loop
         tls = None
         if origin.tls:

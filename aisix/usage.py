@@ -1,4 +1,5 @@
-"""Usage events off the request path: one bounded queue, one writer; what is not written is counted.
+"""Usage events: the event of one exchange, and the sink that takes them off the request path (one
+bounded queue, one writer); what is not written is counted.
 
 ``emit`` only appends to a queue (event loop thread only); one writer task drains whatever is
 queued into one batch, encodes it with orjson and writes it in one go: a file (JSON lines,
@@ -18,14 +19,64 @@ import os
 import sys
 import time
 from collections import deque
-from typing import IO
-from urllib.parse import parse_qs, urlsplit, urlunsplit
+from typing import IO, TYPE_CHECKING, Any
 
 import orjson
+
+from .config import SinkSpec
+from .exchange import Exchange
+
+if TYPE_CHECKING:  # imported when a Redis sink starts: stdout and file sinks never need redis-py
+    import redis.asyncio as aioredis
 
 log = logging.getLogger(__name__)
 
 _WARN_EVERY_S = 10.0
+
+
+def event(ex: Exchange) -> dict[str, Any]:
+    """The usage event (docs/api.md, "Usage events"): fields that are unknown are absent, never
+    guessed."""
+    out: dict[str, Any] = {
+        "ts": rfc3339(ex.ts),
+        "request_id": ex.request_id,
+        "route": ex.route,
+        "api_key": ex.api_key,
+        "status": ex.status,
+        "error_code": ex.error_code,
+        "latency_ms": ex.latency_ms,
+        "bytes_in": ex.bytes_in,
+        "bytes_out": ex.bytes_out,
+        "stream": ex.stream,
+    }
+    fields: tuple[tuple[str, object], ...] = (("model", ex.model), ("upstream_model", ex.upstream_model),
+                        ("provider_key", ex.provider_key), ("upstream_ttfb_ms", ex.upstream_ttfb_ms))
+    for name, value in fields:
+        if value is not None:
+            out[name] = value
+    if ex.usage is not None:
+        u = ex.usage
+        reported: tuple[tuple[str, object], ...] = (
+            ("input_tokens", u.input_tokens), ("output_tokens", u.output_tokens),
+            ("total_tokens", u.total_tokens), ("audio_seconds", u.audio_seconds))
+        for name, value in reported:
+            if value is not None:
+                out[name] = value
+    if ex.verdict is not None:
+        out["guardrail"] = ex.verdict.as_event()
+    return out
+
+
+_second: list[Any] = [None, ""]  # the last whole second formatted: most events share it
+
+
+def rfc3339(ts: float) -> str:
+    """RFC 3339 UTC with milliseconds, e.g. 2026-11-24T08:14:26.927Z."""
+    micro = round(ts * 1_000_000)  # as datetime rounds a float timestamp
+    second, ms = micro // 1_000_000, micro % 1_000_000 // 1000
+    if _second[0] != second:
+        _second[0], _second[1] = second, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+    return f"{_second[1]}.{ms:03d}Z"
 _REDIS_TIMEOUT_S = 2.0
 
 
@@ -45,14 +96,12 @@ class UsageSink:
         self._unwarned = 0
 
     @classmethod
-    def create(cls, spec: str, queue_size: int = 10000) -> UsageSink:
-        if spec == "stdout":
-            return StdoutSink("stdout", queue_size)
-        if spec.startswith("file:"):
-            return FileSink(spec[len("file:"):], queue_size)
-        if spec.startswith(("redis://", "rediss://")):
+    def create(cls, spec: SinkSpec, queue_size: int = 10000) -> UsageSink:
+        if spec.kind == "file":
+            return FileSink(spec.target, queue_size)
+        if spec.kind == "redis":
             return RedisSink(spec, queue_size)
-        raise ValueError(f"usage sink {_redact(spec)!r}: expected 'stdout', 'file:/path' or 'redis://host:port/db?stream=NAME'")
+        return StdoutSink("stdout", queue_size)
 
     def emit(self, event: dict) -> None:
         if self._closing or len(self._queue) >= self._size:
@@ -118,7 +167,8 @@ class UsageSink:
         self._unwarned += n
         now = time.monotonic()
         if now - self._warned_at >= _WARN_EVERY_S:
-            log.warning("usage sink %s: %d events dropped (%d in all): %s", self.name, self._unwarned, self.dropped_total, why)
+            log.warning("usage sink %s: %d events dropped (%d in all): %s",
+                        self.name, self._unwarned, self.dropped_total, why)
             self._warned_at = now
             self._unwarned = 0
 
@@ -194,27 +244,12 @@ class FileSink(UsageSink):
 class RedisSink(UsageSink):
     """``XADD stream MAXLEN ~ maxlen * data <json>``, one pipeline per batch."""
 
-    def __init__(self, spec: str, queue_size: int = 10000) -> None:
-        super().__init__(_redact(spec), queue_size)
-        try:
-            url = urlsplit(spec)
-            query = parse_qs(url.query, strict_parsing=bool(url.query))
-            unknown = set(query) - {"stream", "maxlen"}
-            if unknown:
-                raise ValueError(f"unknown option(s) {', '.join(sorted(unknown))}; expected stream, maxlen")
-            if not url.hostname:
-                raise ValueError("no host")
-            _ = url.port                    # raises on a port that is not a number
-            if url.path.strip("/") and not url.path.strip("/").isdigit():
-                raise ValueError(f"database {url.path.strip('/')!r} is not a number")
-            self.stream = query.get("stream", ["aisix:usage"])[-1]
-            self.maxlen = int(query.get("maxlen", ["1000000"])[-1])
-            if self.maxlen < 1:
-                raise ValueError("maxlen must be at least 1")
-        except ValueError as exc:
-            raise ValueError(f"usage sink {self.name!r}: {exc}") from None
-        self._url = urlunsplit((url.scheme, url.netloc, url.path, "", ""))
-        self._redis = None
+    def __init__(self, spec: SinkSpec, queue_size: int = 10000) -> None:
+        super().__init__(spec.name, queue_size)
+        self.stream = spec.stream
+        self.maxlen = spec.maxlen
+        self._url = spec.target
+        self._redis: aioredis.Redis | None = None
 
     async def start(self) -> None:
         if self._redis is None:
@@ -229,6 +264,7 @@ class RedisSink(UsageSink):
         await super().start()
 
     async def _write(self, lines: list[bytes]) -> None:
+        assert self._redis is not None  # start() ran
         pipe = self._redis.pipeline(transaction=False)
         for line in lines:
             pipe.xadd(self.stream, {"data": line}, maxlen=self.maxlen, approximate=True)
@@ -238,11 +274,3 @@ class RedisSink(UsageSink):
         if self._redis is not None:
             await self._redis.aclose()
 
-
-def _redact(spec: str) -> str:
-    """The spec without userinfo: a Redis password must not reach a message or a log line."""
-    scheme, sep, rest = spec.partition("://")
-    where, q, query = rest.partition("?")   # a password may hold an unescaped '/', never a '?'
-    if not sep or "@" not in where:
-        return spec
-    return f"{scheme}://***@{where.rpartition('@')[2]}{q}{query}"

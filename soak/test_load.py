@@ -39,11 +39,11 @@ CHUNKS, CHUNK_BYTES = 8, 8 * 1024
 UPLOADS, UPLOAD_BYTES = 200, 25 * MIB
 # Peak RSS caps. Measured here: ~85 MiB for the streams; 240-630 MiB for the uploads (about 3 MiB
 # per upload in flight: aiohttp's request buffer, the first chunk after the model value, which
-# handlers._Upload.stream keeps for the whole upload, and the allocator's slack). Holding the files
+# forms.FormBody._stream keeps for the whole upload, and the allocator's slack). Holding the files
 # would be 5,000 MiB.
 SPEECH_RSS_CAP_MIB = 400
 UPLOAD_RSS_CAP_MIB = 800
-POOL = 1000  # upstream.max_connections (the SPEC default, set explicitly below)
+POOL = 1000  # upstream.max_connections (the documented default, set explicitly below)
 AUTH = {"Authorization": f"Bearer {TEAM_A}"}
 FIGURES: dict[str, Any] = {}
 

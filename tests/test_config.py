@@ -89,7 +89,7 @@ def test_shipped_files_load_with_an_empty_environment() -> None:
     s, r = loaded.settings, loaded.resources
     assert s.proxy.listen == Listen("127.0.0.1", 3000)
     assert s.metrics_listen == Listen("127.0.0.1", 9090)
-    assert (s.usage_sink, s.ratelimit_backend) == ("stdout", "memory")
+    assert (str(s.usage_sink), str(s.ratelimit_backend)) == ("stdout", "memory")
     assert s.resources_file == ETC / "resources.yaml"
     assert set(r.models) == {"tts-prod", "whisper-prod"}
     assert r.models["tts-prod"].urls["speech"] == "http://127.0.0.1:3001/v1/audio/speech"
@@ -350,7 +350,7 @@ def test_substitution(tmp_path: Path, value: str, env: dict[str, str], expected:
     loaded = config.load(path, env)
     assert loaded.resources.models["whisper-prod"].model_name == expected
     assert loaded.resources.models["whisper-prod"].model_name_bytes == expected.encode()
-    assert loaded.settings.usage_sink == "stdout"
+    assert loaded.settings.usage_sink.kind == "stdout"
 
 
 def test_substitution_applies_to_values_not_to_yaml_text(tmp_path: Path) -> None:

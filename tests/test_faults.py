@@ -213,7 +213,7 @@ def _fresh_raw(request: pytest.FixtureRequest) -> None:
 
 # -- requests ------------------------------------------------------------------------------------
 
-# kind -> (route, is the answer streamed (SPEC 6 `stream`), does the fake answer with Content-Length)
+# kind -> (route, is the answer streamed (the usage event's `stream`), does the fake answer with Content-Length)
 KINDS = {
     "speech-chunked": ("speech", True, False),
     "speech-length": ("speech", True, True),

@@ -10,9 +10,9 @@ from types import MappingProxyType
 import pytest
 import redis.asyncio
 
-from aisix.config import ApiKey, Model, ProviderKey, RateLimit
-from aisix.errors import GatewayError
-from aisix.limits import Limit, Limiter, RateLimited, Slot, is_over, plan, rejection, reset_after, window_start
+from aisix.config import ApiKey, Model, ProviderKey, RateLimit, parse_backend
+from aisix.errors import GatewayError, RateLimited
+from aisix.limits import Limit, Limiter, Slot, is_over, plan, rejection, reset_after, window_start
 from tests.redis_server import RedisServer, free_port, redis_url  # noqa: F401
 
 T0 = 20000 * 86400.0  # a day boundary, so every window starts at T0
@@ -148,7 +148,7 @@ async def limiter(request: pytest.FixtureRequest) -> AsyncIterator[Limiter]:
     if request.param == "redis":
         backend = request.getfixturevalue("redis_url")
         await flush(backend)
-    lim = Limiter.create(backend)
+    lim = Limiter.create(parse_backend(backend))
     try:
         yield lim
     finally:
@@ -260,7 +260,7 @@ async def test_model_tokens_are_charged_in_the_window_of_the_settle(limiter: Lim
 async def shared(redis_url: str) -> AsyncIterator[tuple[Limiter, Limiter]]:  # noqa: F811
     """Two gateway instances on one Redis: two limiters, two connection pools."""
     await flush(redis_url)
-    pair = (Limiter.create(redis_url), Limiter.create(redis_url))
+    pair = (Limiter.create(parse_backend(redis_url)), Limiter.create(parse_backend(redis_url)))
     yield pair
     for lim in pair:
         await lim.close()
@@ -310,7 +310,7 @@ async def test_a_slot_never_settled_ends_with_its_lease(shared: tuple[Limiter, L
 
 
 async def test_an_unreachable_redis_fails_open(caplog: pytest.LogCaptureFixture) -> None:
-    lim = Limiter.create(f"redis://127.0.0.1:{free_port()}/0")
+    lim = Limiter.create(parse_backend(f"redis://127.0.0.1:{free_port()}/0"))
     key, m = api_key(rpm=1, concurrency=1), model()
     with caplog.at_level(logging.WARNING, logger="aisix.limits"):
         slots = [await lim.admit(key, m, T0 + t) for t in (0, 0.5, 2, 3, 12)]
@@ -325,7 +325,7 @@ async def test_an_unreachable_redis_fails_open(caplog: pytest.LogCaptureFixture)
 
 async def test_the_limiter_recovers_when_redis_comes_back() -> None:
     server = RedisServer().start()
-    lim = Limiter.create(server.url)
+    lim = Limiter.create(parse_backend(server.url))
     try:
         key, m = api_key(rpm=1), model(concurrency=5)
         held = await lim.admit(key, m, T0)

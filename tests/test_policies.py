@@ -6,11 +6,17 @@ import asyncio
 import socket
 import time
 import uuid
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import aiohttp
+import orjson
 import pytest
+from aiohttp import web
 
+from aisix import config
+from aisix.app import create_app
 from aisix.config import hash_key
 from tests.fakes import Behaviour, FakeUpstream
 from tests.gateway import TEAM_A, Gateway
@@ -103,17 +109,52 @@ async def test_token_window_rejects_once_exceeded(make_gateway, fake: FakeUpstre
     assert headers["x-ratelimit-reset-tokens"] == headers["Retry-After"]
 
 
-async def test_two_gateways_share_one_redis_limit(make_gateway, redis_url: str) -> None:
+class InProcess:
+    """A gateway app served in this process (aiohttp's runner on 127.0.0.1:0), built by
+    create_app with an injected clock: the way to put a burst where a test wants it in a
+    clock-aligned rate-limit window, without waiting for the wall clock."""
+
+    def __init__(self, tmp: Path, upstream_base: str, clock: Callable[[], float], settings: dict,
+                 **resources: Any) -> None:
+        self._files = Gateway(tmp, upstream_base, settings, **resources)  # writes the config files only
+        self._config = config.load(tmp / "config.yaml", {})
+        self._clock = clock
+        self.usage_file = self._files.usage_file
+        self.url = ""
+        self._runner: web.AppRunner | None = None
+
+    async def __aenter__(self) -> InProcess:
+        self._runner = web.AppRunner(create_app(self._config, clock=self._clock), auto_decompress=False)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        await site.start()
+        host, port = self._runner.addresses[0][:2]
+        self.url = f"http://{host}:{port}"
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._runner is not None
+        await self._runner.cleanup()  # flushes the usage queue
+
+
+async def test_two_gateways_share_one_redis_limit(fake: FakeUpstream, redis_url: str, tmp_path: Path) -> None:
     key = limited_key("sk-shared", rpm=7)
     settings = {"ratelimit": {"backend": redis_url}}
-    a, b = make_gateway(settings, api_keys=[key]), make_gateway(settings, api_keys=[key])
-    # The minute window is aligned to the clock: start the burst well inside one.
-    if time.time() % 60 > 50:
-        await asyncio.sleep(60.5 - time.time() % 60)
-    results = await asyncio.gather(*(post(gw, "sk-shared") for gw in [a, b] * 10))
+    # Both gateways' clocks read 5 s into a minute, then run on: the burst is inside one window.
+    offset = (time.time() // 60 + 1) * 60 + 5 - time.time()
+
+    def clock() -> float:
+        return time.time() + offset
+
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    async with InProcess(tmp_path / "a", fake.base_url, clock, settings, api_keys=[key]) as a, \
+            InProcess(tmp_path / "b", fake.base_url, clock, settings, api_keys=[key]) as b:
+        results = await asyncio.gather(*(post(gw, "sk-shared") for gw in [a, b] * 10))  # type: ignore[arg-type]
     assert sorted(r[0] for r in results) == [200] * 7 + [429] * 13
-    events = [e for gw in (a, b) for e in gw.events(10) if e["api_key"] == key["display_name"]]
-    assert sum(e["status"] == 200 for e in events) == 7
+    events = [orjson.loads(line) for gw in (a, b) for line in gw.usage_file.read_bytes().splitlines()]
+    assert len(events) == 20 and sum(e["status"] == 200 for e in events) == 7
+    assert all(e["api_key"] == key["display_name"] for e in events)
 
 
 async def test_unreachable_redis_fails_open(make_gateway) -> None:

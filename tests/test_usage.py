@@ -16,10 +16,16 @@ import orjson
 import pytest
 import redis
 
+from aisix.config import parse_sink
 from aisix.usage import UsageSink
 
 ROOT = Path(__file__).resolve().parent.parent
 REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
+
+
+def make_sink(spec: str, queue_size: int = 10000) -> UsageSink:
+    """A sink as the gateway makes one: the spec parsed (as config.yaml's usage.sink), then built."""
+    return UsageSink.create(parse_sink(spec), queue_size)
 
 
 def events(n: int, start: int = 0) -> list[dict]:
@@ -92,7 +98,7 @@ def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
 
 async def test_file_sink_writes_every_event_in_order(tmp_path: Path) -> None:
     path = tmp_path / "usage.jsonl"
-    sink = UsageSink.create(f"file:{path}")
+    sink = make_sink(f"file:{path}")
     await sink.start()
     sent = events(1000)
     for i, event in enumerate(sent):
@@ -106,7 +112,7 @@ async def test_file_sink_writes_every_event_in_order(tmp_path: Path) -> None:
 
 async def test_close_flushes_everything_queued(tmp_path: Path) -> None:
     path = tmp_path / "usage.jsonl"
-    sink = UsageSink.create(f"file:{path}")
+    sink = make_sink(f"file:{path}")
     await sink.start()
     for event in events(5000):
         sink.emit(event)
@@ -117,7 +123,7 @@ async def test_close_flushes_everything_queued(tmp_path: Path) -> None:
 
 async def test_full_queue_drops_and_counts(tmp_path: Path) -> None:
     path = tmp_path / "usage.jsonl"
-    sink = UsageSink.create(f"file:{path}", queue_size=10)
+    sink = make_sink(f"file:{path}", queue_size=10)
     for event in events(100):               # the writer has not run yet: the queue fills at 10
         sink.emit(event)                    # (emit never awaits, so it cannot wait for room)
     assert sink.dropped_total == 90
@@ -131,7 +137,7 @@ async def test_full_queue_drops_and_counts(tmp_path: Path) -> None:
 
 async def test_unencodable_event_costs_only_itself(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     path = tmp_path / "usage.jsonl"
-    sink = UsageSink.create(f"file:{path}")
+    sink = make_sink(f"file:{path}")
     await sink.start()
     sink.emit({"n": 1})
     sink.emit({"n": object()})
@@ -144,7 +150,7 @@ async def test_unencodable_event_costs_only_itself(tmp_path: Path, caplog: pytes
 
 async def test_file_rotated_away_is_followed_by_a_new_file(tmp_path: Path) -> None:
     path = tmp_path / "usage.jsonl"
-    sink = UsageSink.create(f"file:{path}")
+    sink = make_sink(f"file:{path}")
     await sink.start()
     for event in events(3):
         sink.emit(event)
@@ -174,7 +180,7 @@ async def test_file_removed_with_its_directory_counts_the_loss_and_recovers(tmp_
     folder = tmp_path / "logs"
     folder.mkdir()
     path = folder / "usage.jsonl"
-    sink = UsageSink.create(f"file:{path}")
+    sink = make_sink(f"file:{path}")
     await sink.start()
     path.unlink()
     folder.rmdir()
@@ -192,9 +198,9 @@ async def test_file_removed_with_its_directory_counts_the_loss_and_recovers(tmp_
 def test_stdout_sink_writes_json_lines() -> None:
     code = (
         "import asyncio\n"
-        "from aisix.usage import UsageSink\n"
+        "from aisix.usage import UsageSink\nfrom aisix.config import parse_sink\n"
         "async def main():\n"
-        "    sink = UsageSink.create('stdout')\n"
+        "    sink = UsageSink.create(parse_sink('stdout'))\n"
         "    await sink.start()\n"
         "    for i in range(3):\n"
         "        sink.emit({'i': i, 'route': 'speech'})\n"
@@ -209,7 +215,7 @@ def test_stdout_sink_writes_json_lines() -> None:
 # --- redis sink ------------------------------------------------------------------------------
 
 async def test_redis_sink_adds_to_the_stream(redis_server: RedisServer) -> None:
-    sink = UsageSink.create(redis_server.url("stream=aisix:usage"))
+    sink = make_sink(redis_server.url("stream=aisix:usage"))
     await sink.start()
     sent = events(50)
     for event in sent:
@@ -223,7 +229,7 @@ async def test_redis_sink_adds_to_the_stream(redis_server: RedisServer) -> None:
 
 
 async def test_redis_sink_trims_to_about_maxlen(redis_server: RedisServer) -> None:
-    sink = UsageSink.create(redis_server.url("stream=s&maxlen=100"))
+    sink = make_sink(redis_server.url("stream=s&maxlen=100"))
     await sink.start()
     for i, event in enumerate(events(2000)):
         sink.emit(event)
@@ -239,7 +245,7 @@ async def test_redis_sink_trims_to_about_maxlen(redis_server: RedisServer) -> No
 
 async def test_redis_down_counts_drops_and_recovers(redis_server: RedisServer, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.WARNING, logger="aisix.usage")
-    sink = UsageSink.create(redis_server.url("stream=s"))
+    sink = make_sink(redis_server.url("stream=s"))
     await sink.start()
     sink.emit({"n": 1})
     await until(lambda: sink.written_total == 1)
@@ -272,7 +278,7 @@ async def test_close_gives_up_after_timeout_and_counts_the_rest() -> None:
     server = await asyncio.start_server(silent, "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]
     try:
-        sink = UsageSink.create(f"redis://127.0.0.1:{port}/0?stream=s")
+        sink = make_sink(f"redis://127.0.0.1:{port}/0?stream=s")
         await sink.start()
         for event in events(10):
             sink.emit(event)
@@ -291,9 +297,9 @@ async def test_close_gives_up_after_timeout_and_counts_the_rest() -> None:
 # --- specs -----------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("spec, says", [
-    ("", "expected 'stdout'"),
-    ("stderr", "expected 'stdout'"),
-    ("file:", "no path"),
+    ("", "must be 'stdout'"),
+    ("stderr", "must be 'stdout'"),
+    ("file:", "no path given"),
     ("file:/no/such/dir/usage.jsonl", "/no/such/dir does not exist"),
     ("redis://:s3cret-pw@127.0.0.1:6379/0?stream=s&bogus=1", "unknown option(s) bogus"),
     ("redis://:s3cret-pw@127.0.0.1:6379/0?stream=s&maxlen=many", "invalid literal"),
@@ -301,15 +307,15 @@ async def test_close_gives_up_after_timeout_and_counts_the_rest() -> None:
     ("redis://:s3cret-pw@127.0.0.1:port/0", "port"),
     ("redis://:s3cret-pw@127.0.0.1:6379/zero", "database 'zero'"),
     ("redis://:s3cret-pw@/0", "no host"),
-    ("memcached://user:s3cret-pw@host", "expected 'stdout'"),
+    ("memcached://user:s3cret-pw@host", "must be 'stdout'"),
 ])
 def test_invalid_spec_is_a_clear_error_without_secrets(spec: str, says: str) -> None:
     with pytest.raises(ValueError) as err:
-        UsageSink.create(spec)
+        make_sink(spec)
     assert says in str(err.value)
     assert "s3cret-pw" not in str(err.value)
 
 
 def test_unopenable_file_is_an_error_at_create(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="cannot open: Is a directory"):
-        UsageSink.create(f"file:{tmp_path}")
+        make_sink(f"file:{tmp_path}")

@@ -31,7 +31,7 @@ class Usage:
         return (self.input_tokens or 0) + (self.output_tokens or 0)
 
 
-class AnswerReader:
+class TranscriptReader:
     __slots__ = ("_kind", "_buf", "_limit", "_over", "_parts", "_kept", "text", "usage")
 
     def __init__(self, content_type: str, limit: int = _LIMIT) -> None:

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from aisix.answer import AnswerReader, Usage
+from aisix.transcript import TranscriptReader, Usage
 
 SSE = b"".join(
     b"data: " + json.dumps(e).encode() + b"\n\n" for e in [
@@ -34,7 +34,7 @@ CASES = [
 @pytest.mark.parametrize("ctype, body, text, usage", CASES)
 def test_any_chunking_reads_the_same(ctype: str, body: bytes, text: str, usage: Usage) -> None:
     for size in (1, 3, 17, len(body) or 1):
-        reader = AnswerReader(ctype)
+        reader = TranscriptReader(ctype)
         for i in range(0, len(body), size):
             reader.feed(body[i:i + size])
         reader.finish()
@@ -42,7 +42,7 @@ def test_any_chunking_reads_the_same(ctype: str, body: bytes, text: str, usage: 
 
 
 def test_over_the_cap_nothing_is_guessed() -> None:
-    reader = AnswerReader("application/json", limit=100)
+    reader = TranscriptReader("application/json", limit=100)
     reader.feed(json.dumps({"text": "x" * 200, "usage": {"total_tokens": 9}}).encode())
     reader.finish()
     assert reader.usage.tokens is None and reader.text == ""

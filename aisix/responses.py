@@ -1,10 +1,10 @@
-"""The request id and the error envelope, around every route's handler, so no route can skip
+"""The request id and the error envelope around every route's handler, so no route can skip
 either; and the headers every response of ours carries.
 
-This was an aiohttp middleware plus an ``on_response_prepare`` hook. Both run per request
-through aiohttp's generic machinery (a middleware chain with a current-app context manager, a
-signal that builds a coroutine per receiver); a wrapper made once per route at startup does the
-same work for less. Paths and methods no route serves get the envelope from a catch-all route.
+A wrapper made once per route at startup rather than an aiohttp middleware plus an
+``on_response_prepare`` hook: both run per request through aiohttp's generic machinery (a
+middleware chain, a signal that builds a coroutine per receiver), and this does the same work
+for less. Paths and methods no route serves get the envelope from a catch-all route.
 """
 
 from __future__ import annotations
@@ -60,9 +60,7 @@ def unrouted(methods: dict[str, tuple[str, ...]]) -> Handler:
         allowed = methods.get(request.path)
         if allowed is None:
             raise errors.not_found()
-        exc = errors.method_not_allowed()
-        exc.headers["Allow"] = ", ".join(allowed)
-        raise exc
+        raise errors.method_not_allowed(", ".join(allowed))
 
     return route(handler)
 
@@ -82,3 +80,10 @@ def stamp(request: web.Request, response: web.StreamResponse) -> None:
         # Callers reconnect to a process that stays.
         response.force_close()
         headers["Connection"] = "close"
+
+
+def abort(request: web.Request) -> None:
+    """Cut the caller's connection so a started answer cannot look complete."""
+    transport = request.transport
+    if transport is not None:
+        transport.abort()

@@ -1,0 +1,164 @@
+"""The one request pipeline of the audio routes: every stage, in order, in one function.
+
+declared length (413) -> authenticate (401) -> content coding (415) -> read the body up to the
+alias (speech: the small JSON; forms: up to the ``model`` part) -> resolve the alias and check
+access (404/403) -> input guardrails (422) -> admit (429) -> send upstream -> relay the answer
+(output guardrails, usage) -> ``finally``: release the body, settle the limiter slot, emit exactly
+one usage event. What differs per route is only how its body is read (speech.py, forms.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Protocol
+
+from aiohttp import hdrs, web
+
+from . import aliases, auth, errors, guardrails, usage
+from .config import Model, Resources, Settings
+from .deadline import CLIENT, UPSTREAM, Deadline
+from .exchange import Exchange
+from .inbound import Inbound
+from .keys import CLOCK, EXCHANGE, LIMITER, LIVE, METRICS, POOL, REQUEST_ID, SETTINGS, USAGE
+from .relay import relay
+from .responses import abort
+from .upstream import Body
+
+log = logging.getLogger(__name__)
+
+
+class RequestBody(Protocol):
+    """A body read up to its alias, by the route's reader."""
+
+    @property
+    def alias(self) -> str: ...
+
+    @property
+    def texts(self) -> Sequence[str]:
+        """Text fields met before the alias, to screen once it is known."""
+        ...
+
+    @property
+    def content_type(self) -> str:
+        """What the upstream is told."""
+        ...
+
+    def outbound(self, model: Model, screen: Callable[[str], None],
+                 sent: Callable[[], None]) -> tuple[bytes | Body, int | None]:
+        """The body for this model's upstream and its length (None: chunked). ``screen`` is
+        called on every text field still to come; ``sent`` once the last byte has gone."""
+        ...
+
+    def close(self) -> None: ...
+
+
+Reader = Callable[[web.Request, Inbound, Settings, Resources], Awaitable[RequestBody]]
+
+
+async def exchange(request: web.Request, route: str, read: Reader) -> web.StreamResponse:
+    app = request.app
+    settings, live, clock, limiter = app[SETTINGS], app[LIVE], app[CLOCK], app[LIMITER]
+    resources = live.resources  # this request's snapshot, whatever a reload does meanwhile
+    idle = settings.upstream.stream_idle_timeout_ms / 1000
+    ex = request[EXCHANGE] = Exchange(route, request[REQUEST_ID], clock(), time.monotonic())
+    slot = body = deadline = None
+    live.enter()
+    app[METRICS].started(route)
+    try:
+        async with asyncio.timeout(None) as timer:
+            deadline = Deadline(timer)
+            _check_declared_length(request, settings.proxy.request_body_limit_bytes)
+            key = auth.lookup(request.headers.get(hdrs.AUTHORIZATION), resources.keys_by_hash)
+            ex.api_key = key.name
+            auth.check_active(key, clock())
+            _check_content_encoding(request)
+            inbound = Inbound(request, settings.proxy.request_body_limit_bytes, deadline, idle, ex)
+            body = await read(request, inbound, settings, resources)
+            ex.model = body.alias
+            model = aliases.resolve(body.alias, key, resources.models)
+            ex.upstream_model, ex.provider_key = model.model_name, model.provider_key.name
+            inputs = guardrails.rules_for(resources, model.alias, guardrails.INPUT)
+
+            def screen(text: str) -> None:
+                ex.verdict = guardrails.enforce(inputs, text) or ex.verdict
+
+            for text in body.texts:
+                screen(text)
+            slot = await limiter.admit(key, model, clock())
+
+            def sent() -> None:
+                """The last request byte is on its way: the upstream has its timeout to answer."""
+                deadline.wait((model.timeout_ms or settings.upstream.timeout_ms) / 1000, UPSTREAM)
+                ex.upstream_sent = time.monotonic()
+
+            data, length = body.outbound(model, screen, sent)
+            answer = await app[POOL].send(model.urls[route], model.provider_key.authorization, ex.request_id,
+                                          body.content_type, request.headers.get(hdrs.ACCEPT), data, length)
+            outputs = guardrails.rules_for(resources, model.alias, guardrails.OUTPUT)
+            return await relay(request, answer, ex, deadline, idle, outputs)
+    except asyncio.CancelledError:  # the caller left while we waited (handler_cancellation)
+        ex.status, ex.error_code = 499, "client_closed"
+        raise
+    except BaseException as exc:
+        return _failed(request, ex, exc, deadline is None or deadline.waiting_on == CLIENT)
+    finally:
+        if deadline is not None:
+            deadline.close()  # before any await: its timer must not fire into a finished exchange
+        if body is not None:
+            body.close()
+        await limiter.settle(slot, ex.usage.tokens if ex.usage else None, clock())
+        _finish(app, ex, resources)
+
+
+def _failed(request: web.Request, ex: Exchange, exc: BaseException, on_client: bool) -> web.StreamResponse:
+    """Record how the request ended (errors.outcome, the one mapping) and answer with its
+    envelope, or cut off a caller that left or already has the status line of an answer."""
+    end = errors.outcome(exc, on_client, ex.response is not None)
+    if ex.response is None:
+        ex.status = end.status
+    ex.error_code = end.code
+    if isinstance(exc, errors.GuardrailBlocked):
+        ex.verdict = guardrails.Verdict(exc.guardrail, guardrails.BLOCKED)
+    elif isinstance(exc, errors.RateLimited):
+        request.app[METRICS].limited(exc.scope)
+    elif not isinstance(exc, TimeoutError | ConnectionError | errors.GatewayError):
+        log.error("request %s: unhandled error", ex.request_id, exc_info=exc)
+    if end.reply is not None:
+        ex.bytes_out = len(end.reply.body())  # the envelope is what the caller gets
+        raise end.reply from None
+    abort(request)  # a short answer must never look complete
+    return ex.response or web.Response(status=499)  # nobody reads the latter: the caller left
+
+
+def _finish(app: web.Application, ex: Exchange, resources: Resources) -> None:
+    """Every exchange ends here exactly once."""
+    ex.latency_ms = int((time.monotonic() - ex.started) * 1000)
+    app[USAGE].emit(usage.event(ex))
+    app[METRICS].finished(ex, ex.model in resources.models)
+    app[LIVE].leave()
+
+
+def _check_declared_length(request: web.Request, limit: int) -> None:
+    if limit and request.content_length is not None and request.content_length > limit:
+        raise errors.request_too_large(limit)
+
+
+def _check_content_encoding(request: web.Request) -> None:
+    """Bodies are read as sent (the server does not decode them): a coded body is refused, since
+    the gateway could not forward it with a length it can vouch for (docs/design.md)."""
+    for coding in request.headers.getall(hdrs.CONTENT_ENCODING, ()):
+        if any(c.strip(" \t").lower() not in ("identity", "") for c in coding.split(",")):
+            raise errors.unsupported_content_encoding()
+
+
+def route(name: str, read: Reader) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
+    """The handler of one audio route: the pipeline, with the route's reader."""
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        return await exchange(request, name, read)
+
+    return handler
+

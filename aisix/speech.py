@@ -1,0 +1,71 @@
+"""What is particular to ``/v1/audio/speech``: a small JSON body, read whole (capped), with only its
+``model`` value replaced on the way out.
+
+Re-serialised rather than spliced: the upstream gets exactly the document that was checked (a
+duplicated ``model`` key cannot authorise one alias and reach the upstream as another), with
+every other key in its order and with its value.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from . import errors
+from .config import Model, Resources, Settings
+from .inbound import Inbound
+
+CONTENT_TYPE = "application/json"
+_LONG_NUMBER = re.compile(rb"\d{19,}")
+
+
+class SpeechBody:
+    """The caller's JSON document: its alias, the text to screen, and the body to send."""
+
+    __slots__ = ("_doc", "_exact", "alias", "texts")
+    content_type = CONTENT_TYPE
+
+    def __init__(self, doc: dict[str, Any], exact: bool) -> None:
+        alias = doc.get("model")
+        if not isinstance(alias, str) or not alias:
+            raise errors.missing_model()
+        self.alias = alias
+        text = doc.get("input")
+        self.texts = [text] if isinstance(text, str) else []
+        self._doc = doc
+        self._exact = exact
+
+    def outbound(self, model: Model, screen: Callable[[str], None],
+                 sent: Callable[[], None]) -> tuple[bytes, int | None]:
+        doc = self._doc
+        doc["model"] = model.model_name
+        if self._exact:
+            body = json.dumps(doc, ensure_ascii=False, separators=(",", ":")).encode()
+        else:
+            body = orjson.dumps(doc)
+        sent()  # it leaves with its head in one write
+        return body, len(body)
+
+    def close(self) -> None:
+        pass
+
+
+async def read(request: web.Request, inbound: Inbound, settings: Settings, resources: Resources) -> SpeechBody:
+    if request.content_type != CONTENT_TYPE:
+        raise errors.unsupported_content_type(CONTENT_TYPE)
+    raw = await inbound.read_all(settings.proxy.json_body_limit_bytes)
+    try:
+        doc = orjson.loads(raw)
+        exact = _LONG_NUMBER.search(raw) is not None
+        if exact:  # orjson reads an integer past 64 bits as a float; the stdlib keeps it exact
+            doc = json.loads(raw)
+    except (orjson.JSONDecodeError, RecursionError):
+        raise errors.invalid_json("The request body is not valid JSON.") from None
+    if not isinstance(doc, dict):
+        raise errors.invalid_json("The request body must be a JSON object.")
+    return SpeechBody(doc, exact)
