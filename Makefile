@@ -86,7 +86,7 @@ install:
 	install -d -m 0755 $(DESTDIR)$(UNITDIR) $(DESTDIR)$(PREFIX)/share/doc
 	for unit in $(UNITS); do \
 	  $(UNIT_PATHS) "$$unit" > $(DESTDIR)$(UNITDIR)/$${unit##*/} && chmod 0644 $(DESTDIR)$(UNITDIR)/$${unit##*/}; done
-	install -m 0644 docs/operations.md $(DESTDIR)$(PREFIX)/share/doc/operations.md
+	install -m 0644 docs/operations.md docs/api.md $(DESTDIR)$(PREFIX)/share/doc/
 	@# Readable by the service's group only: resources.yaml holds key hashes, maybe secrets.
 	@etc=$(DESTDIR)$(SYSCONFDIR); \
 	if [ ! -d "$$etc" ]; then install -d -m 0750 "$$etc" && \
@@ -113,7 +113,7 @@ uninstall:
 	  systemctl stop aisix.service 'aisix@*.service' || true; fi
 	rm -f $(DESTDIR)$(UNITDIR)/*.wants/aisix.service $(DESTDIR)$(UNITDIR)/*.wants/aisix@*.service
 	rm -f $(DESTDIR)$(UNITDIR)/aisix.service $(DESTDIR)$(UNITDIR)/aisix@.service
-	rm -rf $(DESTDIR)$(PREFIX)/venv $(DESTDIR)$(PREFIX)/share/doc/operations.md
+	rm -rf $(DESTDIR)$(PREFIX)/venv $(DESTDIR)$(PREFIX)/share/doc/operations.md $(DESTDIR)$(PREFIX)/share/doc/api.md
 	@if [ -z "$(DESTDIR)" ] && [ -d /run/systemd/system ]; then systemctl daemon-reload; fi
 	@echo "kept $(SYSCONFDIR)/, /var/log/aisix and the user $(AISIX_USER) (userdel $(AISIX_USER) to remove it)"
 
