@@ -1,7 +1,7 @@
 """The caller's body as it arrives: read chunk by chunk as sent, counted, capped at the body limit,
 and timed by the request's deadline.
 
-On audio routes a body is never read whole by aiohttp (``request.post()``/``read()``):
+On audio routes a body is never handed to aiohttp's whole-body or form readers, and
 ``client_max_size`` does not cover streamed reads, so the count and the cap are here.
 """
 

@@ -33,7 +33,8 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from . import errors
-from .config import ApiKey, BackendSpec, Model, RateLimit
+from .config import ApiKey, Model, RateLimit
+from .specs import BackendSpec
 
 log = logging.getLogger(__name__)
 

@@ -23,8 +23,8 @@ from typing import IO, TYPE_CHECKING, Any
 
 import orjson
 
-from .config import SinkSpec
 from .exchange import Exchange
+from .specs import SinkSpec
 
 if TYPE_CHECKING:  # imported when a Redis sink starts: stdout and file sinks never need redis-py
     import redis.asyncio as aioredis

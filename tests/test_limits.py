@@ -10,7 +10,8 @@ from types import MappingProxyType
 import pytest
 import redis.asyncio
 
-from aisix.config import ApiKey, Model, ProviderKey, RateLimit, parse_backend
+from aisix.config import ApiKey, Model, ProviderKey, RateLimit
+from aisix.specs import parse_backend
 from aisix.errors import GatewayError, RateLimited
 from aisix.limits import Limit, Limiter, Slot, is_over, plan, rejection, reset_after, window_start
 from tests.redis_server import RedisServer, free_port, redis_url  # noqa: F401

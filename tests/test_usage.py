@@ -16,7 +16,7 @@ import orjson
 import pytest
 import redis
 
-from aisix.config import parse_sink
+from aisix.specs import parse_sink
 from aisix.usage import UsageSink
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -198,7 +198,7 @@ async def test_file_removed_with_its_directory_counts_the_loss_and_recovers(tmp_
 def test_stdout_sink_writes_json_lines() -> None:
     code = (
         "import asyncio\n"
-        "from aisix.usage import UsageSink\nfrom aisix.config import parse_sink\n"
+        "from aisix.usage import UsageSink\nfrom aisix.specs import parse_sink\n"
         "async def main():\n"
         "    sink = UsageSink.create(parse_sink('stdout'))\n"
         "    await sink.start()\n"

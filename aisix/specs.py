@@ -1,0 +1,96 @@
+"""Where usage events and rate-limit counts go: ``usage.sink`` and ``ratelimit.backend`` parsed
+once into typed values the factories take (usage.UsageSink.create, limits.Limiter.create).
+
+[core] No I/O. A Redis password never reaches a message: every error and ``str()`` is redacted.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from urllib.parse import SplitResult, parse_qs, urlsplit, urlunsplit
+
+
+@dataclass(frozen=True, slots=True)
+class SinkSpec:
+    """Where usage events go (``usage.sink``), parsed once."""
+
+    kind: str            # "stdout" | "file" | "redis"
+    target: str = ""     # the file's path, or the Redis URL without its query
+    stream: str = "aisix:usage"
+    maxlen: int = 1000000
+    name: str = "stdout"  # for messages: the spec with any password masked
+
+    def __str__(self) -> str:
+        return self.name
+
+
+@dataclass(frozen=True, slots=True)
+class BackendSpec:
+    """Where rate-limit counts live (``ratelimit.backend``), parsed once."""
+
+    kind: str            # "memory" | "redis"
+    url: str = field(default="", repr=False)  # may hold a password
+
+    def __str__(self) -> str:
+        return "memory" if self.kind == "memory" else redact(self.url)
+
+
+def parse_sink(text: str) -> SinkSpec:
+    """``stdout``, ``file:<path>`` or ``redis[s]://host:port/db?stream=<name>&maxlen=<n>``."""
+    if text == "stdout":
+        return SinkSpec("stdout")
+    if text.startswith("file:"):
+        if len(text) == 5:
+            raise ValueError("must be 'stdout', 'file:<path>' or 'redis://host:port/db?stream=<name>' (no path given)")
+        return SinkSpec("file", text[5:], name=text)
+    if text.startswith(("redis://", "rediss://")):
+        name = redact(text)
+        try:
+            url = urlsplit(text)
+            query = parse_qs(url.query, strict_parsing=bool(url.query))
+            unknown = set(query) - {"stream", "maxlen"}
+            if unknown:
+                raise ValueError(f"unknown option(s) {', '.join(sorted(unknown))}; expected stream, maxlen")
+            _redis_url(url)
+            maxlen = int(query.get("maxlen", ["1000000"])[-1])
+            if maxlen < 1:
+                raise ValueError("maxlen must be at least 1")
+        except ValueError as exc:
+            raise ValueError(f"{name!r}: {exc}") from None
+        return SinkSpec("redis", urlunsplit((url.scheme, url.netloc, url.path, "", "")),
+                        query.get("stream", ["aisix:usage"])[-1], maxlen, name)
+    raise ValueError("must be 'stdout', 'file:<path>' or 'redis://host:port/db?stream=<name>'")
+
+
+def parse_backend(text: str) -> BackendSpec:
+    """``memory`` or ``redis[s]://host:port/db``."""
+    if text == "memory":
+        return BackendSpec("memory")
+    if text.startswith(("redis://", "rediss://")):
+        try:
+            url = urlsplit(text)
+            if url.query:
+                raise ValueError("takes no options")
+            _redis_url(url)
+        except ValueError as exc:
+            raise ValueError(f"{redact(text)!r}: {exc}") from None
+        return BackendSpec("redis", text)
+    raise ValueError("must be 'memory' or 'redis://host:port/db'")
+
+
+def _redis_url(url: SplitResult) -> None:
+    if not url.hostname:
+        raise ValueError("no host")
+    _ = url.port  # raises on a port that is not a number
+    db = url.path.strip("/")
+    if db and not db.isdigit():
+        raise ValueError(f"database {db!r} is not a number")
+
+
+def redact(spec: str) -> str:
+    """The spec without userinfo: a Redis password must not reach a message or a log line."""
+    scheme, sep, rest = spec.partition("://")
+    where, q, query = rest.partition("?")  # a password may hold an unescaped '/', never a '?'
+    if not sep or "@" not in where:
+        return spec
+    return f"{scheme}://***@{where.rpartition('@')[2]}{q}{query}"
