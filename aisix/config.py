@@ -66,6 +66,7 @@ class Model:
     model_name: str
     timeout_ms: int | None  # None: upstream.timeout_ms
     rate_limit: RateLimit | None
+    routes: frozenset[str]  # the routes it serves (ROUTES); another route is 400 model_not_supported
     # derived from the fields above; left out of == and hash() (a mappingproxy cannot be hashed)
     urls: Mapping[str, str] = field(compare=False)
     model_name_bytes: bytes = field(compare=False)
@@ -195,6 +196,8 @@ def _checked(out: list[str], value: T | None) -> T:
 # -- fields of both files -----------------------------------------------------------------------
 
 _ROUTES = ("speech", "transcriptions", "translations")
+ROUTES = (*_ROUTES, "realtime")  # what a model's `routes` may name
+PROVIDERS = ("openai",)  # API flavours; a typo must never fall back to one of them
 _TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 
@@ -277,7 +280,7 @@ def _load_settings(out: list[str], path: Path, env: Mapping[str, str]) -> tuple[
 # -- resources.yaml -----------------------------------------------------------------------------
 
 def _provider_key(r: Reader, name: str) -> ProviderKey | None:
-    provider, base, secret = r.text("provider"), r.text("api_base"), r.text("api_key")
+    provider, base, secret = r.text("provider", options=PROVIDERS), r.text("api_base"), r.text("api_key")
     if base is not None and not _http_url(base):
         r.problem("api_base", "must be an http:// or https:// URL with a host, no query or fragment")
     if secret is not None and not (secret.isascii() and secret.isprintable()):
@@ -299,13 +302,16 @@ def _http_url(text: str) -> bool:
 def _model(r: Reader, name: str, keys: Mapping[str, ProviderKey | None]) -> Model | None:
     key_name, model_name = r.text("provider_key"), r.text("model_name")
     timeout, rate_limit = r.integer("timeout", None), _rate_limit(r)
+    routes = r.strings("routes", ROUTES)
+    if not routes or not set(routes) <= set(ROUTES):
+        r.problem("routes", "must be a non-empty list of " + ", ".join(f"'{o}'" for o in ROUTES))
     if key_name is not None and key_name not in keys:
         r.problem("provider_key", f"no provider key named '{key_name}'")
     key = keys.get(key_name)
     if not r.ok or key is None:
         return None
     urls = MappingProxyType({route: f"{key.api_base}/audio/{route}" for route in _ROUTES})
-    return Model(name, key, model_name, timeout, rate_limit, urls, model_name.encode("utf-8"))
+    return Model(name, key, model_name, timeout, rate_limit, frozenset(routes), urls, model_name.encode("utf-8"))
 
 
 def _matching(globs: tuple[str, ...], aliases: Iterable[str]) -> frozenset[str]:
@@ -370,7 +376,7 @@ def _load_resources(out: list[str], path: Path, env: Mapping[str, str]) -> Resou
     if top.text("_format_version", "1") not in ("1", None):
         top.problem("_format_version", 'must be "1"')
     key_fields = ("provider", "api_base", "api_key")
-    model_fields = ("provider_key", "model_name", "timeout", "rate_limit")
+    model_fields = ("provider_key", "model_name", "routes", "timeout", "rate_limit")
     keys = top.collect("provider_keys", "display_name", key_fields, _provider_key)
     models = top.collect("models", "display_name", model_fields, lambda r, name: _model(r, name, keys))
     aliases = tuple(models)

@@ -96,6 +96,12 @@ def model_not_found(alias: str) -> GatewayError:
     return invalid_request("model_not_found", f"The model '{alias}' does not exist.", status=404)
 
 
+def model_not_supported(alias: str, route: str) -> GatewayError:
+    """The alias exists and the key may use it (so naming it leaks nothing), but not here."""
+    path = "/v1/realtime" if route == "realtime" else f"/v1/audio/{route}"
+    return invalid_request("model_not_supported", f"The model '{alias}' cannot be used with {path}.", "model")
+
+
 def missing_model() -> GatewayError:
     return invalid_request("missing_model", "The 'model' field is required and must be a non-empty string.", "model")
 

@@ -78,7 +78,7 @@ async def exchange(request: web.Request, route: str, read: Reader) -> web.Stream
             inbound = Inbound(request, settings.proxy.request_body_limit_bytes, deadline, idle, ex)
             body = await read(request, inbound, settings, resources)
             ex.model = body.alias
-            model = aliases.resolve(body.alias, key, resources.models)
+            model = aliases.resolve(body.alias, key, resources.models, route)
             ex.upstream_model, ex.provider_key = model.model_name, model.provider_key.name
             inputs = guardrails.rules_for(resources, model.alias, guardrails.INPUT)
 

@@ -32,7 +32,7 @@ RESOURCES: dict[str, Any] = {
     ],
     "models": [
         {"display_name": "tts-prod", "provider_key": "openai-main", "model_name": "gpt-4o-mini-tts",
-         "timeout": 120000, "rate_limit": {"rpm": 600, "concurrency": 32}},
+         "routes": ["speech"], "timeout": 120000, "rate_limit": {"rpm": 600, "concurrency": 32}},
         {"display_name": "whisper-prod", "provider_key": "openai-main", "model_name": "whisper-1"},
     ],
     "api_keys": [
@@ -177,6 +177,14 @@ RESOURCE_PROBLEMS = [
      "resources.yaml: provider_keys[openai-main]: field 'api_base': must be an http:// or https:// URL"),
     ({"provider_keys.0.provider": 1},
      "resources.yaml: provider_keys[openai-main]: field 'provider': must be a string, got 1"),
+    ({"provider_keys.0.provider": "opnai"},
+     "resources.yaml: provider_keys[openai-main]: field 'provider': must be one of 'openai'"),
+    ({"models.0.routes": ["speech", "transcription"]},
+     "resources.yaml: models[tts-prod]: field 'routes': must be a non-empty list of 'speech', 'transcriptions', "
+     "'translations', 'realtime'"),
+    ({"models.0.routes": []}, "resources.yaml: models[tts-prod]: field 'routes': must be a non-empty list"),
+    ({"models.0.routes": "speech"},
+     "resources.yaml: models[tts-prod]: field 'routes': must be a list of strings, got a string"),
     ({"provider_keys.1": RESOURCES["provider_keys"][0]},
      "resources.yaml: provider_keys[openai-main]: field 'display_name': duplicate: provider_keys[0]"),
     ({"models.2": RESOURCES["models"][1]},
@@ -416,8 +424,9 @@ def test_what_loading_builds(tmp_path: Path) -> None:
     assert tts.urls == {"speech": "https://api.openai.com/v1/audio/speech",
                         "transcriptions": "https://api.openai.com/v1/audio/transcriptions",
                         "translations": "https://api.openai.com/v1/audio/translations"}
-    assert tts.timeout_ms == 120000 and tts.rate_limit == config.RateLimit(rpm=600, concurrency=32)
+    assert tts.routes == {"speech"} and tts.timeout_ms == 120000 and tts.rate_limit == config.RateLimit(rpm=600, concurrency=32)
     assert r.models["whisper-prod"].rate_limit is None and hash(tts) == hash(tts)
+    assert r.models["whisper-prod"].routes == {"speech", "transcriptions", "translations", "realtime"}  # default all
     (team,) = r.api_keys
     assert team.expires_at == dt.datetime(2027, 1, 1, tzinfo=dt.timezone.utc)
     assert team.rate_limit == config.RateLimit(rpm=60, tpm=100000) and team.disabled is False

@@ -10,7 +10,7 @@ from types import MappingProxyType
 import pytest
 import redis.asyncio
 
-from aisix.config import ApiKey, Model, ProviderKey, RateLimit
+from aisix.config import ROUTES, ApiKey, Model, ProviderKey, RateLimit
 from aisix.specs import parse_backend
 from aisix.errors import GatewayError, RateLimited
 from aisix.limits import Limit, Limiter, Slot, is_over, plan, rejection, reset_after, window_start
@@ -26,7 +26,7 @@ def api_key(name: str = "team-a", **limits: int) -> ApiKey:
 
 def model(alias: str = "tts-prod", **limits: int) -> Model:
     return Model(alias, PROVIDER, "gpt-4o-mini-tts", None, RateLimit(**limits) if limits else None,
-                 MappingProxyType({}), b"gpt-4o-mini-tts")
+                 frozenset(ROUTES), MappingProxyType({}), b"gpt-4o-mini-tts")
 
 
 def limits_of(key: ApiKey, m: Model) -> dict[str, Limit]:
