@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
 from typing import TypeVar
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlsplit
 
 from .config_yaml import Reader, add_problem, got, read_mapping
 from .specs import BackendSpec, SinkSpec, parse_backend, parse_sink
@@ -53,23 +53,55 @@ class RateLimit:
 @dataclass(frozen=True, slots=True)
 class ProviderKey:
     name: str
-    provider: str
+    provider: str  # one of PROVIDERS
     api_base: str  # no trailing "/"
     api_key: str = field(repr=False)
-    authorization: str = field(repr=False)  # "Bearer <api_key>"
+    auth_header: str = field(repr=False)  # "Authorization: Bearer <api_key>" or (azure) "api-key: <api_key>"
+    api_version: str | None = None  # azure: a dated version, or "v1"
+    rate_limit: RateLimit | None = None  # the provider's quota for this key
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    """One deployment behind an alias: a provider key and the model id it is sent as."""
+
+    provider_key: ProviderKey
+    model_name: str
+    weight: int = 1
+    priority: int = 0
+    # derived from the fields above; left out of == and hash() (a mappingproxy cannot be hashed)
+    urls: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}), compare=False)
+    model_name_bytes: bytes = field(default=b"", compare=False)
+    id: str = field(default="", compare=False)  # "<provider key>/<model_name>": cooldown keys
+
+
+@dataclass(frozen=True, slots=True)
+class Retry:
+    max_attempts: int  # attempts in all, the first included
+    replay_limit_bytes: int  # 0: uploads are never replayed
+
+
+@dataclass(frozen=True, slots=True)
+class Cooldown:
+    failures: int = 3
+    window_s: int = 60
+    cooldown_s: int = 30
 
 
 @dataclass(frozen=True, slots=True)
 class Model:
     alias: str
-    provider_key: ProviderKey
-    model_name: str
+    targets: tuple[Target, ...]  # one or more
     timeout_ms: int | None  # None: upstream.timeout_ms
     rate_limit: RateLimit | None
     routes: frozenset[str]  # the routes it serves (ROUTES); another route is 400 model_not_supported
-    # derived from the fields above; left out of == and hash() (a mappingproxy cannot be hashed)
-    urls: Mapping[str, str] = field(compare=False)
-    model_name_bytes: bytes = field(compare=False)
+    retry: Retry
+    cooldown: Cooldown
+
+    @property
+    def provider_key(self) -> ProviderKey:
+        """The first target's provider key: what listings show as ``owned_by``."""
+        return self.targets[0].provider_key
 
 
 @dataclass(frozen=True, slots=True)
@@ -197,9 +229,11 @@ def _checked(out: list[str], value: T | None) -> T:
 
 _ROUTES = ("speech", "transcriptions", "translations")
 ROUTES = (*_ROUTES, "realtime")  # what a model's `routes` may name
-PROVIDERS = ("openai",)  # API flavours; a typo must never fall back to one of them
+PROVIDERS = ("openai", "azure")  # API flavours; a typo must never fall back to one of them
+REPLAY_LIMIT = 256 * 1024 * 1024  # retry.replay_limit_bytes by default
 _TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 _HEX64 = re.compile(r"[0-9a-f]{64}")
+_API_VERSION = re.compile(r"v1|\d{4}-\d{2}-\d{2}(-preview)?")
 
 
 def _listen(r: Reader, key: str, default: str) -> Listen | None:
@@ -281,13 +315,22 @@ def _load_settings(out: list[str], path: Path, env: Mapping[str, str]) -> tuple[
 
 def _provider_key(r: Reader, name: str) -> ProviderKey | None:
     provider, base, secret = r.text("provider", options=PROVIDERS), r.text("api_base"), r.text("api_key")
+    version = r.text("api_version", None)
+    rate_limit = _rate_limit(r)
     if base is not None and not _http_url(base):
         r.problem("api_base", "must be an http:// or https:// URL with a host, no query or fragment")
     if secret is not None and not (secret.isascii() and secret.isprintable()):
-        r.problem("api_key", "must be printable ASCII (it goes into an Authorization header)")
+        r.problem("api_key", "must be printable ASCII (it goes into a header)")
+    if provider == "azure" and version is None:
+        r.problem("api_version", 'required for provider azure: a dated version such as "2024-10-21", or "v1"')
+    elif provider != "azure" and version is not None:
+        r.problem("api_version", "must be given only for provider azure")
+    elif version is not None and not _API_VERSION.fullmatch(version):
+        r.problem("api_version", 'must be "v1" or a version such as "2024-10-21" or "2025-03-01-preview"')
     if not r.ok:
         return None
-    return ProviderKey(name, provider, base.rstrip("/"), secret, f"Bearer {secret}")
+    header = f"api-key: {secret}" if provider == "azure" else f"Authorization: Bearer {secret}"
+    return ProviderKey(name, provider, base.rstrip("/"), secret, header, version, rate_limit)
 
 
 def _http_url(text: str) -> bool:
@@ -299,19 +342,65 @@ def _http_url(text: str) -> bool:
     return url.scheme in ("http", "https") and bool(url.hostname) and not url.query and not url.fragment
 
 
+def urls_for(key: ProviderKey, model_name: str) -> Mapping[str, str]:
+    """Where each audio route of this deployment is sent."""
+    if key.provider != "azure":
+        return MappingProxyType({route: f"{key.api_base}/audio/{route}" for route in _ROUTES})
+    if key.api_version == "v1":
+        return MappingProxyType({route: f"{key.api_base}/openai/v1/audio/{route}" for route in _ROUTES})
+    deployment = quote(model_name, safe="")
+    return MappingProxyType({route: f"{key.api_base}/openai/deployments/{deployment}/audio/{route}"
+                                    f"?api-version={key.api_version}" for route in _ROUTES})
+
+
+def _target(r: Reader, keys: Mapping[str, ProviderKey | None], key_name: str | None, model_name: str | None,
+            weight: int | None = 1, priority: int | None = 0, label: str = "provider_key") -> Target | None:
+    if key_name is not None and key_name not in keys:
+        r.problem(label, f"no provider key named '{key_name}'")
+    key = keys.get(key_name) if key_name is not None else None
+    if key is None or model_name is None or weight is None or priority is None:
+        return None
+    return Target(key, model_name, weight, priority, urls_for(key, model_name), model_name.encode("utf-8"),
+                  f"{key.name}/{model_name}")
+
+
 def _model(r: Reader, name: str, keys: Mapping[str, ProviderKey | None]) -> Model | None:
-    key_name, model_name = r.text("provider_key"), r.text("model_name")
+    given = [k for k in ("provider_key", "targets") if r.raw.get(k) is not None]
+    if len(given) != 1:
+        r.problem("provider_key", "exactly one of provider_key (with model_name) or targets is required, "
+                  + ("both were given" if given else "neither was given"))
     timeout, rate_limit = r.integer("timeout", None), _rate_limit(r)
     routes = r.strings("routes", ROUTES)
     if not routes or not set(routes) <= set(ROUTES):
         r.problem("routes", "must be a non-empty list of " + ", ".join(f"'{o}'" for o in ROUTES))
-    if key_name is not None and key_name not in keys:
-        r.problem("provider_key", f"no provider key named '{key_name}'")
-    key = keys.get(key_name)
-    if not r.ok or key is None:
+    targets: list[Target | None] = []
+    if r.raw.get("targets") is None:
+        targets.append(_target(r, keys, r.text("provider_key", None), r.text("model_name")))
+    else:
+        if r.raw.get("model_name") is not None:
+            r.problem("model_name", "goes in each of targets, not beside them")
+        raw = r.raw["targets"]
+        if not isinstance(raw, list) or not raw:
+            r.problem("targets", f"must be a non-empty list of {{provider_key, model_name, weight, priority}}, "
+                      f"{got(raw)}")
+        for i, item in enumerate(raw if isinstance(raw, list) else ()):
+            t = r.nested(f"targets[{i}]", item, ("provider_key", "model_name", "weight", "priority"))
+            if t is not None:
+                targets.append(_target(t, keys, t.text("provider_key"), t.text("model_name"), t.integer("weight", 1),
+                                       t.integer("priority", 0, minimum=0)))
+        ids = [x.id for x in targets if x is not None]
+        if len(set(ids)) != len(ids):
+            r.problem("targets", "each target must be a different provider_key and model_name")
+    retry = r.child("retry", ("max_attempts", "replay_limit_bytes"))
+    attempts = retry.integer("max_attempts", len(targets) or 1) if retry else len(targets) or 1
+    replay = retry.integer("replay_limit_bytes", REPLAY_LIMIT, minimum=0) if retry else REPLAY_LIMIT
+    cool = r.child("cooldown", Cooldown.__slots__)
+    default = Cooldown()
+    cooldown = Cooldown(*(cool.integer(f, getattr(default, f)) for f in Cooldown.__slots__)) if cool else default
+    if not r.ok or not targets or None in targets:
         return None
-    urls = MappingProxyType({route: f"{key.api_base}/audio/{route}" for route in _ROUTES})
-    return Model(name, key, model_name, timeout, rate_limit, frozenset(routes), urls, model_name.encode("utf-8"))
+    return Model(name, tuple(t for t in targets if t is not None), timeout, rate_limit, frozenset(routes),
+                 Retry(attempts, replay), cooldown)
 
 
 def _matching(globs: tuple[str, ...], aliases: Iterable[str]) -> frozenset[str]:
@@ -375,8 +464,8 @@ def _load_resources(out: list[str], path: Path, env: Mapping[str, str]) -> Resou
         return None
     if top.text("_format_version", "1") not in ("1", None):
         top.problem("_format_version", 'must be "1"')
-    key_fields = ("provider", "api_base", "api_key")
-    model_fields = ("provider_key", "model_name", "routes", "timeout", "rate_limit")
+    key_fields = ("provider", "api_base", "api_key", "api_version", "rate_limit")
+    model_fields = ("provider_key", "model_name", "targets", "routes", "timeout", "rate_limit", "retry", "cooldown")
     keys = top.collect("provider_keys", "display_name", key_fields, _provider_key)
     models = top.collect("models", "display_name", model_fields, lambda r, name: _model(r, name, keys))
     aliases = tuple(models)

@@ -55,6 +55,17 @@ class RateLimited(GatewayError):
         self.scope = scope
 
 
+class UpstreamFailed(GatewayError):
+    """No answer from an upstream: ``failure`` says how ("connect", "timeout" or "reset"), for
+    routing's record of the attempt; the caller sees only the 502 or 504."""
+
+    __slots__ = ("failure",)
+
+    def __init__(self, status: int, code: str, message: str, failure: str) -> None:
+        super().__init__(status, "upstream_error", code, message)
+        self.failure = failure
+
+
 class GuardrailBlocked(GatewayError):
     """A 422 from a blocking guardrail; ``guardrail`` names it (never the text it matched)."""
 
@@ -170,12 +181,12 @@ def method_not_allowed(allow: str) -> GatewayError:
 
 # -- what an upstream or the gateway did ---------------------------------------------------------
 
-def upstream_unavailable() -> GatewayError:
-    return GatewayError(502, "upstream_error", "upstream_unavailable", "The upstream provider could not be reached.")
+def upstream_unavailable(failure: str = "reset") -> UpstreamFailed:
+    return UpstreamFailed(502, "upstream_unavailable", "The upstream provider could not be reached.", failure)
 
 
-def upstream_timeout() -> GatewayError:
-    return GatewayError(504, "upstream_error", "upstream_timeout", "The upstream provider did not answer in time.")
+def upstream_timeout(failure: str = "timeout") -> UpstreamFailed:
+    return UpstreamFailed(504, "upstream_timeout", "The upstream provider did not answer in time.", failure)
 
 
 def answer_too_large() -> GatewayError:

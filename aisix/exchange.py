@@ -8,6 +8,7 @@ and counts only: never a key, a prompt or audio bytes.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from aiohttp import web
 
@@ -36,3 +37,4 @@ class Exchange:
     usage: Usage | None = None              # only what the upstream reported
     verdict: Verdict | None = None          # a guardrail that matched
     response: web.StreamResponse | None = None  # set once the caller has the status line
+    attempts: list[dict[str, Any]] | None = None  # one per upstream attempt (failover.py), in order

@@ -1,4 +1,5 @@
-"""Rate limits on api keys and models: admit or refuse a request, then settle it; nothing else.
+"""Rate limits on api keys, models and provider keys, admit or refuse, then settle; and the target
+cooldowns of routing.py, kept in the same store (one process, or Redis for every instance).
 
 Not a quota or billing system: windows are fixed and aligned to the clock (docs/api.md, "Rate
 limits"), and a limiter that cannot reach its store admits rather than refusing traffic (fails open).
@@ -14,9 +15,11 @@ behind one small interface, and ``Limiter`` joins them for the pipeline:
   concurrency slots as leases a dead process cannot hold forever. ``Limiter.create`` imports it
   only for a ``redis://`` backend, so this module does not need redis-py.
 
-Scopes are named by the api key's ``name`` and the model's ``alias``, never a key hash or secret.
+Scopes are named by the api key's ``name``, the model's ``alias`` and the provider key's ``name``,
+never a key hash or secret. A provider key's limits are its provider's quota: they are admitted
+per attempt (routing skips a target whose key is full) and settled with the answer's tokens.
 Token windows are charged in the window current at ``settle`` (tokens are known only then).
-A refusal raises ``errors.RateLimited``, whose ``scope`` ("key" or "model") labels
+A refusal raises ``errors.RateLimited``, whose ``scope`` ("key", "model" or "provider") labels
 ``aisix_rate_limited_total``. Store errors are counted in ``fail_open_total`` (admissions that
 were not checked) and ``settle_errors_total`` (releases or token charges that were lost; in Redis
 a lost release is bounded by the lease).
@@ -32,8 +35,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from . import errors
-from .config import ApiKey, Model, RateLimit
+from . import errors, routing
+from .config import ApiKey, Cooldown, Model, ProviderKey, RateLimit
 from .specs import BackendSpec
 
 log = logging.getLogger(__name__)
@@ -53,8 +56,8 @@ _WARN_EVERY = 10.0  # seconds between two warnings about the store
 class Limit:
     """One limit of one scope: a window (``size`` seconds) or concurrency (``size`` 0)."""
 
-    scope: str  # "key" | "model"
-    name: str  # the api key's name or the model's alias
+    scope: str  # "key" | "model" | "provider"
+    name: str  # the api key's name, the model's alias or the provider key's name
     field: str  # "rpm", "tpd", "concurrency", ...
     size: int
     limit: int
@@ -104,6 +107,13 @@ def plan(key_name: str, key_rate: RateLimit | None, alias: str, model_rate: Rate
                 tuple(x for x in limits if x.unit == "concurrency"))
 
 
+@functools.lru_cache(maxsize=1024)
+def provider_plan(name: str, rate: RateLimit) -> Plan:
+    limits = _scope_limits("provider", name, rate)
+    return Plan(limits, tuple(x for x in limits if x.unit == "tokens"),
+                tuple(x for x in limits if x.unit == "concurrency"))
+
+
 def rejection(blocked: Sequence[Limit], now: float) -> errors.RateLimited:
     """The 429 for a refused request. A window beats concurrency (its wait is known); among
     windows, the one that resets last, since waiting for any earlier one would not be enough."""
@@ -116,6 +126,8 @@ def rejection(blocked: Sequence[Limit], now: float) -> errors.RateLimited:
 
 
 def _who(limit: Limit) -> str:
+    if limit.scope == "provider":  # the provider key's name is the operator's business
+        return "the upstream provider of this model"
     return "this API key" if limit.scope == "key" else f"model '{limit.name}'"
 
 
@@ -130,6 +142,12 @@ class Store(Protocol):
     async def settle(self, plan: Plan, slot_id: str, tokens: int, now: float) -> None:
         """Give back the request's slots and charge its tokens."""
 
+    async def cooling(self, keys: list[str], now: float) -> dict[int, float]:
+        """Index in ``keys`` -> when its cooldown ends, for the targets cooling down."""
+
+    async def failed(self, key: str, policy: Cooldown, now: float) -> bool:
+        """Record a target's failure; True when it starts a cooldown."""
+
     async def close(self) -> None: ...
 
 
@@ -141,6 +159,7 @@ class MemoryStore:
     def __init__(self) -> None:
         self._windows: dict[str, list[int]] = {}  # Limit.key -> [window_start, count]
         self._in_flight: dict[str, int] = {}  # Limit.key -> slots held
+        self._cooldowns = routing.Cooldowns()
 
     def _count(self, limit: Limit, now: float) -> int:
         if not limit.size:
@@ -175,6 +194,12 @@ class MemoryStore:
                 self._in_flight.pop(x.key, None)
         for x in plan.tokens if tokens else ():
             self._add(x, tokens, now)
+
+    async def cooling(self, keys: list[str], now: float) -> dict[int, float]:
+        return self._cooldowns.cooling(keys, now)
+
+    async def failed(self, key: str, policy: Cooldown, now: float) -> bool:
+        return self._cooldowns.failed(key, policy, now)
 
     async def close(self) -> None:
         pass
@@ -213,7 +238,9 @@ class Limiter:
         """A slot to settle, or None when neither key nor model has limits; raises RateLimited."""
         if key.rate_limit is None and model.rate_limit is None:
             return None
-        p = plan(key.name, key.rate_limit, model.alias, model.rate_limit)
+        return await self._admit(plan(key.name, key.rate_limit, model.alias, model.rate_limit), now)
+
+    async def _admit(self, p: Plan, now: float) -> Slot | None:
         if not p.limits:
             return None
         if 0.0 < self._paused_until - now <= _PAUSE:  # the store just failed: do not wait on it
@@ -230,6 +257,32 @@ class Limiter:
         if blocked:
             raise rejection(blocked, now)
         return slot
+
+    async def admit_provider(self, key: ProviderKey, now: float) -> Slot | None:
+        """A slot on the provider key's own limits (its quota), or None when it has none;
+        raises RateLimited (scope "provider") when they refuse."""
+        if key.rate_limit is None:
+            return None
+        return await self._admit(provider_plan(key.name, key.rate_limit), now)
+
+    async def cooling(self, keys: list[str], now: float) -> dict[int, float]:
+        """The targets cooling down (index in ``keys`` -> end); none when the store fails."""
+        if 0.0 < self._paused_until - now <= _PAUSE:
+            return {}
+        try:
+            return await self._store.cooling(keys, now)
+        except self._store_errors as e:
+            self._paused_until = now + _PAUSE
+            self._warn(now, "rate limit store failed, routing without cooldowns: %s: %s", e)
+            return {}
+
+    async def failed(self, key: str, policy: Cooldown, now: float) -> bool:
+        """Record a target's failure; True when it starts a cooldown. Never raises."""
+        try:
+            return await self._store.failed(key, policy, now)
+        except self._store_errors as e:
+            self._warn(now, "rate limit store failed to record a target failure: %s: %s", e)
+            return False
 
     async def settle(self, slot: Slot | None, tokens: int | None, now: float) -> None:
         """Give back the slot's concurrency and charge ``tokens``; once per slot, never raises."""

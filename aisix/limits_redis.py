@@ -12,15 +12,23 @@ therefore leaks them for at most the lease, never forever; a plain counter would
 The lease (1 h) outlasts ordinary answers (``upstream.timeout_ms`` defaults to 10 min); one
 still streaming after it loses its slot early, which can only admit too much, never block. No
 refresh: it would cost a Redis call per long answer for that rare case.
+
+Target cooldowns (routing.py) are shared the same way: a target's recent failures are a ZSET
+``aisix:cd:{alias}|{target}:failures`` scored by time, and a cooldown is a string
+``aisix:cd:{alias}|{target}:until`` holding when it ends; one script records a failure and starts
+the cooldown atomically, one MGET reads every target of an alias.
 """
 
 from __future__ import annotations
+
+import secrets
 
 import redis.asyncio
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
+from .config import Cooldown
 from .limits import Limit, Plan, window_start
 
 _MARGIN = 60  # seconds a window counter outlives its window in Redis
@@ -58,6 +66,19 @@ return blocked
 """
 
 
+# KEYS: the failures ZSET, the cooldown key. ARGV: now, window_s, failures, cooldown_s, a member.
+_FAILED = """
+local now = tonumber(ARGV[1])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - tonumber(ARGV[2]))
+redis.call('ZADD', KEYS[1], now, ARGV[5])
+redis.call('EXPIRE', KEYS[1], tonumber(ARGV[2]) + _MARGIN)
+if redis.call('ZCARD', KEYS[1]) < tonumber(ARGV[3]) then return 0 end
+redis.call('DEL', KEYS[1])
+redis.call('SET', KEYS[2], tostring(now + tonumber(ARGV[4])), 'EX', tonumber(ARGV[4]) + _MARGIN)
+return 1
+""".replace("_MARGIN", str(_MARGIN))
+
+
 class RedisStore:
     """Counts shared by every instance through one Redis (not Cluster: a script's keys span
     scopes). Short timeouts and no retries: a dead Redis stalls the requests already waiting on
@@ -69,6 +90,7 @@ class RedisStore:
         self._redis = redis.asyncio.Redis.from_url(
             url, socket_connect_timeout=0.5, socket_timeout=0.5, retry=Retry(NoBackoff(), 0))
         self._admit = self._redis.register_script(_ADMIT)
+        self._failed = self._redis.register_script(_FAILED)
 
     async def admit(self, plan: Plan, slot_id: str, now: float) -> list[Limit]:
         keys: list[str] = []
@@ -92,6 +114,16 @@ class RedisStore:
                 pipe.incrby(key, tokens)
                 pipe.expire(key, x.size + _MARGIN)
             await pipe.execute()
+
+    async def cooling(self, keys: list[str], now: float) -> dict[int, float]:
+        ends = await self._redis.mget([f"aisix:cd:{k}:until" for k in keys])
+        return {i: float(end) for i, end in enumerate(ends) if end is not None and float(end) > now}
+
+    async def failed(self, key: str, policy: Cooldown, now: float) -> bool:
+        member = f"{now!r}:{secrets.token_hex(4)}"  # two failures in the same instant both count
+        started = await self._failed([f"aisix:cd:{key}:failures", f"aisix:cd:{key}:until"],
+                                     [repr(now), policy.window_s, policy.failures, policy.cooldown_s, member])
+        return bool(started)
 
     async def close(self) -> None:
         await self._redis.aclose()

@@ -8,13 +8,14 @@ Counters the gateway keeps elsewhere (usage drops, rate-limit fail-opens) are re
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator, Sequence
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
+from .config import Target
 from .exchange import Exchange
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
@@ -38,6 +39,11 @@ class Metrics:
                                       ("guardrail", "action"), registry=r)
         self.tokens = Counter("aisix_tokens", "Tokens the upstream reported, by alias and kind.",
                               ("model", "kind"), registry=r)
+        self.attempts = Counter("aisix_upstream_attempts", "Upstream attempts by alias, provider key and outcome "
+                                "(the upstream status, or connect, timeout, reset, aborted).",
+                                ("model", "provider_key", "outcome"), registry=r)
+        self.cooling_down = Gauge("aisix_target_cooling_down", "1 while a target is cooling down, as this "
+                                  "process last saw it.", ("model", "provider_key"), registry=r)
         r.register(_LiveCounters(live_counters))
         self._children: dict[tuple, tuple] = {}
         self._in_flight: dict[str, Gauge] = {}
@@ -73,6 +79,17 @@ class Metrics:
             for kind, value in (("input", ex.usage.input_tokens), ("output", ex.usage.output_tokens)):
                 if value:
                     self.tokens.labels(model, kind).inc(value)
+
+    def attempt(self, model: str, provider_key: str, outcome: str) -> None:
+        self.attempts.labels(model, provider_key, outcome).inc()
+
+    def cooling(self, model: str, targets: Sequence[Target], cooling: Collection[int]) -> None:
+        """The cooldown state of every target of an alias (targets sharing a key share a series)."""
+        marks: dict[str, int] = {}
+        for i, t in enumerate(targets):
+            marks[t.provider_key.name] = max(marks.get(t.provider_key.name, 0), int(i in cooling))
+        for name, mark in marks.items():
+            self.cooling_down.labels(model, name).set(mark)
 
     def limited(self, scope: str) -> None:
         self.rate_limited.labels(scope).inc()

@@ -2,7 +2,8 @@
 
 declared length (413) -> authenticate (401) -> content coding (415) -> read the body up to the
 alias (speech: the small JSON; forms: up to the ``model`` part) -> resolve the alias and check
-access (404/403) -> input guardrails (422) -> admit (429) -> send upstream -> relay the answer
+access (404/403/400) -> input guardrails (422) -> admit (429) -> send upstream, failing over
+between the alias's targets (failover.py) -> relay the answer
 (output guardrails, usage) -> ``finally``: release the body, settle the limiter slot, emit exactly
 one usage event. What differs per route is only how its body is read (speech.py, forms.py).
 """
@@ -18,11 +19,12 @@ from typing import Protocol
 from aiohttp import hdrs, web
 
 from . import aliases, auth, errors, guardrails, usage
-from .config import Model, Resources, Settings
+from .config import Resources, Settings, Target
 from .deadline import CLIENT, UPSTREAM, Deadline
 from .exchange import Exchange
+from .failover import Attempts
 from .inbound import Inbound
-from .keys import CLOCK, EXCHANGE, LIMITER, LIVE, METRICS, POOL, REQUEST_ID, SETTINGS, USAGE
+from .keys import CLOCK, EXCHANGE, LIMITER, LIVE, METRICS, REQUEST_ID, SETTINGS, USAGE
 from .relay import relay
 from .responses import abort
 from .upstream import Body
@@ -46,11 +48,18 @@ class RequestBody(Protocol):
         """What the upstream is told."""
         ...
 
-    def outbound(self, model: Model, screen: Callable[[str], None],
+    def outbound(self, target: Target, screen: Callable[[str], None],
                  sent: Callable[[], None]) -> tuple[bytes | Body, int | None]:
-        """The body for this model's upstream and its length (None: chunked). ``screen`` is
-        called on every text field still to come; ``sent`` once the last byte has gone."""
+        """The body for this target and its length (None: chunked). ``screen`` is called on
+        every text field still to come; ``sent`` once the last byte has gone. Called again for
+        another target after a failover, while ``replayable()``."""
         ...
+
+    def keep(self, limit: int) -> None:
+        """Keep what is sent, up to ``limit`` bytes, so that it can be sent again."""
+        ...
+
+    def replayable(self) -> bool: ...
 
     def close(self) -> None: ...
 
@@ -64,7 +73,7 @@ async def exchange(request: web.Request, route: str, read: Reader) -> web.Stream
     resources = live.resources  # this request's snapshot, whatever a reload does meanwhile
     idle = settings.upstream.stream_idle_timeout_ms / 1000
     ex = request[EXCHANGE] = Exchange(route, request[REQUEST_ID], clock(), time.monotonic())
-    slot = body = deadline = None
+    slot = body = deadline = attempts = None
     live.enter()
     app[METRICS].started(route)
     try:
@@ -79,7 +88,6 @@ async def exchange(request: web.Request, route: str, read: Reader) -> web.Stream
             body = await read(request, inbound, settings, resources)
             ex.model = body.alias
             model = aliases.resolve(body.alias, key, resources.models, route)
-            ex.upstream_model, ex.provider_key = model.model_name, model.provider_key.name
             inputs = guardrails.rules_for(resources, model.alias, guardrails.INPUT)
 
             def screen(text: str) -> None:
@@ -89,14 +97,13 @@ async def exchange(request: web.Request, route: str, read: Reader) -> web.Stream
                 screen(text)
             slot = await limiter.admit(key, model, clock())
 
-            def sent() -> None:
+            def sent(target: Target) -> None:
                 """The last request byte is on its way: the upstream has its timeout to answer."""
                 deadline.wait((model.timeout_ms or settings.upstream.timeout_ms) / 1000, UPSTREAM)
                 ex.upstream_sent = time.monotonic()
 
-            data, length = body.outbound(model, screen, sent)
-            answer = await app[POOL].send(model.urls[route], model.provider_key.authorization, ex.request_id,
-                                          body.content_type, request.headers.get(hdrs.ACCEPT), data, length)
+            attempts = Attempts(app, ex, model)
+            answer = await attempts.send(request, route, body, screen, sent, deadline)
             outputs = guardrails.rules_for(resources, model.alias, guardrails.OUTPUT)
             return await relay(request, answer, ex, deadline, idle, outputs)
     except asyncio.CancelledError:  # the caller left while we waited (handler_cancellation)
@@ -109,7 +116,10 @@ async def exchange(request: web.Request, route: str, read: Reader) -> web.Stream
             deadline.close()  # before any await: its timer must not fire into a finished exchange
         if body is not None:
             body.close()
-        await limiter.settle(slot, ex.usage.tokens if ex.usage else None, clock())
+        tokens = ex.usage.tokens if ex.usage else None
+        if attempts is not None:
+            await attempts.release(tokens)
+        await limiter.settle(slot, tokens, clock())
         _finish(app, ex, resources)
 
 

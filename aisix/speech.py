@@ -17,7 +17,7 @@ import orjson
 from aiohttp import web
 
 from . import errors
-from .config import Model, Resources, Settings
+from .config import Resources, Settings, Target
 from .inbound import Inbound
 
 CONTENT_TYPE = "application/json"
@@ -41,16 +41,22 @@ class SpeechBody:
         self._doc = doc
         self._exact = exact
 
-    def outbound(self, model: Model, screen: Callable[[str], None],
+    def outbound(self, target: Target, screen: Callable[[str], None],
                  sent: Callable[[], None]) -> tuple[bytes, int | None]:
         doc = self._doc
-        doc["model"] = model.model_name
+        doc["model"] = target.model_name
         if self._exact:
             body = json.dumps(doc, ensure_ascii=False, separators=(",", ":")).encode()
         else:
             body = orjson.dumps(doc)
         sent()  # it leaves with its head in one write
         return body, len(body)
+
+    def keep(self, limit: int) -> None:
+        pass  # the document is kept anyway: a few KiB
+
+    def replayable(self) -> bool:
+        return True
 
     def close(self) -> None:
         pass

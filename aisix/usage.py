@@ -64,6 +64,8 @@ def event(ex: Exchange) -> dict[str, Any]:
                 out[name] = value
     if ex.verdict is not None:
         out["guardrail"] = ex.verdict.as_event()
+    if ex.attempts:
+        out["attempts"] = ex.attempts
     return out
 
 

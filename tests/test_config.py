@@ -92,8 +92,8 @@ def test_shipped_files_load_with_an_empty_environment() -> None:
     assert (str(s.usage_sink), str(s.ratelimit_backend)) == ("stdout", "memory")
     assert s.resources_file == ETC / "resources.yaml"
     assert set(r.models) == {"tts-prod", "whisper-prod"}
-    assert r.models["tts-prod"].urls["speech"] == "http://127.0.0.1:3001/v1/audio/speech"
-    assert r.models["whisper-prod"].model_name == "whisper-1"
+    assert r.models["tts-prod"].targets[0].urls["speech"] == "http://127.0.0.1:3001/v1/audio/speech"
+    assert r.models["whisper-prod"].targets[0].model_name == "whisper-1"
     demo = r.keys_by_hash[sha("sk-aisix-demo")]
     assert demo.name == "demo" and demo.allowed_sorted == ("tts-prod", "whisper-prod")
     assert r.guardrails == ()
@@ -134,7 +134,7 @@ def test_shipped_openai_example_needs_its_variable(tmp_path: Path) -> None:
     doc["provider_keys"] = yaml.safe_load(uncommented("# - display_name: dev-upstream"))
     path = write(tmp_path, resources=doc)
     key = config.load(path, {"OPENAI_API_KEY": "sk-real"}).resources.models["tts-prod"].provider_key
-    assert (key.api_base, key.authorization) == ("https://api.openai.com/v1", "Bearer sk-real")
+    assert (key.api_base, key.auth_header) == ("https://api.openai.com/v1", "Authorization: Bearer sk-real")
     assert problems(path) == ("resources.yaml: provider_keys[dev-upstream]: field 'api_key': "
                               "environment variable 'OPENAI_API_KEY' is not set",)
 
@@ -356,8 +356,8 @@ def test_substitution(tmp_path: Path, value: str, env: dict[str, str], expected:
     path = write(tmp_path, settings={"usage": {"sink": "${SINK:-stdout}"}},
                  resources=patched(RESOURCES, {"models.1.model_name": value}))
     loaded = config.load(path, env)
-    assert loaded.resources.models["whisper-prod"].model_name == expected
-    assert loaded.resources.models["whisper-prod"].model_name_bytes == expected.encode()
+    assert loaded.resources.models["whisper-prod"].targets[0].model_name == expected
+    assert loaded.resources.models["whisper-prod"].targets[0].model_name_bytes == expected.encode()
     assert loaded.settings.usage_sink.kind == "stdout"
 
 
@@ -365,7 +365,7 @@ def test_substitution_applies_to_values_not_to_yaml_text(tmp_path: Path) -> None
     """A value that looks like YAML stays one string: substitution never re-parses."""
     path = write(tmp_path, resources=patched(RESOURCES, {"models.1.model_name": "${M}"}))
     model = config.load(path, {"M": "a: [1, 2]\nb: c"}).resources.models["whisper-prod"]
-    assert model.model_name == "a: [1, 2]\nb: c"
+    assert model.targets[0].model_name == "a: [1, 2]\nb: c"
 
 
 # -- secrets never reach an error ----------------------------------------------------------------
@@ -410,7 +410,7 @@ def test_provider_secret_is_not_in_repr(tmp_path: Path) -> None:
     path = write(tmp_path, resources=patched(RESOURCES, {"provider_keys.0.api_key": "${OPENAI_API_KEY}"}))
     loaded = config.load(path, SECRETS)
     key = loaded.resources.provider_keys["openai-main"]
-    assert key.authorization == "Bearer " + SECRETS["OPENAI_API_KEY"]
+    assert key.auth_header == "Authorization: Bearer " + SECRETS["OPENAI_API_KEY"]
     assert SECRETS["OPENAI_API_KEY"] not in repr(loaded)
 
 
@@ -419,9 +419,9 @@ def test_provider_secret_is_not_in_repr(tmp_path: Path) -> None:
 def test_what_loading_builds(tmp_path: Path) -> None:
     r = config.load(write(tmp_path), {}).resources
     key = r.provider_keys["openai-main"]
-    assert key.api_base == "https://api.openai.com/v1" and key.authorization == "Bearer sk-provider-secret"
+    assert key.api_base == "https://api.openai.com/v1" and key.auth_header == "Authorization: Bearer sk-provider-secret"
     tts = r.models["tts-prod"]
-    assert tts.urls == {"speech": "https://api.openai.com/v1/audio/speech",
+    assert tts.targets[0].urls == {"speech": "https://api.openai.com/v1/audio/speech",
                         "transcriptions": "https://api.openai.com/v1/audio/transcriptions",
                         "translations": "https://api.openai.com/v1/audio/translations"}
     assert tts.routes == {"speech"} and tts.timeout_ms == 120000 and tts.rate_limit == config.RateLimit(rpm=600, concurrency=32)

@@ -10,14 +10,14 @@ from types import MappingProxyType
 import pytest
 import redis.asyncio
 
-from aisix.config import ROUTES, ApiKey, Model, ProviderKey, RateLimit
+from aisix.config import ROUTES, ApiKey, Cooldown, Model, ProviderKey, RateLimit, Retry, Target
 from aisix.specs import parse_backend
 from aisix.errors import GatewayError, RateLimited
 from aisix.limits import Limit, Limiter, Slot, is_over, plan, rejection, reset_after, window_start
 from tests.redis_server import RedisServer, free_port, redis_url  # noqa: F401
 
 T0 = 20000 * 86400.0  # a day boundary, so every window starts at T0
-PROVIDER = ProviderKey("openai-main", "openai", "http://127.0.0.1:1", "sk-provider", "Bearer sk-provider")
+PROVIDER = ProviderKey("openai-main", "openai", "http://127.0.0.1:1", "sk-provider", "Authorization: Bearer sk-provider")
 
 
 def api_key(name: str = "team-a", **limits: int) -> ApiKey:
@@ -25,8 +25,8 @@ def api_key(name: str = "team-a", **limits: int) -> ApiKey:
 
 
 def model(alias: str = "tts-prod", **limits: int) -> Model:
-    return Model(alias, PROVIDER, "gpt-4o-mini-tts", None, RateLimit(**limits) if limits else None,
-                 frozenset(ROUTES), MappingProxyType({}), b"gpt-4o-mini-tts")
+    return Model(alias, (Target(PROVIDER, "gpt-4o-mini-tts"),), None, RateLimit(**limits) if limits else None,
+                 frozenset(ROUTES), Retry(1, 0), Cooldown())
 
 
 def limits_of(key: ApiKey, m: Model) -> dict[str, Limit]:
