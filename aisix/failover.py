@@ -18,12 +18,13 @@ from collections.abc import Callable
 from typing import Protocol
 
 from aiohttp import hdrs, web
+from multidict import CIMultiDictProxy
 
 from . import errors, routing
 from .config import Model, Target
 from .deadline import UPSTREAM, Deadline
 from .exchange import Exchange
-from .keys import CLOCK, LIMITER, METRICS, POOL
+from .keys import CLOCK, LIMITER, METRICS, POOL, SETTINGS
 from .limits import Slot
 from .upstream import Answer, Body
 
@@ -49,7 +50,7 @@ class Attempts:
         self.slot: Slot | None = None  # the provider key's slot of the attempt under way
 
     async def send(self, request: web.Request, route: str, body: Replayable, screen: Callable[[str], None],
-                   sent: Callable[[Target], None], deadline: Deadline) -> Answer:
+                   sent: Callable[[Target], None], deadline: Deadline) -> Answer | Buffered:
         app, ex, model = self._app, self._ex, self._model
         limiter, clock, metrics = app[LIMITER], app[CLOCK], app[METRICS]
         targets = model.targets
@@ -63,16 +64,17 @@ class Attempts:
         tried: set[int] = set()
         refused: set[int] = set()
         ex.attempts = []
-        last: BaseException | None = None  # the last attempt's failure, when it had no answer
-        answer: Answer | None = None  # the last attempt's answer, kept until another attempt starts
+        last: BaseException | None = None  # the last failure without an answer
+        kept: tuple[Target, Buffered] | None = None  # the last failed answer, read whole
         try:
             while True:
                 i = None
-                if len(tried) < model.retry.max_attempts and (not tried or body.replayable()):
+                if self._more(tried, refused, body):
                     i = routing.choose(model, tried, cooling, refused, random.random)
                 if i is None:  # nothing left to try: the last answer as it came, or the last failure
-                    if answer is not None:
-                        return answer
+                    if kept is not None:
+                        ex.upstream_model, ex.provider_key = kept[0].model_name, kept[0].provider_key.name
+                        return kept[1]
                     assert last is not None
                     raise last
                 target = targets[i]
@@ -82,24 +84,33 @@ class Attempts:
                     refused.add(i)
                     last = last if tried else exc
                     continue
-                if answer is not None:
-                    answer.close()
-                    answer = None
                 await self.release()
                 self.slot = slot
                 tried.add(i)
-                answer, last = await self._attempt(request, route, body, target, screen, sent, deadline)
-                status = answer.status if answer is not None else None
-                if answer is not None and status not in routing.FAILOVER_STATUSES:
+                answer, failure = await self._attempt(request, route, body, target, screen, sent, deadline)
+                if answer is not None and answer.status not in routing.FAILOVER_STATUSES:
                     return answer
                 if routed and await limiter.failed(keys[i], model.cooldown, clock()):
                     cooling[i] = clock() + model.cooldown.cooldown_s
                     metrics.cooling(model.alias, targets, cooling)
+                if answer is None:
+                    last = failure
+                elif not self._more(tried, refused, body):
+                    return answer  # the last attempt: relayed as it comes
+                else:
+                    buffered = await _read_whole(answer, app[SETTINGS].upstream.stream_idle_timeout_ms / 1000)
+                    kept = (target, buffered) if buffered is not None else kept
         except BaseException:
-            if answer is not None:
-                answer.close()
             await self.release()
             raise
+
+    def _more(self, tried: set[int], refused: set[int], body: Replayable) -> bool:
+        """Whether another attempt may start (if a target is left to choose)."""
+        if not tried:
+            return True
+        model = self._model
+        return (len(tried) < model.retry.max_attempts and len(tried) + len(refused) < len(model.targets)
+                and body.replayable())
 
     async def _attempt(self, request: web.Request, route: str, body: Replayable, target: Target,
                        screen: Callable[[str], None], sent: Callable[[Target], None],
@@ -141,3 +152,44 @@ class Attempts:
         slot, self.slot = self.slot, None
         await self._app[LIMITER].settle(slot, tokens, self._app[CLOCK]())
 
+
+
+class Buffered:
+    """A failed attempt's answer, read whole so that its connection could go back to the pool: it
+    is relayed as it came if no later attempt gets an answer."""
+
+    __slots__ = ("_body", "headers", "status")
+
+    def __init__(self, status: int, headers: CIMultiDictProxy[str], body: bytes) -> None:
+        self.status, self.headers, self._body = status, headers, body
+
+    async def read(self) -> bytes:
+        body, self._body = self._body, b""
+        return body
+
+    def release(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+BUFFER_LIMIT = 64 * 1024  # a failed answer's body (an error envelope) kept for relaying at most
+
+
+async def _read_whole(answer: Answer, idle: float) -> Buffered | None:
+    """The answer with its body, or None (and the connection aborted) when the body is larger
+    than BUFFER_LIMIT, does not come within ``idle`` or breaks."""
+    body = bytearray()
+    try:
+        async with asyncio.timeout(idle):
+            while chunk := await answer.read():
+                body += chunk
+                if len(body) > BUFFER_LIMIT:
+                    answer.close()
+                    return None
+    except (TimeoutError, ConnectionError):
+        answer.close()
+        return None
+    answer.release()
+    return Buffered(answer.status, answer.headers, bytes(body))

@@ -17,6 +17,7 @@ from . import errors, guardrails
 from .config import Guardrail
 from .deadline import CLIENT, UPSTREAM, Deadline
 from .exchange import Exchange
+from .failover import Buffered
 from .http1 import Answer
 from .responses import stamp
 from .transcript import TranscriptReader
@@ -27,7 +28,7 @@ HOLD_LIMIT = 1024 * 1024  # a held transcript over this cannot be checked: refus
 
 
 async def relay(
-    request: web.Request, upstream: Answer, ex: Exchange, deadline: Deadline, idle: float,
+    request: web.Request, upstream: Answer | Buffered, ex: Exchange, deadline: Deadline, idle: float,
     output_rules: tuple[Guardrail, ...] = (),
 ) -> web.StreamResponse:
     if ex.upstream_sent is not None:
@@ -74,7 +75,7 @@ async def relay(
 
 
 async def _stream(
-    upstream: Answer, response: web.StreamResponse, reader: TranscriptReader | None,
+    upstream: Answer | Buffered, response: web.StreamResponse, reader: TranscriptReader | None,
     ex: Exchange, deadline: Deadline, idle: float,
 ) -> None:
     while True:
@@ -89,7 +90,7 @@ async def _stream(
         ex.bytes_out += len(chunk)
 
 
-async def _hold(upstream: Answer, reader: TranscriptReader, deadline: Deadline, idle: float) -> bytes:
+async def _hold(upstream: Answer | Buffered, reader: TranscriptReader, deadline: Deadline, idle: float) -> bytes:
     body = bytearray()
     while True:
         deadline.wait(idle, UPSTREAM)

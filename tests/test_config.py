@@ -183,6 +183,48 @@ RESOURCE_PROBLEMS = [
      "resources.yaml: models[tts-prod]: field 'routes': must be a non-empty list of 'speech', 'transcriptions', "
      "'translations', 'realtime'"),
     ({"models.0.routes": []}, "resources.yaml: models[tts-prod]: field 'routes': must be a non-empty list"),
+    ({"models.0.targets": [{"provider_key": "openai-main", "model_name": "x"}]},
+     "resources.yaml: models[tts-prod]: field 'provider_key': exactly one of provider_key (with model_name) or "
+     "targets is required, both were given"),
+    ({"models.0.provider_key": DELETE},
+     "resources.yaml: models[tts-prod]: field 'provider_key': exactly one of provider_key (with model_name) or "
+     "targets is required, neither was given"),
+    ({"models.1": {"display_name": "whisper-prod", "targets": []}},
+     "resources.yaml: models[whisper-prod]: field 'targets': must be a non-empty list"),
+    ({"models.1": {"display_name": "whisper-prod", "model_name": "w", "targets": [
+        {"provider_key": "openai-main", "model_name": "whisper-1"}]}},
+     "resources.yaml: models[whisper-prod]: field 'model_name': goes in each of targets"),
+    ({"models.1": {"display_name": "whisper-prod", "targets": [{"provider_key": "nope", "model_name": "w"}]}},
+     "resources.yaml: models[whisper-prod]: field 'targets[0].provider_key': no provider key named 'nope'"),
+    ({"models.1": {"display_name": "whisper-prod", "targets": [{"provider_key": "openai-main"}]}},
+     "resources.yaml: models[whisper-prod]: field 'targets[0].model_name': required"),
+    ({"models.1": {"display_name": "whisper-prod", "targets": [
+        {"provider_key": "openai-main", "model_name": "w", "weight": 0}]}},
+     "resources.yaml: models[whisper-prod]: field 'targets[0].weight': must be a positive integer"),
+    ({"models.1": {"display_name": "whisper-prod", "targets": [
+        {"provider_key": "openai-main", "model_name": "w", "priority": -1}]}},
+     "resources.yaml: models[whisper-prod]: field 'targets[0].priority': must be an integer >= 0"),
+    ({"models.1": {"display_name": "whisper-prod", "targets": [
+        {"provider_key": "openai-main", "model_name": "w", "region": "east"}]}},
+     "resources.yaml: models[whisper-prod]: field 'targets[0].region': unknown field"),
+    ({"models.1": {"display_name": "whisper-prod", "targets": [
+        {"provider_key": "openai-main", "model_name": "w"}, {"provider_key": "openai-main", "model_name": "w"}]}},
+     "resources.yaml: models[whisper-prod]: field 'targets': each target must be a different provider_key"),
+    ({"models.0.retry": {"max_attempts": 0}},
+     "resources.yaml: models[tts-prod]: field 'retry.max_attempts': must be a positive integer, got 0"),
+    ({"models.0.retry": {"replay_limit_bytes": -1}},
+     "resources.yaml: models[tts-prod]: field 'retry.replay_limit_bytes': must be an integer >= 0"),
+    ({"models.0.retry": {"attempts": 2}}, "resources.yaml: models[tts-prod]: field 'retry.attempts': unknown field"),
+    ({"models.0.cooldown": {"failures": 0}},
+     "resources.yaml: models[tts-prod]: field 'cooldown.failures': must be a positive integer, got 0"),
+    ({"provider_keys.0.provider": "azure"},
+     "resources.yaml: provider_keys[openai-main]: field 'api_version': required for provider azure"),
+    ({"provider_keys.0.api_version": "2024-10-21"},
+     "resources.yaml: provider_keys[openai-main]: field 'api_version': must be given only for provider azure"),
+    ({"provider_keys.0.provider": "azure", "provider_keys.0.api_version": "2024"},
+     "resources.yaml: provider_keys[openai-main]: field 'api_version': must be \"v1\" or a version"),
+    ({"provider_keys.0.rate_limit": {"rpm": 0}},
+     "resources.yaml: provider_keys[openai-main]: field 'rate_limit.rpm': must be a positive integer, got 0"),
     ({"models.0.routes": "speech"},
      "resources.yaml: models[tts-prod]: field 'routes': must be a list of strings, got a string"),
     ({"provider_keys.1": RESOURCES["provider_keys"][0]},
@@ -486,3 +528,33 @@ def test_expires_at_forms(tmp_path: Path, written: str, expected: dt.datetime) -
 def test_empty_resources_file_is_valid(tmp_path: Path) -> None:
     r = config.load(write(tmp_path, resources=""), {}).resources
     assert (dict(r.models), r.api_keys, r.guardrails) == ({}, (), ())
+
+
+def test_targets_retry_cooldown_and_azure(tmp_path: Path) -> None:
+    doc = patched(RESOURCES, {
+        "provider_keys.1": {"display_name": "azure-east", "provider": "azure", "api_base": "https://east.example.com/",
+                            "api_key": "azure-secret", "api_version": "2024-10-21", "rate_limit": {"rpm": 300}},
+        "provider_keys.2": {"display_name": "azure-v1", "provider": "azure", "api_base": "https://west.example.com",
+                            "api_key": "azure-secret-2", "api_version": "v1"},
+        "models.1": {"display_name": "whisper-prod", "targets": [
+            {"provider_key": "openai-main", "model_name": "whisper-1", "weight": 3},
+            {"provider_key": "azure-east", "model_name": "whisper east"},
+            {"provider_key": "azure-v1", "model_name": "whisper-west", "priority": 1}],
+            "retry": {"max_attempts": 2}, "cooldown": {"cooldown_s": 5}},
+    })
+    r = config.load(write(tmp_path, resources=doc), {}).resources
+    whisper = r.models["whisper-prod"]
+    assert [(t.provider_key.name, t.model_name, t.weight, t.priority) for t in whisper.targets] == [
+        ("openai-main", "whisper-1", 3, 0), ("azure-east", "whisper east", 1, 0), ("azure-v1", "whisper-west", 1, 1)]
+    assert whisper.retry == config.Retry(2, 256 * 1024 * 1024)
+    assert whisper.cooldown == config.Cooldown(failures=3, window_s=60, cooldown_s=5)
+    east, west = whisper.targets[1], whisper.targets[2]
+    assert east.urls["transcriptions"] == ("https://east.example.com/openai/deployments/whisper%20east/audio/"
+                                           "transcriptions?api-version=2024-10-21")
+    assert west.urls["speech"] == "https://west.example.com/openai/v1/audio/speech"
+    assert east.provider_key.auth_header == "api-key: azure-secret"
+    assert east.provider_key.rate_limit == config.RateLimit(rpm=300)
+    assert "azure-secret" not in repr(r)
+    # the single form is one target, and max_attempts defaults to the number of targets
+    tts = r.models["tts-prod"]
+    assert len(tts.targets) == 1 and tts.retry.max_attempts == 1 and tts.targets[0].id == "openai-main/gpt-4o-mini-tts"
