@@ -1,4 +1,5 @@
-"""What an operator relies on: metrics scraped and parsed, SIGHUP reload, SIGTERM drain, access log."""
+"""What an operator relies on: metrics scraped and parsed, SIGHUP reload, SIGTERM drain (the access
+log: test_access_log.py)."""
 
 from __future__ import annotations
 
@@ -147,23 +148,6 @@ async def test_drain_deadline_cuts_what_is_left(make_gateway, fake: FakeUpstream
                 await r.read()
     assert gw.wait(30) == 0
     assert "drain deadline reached with 1 requests in flight" in gw.log()
-
-
-async def test_access_log_line(gateway: Gateway, fake: FakeUpstream) -> None:
-    rid = uuid.uuid4().hex
-    await post(gateway, headers={"x-aisix-request-id": rid})
-    line = gateway.wait_log(f"rid={rid}")
-    assert '"POST /v1/audio/speech" 200' in line and "model=tts-prod" in line
-    assert "latency_ms=" in line and "bytes_out=14400" in line
-    assert TEAM_A not in gateway.log()
-
-
-async def test_access_log_off(make_gateway, fake: FakeUpstream) -> None:
-    gw = make_gateway(args=["--access-log", "off"])
-    rid = uuid.uuid4().hex
-    await post(gw, headers={"x-aisix-request-id": rid})
-    gw.event(rid)
-    assert f"rid={rid}" not in gw.log()
 
 
 async def test_a_busy_drain_stops_accepting_after_the_grace(make_gateway, fake: FakeUpstream) -> None:
