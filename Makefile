@@ -4,8 +4,9 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-$(shell cat setup.cfg pyproject.toml | cksum | cut -d' ' -f1)
 # System tools the tests drive for real: curl as in the README, file to name the audio,
-# redis-server for the shared rate limits and usage stream.
-SYSTEM_TOOLS := curl file redis-server
+# redis-server for the shared rate limits and usage stream, promtool to check the metrics scrape.
+# Each is a command, or command:package where Debian's package is named otherwise.
+SYSTEM_TOOLS := curl file redis-server promtool:prometheus
 
 .PHONY: run test lint venv system-tools clean
 
@@ -19,7 +20,8 @@ $(STAMP): setup.cfg pyproject.toml
 	touch $@
 
 system-tools:
-	@missing=""; for t in $(SYSTEM_TOOLS); do command -v $$t >/dev/null || missing="$$missing $$t"; done; \
+	@missing=""; for t in $(SYSTEM_TOOLS); do \
+	  command -v $${t%%:*} >/dev/null || missing="$$missing $${t#*:}"; done; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing:$$missing"; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \

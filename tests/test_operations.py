@@ -3,7 +3,9 @@ log: test_access_log.py)."""
 
 from __future__ import annotations
 
+import shutil
 import signal
+import subprocess
 import uuid
 
 import aiohttp
@@ -78,6 +80,28 @@ async def test_metrics_are_scraped_with_bounded_labels(make_gateway, fake: FakeU
     assert value(families["aisix_usage_events_dropped"], "aisix_usage_events_dropped_total") == 0
     for secret in ("made-up", TEAM_A, "sk-lim-m", "team-a", "lim\"", PROVIDER_SECRET):
         assert secret not in text
+
+
+async def test_the_scrape_passes_promtool(make_gateway, fake: FakeUpstream) -> None:
+    """Prometheus' own checker on a scrape after successes, errors of both kinds and a 429; and
+    no ``_created`` series, which would double what is stored."""
+    gw = make_gateway({"metrics": {"listen": "127.0.0.1:0"}},
+                      api_keys=[{"display_name": "lim", "key_hash": hash_key("sk-lim-p"), "allowed_models": ["*"],
+                                 "rate_limit": {"rpd": 1}}],
+                      guardrails=[{"name": "watch", "kind": "keyword", "hook_point": "input",
+                                   "enforcement_mode": "monitor", "patterns": [{"kind": "literal", "value": "there"}]}])
+    assert await post(gw) == 200
+    assert await post(gw, key="sk-nobody") == 401
+    assert await post(gw, key="sk-lim-p") == 200 and await post(gw, key="sk-lim-p") == 429
+    fake.behaviour = Behaviour(status=503)
+    assert await post(gw) == 503
+    families, text = await scrape(gw)
+    assert value(families["aisix_requests"], "aisix_requests_total") == 5
+    assert "_created" not in text
+    promtool = shutil.which("promtool")
+    assert promtool, "promtool is missing: `make system-tools` installs it (Debian's prometheus package)"
+    checked = subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True, text=True, timeout=30)
+    assert (checked.returncode, checked.stdout, checked.stderr) == (0, "", "")
 
 
 async def test_reload_swaps_resources_all_or_nothing(make_gateway, fake: FakeUpstream) -> None:
