@@ -28,9 +28,14 @@ system-tools:
 	fi
 
 # The gateway on 127.0.0.1:3000 with etc/aisix/, and the development upstream on 127.0.0.1:3001
-# that the shipped aliases point at. Ctrl-C stops both.
+# that the shipped aliases point at, in one terminal: the upstream labels its every line. Ctrl-C
+# stops both.
 run: venv
-	@$(BIN)/python -m aisix.devupstream --listen 127.0.0.1:3001 & dev=$$!; \
+	@echo "make run: the gateway on http://127.0.0.1:3000 (etc/aisix/) and a development upstream on"; \
+	echo "http://127.0.0.1:3001. Lines starting 'devupstream |' are the upstream's; all others are the"; \
+	echo "gateway's: its log (aisix.access: one line per request) and one JSON usage event per audio"; \
+	echo "request. Ctrl-C stops both."; \
+	$(BIN)/python -m aisix.devupstream --listen 127.0.0.1:3001 & dev=$$!; \
 	trap 'kill $$dev 2>/dev/null' EXIT INT TERM; \
 	$(BIN)/python -m aisix serve -c etc/aisix/config.yaml
 
