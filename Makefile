@@ -24,7 +24,12 @@ system-tools:
 	  command -v $${t%%:*} >/dev/null || missing="$$missing $${t#*:}"; done; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing:$$missing"; \
-	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing || exit 1; \
+	  case " $$missing " in *" prometheus "*) \
+	    if [ -d /run/systemd/system ]; then \
+	      echo "stopping the Prometheus server that came with promtool (it takes :9090, aisix's metrics port)"; \
+	      systemctl disable --now prometheus prometheus-node-exporter 2>/dev/null || true; fi;; \
+	  esac; \
 	fi
 
 # The gateway on 127.0.0.1:3000 with etc/aisix/, and the development upstream on 127.0.0.1:3001
