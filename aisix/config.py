@@ -180,6 +180,7 @@ class Settings:
     ratelimit_backend: BackendSpec
     resources_file: Path  # absolute
     config_file: Path  # absolute
+    access_log_probes: bool = False  # /livez and /readyz get access-log lines too
 
 
 @dataclass(frozen=True, slots=True)
@@ -275,7 +276,7 @@ def _load_settings(out: list[str], path: Path, env: Mapping[str, str]) -> tuple[
     """Settings (None on a problem) and the resources file path (None when it cannot be known)."""
     config_file = Path(os.path.abspath(path))
     top = read_mapping(out, config_file, env,
-                       ("proxy", "upstream", "metrics", "usage", "ratelimit", "resources_file"))
+                       ("proxy", "upstream", "metrics", "usage", "ratelimit", "access_log", "resources_file"))
     if top is None:
         return None, None
     proxy = top.section("proxy", ("listen", "request_body_limit_bytes", "json_body_limit_bytes",
@@ -301,6 +302,8 @@ def _load_settings(out: list[str], path: Path, env: Mapping[str, str]) -> tuple[
     sink = _spec(usage, "sink", "stdout", parse_sink)
     ratelimit = top.section("ratelimit", ("backend",))
     backend = _spec(ratelimit, "backend", "memory", parse_backend)
+    access_log = top.section("access_log", ("probes",))
+    probes = access_log.scalar("probes", False, lambda v: isinstance(v, bool), "true or false")
     name = top.text("resources_file", "resources.yaml")
     resources_file = Path(os.path.abspath(config_file.parent / name)) if name else None
     if not top.ok or listen is None or sink is None or backend is None or resources_file is None:
@@ -308,7 +311,7 @@ def _load_settings(out: list[str], path: Path, env: Mapping[str, str]) -> tuple[
     proxy_settings = ProxySettings(listen, body_limit, json_limit, tuple(h.lower() for h in id_headers), drain_ms,
                                    grace_ms, keepalive_ms)
     return Settings(proxy_settings, UpstreamSettings(**upstream), metrics_listen, sink, backend,
-                    resources_file, config_file), resources_file
+                    resources_file, config_file, bool(probes)), resources_file
 
 
 # -- resources.yaml -----------------------------------------------------------------------------

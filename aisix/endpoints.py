@@ -6,13 +6,14 @@ import orjson
 from aiohttp import hdrs, web
 
 from . import auth
-from .keys import CLOCK, LIVE
+from .keys import CALLER, CLOCK, LIVE
 
 
 async def models(request: web.Request) -> web.Response:
     """GET /v1/models: the aliases this caller may use, in OpenAI's list shape."""
     resources = request.app[LIVE].resources
     key = auth.lookup(request.headers.get(hdrs.AUTHORIZATION), resources.keys_by_hash)
+    request[CALLER] = key.name
     auth.check_active(key, request.app[CLOCK]())
     data = [
         {"id": alias, "object": "model", "created": 0, "owned_by": resources.models[alias].provider_key.provider}

@@ -4,6 +4,10 @@ proxy port.
 Labels carry routes, configured aliases and guardrail names only: an alias a caller made up is
 counted as "" so no caller can grow the label space, and no key or request id is ever a label.
 Counters the gateway keeps elsewhere (usage drops, rate-limit fail-opens) are read at scrape time.
+No ``_created`` series: prometheus_client adds one per counter and histogram child (when it was
+first used), which doubles the series a scrape stores and which no query of docs/operations.md
+reads. They are left out of this registry's scrape only; prometheus_client's global switch would
+change every registry in the process.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client.registry import Collector
 
 from .config import Target
 from .exchange import Exchange
@@ -95,7 +100,18 @@ class Metrics:
         self.rate_limited.labels(scope).inc()
 
     def render(self) -> bytes:
-        return generate_latest(self.registry)
+        return generate_latest(_WithoutCreated(self.registry))
+
+
+class _WithoutCreated(Collector):
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self._registry = registry
+
+    def collect(self) -> Iterator[Metric]:
+        for family in self._registry.collect():  # fresh families each time: ours to trim
+            created = family.name + "_created"
+            family.samples = [s for s in family.samples if s.name != created]
+            yield family
 
 
 class _LiveCounters:

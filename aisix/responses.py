@@ -9,13 +9,15 @@ for less. Paths and methods no route serves get the envelope from a catch-all ro
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import time
 import uuid
 from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
-from . import errors
+from . import access_log, errors
 from .keys import LIVE, REQUEST_ID, SETTINGS
 
 log = logging.getLogger(__name__)
@@ -37,8 +39,12 @@ def route(handler: Handler) -> Handler:
 
     async def gateway(request: web.Request) -> web.StreamResponse:
         rid = request[REQUEST_ID] = request_id(request, request.app[SETTINGS].proxy.request_id_headers)
+        started = time.monotonic()
         try:
             response = await handler(request)
+        except asyncio.CancelledError:  # the caller left (handler_cancellation): aiohttp logs nothing
+            access_log.cancelled(request, time.monotonic() - started)
+            raise
         except errors.GatewayError as exc:
             response = envelope(exc)
         except web.HTTPException as exc:

@@ -316,6 +316,9 @@ CONFIG_PROBLEMS = [
     ({"usage": {"sink": "syslog"}}, "config.yaml: usage: field 'sink': must be 'stdout', 'file:<path>'"),
     ({"usage": {"sink": "file:"}}, "config.yaml: usage: field 'sink': must be 'stdout', 'file:<path>'"),
     ({"ratelimit": {"backend": "memcached://x"}}, "config.yaml: ratelimit: field 'backend': must be 'memory'"),
+    ({"access_log": {"probes": "yes"}},
+     "config.yaml: access_log: field 'probes': must be true or false, got a string"),
+    ({"access_log": True}, "config.yaml: field 'access_log': must be a mapping"),
     ({"resources_file": 5}, "config.yaml: field 'resources_file': must be a string, got 5"),
     ({"resources_file": "missing.yaml"}, "missing.yaml: cannot read "),
     ({"usage": {"sink": "${USAGE_SINK}"}},
@@ -350,10 +353,13 @@ def test_settings_defaults_and_paths(tmp_path: Path) -> None:
     assert s.proxy.request_id_headers == ("x-aisix-request-id",)
     assert s.upstream == config.UpstreamSettings(5000, 600000, 60000, 1000)
     assert s.resources_file == tmp_path / "etc" / "resources.yaml" and s.config_file.is_absolute()
+    assert s.access_log_probes is False
     (tmp_path / "etc" / "config.yaml").write_text(
-        "proxy: {request_id_headers: [X-Request-ID]}\nupstream: {timeout_ms: 1000}\nresources_file: ../r.yaml\n")
+        "proxy: {request_id_headers: [X-Request-ID]}\nupstream: {timeout_ms: 1000}\nresources_file: ../r.yaml\n"
+        "access_log: {probes: true}\n")
     s = config.load_settings(tmp_path / "etc" / "config.yaml", {})
     assert s.proxy.request_id_headers == ("x-request-id",) and s.upstream.timeout_ms == 1000
+    assert s.access_log_probes is True
     assert s.upstream.max_connections == 1000 and s.resources_file == tmp_path / "r.yaml"
 
 
