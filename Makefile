@@ -4,8 +4,9 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-$(shell cat setup.cfg pyproject.toml | cksum | cut -d' ' -f1)
 # System tools the tests drive for real: curl as in the README, file to name the audio,
-# redis-server for the shared rate limits and usage stream.
-SYSTEM_TOOLS := curl file redis-server
+# redis-server for the shared rate limits and usage stream, chromium (headless) to call the
+# gateway from a web page on another origin (CORS).
+SYSTEM_TOOLS := curl file redis-server chromium
 
 .PHONY: run test lint venv system-tools clean
 
