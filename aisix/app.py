@@ -58,6 +58,10 @@ def create_app(config: Config, clock: Callable[[], float] = time.time) -> web.Ap
         else:
             app.router.add_route(method, path, responses.route(handler))
             methods[path] = (method,)
+    cors = config.settings.proxy.cors
+    for path, allowed in methods.items():
+        if cors is not None and path.startswith("/v1/"):  # browsers' preflights; else OPTIONS is 405
+            app.router.add_route("OPTIONS", path, responses.preflight(allowed, cors))
     app.router.add_route("*", "/{path:.*}", responses.unrouted(methods))  # last: 404 and 405
     return app
 

@@ -24,6 +24,8 @@ from typing import TypeVar
 from urllib.parse import quote, urlsplit
 
 from .config_yaml import Reader, add_problem, got, read_mapping
+from .cors import Cors
+from .cors import parse as parse_cors
 from .specs import BackendSpec, SinkSpec, parse_backend, parse_sink
 
 T = TypeVar("T")
@@ -161,6 +163,7 @@ class ProxySettings:
     drain_timeout_ms: int = 60000  # SIGTERM: how long in-flight requests may take to finish
     drain_grace_ms: int = 5000     # SIGTERM: how long the listener stays up while busy
     keepalive_timeout_ms: int = 30000  # idle keep-alive, and the bound on a slow header phase
+    cors: Cors | None = None  # None: no CORS (no preflight route, nothing added to answers)
 
 
 @dataclass(frozen=True, slots=True)
@@ -270,6 +273,18 @@ def _rate_limit(r: Reader) -> RateLimit | None:
     return RateLimit(**values) if any(values.values()) else None
 
 
+def _cors(proxy: Reader, id_headers: tuple[str, ...]) -> Cors | None:
+    sub = proxy.child("cors", ("allowed_origins",))
+    if sub is None:
+        return None
+    origins = sub.strings("allowed_origins", ())
+    try:
+        return parse_cors(origins, id_headers)
+    except ValueError as exc:
+        sub.problem("allowed_origins", str(exc))
+        return None
+
+
 # -- config.yaml --------------------------------------------------------------------------------
 
 def _load_settings(out: list[str], path: Path, env: Mapping[str, str]) -> tuple[Settings | None, Path | None]:
@@ -280,7 +295,8 @@ def _load_settings(out: list[str], path: Path, env: Mapping[str, str]) -> tuple[
     if top is None:
         return None, None
     proxy = top.section("proxy", ("listen", "request_body_limit_bytes", "json_body_limit_bytes",
-                                  "request_id_headers", "drain_timeout_ms", "drain_grace_ms", "keepalive_timeout_ms"))
+                                  "request_id_headers", "drain_timeout_ms", "drain_grace_ms", "keepalive_timeout_ms",
+                                  "cors"))
     listen = _listen(proxy, "listen", "127.0.0.1:3000")
     body_limit = proxy.integer("request_body_limit_bytes", 0, minimum=0)
     json_limit = proxy.integer("json_body_limit_bytes", 1048576)
@@ -290,6 +306,8 @@ def _load_settings(out: list[str], path: Path, env: Mapping[str, str]) -> tuple[
     keepalive_ms = proxy.integer("keepalive_timeout_ms", 30000)
     if id_headers and not all(_TOKEN.fullmatch(h) for h in id_headers):
         proxy.problem("request_id_headers", "must be HTTP header names")
+    id_headers = tuple(h.lower() for h in id_headers)
+    cors_policy = _cors(proxy, id_headers)
     up = top.section("upstream", UpstreamSettings.__slots__)
     given = {name: up.integer(name, None) for name in UpstreamSettings.__slots__}
     upstream = {name: value for name, value in given.items() if value is not None}
@@ -308,8 +326,8 @@ def _load_settings(out: list[str], path: Path, env: Mapping[str, str]) -> tuple[
     resources_file = Path(os.path.abspath(config_file.parent / name)) if name else None
     if not top.ok or listen is None or sink is None or backend is None or resources_file is None:
         return None, resources_file
-    proxy_settings = ProxySettings(listen, body_limit, json_limit, tuple(h.lower() for h in id_headers), drain_ms,
-                                   grace_ms, keepalive_ms)
+    proxy_settings = ProxySettings(listen, body_limit, json_limit, id_headers, drain_ms, grace_ms, keepalive_ms,
+                                   cors_policy)
     return Settings(proxy_settings, UpstreamSettings(**upstream), metrics_listen, sink, backend,
                     resources_file, config_file, bool(probes)), resources_file
 

@@ -165,6 +165,12 @@ def concurrency_exceeded(scope: str, who: str, limit: int) -> RateLimited:
                        f"Concurrency limit of {limit} requests in flight exceeded for {who}.", {"Retry-After": "1"})
 
 
+def origin_not_allowed() -> GatewayError:
+    """A browser's preflight from an origin proxy.cors does not list (the page sees only a CORS error)."""
+    return GatewayError(403, "permission_error", "cors_origin_not_allowed",
+                        "Cross-origin requests from this origin are not allowed.")
+
+
 def client_timeout() -> GatewayError:
     return invalid_request("client_timeout", "The request body did not arrive in time.", status=408)
 

@@ -15,9 +15,10 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable
 
-from aiohttp import web
+from aiohttp import hdrs, web
 
 from . import access_log, errors
+from .cors import Cors
 from .keys import LIVE, REQUEST_ID, SETTINGS
 
 log = logging.getLogger(__name__)
@@ -71,6 +72,25 @@ def unrouted(methods: dict[str, tuple[str, ...]]) -> Handler:
     return route(handler)
 
 
+def preflight(allow: tuple[str, ...], cors: Cors) -> Handler:
+    """A browser's preflight (OPTIONS with Origin and Access-Control-Request-Method) of a route
+    serving the methods ``allow``: answered without auth, 204 with the grant for an allowed
+    origin, 403 for another; any other OPTIONS is the 405 it was before CORS."""
+    methods = ", ".join(allow)
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        headers = request.headers
+        origin = headers.get(hdrs.ORIGIN)
+        if origin is None or hdrs.ACCESS_CONTROL_REQUEST_METHOD not in headers:
+            raise errors.method_not_allowed(methods)
+        if not cors.allows(origin):
+            raise errors.origin_not_allowed()
+        requested = headers.get(hdrs.ACCESS_CONTROL_REQUEST_HEADERS)
+        return web.Response(status=204, headers=cors.preflight(methods, requested))
+
+    return route(handler)
+
+
 def envelope(exc: errors.GatewayError) -> web.Response:
     return web.Response(status=exc.status, body=exc.body(), content_type="application/json", headers=exc.headers)
 
@@ -82,6 +102,9 @@ def stamp(request: web.Request, response: web.StreamResponse) -> None:
     rid = request.get(REQUEST_ID)
     if rid is not None:
         headers["x-aisix-request-id"] = rid
+    cors = request.app[SETTINGS].proxy.cors
+    if cors is not None:  # errors too: a page can read a 401's or a 429's envelope and headers
+        headers.update(cors.grant(request.headers.get(hdrs.ORIGIN)))
     if request.app[LIVE].draining:
         # Callers reconnect to a process that stays.
         response.force_close()

@@ -129,6 +129,15 @@ def test_shipped_guardrail_example_validates(tmp_path: Path) -> None:
     assert literal.regex.search("my PassWord") and regex.regex.search("card 1234567812345678")
 
 
+def test_shipped_cors_example_validates(tmp_path: Path) -> None:
+    shipped = (ETC / "config.yaml").read_text()
+    example = "  # cors:\n  #   allowed_origins:"
+    assert example in shipped
+    (tmp_path / "config.yaml").write_text(shipped.replace(example, "  cors:\n    allowed_origins:"))
+    cors = config.load_settings(tmp_path / "config.yaml", {}).proxy.cors
+    assert cors is not None and "https://app.example.com" in cors.origins
+
+
 def test_shipped_openai_example_needs_its_variable(tmp_path: Path) -> None:
     doc = yaml.safe_load((ETC / "resources.yaml").read_text())
     doc["provider_keys"] = yaml.safe_load(uncommented("# - display_name: dev-upstream"))
@@ -308,6 +317,15 @@ CONFIG_PROBLEMS = [
      "config.yaml: proxy: field 'request_id_headers': must be a list of strings"),
     ({"proxy": {"request_id_headers": ["x request id"]}},
      "config.yaml: proxy: field 'request_id_headers': must be HTTP header names"),
+    ({"proxy": {"cors": ["https://app.example.com"]}},
+     "config.yaml: proxy: field 'cors': must be a mapping, got a list"),
+    ({"proxy": {"cors": {"origins": ["*"]}}}, "config.yaml: proxy: field 'cors.origins': unknown field"),
+    ({"proxy": {"cors": {"allowed_origins": "*"}}},
+     "config.yaml: proxy: field 'cors.allowed_origins': must be a list of strings"),
+    ({"proxy": {"cors": {"allowed_origins": ["https://app.example.com/"]}}},
+     "config.yaml: proxy: field 'cors.allowed_origins': must be '*' or origins as browsers send them"),
+    ({"proxy": {"cors": {"allowed_origins": ["*", "https://app.example.com"]}}},
+     "config.yaml: proxy: field 'cors.allowed_origins': must be ['*'] alone"),
     ({"upstream": {"timeout_ms": "600s"}}, "config.yaml: upstream: field 'timeout_ms': must be a positive integer"),
     ({"upstream": {"max_connections": True}},
      "config.yaml: upstream: field 'max_connections': must be a positive integer, got a boolean"),
@@ -350,7 +368,7 @@ def test_settings_defaults_and_paths(tmp_path: Path) -> None:
     (tmp_path / "etc" / "config.yaml").write_text("# nothing set\n")
     s = config.load_settings(tmp_path / "etc" / "config.yaml", {})
     assert s.proxy.request_body_limit_bytes == 0 and s.proxy.json_body_limit_bytes == 1048576
-    assert s.proxy.request_id_headers == ("x-aisix-request-id",)
+    assert s.proxy.request_id_headers == ("x-aisix-request-id",) and s.proxy.cors is None
     assert s.upstream == config.UpstreamSettings(5000, 600000, 60000, 1000)
     assert s.resources_file == tmp_path / "etc" / "resources.yaml" and s.config_file.is_absolute()
     assert s.access_log_probes is False
@@ -361,6 +379,13 @@ def test_settings_defaults_and_paths(tmp_path: Path) -> None:
     assert s.proxy.request_id_headers == ("x-request-id",) and s.upstream.timeout_ms == 1000
     assert s.access_log_probes is True
     assert s.upstream.max_connections == 1000 and s.resources_file == tmp_path / "r.yaml"
+    (tmp_path / "etc" / "config.yaml").write_text(
+        "proxy:\n  request_id_headers: [X-Request-ID]\n  cors:\n    allowed_origins: [HTTPS://App.Example]\n")
+    cors = config.load_settings(tmp_path / "etc" / "config.yaml", {}).proxy.cors
+    assert cors is not None and cors.origins == {"https://app.example"} and "x-request-id" in cors.request_headers
+    for off in ("proxy: {cors: null}\n", "proxy: {cors: {allowed_origins: []}}\n"):
+        (tmp_path / "etc" / "config.yaml").write_text(off)
+        assert config.load_settings(tmp_path / "etc" / "config.yaml", {}).proxy.cors is None
 
 
 @pytest.mark.parametrize(("text", "expected"), [
