@@ -1,5 +1,5 @@
 """One access-log line per request: client, request line, status, request id, caller key name,
-alias, latency and body bytes (docs/operations.md, "Logs").
+alias, latency, body bytes and the upstream attempts (docs/operations.md, "Logs").
 
 Never a key, a prompt, a query string or a header value other than the request id. aiohttp writes
 the line once the answer is written; a handler cancelled because its caller left is never handed
@@ -42,17 +42,21 @@ class AccessLogger(AbstractAccessLogger):
         if not self.probes and path in PROBES:
             return
         ex = request.get(EXCHANGE)
+        attempts = None
         if ex is not None:
             status, key, model, bytes_in, bytes_out = (
                 ex.status or response.status, ex.api_key, ex.model, ex.bytes_in, ex.bytes_out)
+            if ex.attempts:  # provider key and status (or how it failed) of each, in order
+                attempts = ",".join(f"{a['provider_key']}:{a['status'] or a['error'] or 'aborted'}"
+                                    for a in ex.attempts)
         else:
             status, key, model, bytes_in = response.status, request.get(CALLER), None, 0
             # Body bytes, as on the audio routes: aiohttp's body_length counts the headers too.
             bytes_out = 0 if request.method == "HEAD" else response.content_length or 0
         self.logger.info(
-            '%s "%s %s" %s rid=%s key=%s model=%s latency_ms=%d bytes_in=%d bytes_out=%d',
+            '%s "%s %s" %s rid=%s key=%s model=%s latency_ms=%d bytes_in=%d bytes_out=%d attempts=%s',
             request.remote, request.method, path, status, _field(request.get(REQUEST_ID)), _field(key),
-            _field(model), time * 1000, bytes_in, bytes_out,
+            _field(model), time * 1000, bytes_in, bytes_out, _field(attempts),
         )
 
 

@@ -389,3 +389,10 @@ def test_the_openai_sdk_through_a_failover_alias(routed: Gateway, fake: FakeUpst
 def test_no_temp_file_is_left(routed: Gateway) -> None:
     """After every test of this module on the shared gateway: nothing spooled is still open."""
     assert not [t for t in fd_targets(routed.pid) if "aisix-spool" in t or "(deleted)" in t]
+
+
+async def test_the_access_line_names_the_attempts(routed: Gateway, fake: FakeUpstream) -> None:
+    fake.behaviour = Behaviour(status=502)
+    _, _, event = await speech(routed)
+    line = routed.wait_log(f"rid={event['request_id']}")
+    assert line.rstrip().endswith("attempts=fake:502,fake-b:200"), line
