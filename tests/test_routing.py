@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import signal
 import os
 import socket
 from collections.abc import AsyncIterator, Iterator
@@ -396,3 +397,29 @@ async def test_the_access_line_names_the_attempts(routed: Gateway, fake: FakeUps
     _, _, event = await speech(routed)
     line = routed.wait_log(f"rid={event['request_id']}")
     assert line.rstrip().endswith("attempts=fake:502,fake-b:200"), line
+
+
+async def test_a_reload_keeps_cooldowns(fake: FakeUpstream, fake_b: FakeUpstream, make_gateway: Any) -> None:
+    """Cooldowns are kept by alias and target, so a reload that keeps the target keeps its state."""
+    gw = make_gateway(provider_keys=[key_b(fake_b.base_url)],
+                      models=models({"failures": 1, "window_s": 60, "cooldown_s": 600}))
+    fake.behaviour = Behaviour(status=503)
+    assert attempts((await speech(gw))[2]) == [("fake", 503, None), ("fake-b", 200, None)]
+    gw.signal(signal.SIGHUP)
+    gw.wait_log("reloaded")
+    assert attempts((await speech(gw))[2]) == [("fake-b", 200, None)]
+
+
+async def test_a_caller_leaving_mid_upload_leaves_nothing_open(routed: Gateway, fake: FakeUpstream,
+                                                               fake_b: FakeUpstream) -> None:
+    data, ctype = form("model", "file", model=b"whisper-failover", file=os.urandom(2_000_000))
+    fake.behaviour = Behaviour(status=503, read_bytes=200_000)
+    host, port = routed.url.removeprefix("http://").rsplit(":", 1)
+    with socket.create_connection((host, int(port))) as s:
+        s.sendall(f"POST /v1/audio/transcriptions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TEAM_A}\r\n"
+                  f"x-aisix-request-id: caller-leaves-1\r\nContent-Type: {ctype}\r\n"
+                  f"Content-Length: {len(data)}\r\n\r\n".encode() + data[:1_000_000])
+        fake.wait_received(1)  # the first target has answered 503: the gateway fails over to b
+    event = routed.event("caller-leaves-1")  # written once the exchange let go of everything
+    assert event["status"] == 499 and event["attempts"][0]["status"] == 503
+    assert not [t for t in fd_targets(routed.pid) if "aisix-spool" in t or "(deleted)" in t]
