@@ -5,9 +5,10 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-$(shell cat setup.cfg pyproject.toml | cksum | cut -d' ' -f1)
 # System tools the tests drive for real: curl as in the README, file to name the audio,
 # redis-server for the shared rate limits and usage stream, promtool to check the metrics scrape,
-# chromium (headless) to call the gateway from a web page on another origin (CORS).
+# chromium (headless) to call the gateway from a web page on another origin (CORS), ffmpeg (and its
+# ffprobe) to make real audio files and to say how long they are.
 # Each is a command, or command:package where Debian's package is named otherwise.
-SYSTEM_TOOLS := curl file redis-server promtool:prometheus chromium
+SYSTEM_TOOLS := curl file redis-server promtool:prometheus chromium ffmpeg
 
 .PHONY: run test lint venv system-tools clean
 
