@@ -43,11 +43,12 @@ class Replayable(Protocol):
 
 
 class Attempts:
-    __slots__ = ("_app", "_ex", "_model", "slot")
+    __slots__ = ("_app", "_ex", "_model", "answered", "slot")
 
     def __init__(self, app: web.Application, ex: Exchange, model: Model) -> None:
         self._app, self._ex, self._model = app, ex, model
         self.slot: Slot | None = None  # the provider key's slot of the attempt under way
+        self.answered: Target | None = None  # whose answer the caller gets
 
     async def send(self, request: web.Request, route: str, body: Replayable, screen: Callable[[str], None],
                    sent: Callable[[Target], None], deadline: Deadline) -> Answer | Buffered:
@@ -74,6 +75,7 @@ class Attempts:
                 if i is None:  # nothing left to try: the last answer as it came, or the last failure
                     if kept is not None:
                         ex.upstream_model, ex.provider_key = kept[0].model_name, kept[0].provider_key.name
+                        self.answered = kept[0]
                         return kept[1]
                     assert last is not None
                     raise last
@@ -88,6 +90,7 @@ class Attempts:
                 self.slot = slot
                 tried.add(i)
                 answer, failure = await self._attempt(request, route, body, target, screen, sent, deadline)
+                self.answered = target if answer is not None else None
                 if answer is not None and answer.status not in routing.FAILOVER_STATUSES:
                     return answer
                 if routed and await limiter.failed(keys[i], model.cooldown, clock()):

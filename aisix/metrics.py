@@ -49,6 +49,9 @@ class Metrics:
                                 ("model", "provider_key", "outcome"), registry=r)
         self.cooling_down = Gauge("aisix_target_cooling_down", "1 while a target is cooling down, as this "
                                   "process last saw it.", ("model", "provider_key"), registry=r)
+        self.cost = Counter("aisix_cost_usd", "What requests cost by alias, from its pricing.", ("model",), registry=r)
+        self.audio_seconds = Counter("aisix_audio_seconds", "Audio measured on the wire by alias: uploads (in) "
+                                     "and speech answers (out).", ("model", "direction"), registry=r)
         r.register(_LiveCounters(live_counters))
         self._children: dict[tuple, tuple] = {}
         self._in_flight: dict[str, Gauge] = {}
@@ -80,6 +83,13 @@ class Metrics:
         bytes_out.inc(ex.bytes_out)
         if ex.verdict is not None:
             self.guardrail_hits.labels(ex.verdict.guardrail, ex.verdict.action).inc()
+        if model:
+            if ex.cost_usd:
+                self.cost.labels(model).inc(ex.cost_usd)
+            if ex.audio_seconds_in:
+                self.audio_seconds.labels(model, "in").inc(ex.audio_seconds_in)
+            if ex.audio_seconds_out:
+                self.audio_seconds.labels(model, "out").inc(ex.audio_seconds_out)
         if ex.usage is not None and model:
             for kind, value in (("input", ex.usage.input_tokens), ("output", ex.usage.output_tokens)):
                 if value:

@@ -62,6 +62,12 @@ def event(ex: Exchange) -> dict[str, Any]:
         for name, value in reported:
             if value is not None:
                 out[name] = value
+    measured: tuple[tuple[str, object], ...] = (
+        ("input_characters", ex.input_characters), ("audio_seconds_in", ex.audio_seconds_in),
+        ("audio_seconds_out", ex.audio_seconds_out), ("cost_usd", ex.cost_usd))
+    for name, value in measured:
+        if value is not None:
+            out[name] = round(value, 3) if name.startswith("audio_") else value  # type: ignore[call-overload]
     if ex.verdict is not None:
         out["guardrail"] = ex.verdict.as_event()
     if ex.attempts:
