@@ -202,6 +202,7 @@ class Settings:
     metrics_listen: Listen | None  # None: no metrics listener
     usage_sink: SinkSpec
     ratelimit_backend: BackendSpec
+    usage_spill_dir: Path | None  # None: events the sink cannot take are dropped (counted)
     resources_file: Path  # absolute
     config_file: Path  # absolute
     access_log_probes: bool = False  # /livez and /readyz get access-log lines too
@@ -359,8 +360,13 @@ def _load_settings(out: list[str], path: Path, env: Mapping[str, str]) -> tuple[
     metrics_listen = None if disabled else _listen(metrics, "listen", "127.0.0.1:9090")
     if metrics_listen and metrics_listen == listen and listen.port:
         metrics.problem("listen", "must differ from proxy.listen")
-    usage = top.section("usage", ("sink",))
+    usage = top.section("usage", ("sink", "spill_dir"))
     sink = _spec(usage, "sink", "stdout", parse_sink)
+    # Under systemd, StateDirectory= gives a writable place that outlives the process.
+    state = env.get("STATE_DIRECTORY", "").split(":")[0] or str(config_file.parent)
+    no_spill = "spill_dir" in usage.raw and usage.raw["spill_dir"] is None
+    spill = None if no_spill else usage.text("spill_dir", os.path.join(state, "usage-spill"))
+    spill_dir = Path(os.path.abspath(config_file.parent / spill)) if spill else None
     ratelimit = top.section("ratelimit", ("backend",))
     backend = _spec(ratelimit, "backend", "memory", parse_backend)
     access_log = top.section("access_log", ("probes",))
@@ -371,7 +377,7 @@ def _load_settings(out: list[str], path: Path, env: Mapping[str, str]) -> tuple[
         return None, resources_file
     proxy_settings = ProxySettings(listen, body_limit, json_limit, id_headers, drain_ms, grace_ms, keepalive_ms,
                                    cors_policy)
-    return Settings(proxy_settings, UpstreamSettings(**upstream), metrics_listen, sink, backend,
+    return Settings(proxy_settings, UpstreamSettings(**upstream), metrics_listen, sink, backend, spill_dir,
                     resources_file, config_file, bool(probes)), resources_file
 
 
