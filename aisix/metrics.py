@@ -54,6 +54,7 @@ class Metrics:
                                      "and speech answers (out).", ("model", "direction"), registry=r)
         r.register(_LiveCounters(live_counters))
         self._children: dict[tuple, tuple] = {}
+        self._attempt_children: dict[tuple[str, str, str], Counter] = {}
         self._in_flight: dict[str, Gauge] = {}
 
     def started(self, route: str) -> None:
@@ -96,7 +97,11 @@ class Metrics:
                     self.tokens.labels(model, kind).inc(value)
 
     def attempt(self, model: str, provider_key: str, outcome: str) -> None:
-        self.attempts.labels(model, provider_key, outcome).inc()
+        key = (model, provider_key, outcome)
+        child = self._attempt_children.get(key)
+        if child is None:  # as in finished(): each label set resolved once
+            child = self._attempt_children[key] = self.attempts.labels(model, provider_key, outcome)
+        child.inc()
 
     def cooling(self, model: str, targets: Sequence[Target], cooling: Collection[int]) -> None:
         """The cooldown state of every target of an alias (targets sharing a key share a series)."""
