@@ -48,6 +48,7 @@ def create_app(config: Config, clock: Callable[[], float] = time.time) -> web.Ap
               ("POST", "/v1/audio/transcriptions", pipeline.route("transcriptions", forms.read)),
               ("POST", "/v1/audio/translations", pipeline.route("translations", forms.read)),
               ("GET", "/v1/models", endpoints.models),
+              ("GET", "/v1/models/{alias:.+}", endpoints.model),  # aliases may hold a "/"
               ("GET", "/livez", endpoints.livez),
               ("GET", "/readyz", endpoints.readyz)]
     methods: dict[str, tuple[str, ...]] = {}

@@ -54,10 +54,14 @@ def route(handler: Handler) -> Handler:
 
 
 def unrouted(methods: dict[str, tuple[str, ...]]) -> Handler:
-    """The catch-all route: 405 (with Allow) on a path served with other methods, else 404."""
+    """The catch-all route: 405 (with Allow) on a path served with other methods, else 404.
+    ``methods`` is keyed by route path; a path ending in a ``{name:.+}`` part matches any path
+    it prefixes."""
+    prefixes = [(path.partition("{")[0], allowed) for path, allowed in methods.items() if path.endswith(":.+}")]
 
     async def handler(request: web.Request) -> web.StreamResponse:
-        allowed = methods.get(request.path)
+        path = request.path
+        allowed = methods.get(path) or next((a for p, a in prefixes if path.startswith(p) and path != p), None)
         if allowed is None:
             raise errors.not_found()
         raise errors.method_not_allowed(", ".join(allowed))
@@ -76,6 +80,7 @@ def stamp(request: web.Request, response: web.StreamResponse) -> None:
     rid = request.get(REQUEST_ID)
     if rid is not None:
         headers["x-aisix-request-id"] = rid
+        headers["x-request-id"] = rid  # the header the official SDKs read (the upstream's is relayed renamed)
     if request.app[LIVE].draining:
         # Callers reconnect to a process that stays.
         response.force_close()
