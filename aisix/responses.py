@@ -13,7 +13,7 @@ import logging
 import uuid
 from collections.abc import Awaitable, Callable
 
-from aiohttp import web
+from aiohttp import hdrs, web
 
 from . import errors
 from .keys import LIVE, REQUEST_ID, SETTINGS
@@ -81,8 +81,10 @@ def stamp(request: web.Request, response: web.StreamResponse) -> None:
     if rid is not None:
         headers["x-aisix-request-id"] = rid
         headers["x-request-id"] = rid  # the header the official SDKs read (the upstream's is relayed renamed)
-    if request.app[LIVE].draining:
-        # Callers reconnect to a process that stays.
+    # Draining: callers reconnect to a process that stays. A caller that sent Expect and is
+    # answered before its body was read may not have sent it (inbound.py): the connection ends
+    # rather than leaving both sides to guess where the next request starts (RFC 9110, 10.1.1).
+    if request.app[LIVE].draining or (hdrs.EXPECT in request.headers and not request.content.is_eof()):
         response.force_close()
         headers["Connection"] = "close"
 
