@@ -4,8 +4,11 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-$(shell cat setup.cfg pyproject.toml | cksum | cut -d' ' -f1)
 # System tools the tests drive for real: curl as in the README, file to name the audio,
-# redis-server for the shared rate limits and usage stream, npm (and node) for the Node SDK.
-SYSTEM_TOOLS := curl file redis-server npm
+# redis-server for the shared rate limits and usage stream, promtool to check the metrics scrape,
+# chromium (headless) to call the gateway from a web page on another origin (CORS), ffmpeg (and its
+# ffprobe) to make real audio files and to say how long they are, npm (and node) for the Node SDK.
+# Each is a command, or command:package where Debian's package is named otherwise.
+SYSTEM_TOOLS := curl file redis-server promtool:prometheus chromium ffmpeg npm
 # The official openai Node SDK at the version tests/node/package.json pins, installed from npm's
 # registry into tests/node/node_modules (gitignored) for tests/test_node_sdk.py.
 NODE_SDK := tests/node/node_modules/openai/package.json
@@ -28,16 +31,27 @@ $(NODE_SDK): tests/node/package.json | system-tools
 	touch $@
 
 system-tools:
-	@missing=""; for t in $(SYSTEM_TOOLS); do command -v $$t >/dev/null || missing="$$missing $$t"; done; \
+	@missing=""; for t in $(SYSTEM_TOOLS); do \
+	  command -v $${t%%:*} >/dev/null || missing="$$missing $${t#*:}"; done; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing:$$missing"; \
-	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing || exit 1; \
+	  case " $$missing " in *" prometheus "*) \
+	    if [ -d /run/systemd/system ]; then \
+	      echo "stopping the Prometheus server that came with promtool (it takes :9090, aisix's metrics port)"; \
+	      systemctl disable --now prometheus prometheus-node-exporter 2>/dev/null || true; fi;; \
+	  esac; \
 	fi
 
 # The gateway on 127.0.0.1:3000 with etc/aisix/, and the development upstream on 127.0.0.1:3001
-# that the shipped aliases point at. Ctrl-C stops both.
+# that the shipped aliases point at, in one terminal: the upstream labels its every line. Ctrl-C
+# stops both.
 run: venv
-	@$(BIN)/python -m aisix.devupstream --listen 127.0.0.1:3001 & dev=$$!; \
+	@echo "make run: the gateway on http://127.0.0.1:3000 (etc/aisix/) and a development upstream on"; \
+	echo "http://127.0.0.1:3001. Lines starting 'devupstream |' are the upstream's; all others are the"; \
+	echo "gateway's: its log (aisix.access: one line per request) and one JSON usage event per audio"; \
+	echo "request. Ctrl-C stops both."; \
+	$(BIN)/python -m aisix.devupstream --listen 127.0.0.1:3001 & dev=$$!; \
 	trap 'kill $$dev 2>/dev/null' EXIT INT TERM; \
 	$(BIN)/python -m aisix serve -c etc/aisix/config.yaml
 

@@ -27,12 +27,15 @@ def create_app(config: Config, clock: Callable[[], float] = time.time) -> web.Ap
     app[SETTINGS] = config.settings
     app[LIVE] = Live(config.resources)
     app[CLOCK] = clock
-    sink = app[USAGE] = UsageSink.create(config.settings.usage_sink)
+    spill = config.settings.usage_spill_dir
+    sink = app[USAGE] = UsageSink.create(config.settings.usage_sink, spill_dir=str(spill) if spill else None)
     limiter = app[LIMITER] = Limiter.create(config.settings.ratelimit_backend)
     app[METRICS] = Metrics({
         "aisix_usage_events_dropped": ("Usage events dropped (queue full or write failed).",
                                        lambda: sink.dropped_total),
         "aisix_usage_events_written": ("Usage events written to the sink.", lambda: sink.written_total),
+        "aisix_usage_events_spilled": ("Usage events kept on local disk while the sink could not take them.",
+                                       lambda: sink.spilled_total),
         "aisix_ratelimit_fail_open": ("Admissions let through because the limit store failed.",
                                       lambda: limiter.fail_open_total),
         "aisix_ratelimit_settle_errors": ("Slot releases or token charges the limit store lost.",
@@ -60,6 +63,10 @@ def create_app(config: Config, clock: Callable[[], float] = time.time) -> web.Ap
         else:
             app.router.add_route(method, path, responses.route(handler), expect_handler=inbound.expect)
             methods[path] = (method,)
+    cors = config.settings.proxy.cors
+    for path, allowed in methods.items():
+        if cors is not None and path.startswith("/v1/"):  # browsers' preflights; else OPTIONS is 405
+            app.router.add_route("OPTIONS", path, responses.preflight(allowed, cors))
     # last: 404 and 405
     app.router.add_route("*", "/{path:.*}", responses.unrouted(methods), expect_handler=inbound.expect)
     return app

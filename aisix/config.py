@@ -14,16 +14,19 @@ from __future__ import annotations
 import datetime as dt
 import fnmatch
 import hashlib
+import math
 import os
 import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
-from typing import TypeVar
-from urllib.parse import urlsplit
+from typing import TypeGuard, TypeVar
+from urllib.parse import quote, urlsplit
 
 from .config_yaml import Reader, add_problem, got, read_mapping
+from .cors import Cors
+from .cors import parse as parse_cors
 from .specs import BackendSpec, SinkSpec, parse_backend, parse_sink
 
 T = TypeVar("T")
@@ -39,7 +42,8 @@ class ConfigError(Exception):
 
 @dataclass(frozen=True, slots=True)
 class RateLimit:
-    """Requests per second/minute/hour/day, tokens per minute/day, requests in flight; None = no limit."""
+    """Requests per second/minute/hour/day, tokens per minute/day, requests in flight, USD per UTC
+    day/month, audio seconds per hour/day; None = no limit."""
 
     rps: int | None = None
     rpm: int | None = None
@@ -48,27 +52,79 @@ class RateLimit:
     tpm: int | None = None
     tpd: int | None = None
     concurrency: int | None = None
+    cost_usd_per_day: float | None = None
+    cost_usd_per_month: float | None = None
+    audio_seconds_per_hour: int | None = None
+    audio_seconds_per_day: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Pricing:
+    """USD per unit (pricing.py); None: that quantity is free, or not priced."""
+
+    per_request: float | None = None
+    per_1m_input_characters: float | None = None
+    per_minute_input_audio: float | None = None
+    per_minute_output_audio: float | None = None
+    per_1m_input_tokens: float | None = None
+    per_1m_output_tokens: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
 class ProviderKey:
     name: str
-    provider: str
+    provider: str  # one of PROVIDERS
     api_base: str  # no trailing "/"
     api_key: str = field(repr=False)
-    authorization: str = field(repr=False)  # "Bearer <api_key>"
+    auth_header: str = field(repr=False)  # "Authorization: Bearer <api_key>" or (azure) "api-key: <api_key>"
+    api_version: str | None = None  # azure: a dated version, or "v1"
+    rate_limit: RateLimit | None = None  # the provider's quota for this key
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    """One deployment behind an alias: a provider key and the model id it is sent as."""
+
+    provider_key: ProviderKey
+    model_name: str
+    weight: int = 1
+    priority: int = 0
+    pricing: Pricing | None = None  # this deployment's own prices; None: the model's
+    # derived from the fields above; left out of == and hash() (a mappingproxy cannot be hashed)
+    urls: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}), compare=False)
+    model_name_bytes: bytes = field(default=b"", compare=False)
+    id: str = field(default="", compare=False)  # "<provider key>/<model_name>": cooldown keys
+
+
+@dataclass(frozen=True, slots=True)
+class Retry:
+    max_attempts: int  # attempts in all, the first included
+    replay_limit_bytes: int  # 0: uploads are never replayed
+
+
+@dataclass(frozen=True, slots=True)
+class Cooldown:
+    failures: int = 3
+    window_s: int = 60
+    cooldown_s: int = 30
 
 
 @dataclass(frozen=True, slots=True)
 class Model:
     alias: str
-    provider_key: ProviderKey
-    model_name: str
+    targets: tuple[Target, ...]  # one or more
     timeout_ms: int | None  # None: upstream.timeout_ms
     rate_limit: RateLimit | None
-    # derived from the fields above; left out of == and hash() (a mappingproxy cannot be hashed)
-    urls: Mapping[str, str] = field(compare=False)
-    model_name_bytes: bytes = field(compare=False)
+    routes: frozenset[str]  # the routes it serves (ROUTES); another route is 400 model_not_supported
+    retry: Retry
+    cooldown: Cooldown
+    pricing: Pricing | None = None
+    max_audio_seconds: int | None = None  # per upload; longer is 400 audio_too_long
+
+    @property
+    def provider_key(self) -> ProviderKey:
+        """The first target's provider key: what listings show as ``owned_by``."""
+        return self.targets[0].provider_key
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,6 +184,7 @@ class ProxySettings:
     drain_timeout_ms: int = 60000  # SIGTERM: how long in-flight requests may take to finish
     drain_grace_ms: int = 5000     # SIGTERM: how long the listener stays up while busy
     keepalive_timeout_ms: int = 30000  # idle keep-alive, and the bound on a slow header phase
+    cors: Cors | None = None  # None: no CORS (no preflight route, nothing added to answers)
 
 
 @dataclass(frozen=True, slots=True)
@@ -145,8 +202,10 @@ class Settings:
     metrics_listen: Listen | None  # None: no metrics listener
     usage_sink: SinkSpec
     ratelimit_backend: BackendSpec
+    usage_spill_dir: Path | None  # None: events the sink cannot take are dropped (counted)
     resources_file: Path  # absolute
     config_file: Path  # absolute
+    access_log_probes: bool = False  # /livez and /readyz get access-log lines too
 
 
 @dataclass(frozen=True, slots=True)
@@ -195,8 +254,12 @@ def _checked(out: list[str], value: T | None) -> T:
 # -- fields of both files -----------------------------------------------------------------------
 
 _ROUTES = ("speech", "transcriptions", "translations")
+ROUTES = (*_ROUTES, "realtime")  # what a model's `routes` may name
+PROVIDERS = ("openai", "azure")  # API flavours; a typo must never fall back to one of them
+REPLAY_LIMIT = 256 * 1024 * 1024  # retry.replay_limit_bytes by default
 _TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 _HEX64 = re.compile(r"[0-9a-f]{64}")
+_API_VERSION = re.compile(r"v1|\d{4}-\d{2}-\d{2}(-preview)?")
 
 
 def _listen(r: Reader, key: str, default: str) -> Listen | None:
@@ -228,8 +291,42 @@ def _spec(r: Reader, key: str, default: str, parse: Callable[[str], T]) -> T | N
 def _rate_limit(r: Reader) -> RateLimit | None:
     fields = RateLimit.__slots__
     sub = r.child("rate_limit", fields)
-    values = {name: sub.integer(name, None) for name in fields} if sub else {}
-    return RateLimit(**values) if any(values.values()) else None
+    if sub is None:
+        return None
+    values = {name: _number(sub, name) if name.startswith("cost_") else sub.integer(name, None) for name in fields}
+    return RateLimit(**values) if any(values.values()) else None  # type: ignore[arg-type]
+
+
+def _number(r: Reader, key: str) -> float | None:
+    """A positive number (an integer or a decimal), as a float; None when absent."""
+    value = r.scalar(key, None, lambda v: _finite(v) and v > 0, "a positive number")
+    return None if value is None else float(value)
+
+
+def _finite(v: object) -> TypeGuard[int | float]:
+    """A YAML number (true and false are bools, not numbers here) that is not inf or nan."""
+    return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _pricing(r: Reader) -> Pricing | None:
+    sub = r.child("pricing", Pricing.__slots__)
+    if sub is None:
+        return None
+    values = {name: sub.scalar(name, None, lambda v: _finite(v) and v >= 0,
+                               "a number >= 0 (USD)") for name in Pricing.__slots__}
+    return Pricing(**{k: None if v is None else float(v) for k, v in values.items()})
+
+
+def _cors(proxy: Reader, id_headers: tuple[str, ...]) -> Cors | None:
+    sub = proxy.child("cors", ("allowed_origins",))
+    if sub is None:
+        return None
+    origins = sub.strings("allowed_origins", ())
+    try:
+        return parse_cors(origins, id_headers)
+    except ValueError as exc:
+        sub.problem("allowed_origins", str(exc))
+        return None
 
 
 # -- config.yaml --------------------------------------------------------------------------------
@@ -238,11 +335,12 @@ def _load_settings(out: list[str], path: Path, env: Mapping[str, str]) -> tuple[
     """Settings (None on a problem) and the resources file path (None when it cannot be known)."""
     config_file = Path(os.path.abspath(path))
     top = read_mapping(out, config_file, env,
-                       ("proxy", "upstream", "metrics", "usage", "ratelimit", "resources_file"))
+                       ("proxy", "upstream", "metrics", "usage", "ratelimit", "access_log", "resources_file"))
     if top is None:
         return None, None
     proxy = top.section("proxy", ("listen", "request_body_limit_bytes", "json_body_limit_bytes",
-                                  "request_id_headers", "drain_timeout_ms", "drain_grace_ms", "keepalive_timeout_ms"))
+                                  "request_id_headers", "drain_timeout_ms", "drain_grace_ms", "keepalive_timeout_ms",
+                                  "cors"))
     listen = _listen(proxy, "listen", "127.0.0.1:3000")
     body_limit = proxy.integer("request_body_limit_bytes", 0, minimum=0)
     json_limit = proxy.integer("json_body_limit_bytes", 1048576)
@@ -252,6 +350,8 @@ def _load_settings(out: list[str], path: Path, env: Mapping[str, str]) -> tuple[
     keepalive_ms = proxy.integer("keepalive_timeout_ms", 30000)
     if id_headers and not all(_TOKEN.fullmatch(h) for h in id_headers):
         proxy.problem("request_id_headers", "must be HTTP header names")
+    id_headers = tuple(h.lower() for h in id_headers)
+    cors_policy = _cors(proxy, id_headers)
     up = top.section("upstream", UpstreamSettings.__slots__)
     given = {name: up.integer(name, None) for name in UpstreamSettings.__slots__}
     upstream = {name: value for name, value in given.items() if value is not None}
@@ -260,31 +360,47 @@ def _load_settings(out: list[str], path: Path, env: Mapping[str, str]) -> tuple[
     metrics_listen = None if disabled else _listen(metrics, "listen", "127.0.0.1:9090")
     if metrics_listen and metrics_listen == listen and listen.port:
         metrics.problem("listen", "must differ from proxy.listen")
-    usage = top.section("usage", ("sink",))
+    usage = top.section("usage", ("sink", "spill_dir"))
     sink = _spec(usage, "sink", "stdout", parse_sink)
+    # Under systemd, StateDirectory= gives a writable place that outlives the process.
+    state = env.get("STATE_DIRECTORY", "").split(":")[0] or str(config_file.parent)
+    no_spill = "spill_dir" in usage.raw and usage.raw["spill_dir"] is None
+    spill = None if no_spill else usage.text("spill_dir", os.path.join(state, "usage-spill"))
+    spill_dir = Path(os.path.abspath(config_file.parent / spill)) if spill else None
     ratelimit = top.section("ratelimit", ("backend",))
     backend = _spec(ratelimit, "backend", "memory", parse_backend)
+    access_log = top.section("access_log", ("probes",))
+    probes = access_log.scalar("probes", False, lambda v: isinstance(v, bool), "true or false")
     name = top.text("resources_file", "resources.yaml")
     resources_file = Path(os.path.abspath(config_file.parent / name)) if name else None
     if not top.ok or listen is None or sink is None or backend is None or resources_file is None:
         return None, resources_file
-    proxy_settings = ProxySettings(listen, body_limit, json_limit, tuple(h.lower() for h in id_headers), drain_ms,
-                                   grace_ms, keepalive_ms)
-    return Settings(proxy_settings, UpstreamSettings(**upstream), metrics_listen, sink, backend,
-                    resources_file, config_file), resources_file
+    proxy_settings = ProxySettings(listen, body_limit, json_limit, id_headers, drain_ms, grace_ms, keepalive_ms,
+                                   cors_policy)
+    return Settings(proxy_settings, UpstreamSettings(**upstream), metrics_listen, sink, backend, spill_dir,
+                    resources_file, config_file, bool(probes)), resources_file
 
 
 # -- resources.yaml -----------------------------------------------------------------------------
 
 def _provider_key(r: Reader, name: str) -> ProviderKey | None:
-    provider, base, secret = r.text("provider"), r.text("api_base"), r.text("api_key")
+    provider, base, secret = r.text("provider", options=PROVIDERS), r.text("api_base"), r.text("api_key")
+    version = r.text("api_version", None)
+    rate_limit = _rate_limit(r)
     if base is not None and not _http_url(base):
         r.problem("api_base", "must be an http:// or https:// URL with a host, no query or fragment")
     if secret is not None and not (secret.isascii() and secret.isprintable()):
-        r.problem("api_key", "must be printable ASCII (it goes into an Authorization header)")
+        r.problem("api_key", "must be printable ASCII (it goes into a header)")
+    if provider == "azure" and version is None:
+        r.problem("api_version", 'required for provider azure: a dated version such as "2024-10-21", or "v1"')
+    elif provider != "azure" and version is not None:
+        r.problem("api_version", "must be given only for provider azure")
+    elif version is not None and not _API_VERSION.fullmatch(version):
+        r.problem("api_version", 'must be "v1" or a version such as "2024-10-21" or "2025-03-01-preview"')
     if not r.ok:
         return None
-    return ProviderKey(name, provider, base.rstrip("/"), secret, f"Bearer {secret}")
+    header = f"api-key: {secret}" if provider == "azure" else f"Authorization: Bearer {secret}"
+    return ProviderKey(name, provider, base.rstrip("/"), secret, header, version, rate_limit)
 
 
 def _http_url(text: str) -> bool:
@@ -296,16 +412,67 @@ def _http_url(text: str) -> bool:
     return url.scheme in ("http", "https") and bool(url.hostname) and not url.query and not url.fragment
 
 
-def _model(r: Reader, name: str, keys: Mapping[str, ProviderKey | None]) -> Model | None:
-    key_name, model_name = r.text("provider_key"), r.text("model_name")
-    timeout, rate_limit = r.integer("timeout", None), _rate_limit(r)
+def urls_for(key: ProviderKey, model_name: str) -> Mapping[str, str]:
+    """Where each audio route of this deployment is sent."""
+    if key.provider != "azure":
+        return MappingProxyType({route: f"{key.api_base}/audio/{route}" for route in _ROUTES})
+    if key.api_version == "v1":
+        return MappingProxyType({route: f"{key.api_base}/openai/v1/audio/{route}" for route in _ROUTES})
+    deployment = quote(model_name, safe="")
+    return MappingProxyType({route: f"{key.api_base}/openai/deployments/{deployment}/audio/{route}"
+                                    f"?api-version={key.api_version}" for route in _ROUTES})
+
+
+def _target(r: Reader, keys: Mapping[str, ProviderKey | None], key_name: str | None, model_name: str | None,
+            weight: int | None = 1, priority: int | None = 0, label: str = "provider_key",
+            pricing: Pricing | None = None) -> Target | None:
     if key_name is not None and key_name not in keys:
-        r.problem("provider_key", f"no provider key named '{key_name}'")
-    key = keys.get(key_name)
-    if not r.ok or key is None:
+        r.problem(label, f"no provider key named '{key_name}'")
+    key = keys.get(key_name) if key_name is not None else None
+    if key is None or model_name is None or weight is None or priority is None:
         return None
-    urls = MappingProxyType({route: f"{key.api_base}/audio/{route}" for route in _ROUTES})
-    return Model(name, key, model_name, timeout, rate_limit, urls, model_name.encode("utf-8"))
+    return Target(key, model_name, weight, priority, pricing, urls_for(key, model_name), model_name.encode("utf-8"),
+                  f"{key.name}/{model_name}")
+
+
+def _model(r: Reader, name: str, keys: Mapping[str, ProviderKey | None]) -> Model | None:
+    given = [k for k in ("provider_key", "targets") if r.raw.get(k) is not None]
+    if len(given) != 1:
+        r.problem("provider_key", "exactly one of provider_key (with model_name) or targets is required, "
+                  + ("both were given" if given else "neither was given"))
+    timeout, rate_limit = r.integer("timeout", None), _rate_limit(r)
+    routes = r.strings("routes", ROUTES)
+    if not routes or not set(routes) <= set(ROUTES):
+        r.problem("routes", "must be a non-empty list of " + ", ".join(f"'{o}'" for o in ROUTES))
+    targets: list[Target | None] = []
+    if r.raw.get("targets") is None:
+        targets.append(_target(r, keys, r.text("provider_key", None), r.text("model_name")))
+    else:
+        if r.raw.get("model_name") is not None:
+            r.problem("model_name", "goes in each of targets, not beside them")
+        raw = r.raw["targets"]
+        if not isinstance(raw, list) or not raw:
+            r.problem("targets", f"must be a non-empty list of {{provider_key, model_name, weight, priority}}, "
+                      f"{got(raw)}")
+        for i, item in enumerate(raw if isinstance(raw, list) else ()):
+            t = r.nested(f"targets[{i}]", item, ("provider_key", "model_name", "weight", "priority", "pricing"))
+            if t is not None:
+                targets.append(_target(t, keys, t.text("provider_key"), t.text("model_name"), t.integer("weight", 1),
+                                       t.integer("priority", 0, minimum=0), pricing=_pricing(t)))
+        ids = [x.id for x in targets if x is not None]
+        if len(set(ids)) != len(ids):
+            r.problem("targets", "each target must be a different provider_key and model_name")
+    retry = r.child("retry", ("max_attempts", "replay_limit_bytes"))
+    attempts = retry.integer("max_attempts", len(targets) or 1) if retry else len(targets) or 1
+    replay = retry.integer("replay_limit_bytes", REPLAY_LIMIT, minimum=0) if retry else REPLAY_LIMIT
+    cool = r.child("cooldown", Cooldown.__slots__)
+    default = Cooldown()
+    cooldown = Cooldown(*(cool.integer(f, getattr(default, f)) for f in Cooldown.__slots__)) if cool else default
+    pricing, max_seconds = _pricing(r), r.integer("max_audio_seconds", None)
+    if not r.ok or not targets or None in targets:
+        return None
+    return Model(name, tuple(t for t in targets if t is not None), timeout, rate_limit, frozenset(routes),
+                 Retry(attempts, replay), cooldown, pricing, max_seconds)
 
 
 def _matching(globs: tuple[str, ...], aliases: Iterable[str]) -> frozenset[str]:
@@ -369,8 +536,9 @@ def _load_resources(out: list[str], path: Path, env: Mapping[str, str]) -> Resou
         return None
     if top.text("_format_version", "1") not in ("1", None):
         top.problem("_format_version", 'must be "1"')
-    key_fields = ("provider", "api_base", "api_key")
-    model_fields = ("provider_key", "model_name", "timeout", "rate_limit")
+    key_fields = ("provider", "api_base", "api_key", "api_version", "rate_limit")
+    model_fields = ("provider_key", "model_name", "targets", "routes", "timeout", "rate_limit", "retry", "cooldown",
+                    "pricing", "max_audio_seconds")
     keys = top.collect("provider_keys", "display_name", key_fields, _provider_key)
     models = top.collect("models", "display_name", model_fields, lambda r, name: _model(r, name, keys))
     aliases = tuple(models)

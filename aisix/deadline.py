@@ -42,6 +42,12 @@ class Deadline:
         else:  # bytes flowed since this was set: look again at the current deadline
             self._check = self._loop.call_at(self._when, self._fire)
 
+    def swap(self, timer: asyncio.Timeout) -> asyncio.Timeout:
+        """Expire ``timer`` instead from now on (an attempt's own, which routing can catch and
+        fail over from); returns the one it replaces."""
+        old, self._timer = self._timer, timer
+        return old
+
     def close(self) -> None:
         if self._check is not None:
             self._check.cancel()

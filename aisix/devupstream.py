@@ -3,6 +3,9 @@
 Speech answers are valid MPEG-2 Layer III silence (`file` names them), streamed in chunks the
 way a TTS provider streams. Transcriptions and translations never decode the upload: the text
 names the file and its size. Nothing here is meant for production or for load.
+
+Every line it writes starts with ``devupstream | ``, each line of a traceback included: `make run`
+shows it in one terminal with the gateway's log and usage lines.
 """
 
 from __future__ import annotations
@@ -10,13 +13,19 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import logging
 import math
 import signal
 import sys
-from typing import Any
+from typing import Any, TextIO
 
 from aiohttp import BodyPartReader, web
 from aiohttp.http_exceptions import HttpProcessingError
+
+from .logs import FORMAT
+
+LABEL = "devupstream | "
+log = logging.getLogger("aisix.devupstream")
 
 # MPEG-2 Layer III, no CRC, 160 kbit/s, 24 kHz, mono. Header, then 476 zero bytes: all-zero side
 # information (part2_3_length 0) decodes as 576 samples of silence.
@@ -203,7 +212,7 @@ async def serve(host: str, port: int) -> None:
     try:
         await web.TCPSite(runner, host, port).start()
         bound_host, bound_port = runner.addresses[0][:2]
-        print(f"devupstream listening on http://{bound_host}:{bound_port}", flush=True)
+        print(f"{LABEL}listening on http://{bound_host}:{bound_port}", flush=True)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGINT, signal.SIGTERM):
@@ -213,6 +222,21 @@ async def serve(host: str, port: int) -> None:
         await runner.cleanup()
 
 
+class LabelledFormatter(logging.Formatter):
+    """Records with LABEL at the start of every line, so a traceback cannot pass for the gateway's."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return "\n".join(LABEL + line for line in super().format(record).splitlines())
+
+
+def setup_logging(stream: TextIO | None = None) -> None:
+    handler = logging.StreamHandler(stream if stream is not None else sys.stderr)
+    handler.setFormatter(LabelledFormatter(FORMAT))
+    logging.basicConfig(level=logging.INFO, handlers=[handler], force=True)
+    # The gateway writes one access line per request already; this one's would double them.
+    logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m aisix.devupstream", description=__doc__)
     parser.add_argument("--listen", default="127.0.0.1:3001", help="HOST:PORT (port 0 = any)")
@@ -220,7 +244,12 @@ def main(argv: list[str] | None = None) -> int:
     host, _, port = args.listen.rpartition(":")
     if not host or not port.isdigit():
         parser.error(f"--listen wants HOST:PORT, got {args.listen!r}")
-    asyncio.run(serve(host.strip("[]"), int(port)))
+    setup_logging()
+    try:
+        asyncio.run(serve(host.strip("[]"), int(port)))
+    except OSError as exc:  # the port is taken, most likely: say so, in one labelled line
+        log.error("cannot listen on %s: %s", args.listen, exc)
+        return 1
     return 0
 
 

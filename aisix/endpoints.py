@@ -8,7 +8,7 @@ from aiohttp import hdrs, web
 
 from . import aliases, auth, errors
 from .config import ApiKey, Resources
-from .keys import CLOCK, LIVE
+from .keys import CALLER, CLOCK, LIVE
 
 
 async def models(request: web.Request) -> web.Response:
@@ -33,6 +33,7 @@ def _caller(request: web.Request) -> tuple[Resources, ApiKey]:
     """This request's resources and its key, or the 401 that says why not."""
     resources = request.app[LIVE].resources
     key = auth.lookup(request.headers.get(hdrs.AUTHORIZATION), resources.keys_by_hash)
+    request[CALLER] = key.name
     auth.check_active(key, request.app[CLOCK]())
     return resources, key
 

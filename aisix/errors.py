@@ -55,6 +55,17 @@ class RateLimited(GatewayError):
         self.scope = scope
 
 
+class UpstreamFailed(GatewayError):
+    """No answer from an upstream: ``failure`` says how ("connect", "timeout" or "reset"), for
+    routing's record of the attempt; the caller sees only the 502 or 504."""
+
+    __slots__ = ("failure",)
+
+    def __init__(self, status: int, code: str, message: str, failure: str) -> None:
+        super().__init__(status, "upstream_error", code, message)
+        self.failure = failure
+
+
 class GuardrailBlocked(GatewayError):
     """A 422 from a blocking guardrail; ``guardrail`` names it (never the text it matched)."""
 
@@ -94,6 +105,17 @@ def model_not_allowed(alias: str) -> GatewayError:
 
 def model_not_found(alias: str) -> GatewayError:
     return invalid_request("model_not_found", f"The model '{alias}' does not exist.", status=404)
+
+
+def model_not_supported(alias: str, route: str) -> GatewayError:
+    """The alias exists and the key may use it (so naming it leaks nothing), but not here."""
+    path = "/v1/realtime" if route == "realtime" else f"/v1/audio/{route}"
+    return invalid_request("model_not_supported", f"The model '{alias}' cannot be used with {path}.", "model")
+
+
+def audio_too_long(seconds: float, limit: int) -> GatewayError:
+    return invalid_request("audio_too_long", f"The audio file is {seconds:.1f} seconds long; this model takes at most "
+                           f"{limit} seconds.", "file")
 
 
 def missing_model() -> GatewayError:
@@ -148,9 +170,27 @@ def window_exceeded(scope: str, who: str, limit: int, unit: str, period: str, re
                         f"x-ratelimit-remaining-{unit}": "0", f"x-ratelimit-reset-{unit}": after})
 
 
+def budget_exceeded(scope: str, who: str, limit_usd: float, period: str, reset: int) -> RateLimited:
+    """A cost budget (UTC day or month) is spent; Retry-After: to the window's end."""
+    return RateLimited(scope, "budget_exceeded", f"Budget of {limit_usd:g} USD per {period} exceeded for {who}.",
+                       {"Retry-After": str(reset)})
+
+
+def audio_quota_exceeded(scope: str, who: str, limit: int, period: str, reset: int) -> RateLimited:
+    """An audio-seconds quota is spent, or an upload is longer than what is left of it."""
+    return RateLimited(scope, "rate_limit_exceeded",
+                       f"Audio quota of {limit} seconds per {period} exceeded for {who}.", {"Retry-After": str(reset)})
+
+
 def concurrency_exceeded(scope: str, who: str, limit: int) -> RateLimited:
     return RateLimited(scope, "concurrency_limit_exceeded",
                        f"Concurrency limit of {limit} requests in flight exceeded for {who}.", {"Retry-After": "1"})
+
+
+def origin_not_allowed() -> GatewayError:
+    """A browser's preflight from an origin proxy.cors does not list (the page sees only a CORS error)."""
+    return GatewayError(403, "permission_error", "cors_origin_not_allowed",
+                        "Cross-origin requests from this origin are not allowed.")
 
 
 def client_timeout() -> GatewayError:
@@ -169,12 +209,12 @@ def method_not_allowed(allow: str) -> GatewayError:
 
 # -- what an upstream or the gateway did ---------------------------------------------------------
 
-def upstream_unavailable() -> GatewayError:
-    return GatewayError(502, "upstream_error", "upstream_unavailable", "The upstream provider could not be reached.")
+def upstream_unavailable(failure: str = "reset") -> UpstreamFailed:
+    return UpstreamFailed(502, "upstream_unavailable", "The upstream provider could not be reached.", failure)
 
 
-def upstream_timeout() -> GatewayError:
-    return GatewayError(504, "upstream_error", "upstream_timeout", "The upstream provider did not answer in time.")
+def upstream_timeout(failure: str = "timeout") -> UpstreamFailed:
+    return UpstreamFailed(504, "upstream_timeout", "The upstream provider did not answer in time.", failure)
 
 
 def answer_too_large() -> GatewayError:

@@ -11,12 +11,15 @@ complete.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Callable
 
 from aiohttp import hdrs, web
 
 from . import errors, multipart
-from .config import Model, Resources, Settings
+from .audio import Probe
+from .audio_detect import Detect
+from .config import Resources, Settings, Target
 from .inbound import Inbound
 from .spool import Spool
 from .upstream import Body, Write
@@ -28,61 +31,130 @@ _SMALL = 16 * 1024  # below this, pieces are joined into one write
 
 class FormBody:
     """A multipart body read up to its ``model`` value: the alias, the prompts before it, and the
-    body to stream on."""
+    body to stream on, to one target or, for a failover, to the next one again from its start.
 
-    __slots__ = ("_after", "_declared", "_held", "_inbound", "_rw", "_value_size", "alias", "content_type", "texts")
+    For a replay, what went out after the model value is copied to disk as it goes (``keep``):
+    another target then gets the held head, its own model value, the copy, and the rest as it
+    arrives. The rewriter and the caller's stream are read by one attempt at a time."""
+
+    __slots__ = ("_after", "_copy", "_declared", "_ended", "_held", "_inbound", "_limit", "_reading", "_rw",
+                 "_started", "_value_size", "alias", "audio", "characters", "check_audio", "content_type", "texts")
 
     def __init__(self, alias: str, texts: list[str], content_type: str, held: Spool, rw: multipart.Rewriter,
-                 inbound: Inbound, after: list[multipart.Piece], value_size: int, declared: int | None) -> None:
+                 inbound: Inbound, after: list[multipart.Piece], value_size: int, declared: int | None,
+                 audio: Probe) -> None:
         self.alias = alias
+        self.characters = None
+        self.audio = audio  # fed the file part's bytes by the rewriter
+        # Given the audio's length as soon as it is known (a header's, or at least what has passed),
+        # before the bytes that told it are sent on: it raises to end the upload.
+        self.check_audio: Callable[[float], None] | None = None
         self.texts = texts
         self.content_type = content_type
         self._held, self._rw, self._inbound = held, rw, inbound
-        self._after = after  # what followed the model value in the chunk that held it
+        self._after: list[multipart.Piece] | None = after  # what followed the model value in its chunk
         self._value_size = value_size
         self._declared = declared
+        self._copy: Spool | None = None  # what went out after the model value, while it can be replayed
+        self._limit = 0
+        self._started = False  # an attempt has begun reading the body
+        self._ended = False  # the caller's body has been read to its end
+        self._reading: asyncio.Event | None = None  # set once the attempt reading it has let go
 
-    def outbound(self, model: Model, screen: Callable[[str], None],
+    def keep(self, limit: int) -> None:
+        """Copy what is sent to disk, up to ``limit`` bytes in all (held head included), so that
+        another attempt can replay it; past the limit the copy is dropped."""
+        if limit and not self._started and self._held.size < limit:
+            self._copy, self._limit = Spool(), limit
+
+    def replayable(self) -> bool:
+        return self._copy is not None or not self._started
+
+    def outbound(self, target: Target, screen: Callable[[str], None],
                  sent: Callable[[], None]) -> tuple[Body, int | None]:
         """The body as writes, and its length: the caller's Content-Length adjusted by the size
         difference of the model value (None: the caller sent it chunked, and so do we)."""
         length = self._declared
         if length is not None:
-            length += len(model.model_name_bytes) - self._value_size
-        return self._stream(model.model_name_bytes, screen, sent), length
+            length += len(target.model_name_bytes) - self._value_size
+        return self._stream(target.model_name_bytes, screen, sent), length
 
     async def _stream(self, model_name: bytes, screen: Callable[[str], None],
                       sent: Callable[[], None]) -> AsyncIterator[Write]:
-        rw, inbound = self._rw, self._inbound
+        if self._reading is not None:  # the previous attempt's writer may still be letting go
+            await self._reading.wait()
+        reading = self._reading = asyncio.Event()
+        rw, inbound, held, copy = self._rw, self._inbound, self._held, self._copy
         try:
+            self._started = True
+            self._check()
             write: Write = []
-            for chunk in self._held.chunks():  # one in memory; 256 KiB reads from a temp file
+            # one in memory; 256 KiB reads from a temp file
+            for chunk in held.replay() if copy is not None else held.chunks():
                 if write:
                     yield write
                 write = [chunk]
-            after, self._after = self._after, []  # it holds the first chunk after the model
-            write += _outgoing([model_name, *after], screen)
-            del after
+            write.append(model_name)
+            for chunk in copy.replay() if copy is not None else ():  # what earlier attempts sent on
+                yield write
+                write = [chunk]
+            if self._after is not None:  # the first chunk after the model, not sent on yet
+                after, self._after = self._after, None
+                out = _outgoing(after, screen)
+                del after
+                self._keep(out)
+                write += out
             yield write
-            while True:
+            while not self._ended:
                 chunk = await inbound.read()
                 pieces = rw.feed(chunk) if chunk else rw.close()
+                self._ended = not chunk
+                self._check()
                 if pieces:
-                    yield _outgoing(pieces, screen)
-                if not chunk:
-                    break
+                    out = _outgoing(pieces, screen)
+                    self._keep(out)  # before it is handed on: a writer cancelled after this replays it
+                    yield out
             sent()
         finally:
-            self._held.close()
+            reading.set()
+            if self._copy is None:
+                held.close()
+
+    def _check(self) -> None:
+        check, audio = self.check_audio, self.audio
+        if check is not None:
+            declared = audio.declared
+            check(declared if declared is not None else audio.at_least)
+
+    def audio_seconds(self) -> float | None:
+        """The file's duration, once the whole body has been read; None before, or when its
+        format cannot tell."""
+        return self.audio.end() if self._ended else None
+
+    def _keep(self, out: Write) -> None:
+        copy = self._copy
+        if copy is None:
+            return
+        if self._held.size + copy.size + sum(map(len, out)) > self._limit:
+            copy.close()  # too big to replay: the disk is given back, and no later failure is retried
+            self._copy = None
+            return
+        for piece in out:
+            copy.write(piece)
 
     def close(self) -> None:
         self._held.close()
+        if self._copy is not None:
+            self._copy.close()
+            self._copy = None
 
 
 async def read(request: web.Request, inbound: Inbound, settings: Settings, resources: Resources) -> FormBody:
     boundary = multipart.boundary_of(request.headers.get(hdrs.CONTENT_TYPE, ""))
     # Prompts are read only when some input guardrail could look at them.
     rw = multipart.Rewriter(boundary, _PROMPT if resources.scans_prompts else _MODEL_ONLY)
+    audio = Detect()
+    rw.on_file = audio.feed
     held = Spool()
     texts: list[str] = []
     try:
@@ -97,7 +169,7 @@ async def read(request: web.Request, inbound: Inbound, settings: Settings, resou
                     held.write(piece.value)
                 else:
                     return FormBody(_text(piece), texts, multipart.content_type_for(boundary), held, rw, inbound,
-                                    pieces[i + 1:], len(piece.value), request.content_length)
+                                    pieces[i + 1:], len(piece.value), request.content_length, audio)
             if not chunk:
                 raise errors.missing_model()
     except BaseException:

@@ -26,3 +26,6 @@ CLOCK: web.AppKey[Callable[[], float]] = web.AppKey("clock")
 
 REQUEST_ID = web.RequestKey("request_id", str)
 EXCHANGE = web.RequestKey("exchange", Exchange)
+# The display name of the caller's key on a route that is not an exchange (GET /v1/models), for
+# the access log; an exchange has it as api_key. Never the key itself.
+CALLER = web.RequestKey("caller", str)

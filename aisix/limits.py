@@ -1,4 +1,5 @@
-"""Rate limits on api keys and models: admit or refuse a request, then settle it; nothing else.
+"""Rate limits on api keys, models and provider keys, admit or refuse, then settle; and the target
+cooldowns of routing.py, kept in the same store (one process, or Redis for every instance).
 
 Not a quota or billing system: windows are fixed and aligned to the clock (docs/api.md, "Rate
 limits"), and a limiter that cannot reach its store admits rather than refusing traffic (fails open).
@@ -14,9 +15,11 @@ behind one small interface, and ``Limiter`` joins them for the pipeline:
   concurrency slots as leases a dead process cannot hold forever. ``Limiter.create`` imports it
   only for a ``redis://`` backend, so this module does not need redis-py.
 
-Scopes are named by the api key's ``name`` and the model's ``alias``, never a key hash or secret.
+Scopes are named by the api key's ``name``, the model's ``alias`` and the provider key's ``name``,
+never a key hash or secret. A provider key's limits are its provider's quota: they are admitted
+per attempt (routing skips a target whose key is full) and settled with the answer's tokens.
 Token windows are charged in the window current at ``settle`` (tokens are known only then).
-A refusal raises ``errors.RateLimited``, whose ``scope`` ("key" or "model") labels
+A refusal raises ``errors.RateLimited``, whose ``scope`` ("key", "model" or "provider") labels
 ``aisix_rate_limited_total``. Store errors are counted in ``fail_open_total`` (admissions that
 were not checked) and ``settle_errors_total`` (releases or token charges that were lost; in Redis
 a lost release is bounded by the lease).
@@ -24,25 +27,33 @@ a lost release is bounded by the lease).
 
 from __future__ import annotations
 
+import calendar
 import functools
 import logging
 import math
 import secrets
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from . import errors
-from .config import ApiKey, Model, RateLimit
+from . import errors, routing
+from .config import ApiKey, Cooldown, Model, ProviderKey, RateLimit
 from .specs import BackendSpec
 
 log = logging.getLogger(__name__)
 
+MONTH = 31 * 86400  # the size of a UTC calendar month's window (its TTL); its bounds are the calendar's
 _WINDOWS = (  # (field, seconds, unit); this order breaks ties between windows that end together
     ("rps", 1, "requests"), ("rpm", 60, "requests"), ("rph", 3600, "requests"),
     ("rpd", 86400, "requests"), ("tpm", 60, "tokens"), ("tpd", 86400, "tokens"),
+    ("cost_usd_per_day", 86400, "usd"), ("cost_usd_per_month", MONTH, "usd"),
+    ("audio_seconds_per_hour", 3600, "seconds"), ("audio_seconds_per_day", 86400, "seconds"),
 )
-_PERIOD = {1: "second", 60: "minute", 3600: "hour", 86400: "day"}
+# Amounts are kept as integers in every store: micro-USD and milliseconds of audio.
+SCALE = {"requests": 1, "tokens": 1, "concurrency": 1, "usd": 1_000_000, "seconds": 1000}
+CHARGED = ("tokens", "usd", "seconds")  # known only once the answer is relayed: charged by settle
+_PERIOD = {1: "second", 60: "minute", 3600: "hour", 86400: "day", MONTH: "month"}
 _PAUSE = 1.0  # after a store error, seconds to admit unchecked before trying the store again
 _WARN_EVERY = 10.0  # seconds between two warnings about the store
 
@@ -53,12 +64,12 @@ _WARN_EVERY = 10.0  # seconds between two warnings about the store
 class Limit:
     """One limit of one scope: a window (``size`` seconds) or concurrency (``size`` 0)."""
 
-    scope: str  # "key" | "model"
-    name: str  # the api key's name or the model's alias
+    scope: str  # "key" | "model" | "provider"
+    name: str  # the api key's name, the model's alias or the provider key's name
     field: str  # "rpm", "tpd", "concurrency", ...
     size: int
     limit: int
-    unit: str  # "requests" | "tokens" | "concurrency"
+    unit: str  # "requests" | "tokens" | "concurrency" | "usd" | "seconds"; counts scaled by SCALE
     key: str  # aisix:rl:{scope}:{name}:{field}; a window's counter adds ":{window_start}"
 
 
@@ -67,29 +78,41 @@ class Plan:
     """Every limit one (api key, model) pair is held to, built once per pair."""
 
     limits: tuple[Limit, ...]  # what admit checks, key scope first
-    tokens: tuple[Limit, ...]  # the token windows settle charges
+    charged: tuple[Limit, ...]  # the windows settle charges (tokens, cost, audio seconds)
     concurrency: tuple[Limit, ...]  # the slots admit takes and settle gives back
 
 
 def window_start(now: float, size: int) -> int:
+    if size == MONTH:
+        t = time.gmtime(now)
+        return calendar.timegm((t.tm_year, t.tm_mon, 1, 0, 0, 0))
     return int(now // size) * size
+
+
+def window_end(now: float, size: int) -> int:
+    if size == MONTH:
+        t = time.gmtime(now)
+        year, month = (t.tm_year + 1, 1) if t.tm_mon == 12 else (t.tm_year, t.tm_mon + 1)
+        return calendar.timegm((year, month, 1, 0, 0, 0))
+    return window_start(now, size) + size
 
 
 def reset_after(now: float, size: int) -> int:
     """Whole seconds from now to the end of the window, rounded up, at least 1."""
-    return max(1, math.ceil(window_start(now, size) + size - now))
+    return max(1, math.ceil(window_end(now, size) - now))
 
 
 def is_over(limit: Limit, count: int) -> bool:
-    """Whether a count refuses the next request: tokens once over the limit, else once at it."""
-    return count > limit.limit if limit.unit == "tokens" else count >= limit.limit
+    """Whether a count refuses the next request: what is charged after the answer (tokens, cost,
+    audio seconds) once over the limit, requests and slots once at it."""
+    return count > limit.limit if limit.unit in CHARGED else count >= limit.limit
 
 
 def _scope_limits(scope: str, name: str, rate: RateLimit | None) -> tuple[Limit, ...]:
     if rate is None:
         return ()
     prefix = f"aisix:rl:{scope}:{name}:"
-    out = [Limit(scope, name, f, size, getattr(rate, f), unit, prefix + f)
+    out = [Limit(scope, name, f, size, round(getattr(rate, f) * SCALE[unit]), unit, prefix + f)
            for f, size, unit in _WINDOWS if getattr(rate, f) is not None]
     if rate.concurrency is not None:
         out.append(Limit(scope, name, "concurrency", 0, rate.concurrency, "concurrency",
@@ -99,9 +122,17 @@ def _scope_limits(scope: str, name: str, rate: RateLimit | None) -> tuple[Limit,
 
 @functools.lru_cache(maxsize=4096)
 def plan(key_name: str, key_rate: RateLimit | None, alias: str, model_rate: RateLimit | None) -> Plan:
-    limits = _scope_limits("key", key_name, key_rate) + _scope_limits("model", alias, model_rate)
-    return Plan(limits, tuple(x for x in limits if x.unit == "tokens"),
+    return _plan(_scope_limits("key", key_name, key_rate) + _scope_limits("model", alias, model_rate))
+
+
+def _plan(limits: tuple[Limit, ...]) -> Plan:
+    return Plan(limits, tuple(x for x in limits if x.unit in CHARGED),
                 tuple(x for x in limits if x.unit == "concurrency"))
+
+
+@functools.lru_cache(maxsize=1024)
+def provider_plan(name: str, rate: RateLimit) -> Plan:
+    return _plan(_scope_limits("provider", name, rate))
 
 
 def rejection(blocked: Sequence[Limit], now: float) -> errors.RateLimited:
@@ -111,11 +142,18 @@ def rejection(blocked: Sequence[Limit], now: float) -> errors.RateLimited:
     if not windows:
         c = blocked[0]
         return errors.concurrency_exceeded(c.scope, _who(c), c.limit)
-    w = max(windows, key=lambda x: window_start(now, x.size) + x.size)  # ties: the first
-    return errors.window_exceeded(w.scope, _who(w), w.limit, w.unit, _PERIOD[w.size], reset_after(now, w.size))
+    w = max(windows, key=lambda x: window_end(now, x.size))  # ties: the first
+    reset = reset_after(now, w.size)
+    if w.unit == "usd":
+        return errors.budget_exceeded(w.scope, _who(w), w.limit / SCALE["usd"], _PERIOD[w.size], reset)
+    if w.unit == "seconds":
+        return errors.audio_quota_exceeded(w.scope, _who(w), w.limit // SCALE["seconds"], _PERIOD[w.size], reset)
+    return errors.window_exceeded(w.scope, _who(w), w.limit, w.unit, _PERIOD[w.size], reset)
 
 
 def _who(limit: Limit) -> str:
+    if limit.scope == "provider":  # the provider key's name is the operator's business
+        return "the upstream provider of this model"
     return "this API key" if limit.scope == "key" else f"model '{limit.name}'"
 
 
@@ -124,11 +162,18 @@ def _who(limit: Limit) -> str:
 class Store(Protocol):
     errors: tuple[type[Exception], ...]  # what it raises when it cannot answer: admit fails open
 
-    async def admit(self, plan: Plan, slot_id: str, now: float) -> list[Limit]:
-        """The limits that refuse the request (nothing counted), or [] once all is counted."""
+    async def admit(self, plan: Plan, slot_id: str, now: float) -> tuple[list[Limit], list[int]]:
+        """The limits that refuse the request (nothing counted), or [] once all is counted; and
+        the count of every limit of the plan before this request."""
 
-    async def settle(self, plan: Plan, slot_id: str, tokens: int, now: float) -> None:
-        """Give back the request's slots and charge its tokens."""
+    async def settle(self, plan: Plan, slot_id: str, charges: dict[str, int], now: float) -> None:
+        """Give back the request's slots and charge its amounts (unit -> scaled amount)."""
+
+    async def cooling(self, keys: list[str], now: float) -> dict[int, float]:
+        """Index in ``keys`` -> when its cooldown ends, for the targets cooling down."""
+
+    async def failed(self, key: str, policy: Cooldown, now: float) -> bool:
+        """Record a target's failure; True when it starts a cooldown."""
 
     async def close(self) -> None: ...
 
@@ -141,6 +186,7 @@ class MemoryStore:
     def __init__(self) -> None:
         self._windows: dict[str, list[int]] = {}  # Limit.key -> [window_start, count]
         self._in_flight: dict[str, int] = {}  # Limit.key -> slots held
+        self._cooldowns = routing.Cooldowns()
 
     def _count(self, limit: Limit, now: float) -> int:
         if not limit.size:
@@ -156,25 +202,34 @@ class MemoryStore:
         else:  # a new window: the old counter is dropped here
             self._windows[limit.key] = [start, n]
 
-    async def admit(self, plan: Plan, slot_id: str, now: float) -> list[Limit]:
-        blocked = [x for x in plan.limits if is_over(x, self._count(x, now))]
+    async def admit(self, plan: Plan, slot_id: str, now: float) -> tuple[list[Limit], list[int]]:
+        counts = [self._count(x, now) for x in plan.limits]
+        blocked = [x for x, n in zip(plan.limits, counts, strict=True) if is_over(x, n)]
         if not blocked:
             for x in plan.limits:
                 if x.unit == "requests":
                     self._add(x, 1, now)
                 elif x.unit == "concurrency":
                     self._in_flight[x.key] = self._in_flight.get(x.key, 0) + 1
-        return blocked
+        return blocked, counts
 
-    async def settle(self, plan: Plan, slot_id: str, tokens: int, now: float) -> None:
+    async def settle(self, plan: Plan, slot_id: str, charges: dict[str, int], now: float) -> None:
         for x in plan.concurrency:
             held = self._in_flight.get(x.key, 0) - 1
             if held > 0:
                 self._in_flight[x.key] = held
             else:
                 self._in_flight.pop(x.key, None)
-        for x in plan.tokens if tokens else ():
-            self._add(x, tokens, now)
+        for x in plan.charged:
+            amount = charges.get(x.unit)
+            if amount:
+                self._add(x, amount, now)
+
+    async def cooling(self, keys: list[str], now: float) -> dict[int, float]:
+        return self._cooldowns.cooling(keys, now)
+
+    async def failed(self, key: str, policy: Cooldown, now: float) -> bool:
+        return self._cooldowns.failed(key, policy, now)
 
     async def close(self) -> None:
         pass
@@ -188,6 +243,8 @@ class Slot:
 
     plan: Plan | None
     id: str  # its member in the Redis concurrency ZSETs; "" when it holds no slot
+    audio_left: float | None = None  # seconds its audio quotas had left when admitted; None: no quota
+    audio_limit: Limit | None = None  # the audio quota with the least left
 
 
 class Limiter:
@@ -213,7 +270,9 @@ class Limiter:
         """A slot to settle, or None when neither key nor model has limits; raises RateLimited."""
         if key.rate_limit is None and model.rate_limit is None:
             return None
-        p = plan(key.name, key.rate_limit, model.alias, model.rate_limit)
+        return await self._admit(plan(key.name, key.rate_limit, model.alias, model.rate_limit), now)
+
+    async def _admit(self, p: Plan, now: float) -> Slot | None:
         if not p.limits:
             return None
         if 0.0 < self._paused_until - now <= _PAUSE:  # the store just failed: do not wait on it
@@ -221,7 +280,7 @@ class Limiter:
             return Slot(None, "")
         slot = Slot(p, secrets.token_hex(8) if p.concurrency else "")
         try:
-            blocked = await self._store.admit(p, slot.id, now)
+            blocked, counts = await self._store.admit(p, slot.id, now)
         except self._store_errors as e:
             self.fail_open_total += 1
             self._paused_until = now + _PAUSE
@@ -229,18 +288,61 @@ class Limiter:
             return Slot(None, "")  # the script may have run: a slot it took ends with its lease
         if blocked:
             raise rejection(blocked, now)
+        for x, n in zip(p.limits, counts, strict=True):
+            if x.unit == "seconds":
+                left = (x.limit - n) / SCALE["seconds"]
+                if slot.audio_left is None or left < slot.audio_left:
+                    slot.audio_left, slot.audio_limit = left, x
         return slot
 
-    async def settle(self, slot: Slot | None, tokens: int | None, now: float) -> None:
-        """Give back the slot's concurrency and charge ``tokens``; once per slot, never raises."""
+    def audio_refusal(self, slot: Slot | None, seconds: float, now: float) -> errors.RateLimited | None:
+        """The 429 for an upload of ``seconds`` that is more than its audio quotas had left."""
+        if slot is None or slot.audio_left is None or slot.audio_limit is None or seconds <= slot.audio_left:
+            return None
+        return rejection([slot.audio_limit], now)
+
+    async def admit_provider(self, key: ProviderKey, now: float) -> Slot | None:
+        """A slot on the provider key's own limits (its quota), or None when it has none;
+        raises RateLimited (scope "provider") when they refuse."""
+        if key.rate_limit is None:
+            return None
+        return await self._admit(provider_plan(key.name, key.rate_limit), now)
+
+    async def cooling(self, keys: list[str], now: float) -> dict[int, float]:
+        """The targets cooling down (index in ``keys`` -> end); none when the store fails."""
+        if 0.0 < self._paused_until - now <= _PAUSE:
+            return {}
+        try:
+            return await self._store.cooling(keys, now)
+        except self._store_errors as e:
+            self._paused_until = now + _PAUSE
+            self._warn(now, "rate limit store failed, routing without cooldowns: %s: %s", e)
+            return {}
+
+    async def failed(self, key: str, policy: Cooldown, now: float) -> bool:
+        """Record a target's failure; True when it starts a cooldown. Never raises."""
+        try:
+            return await self._store.failed(key, policy, now)
+        except self._store_errors as e:
+            self._warn(now, "rate limit store failed to record a target failure: %s: %s", e)
+            return False
+
+    async def settle(self, slot: Slot | None, tokens: int | None, now: float, cost_usd: float | None = None,
+                     audio_seconds: float | None = None) -> None:
+        """Give back the slot's concurrency and charge its tokens, cost and audio seconds; once per
+        slot, never raises."""
         if slot is None or slot.plan is None:
             return
         p, slot.plan = slot.plan, None  # before any await: a second settle finds nothing
-        tokens = tokens if tokens and tokens > 0 and p.tokens else 0
-        if not p.concurrency and not tokens:
+        charges: dict[str, int] = {}
+        if p.charged:
+            for unit, amount in (("tokens", tokens), ("usd", cost_usd), ("seconds", audio_seconds)):
+                if amount and amount > 0:
+                    charges[unit] = max(1, round(amount * SCALE[unit]))
+        if not p.concurrency and not charges:
             return
         try:
-            await self._store.settle(p, slot.id, tokens, now)
+            await self._store.settle(p, slot.id, charges, now)
         except Exception as e:  # noqa: BLE001 (settle runs in a finally; raising would mask the answer)
             self.settle_errors_total += 1
             self._warn(now, "rate limit store failed to settle a request: %s: %s", e)

@@ -12,15 +12,23 @@ therefore leaks them for at most the lease, never forever; a plain counter would
 The lease (1 h) outlasts ordinary answers (``upstream.timeout_ms`` defaults to 10 min); one
 still streaming after it loses its slot early, which can only admit too much, never block. No
 refresh: it would cost a Redis call per long answer for that rare case.
+
+Target cooldowns (routing.py) are shared the same way: a target's recent failures are a ZSET
+``aisix:cd:{alias}|{target}:failures`` scored by time, and a cooldown is a string
+``aisix:cd:{alias}|{target}:until`` holding when it ends; one script records a failure and starts
+the cooldown atomically, one MGET reads every target of an alias.
 """
 
 from __future__ import annotations
+
+import secrets
 
 import redis.asyncio
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
+from .config import Cooldown
 from .limits import Limit, Plan, window_start
 
 _MARGIN = 60  # seconds a window counter outlives its window in Redis
@@ -28,11 +36,12 @@ _LEASE = 3600  # seconds a Redis concurrency slot outlives a process that never 
 
 
 # KEYS: one counter per limit. ARGV: now, slot id, its lease end, then per key its kind, limit
-# and ttl. Kinds: r (request window: refuses at the limit, counts the request),
-# t (token window: refuses over the limit, counted by settle), c (concurrency ZSET).
+# and ttl. Kinds: r (request window: refuses at the limit, counts the request), t, u, s (token,
+# cost and audio-second windows: refuse over the limit, counted by settle), c (concurrency ZSET).
 # The rule of limits.is_over() is repeated here; the store tests hold the two to the same answers.
+# Returns {blocked indexes, every count}.
 _ADMIT = """
-local blocked = {}
+local blocked, counts = {}, {}
 for i, key in ipairs(KEYS) do
   local kind, limit, count = ARGV[3 * i + 1], tonumber(ARGV[3 * i + 2])
   if kind == 'c' then
@@ -41,9 +50,10 @@ for i, key in ipairs(KEYS) do
   else
     count = tonumber(redis.call('GET', key) or '0')
   end
-  if count > limit or (count == limit and kind ~= 't') then blocked[#blocked + 1] = i end
+  counts[i] = count
+  if count > limit or (count == limit and (kind == 'r' or kind == 'c')) then blocked[#blocked + 1] = i end
 end
-if #blocked > 0 then return blocked end
+if #blocked > 0 then return {blocked, counts} end
 for i, key in ipairs(KEYS) do
   local kind, ttl = ARGV[3 * i + 1], ARGV[3 * i + 3]
   if kind == 'r' then
@@ -54,8 +64,21 @@ for i, key in ipairs(KEYS) do
     redis.call('EXPIRE', key, ttl)
   end
 end
-return blocked
+return {blocked, counts}
 """
+
+
+# KEYS: the failures ZSET, the cooldown key. ARGV: now, window_s, failures, cooldown_s, a member.
+_FAILED = """
+local now = tonumber(ARGV[1])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - tonumber(ARGV[2]))
+redis.call('ZADD', KEYS[1], now, ARGV[5])
+redis.call('EXPIRE', KEYS[1], tonumber(ARGV[2]) + _MARGIN)
+if redis.call('ZCARD', KEYS[1]) < tonumber(ARGV[3]) then return 0 end
+redis.call('DEL', KEYS[1])
+redis.call('SET', KEYS[2], tostring(now + tonumber(ARGV[4])), 'EX', tonumber(ARGV[4]) + _MARGIN)
+return 1
+""".replace("_MARGIN", str(_MARGIN))
 
 
 class RedisStore:
@@ -69,8 +92,9 @@ class RedisStore:
         self._redis = redis.asyncio.Redis.from_url(
             url, socket_connect_timeout=0.5, socket_timeout=0.5, retry=Retry(NoBackoff(), 0))
         self._admit = self._redis.register_script(_ADMIT)
+        self._failed = self._redis.register_script(_FAILED)
 
-    async def admit(self, plan: Plan, slot_id: str, now: float) -> list[Limit]:
+    async def admit(self, plan: Plan, slot_id: str, now: float) -> tuple[list[Limit], list[int]]:
         keys: list[str] = []
         args: list[str | int] = [repr(now), slot_id, repr(now + _LEASE)]
         for x in plan.limits:
@@ -80,18 +104,31 @@ class RedisStore:
             else:
                 keys.append(x.key)
                 args += ["c", x.limit, _LEASE]
-        blocked = await self._admit(keys, args)
-        return [plan.limits[i - 1] for i in blocked]
+        blocked, counts = await self._admit(keys, args)
+        return [plan.limits[i - 1] for i in blocked], [int(n) for n in counts]
 
-    async def settle(self, plan: Plan, slot_id: str, tokens: int, now: float) -> None:
+    async def settle(self, plan: Plan, slot_id: str, charges: dict[str, int], now: float) -> None:
         async with self._redis.pipeline(transaction=False) as pipe:
             for x in plan.concurrency:
                 pipe.zrem(x.key, slot_id)
-            for x in plan.tokens if tokens else ():
+            for x in plan.charged:
+                amount = charges.get(x.unit)
+                if not amount:
+                    continue
                 key = f"{x.key}:{window_start(now, x.size)}"
-                pipe.incrby(key, tokens)
+                pipe.incrby(key, amount)
                 pipe.expire(key, x.size + _MARGIN)
             await pipe.execute()
+
+    async def cooling(self, keys: list[str], now: float) -> dict[int, float]:
+        ends = await self._redis.mget([f"aisix:cd:{k}:until" for k in keys])
+        return {i: float(end) for i, end in enumerate(ends) if end is not None and float(end) > now}
+
+    async def failed(self, key: str, policy: Cooldown, now: float) -> bool:
+        member = f"{now!r}:{secrets.token_hex(4)}"  # two failures in the same instant both count
+        started = await self._failed([f"aisix:cd:{key}:failures", f"aisix:cd:{key}:until"],
+                                     [repr(now), policy.window_s, policy.failures, policy.cooldown_s, member])
+        return bool(started)
 
     async def close(self) -> None:
         await self._redis.aclose()

@@ -4,17 +4,23 @@ proxy port.
 Labels carry routes, configured aliases and guardrail names only: an alias a caller made up is
 counted as "" so no caller can grow the label space, and no key or request id is ever a label.
 Counters the gateway keeps elsewhere (usage drops, rate-limit fail-opens) are read at scrape time.
+No ``_created`` series: prometheus_client adds one per counter and histogram child (when it was
+first used), which doubles the series a scrape stores and which no query of docs/operations.md
+reads. They are left out of this registry's scrape only; prometheus_client's global switch would
+change every registry in the process.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator, Sequence
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client.registry import Collector
 
+from .config import Target
 from .exchange import Exchange
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
@@ -38,8 +44,17 @@ class Metrics:
                                       ("guardrail", "action"), registry=r)
         self.tokens = Counter("aisix_tokens", "Tokens the upstream reported, by alias and kind.",
                               ("model", "kind"), registry=r)
+        self.attempts = Counter("aisix_upstream_attempts", "Upstream attempts by alias, provider key and outcome "
+                                "(the upstream status, or connect, timeout, reset, aborted).",
+                                ("model", "provider_key", "outcome"), registry=r)
+        self.cooling_down = Gauge("aisix_target_cooling_down", "1 while a target is cooling down, as this "
+                                  "process last saw it.", ("model", "provider_key"), registry=r)
+        self.cost = Counter("aisix_cost_usd", "What requests cost by alias, from its pricing.", ("model",), registry=r)
+        self.audio_seconds = Counter("aisix_audio_seconds", "Audio measured on the wire by alias: uploads (in) "
+                                     "and speech answers (out).", ("model", "direction"), registry=r)
         r.register(_LiveCounters(live_counters))
         self._children: dict[tuple, tuple] = {}
+        self._attempt_children: dict[tuple[str, str, str], Counter] = {}
         self._in_flight: dict[str, Gauge] = {}
 
     def started(self, route: str) -> None:
@@ -69,16 +84,49 @@ class Metrics:
         bytes_out.inc(ex.bytes_out)
         if ex.verdict is not None:
             self.guardrail_hits.labels(ex.verdict.guardrail, ex.verdict.action).inc()
+        if model:
+            if ex.cost_usd:
+                self.cost.labels(model).inc(ex.cost_usd)
+            if ex.audio_seconds_in:
+                self.audio_seconds.labels(model, "in").inc(ex.audio_seconds_in)
+            if ex.audio_seconds_out:
+                self.audio_seconds.labels(model, "out").inc(ex.audio_seconds_out)
         if ex.usage is not None and model:
             for kind, value in (("input", ex.usage.input_tokens), ("output", ex.usage.output_tokens)):
                 if value:
                     self.tokens.labels(model, kind).inc(value)
 
+    def attempt(self, model: str, provider_key: str, outcome: str) -> None:
+        key = (model, provider_key, outcome)
+        child = self._attempt_children.get(key)
+        if child is None:  # as in finished(): each label set resolved once
+            child = self._attempt_children[key] = self.attempts.labels(model, provider_key, outcome)
+        child.inc()
+
+    def cooling(self, model: str, targets: Sequence[Target], cooling: Collection[int]) -> None:
+        """The cooldown state of every target of an alias (targets sharing a key share a series)."""
+        marks: dict[str, int] = {}
+        for i, t in enumerate(targets):
+            marks[t.provider_key.name] = max(marks.get(t.provider_key.name, 0), int(i in cooling))
+        for name, mark in marks.items():
+            self.cooling_down.labels(model, name).set(mark)
+
     def limited(self, scope: str) -> None:
         self.rate_limited.labels(scope).inc()
 
     def render(self) -> bytes:
-        return generate_latest(self.registry)
+        return generate_latest(_WithoutCreated(self.registry))
+
+
+class _WithoutCreated(Collector):
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self._registry = registry
+
+    def collect(self) -> Iterator[Metric]:
+        for family in self._registry.collect():  # fresh families each time: ours to trim
+            created = family.name + "_created"
+            family.samples = [s for s in family.samples if s.name != created]
+            yield family
 
 
 class _LiveCounters:

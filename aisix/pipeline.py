@@ -2,7 +2,8 @@
 
 declared length (413) -> authenticate (401) -> content coding (415) -> read the body up to the
 alias (speech: the small JSON; forms: up to the ``model`` part) -> resolve the alias and check
-access (404/403) -> input guardrails (422) -> admit (429) -> send upstream -> relay the answer
+access (404/403/400) -> input guardrails (422) -> admit (429) -> send upstream, failing over
+between the alias's targets (failover.py) -> relay the answer
 (output guardrails, usage) -> ``finally``: release the body, settle the limiter slot, emit exactly
 one usage event. What differs per route is only how its body is read (speech.py, forms.py).
 """
@@ -17,12 +18,15 @@ from typing import Protocol
 
 from aiohttp import hdrs, web
 
-from . import aliases, auth, errors, guardrails, usage
-from .config import Model, Resources, Settings
+from . import aliases, auth, errors, guardrails, pricing, usage
+from .audio import Probe
+from .config import Model, Resources, Settings, Target
 from .deadline import CLIENT, UPSTREAM, Deadline
 from .exchange import Exchange
+from .failover import Attempts
 from .inbound import Inbound
-from .keys import CLOCK, EXCHANGE, LIMITER, LIVE, METRICS, POOL, REQUEST_ID, SETTINGS, USAGE
+from .keys import CLOCK, EXCHANGE, LIMITER, LIVE, METRICS, REQUEST_ID, SETTINGS, USAGE
+from .limits import Limiter, Slot
 from .relay import relay
 from .responses import abort
 from .upstream import Body
@@ -46,11 +50,32 @@ class RequestBody(Protocol):
         """What the upstream is told."""
         ...
 
-    def outbound(self, model: Model, screen: Callable[[str], None],
+    def outbound(self, target: Target, screen: Callable[[str], None],
                  sent: Callable[[], None]) -> tuple[bytes | Body, int | None]:
-        """The body for this model's upstream and its length (None: chunked). ``screen`` is
-        called on every text field still to come; ``sent`` once the last byte has gone."""
+        """The body for this target and its length (None: chunked). ``screen`` is called on
+        every text field still to come; ``sent`` once the last byte has gone. Called again for
+        another target after a failover, while ``replayable()``."""
         ...
+
+    def keep(self, limit: int) -> None:
+        """Keep what is sent, up to ``limit`` bytes, so that it can be sent again."""
+        ...
+
+    def replayable(self) -> bool: ...
+
+    @property
+    def characters(self) -> int | None:
+        """Speech: the characters of its ``input``."""
+        ...
+
+    @property
+    def audio(self) -> Probe | None:
+        """Uploads: the probe the file part's bytes are fed to."""
+        ...
+
+    check_audio: Callable[[float], None] | None
+
+    def audio_seconds(self) -> float | None: ...
 
     def close(self) -> None: ...
 
@@ -64,7 +89,7 @@ async def exchange(request: web.Request, route: str, read: Reader) -> web.Stream
     resources = live.resources  # this request's snapshot, whatever a reload does meanwhile
     idle = settings.upstream.stream_idle_timeout_ms / 1000
     ex = request[EXCHANGE] = Exchange(route, request[REQUEST_ID], clock(), time.monotonic())
-    slot = body = deadline = None
+    slot = body = deadline = attempts = model = None
     live.enter()
     app[METRICS].started(route)
     try:
@@ -77,9 +102,8 @@ async def exchange(request: web.Request, route: str, read: Reader) -> web.Stream
             _check_content_encoding(request)
             inbound = Inbound(request, settings.proxy.request_body_limit_bytes, deadline, idle, ex)
             body = await read(request, inbound, settings, resources)
-            ex.model = body.alias
-            model = aliases.resolve(body.alias, key, resources.models)
-            ex.upstream_model, ex.provider_key = model.model_name, model.provider_key.name
+            ex.model, ex.input_characters = body.alias, body.characters
+            model = aliases.resolve(body.alias, key, resources.models, route)
             inputs = guardrails.rules_for(resources, model.alias, guardrails.INPUT)
 
             def screen(text: str) -> None:
@@ -88,15 +112,18 @@ async def exchange(request: web.Request, route: str, read: Reader) -> web.Stream
             for text in body.texts:
                 screen(text)
             slot = await limiter.admit(key, model, clock())
+            if body.audio is not None:
+                body.check_audio = _audio_check(model, limiter, slot, clock)
+                if body.check_audio is not None:  # what a file-first form told already: before any upstream
+                    body.check_audio(body.audio.declared or body.audio.at_least)
 
-            def sent() -> None:
+            def sent(target: Target) -> None:
                 """The last request byte is on its way: the upstream has its timeout to answer."""
                 deadline.wait((model.timeout_ms or settings.upstream.timeout_ms) / 1000, UPSTREAM)
                 ex.upstream_sent = time.monotonic()
 
-            data, length = body.outbound(model, screen, sent)
-            answer = await app[POOL].send(model.urls[route], model.provider_key.authorization, ex.request_id,
-                                          body.content_type, request.headers.get(hdrs.ACCEPT), data, length)
+            attempts = Attempts(app, ex, model)
+            answer = await attempts.send(request, route, body, screen, sent, deadline)
             outputs = guardrails.rules_for(resources, model.alias, guardrails.OUTPUT)
             return await relay(request, answer, ex, deadline, idle, outputs)
     except asyncio.CancelledError:  # the caller left while we waited (handler_cancellation)
@@ -108,9 +135,50 @@ async def exchange(request: web.Request, route: str, read: Reader) -> web.Stream
         if deadline is not None:
             deadline.close()  # before any await: its timer must not fire into a finished exchange
         if body is not None:
+            ex.audio_seconds_in = body.audio_seconds()
             body.close()
-        await limiter.settle(slot, ex.usage.tokens if ex.usage else None, clock())
+        tokens = ex.usage.tokens if ex.usage else None
+        if model is not None and ex.billable:
+            ex.cost_usd = _cost(ex, model, attempts.answered if attempts is not None else None)
+        audio = _audio_in(ex) if route != "speech" else ex.audio_seconds_out
+        if attempts is not None:
+            await attempts.release(tokens)
+        await limiter.settle(slot, tokens, clock(), ex.cost_usd, audio)
         _finish(app, ex, resources)
+
+
+def _audio_check(model: Model, limiter: Limiter, slot: Slot | None,
+                 clock: Callable[[], float]) -> Callable[[float], None] | None:
+    """What an upload's audio length is held to (max_audio_seconds, what its audio quotas have
+    left), as a check the form calls as soon as it knows a length; None when nothing limits it."""
+    limit = model.max_audio_seconds
+    if not limit and (slot is None or slot.audio_left is None):
+        return None
+
+    def check(seconds: float) -> None:
+        if limit and seconds > limit:
+            raise errors.audio_too_long(seconds, limit)
+        refusal = limiter.audio_refusal(slot, seconds, clock())
+        if refusal is not None:
+            raise refusal
+
+    return check
+
+
+def _audio_in(ex: Exchange) -> float | None:
+    """The upload's seconds: the upstream's own figure when it reported one, else measured."""
+    reported = ex.usage.audio_seconds if ex.usage is not None else None
+    return reported if reported is not None else ex.audio_seconds_in
+
+
+def _cost(ex: Exchange, model: Model, target: Target | None) -> float | None:
+    prices = (target.pricing if target is not None else None) or model.pricing
+    if prices is None:
+        return None
+    u = ex.usage
+    return pricing.cost(prices, pricing.Quantities(
+        ex.input_characters, _audio_in(ex), ex.audio_seconds_out,
+        u.input_tokens if u is not None else None, u.output_tokens if u is not None else None))
 
 
 def _failed(request: web.Request, ex: Exchange, exc: BaseException, on_client: bool) -> web.StreamResponse:

@@ -14,9 +14,12 @@ import time
 from aiohttp import HttpVersion11, web
 
 from . import errors, guardrails
+from .audio import Probe
+from .audio_detect import for_answer
 from .config import Guardrail
 from .deadline import CLIENT, UPSTREAM, Deadline
 from .exchange import Exchange
+from .failover import Buffered
 from .http1 import Answer
 from .responses import stamp
 from .transcript import TranscriptReader
@@ -27,16 +30,18 @@ HOLD_LIMIT = 1024 * 1024  # a held transcript over this cannot be checked: refus
 
 
 async def relay(
-    request: web.Request, upstream: Answer, ex: Exchange, deadline: Deadline, idle: float,
+    request: web.Request, upstream: Answer | Buffered, ex: Exchange, deadline: Deadline, idle: float,
     output_rules: tuple[Guardrail, ...] = (),
 ) -> web.StreamResponse:
     if ex.upstream_sent is not None:
         ex.upstream_ttfb_ms = int((time.monotonic() - ex.upstream_sent) * 1000)
     up = upstream.headers
     content_type = up.get("Content-Type", "")
-    ok = upstream.status < 300
-    # Transcripts are read for their usage and text; speech audio never is (nothing is inferred).
-    reader = TranscriptReader(content_type, HOLD_LIMIT) if ok and not content_type.startswith("audio/") else None
+    ok = ex.billable = upstream.status < 300
+    # Transcripts are read for their usage and text; speech audio is measured (its duration).
+    audio = ok and content_type.startswith("audio/")
+    reader = TranscriptReader(content_type, HOLD_LIMIT) if ok and not audio else None
+    probe = for_answer(content_type) if audio and ex.route == "speech" else None
     try:
         held = None
         if reader is not None and guardrails.blocks(output_rules):
@@ -64,12 +69,14 @@ async def relay(
             await response.write(held)
             ex.bytes_out += len(held)
         else:
-            await _stream(upstream, response, reader, ex, deadline, idle)
+            await _stream(upstream, response, reader, probe, ex, deadline, idle)
         await response.write_eof()
     except BaseException:  # how it ends for the caller is the pipeline's (errors.outcome)
         upstream.close()
         raise
     upstream.release()  # read to the end: the connection goes back to the pool
+    if probe is not None:
+        ex.audio_seconds_out = probe.end()
     if reader is not None:
         if held is None:
             reader.finish()
@@ -79,8 +86,8 @@ async def relay(
 
 
 async def _stream(
-    upstream: Answer, response: web.StreamResponse, reader: TranscriptReader | None,
-    ex: Exchange, deadline: Deadline, idle: float,
+    upstream: Answer | Buffered, response: web.StreamResponse, reader: TranscriptReader | None,
+    probe: Probe | None, ex: Exchange, deadline: Deadline, idle: float,
 ) -> None:
     while True:
         deadline.wait(idle, UPSTREAM)
@@ -89,12 +96,14 @@ async def _stream(
             return
         if reader is not None:
             reader.feed(chunk)
+        elif probe is not None:
+            probe.feed(chunk)
         deadline.wait(idle, CLIENT)
         await response.write(chunk)
         ex.bytes_out += len(chunk)
 
 
-async def _hold(upstream: Answer, reader: TranscriptReader, deadline: Deadline, idle: float) -> bytes:
+async def _hold(upstream: Answer | Buffered, reader: TranscriptReader, deadline: Deadline, idle: float) -> bytes:
     body = bytearray()
     while True:
         deadline.wait(idle, UPSTREAM)

@@ -9,13 +9,16 @@ for less. Paths and methods no route serves get the envelope from a catch-all ro
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import time
 import uuid
 from collections.abc import Awaitable, Callable
 
 from aiohttp import hdrs, web
 
-from . import errors
+from . import access_log, errors
+from .cors import Cors
 from .keys import LIVE, REQUEST_ID, SETTINGS
 
 log = logging.getLogger(__name__)
@@ -37,8 +40,12 @@ def route(handler: Handler) -> Handler:
 
     async def gateway(request: web.Request) -> web.StreamResponse:
         rid = request[REQUEST_ID] = request_id(request, request.app[SETTINGS].proxy.request_id_headers)
+        started = time.monotonic()
         try:
             response = await handler(request)
+        except asyncio.CancelledError:  # the caller left (handler_cancellation): aiohttp logs nothing
+            access_log.cancelled(request, time.monotonic() - started)
+            raise
         except errors.GatewayError as exc:
             response = envelope(exc)
         except web.HTTPException as exc:
@@ -69,6 +76,25 @@ def unrouted(methods: dict[str, tuple[str, ...]]) -> Handler:
     return route(handler)
 
 
+def preflight(allow: tuple[str, ...], cors: Cors) -> Handler:
+    """A browser's preflight (OPTIONS with Origin and Access-Control-Request-Method) of a route
+    serving the methods ``allow``: answered without auth, 204 with the grant for an allowed
+    origin, 403 for another; any other OPTIONS is the 405 it was before CORS."""
+    methods = ", ".join(allow)
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        headers = request.headers
+        origin = headers.get(hdrs.ORIGIN)
+        if origin is None or hdrs.ACCESS_CONTROL_REQUEST_METHOD not in headers:
+            raise errors.method_not_allowed(methods)
+        if not cors.allows(origin):
+            raise errors.origin_not_allowed()
+        requested = headers.get(hdrs.ACCESS_CONTROL_REQUEST_HEADERS)
+        return web.Response(status=204, headers=cors.preflight(methods, requested))
+
+    return route(handler)
+
+
 def envelope(exc: errors.GatewayError) -> web.Response:
     return web.Response(status=exc.status, body=exc.body(), content_type="application/json", headers=exc.headers)
 
@@ -81,6 +107,9 @@ def stamp(request: web.Request, response: web.StreamResponse) -> None:
     if rid is not None:
         headers["x-aisix-request-id"] = rid
         headers["x-request-id"] = rid  # the header the official SDKs read (the upstream's is relayed renamed)
+    cors = request.app[SETTINGS].proxy.cors
+    if cors is not None:  # errors too: a page can read a 401's or a 429's envelope and headers
+        headers.update(cors.grant(request.headers.get(hdrs.ORIGIN)))
     # Draining: callers reconnect to a process that stays. A caller that sent Expect and is
     # answered before its body was read may not have sent it (inbound.py): the connection ends
     # rather than leaving both sides to guess where the next request starts (RFC 9110, 10.1.1).

@@ -89,7 +89,7 @@ async def _serve(config: Config, access_log: bool) -> None:
         # Bodies as sent: a decoded body would not match the length the caller declared, and a
         # decompressor run on a stranger's bytes is a bomb waiting. Coded bodies are refused.
         auto_decompress=False,
-        access_log_class=AccessLogger,
+        access_log_class=AccessLogger.configured(settings.access_log_probes),
         access_log=logging.getLogger("aisix.access") if access_log else None,
         shutdown_timeout=1.0,  # the drain below already waited for the requests that matter
         # aiohttp's default is an hour, and the same timer is the only bound on a header phase.

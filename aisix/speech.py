@@ -17,17 +17,19 @@ import orjson
 from aiohttp import web
 
 from . import errors
-from .config import Model, Resources, Settings
+from .audio import Probe
+from .config import Resources, Settings, Target
 from .inbound import Inbound
 
 CONTENT_TYPE = "application/json"
 _LONG_NUMBER = re.compile(rb"\d{19,}")
+_BOM = b"\xef\xbb\xbf"
 
 
 class SpeechBody:
     """The caller's JSON document: its alias, the text to screen, and the body to send."""
 
-    __slots__ = ("_doc", "_exact", "alias", "texts")
+    __slots__ = ("_doc", "_exact", "alias", "audio", "characters", "check_audio", "texts")
     content_type = CONTENT_TYPE
 
     def __init__(self, doc: dict[str, Any], exact: bool) -> None:
@@ -37,19 +39,31 @@ class SpeechBody:
         self.alias = alias
         text = doc.get("input")
         self.texts = [text] if isinstance(text, str) else []
+        self.characters = len(text) if isinstance(text, str) else None  # code points, as OpenAI counts them
+        self.audio: Probe | None = None  # the audio of a speech request is in its answer (relay.py)
+        self.check_audio: Callable[[float], None] | None = None
         self._doc = doc
         self._exact = exact
 
-    def outbound(self, model: Model, screen: Callable[[str], None],
+    def outbound(self, target: Target, screen: Callable[[str], None],
                  sent: Callable[[], None]) -> tuple[bytes, int | None]:
         doc = self._doc
-        doc["model"] = model.model_name
+        doc["model"] = target.model_name
         if self._exact:
             body = json.dumps(doc, ensure_ascii=False, separators=(",", ":")).encode()
         else:
             body = orjson.dumps(doc)
         sent()  # it leaves with its head in one write
         return body, len(body)
+
+    def keep(self, limit: int) -> None:
+        pass  # the document is kept anyway: a few KiB
+
+    def replayable(self) -> bool:
+        return True
+
+    def audio_seconds(self) -> float | None:
+        return None
 
     def close(self) -> None:
         pass
@@ -59,6 +73,8 @@ async def read(request: web.Request, inbound: Inbound, settings: Settings, resou
     if request.content_type != CONTENT_TYPE:
         raise errors.unsupported_content_type(CONTENT_TYPE)
     raw = await inbound.read_all(settings.proxy.json_body_limit_bytes)
+    if raw.startswith(_BOM):  # RFC 8259 lets a parser ignore it; the body sent on never has one
+        raw = raw[len(_BOM):]
     try:
         doc = orjson.loads(raw)
         exact = _LONG_NUMBER.search(raw) is not None

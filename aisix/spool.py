@@ -1,12 +1,13 @@
-"""Bytes held until the alias is known: a small head in memory, the rest in an unlinked temp file.
+"""Bytes kept on disk rather than in memory: a small head in memory, the rest in an unlinked temp file.
 
-Used only when the file part comes before the ``model`` part: the upstream cannot be chosen until
-the alias is read, so what came before it waits here. Memory stays at ``memory_limit`` whatever the
-file size; the temp file has no name on disk, so nothing is left behind by a crash.
+Used for what came before the ``model`` part (the upstream cannot be chosen until the alias is
+read), and for the copy of an upload that a failover replays. Memory stays at ``memory_limit``
+whatever the size; the temp file has no name on disk, so nothing is left behind by a crash.
 """
 
 from __future__ import annotations
 
+import os
 import tempfile
 from collections.abc import Iterator
 from typing import IO
@@ -15,14 +16,16 @@ _READ_SIZE = 256 * 1024
 
 
 class Spool:
-    __slots__ = ("_file", "_head", "_limit")
+    __slots__ = ("_file", "_head", "_limit", "size")
 
     def __init__(self, memory_limit: int = 64 * 1024) -> None:
         self._head = bytearray()
         self._file: IO[bytes] | None = None
         self._limit = memory_limit
+        self.size = 0
 
     def write(self, chunk: bytes | bytearray | memoryview) -> None:
+        self.size += len(chunk)
         if self._file is None:
             if len(self._head) + len(chunk) <= self._limit:
                 self._head += chunk
@@ -46,8 +49,25 @@ class Spool:
             yield chunk
         self.close()
 
+    def replay(self) -> Iterator[bytes | bytearray]:
+        """Everything written so far, in order, leaving it in place (reads do not move the file's
+        position, so later writes still append)."""
+        if self._file is None:
+            if self._head:
+                yield bytes(self._head)
+            return
+        fd, end, at = self._file.fileno(), self.size, 0
+        self._file.flush()
+        while at < end:
+            chunk = os.pread(fd, min(_READ_SIZE, end - at), at)
+            if not chunk:
+                raise OSError("spool file shorter than written")
+            at += len(chunk)
+            yield chunk
+
     def close(self) -> None:
         if self._file is not None:
             self._file.close()
             self._file = None
         self._head = bytearray()
+        self.size = 0

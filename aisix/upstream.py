@@ -65,13 +65,13 @@ class Pool:
 
     # -- requests ---------------------------------------------------------------------------------
 
-    async def send(self, url: str, authorization: str, request_id: str, content_type: str,
+    async def send(self, url: str, auth_header: str, request_id: str, content_type: str,
                    accept: str | None, body: bytes | Body, content_length: int | None) -> Answer:
         """POST the request and return once the answer's headers are in. A streamed body (an
         upload) goes out from its own task: the upstream may answer before it has read it all.
         An error raised by the body's iterator (a 400 for a bad upload, a 408, a 499) comes out
         of here as itself when no answer has started."""
-        target = self._target(url, authorization)
+        target = self._target(url, auth_header)
         head = [target.prefix, b"Content-Type: ", _field(content_type), b"\r\nx-aisix-request-id: ",
                 request_id.encode("ascii")]
         if accept:
@@ -103,8 +103,8 @@ class Pool:
             raise
         return answer
 
-    def _target(self, url: str, authorization: str) -> _Target:
-        target = self._targets.get((url, authorization))
+    def _target(self, url: str, auth_header: str) -> _Target:
+        target = self._targets.get((url, auth_header))
         if target is None:
             parts = urlsplit(url)
             tls = parts.scheme == "https"
@@ -114,10 +114,12 @@ class Pool:
             if parts.port is not None:
                 host_header += f":{parts.port}"
             path = quote(parts.path or "/", safe="/%:@!$&'()*+,;=-._~")
-            prefix = (f"POST {path} HTTP/1.1\r\nHost: {host_header}\r\nAuthorization: {authorization}\r\n"
+            if parts.query:  # azure's api-version
+                path += "?" + quote(parts.query, safe="/%:@!$&'()*+,;=-._~?")
+            prefix = (f"POST {path} HTTP/1.1\r\nHost: {host_header}\r\n{auth_header}\r\n"
                       f"Accept-Encoding: identity\r\nUser-Agent: {USER_AGENT}\r\n").encode("ascii")
             # identity: the body is relayed as it came, and Content-Encoding is never relayed
-            target = self._targets[(url, authorization)] = _Target(Origin(host, port, tls), prefix)
+            target = self._targets[(url, auth_header)] = _Target(Origin(host, port, tls), prefix)
         return target
 
     def forget_targets(self) -> None:
@@ -176,9 +178,9 @@ class Pool:
                     self._addresses.pop((origin.host, origin.port), None)  # look it up anew next time
                     raise error
         except TimeoutError:
-            raise errors.upstream_timeout() from None
+            raise errors.upstream_timeout("connect") from None
         except OSError:  # refused, unreachable, no such host, a TLS failure
-            raise errors.upstream_unavailable() from None
+            raise errors.upstream_unavailable("connect") from None
         conn.origin = origin
         if self._sweeper is None and not self._closed:
             self._sweeper = loop.call_later(KEEPALIVE_S, self._sweep)

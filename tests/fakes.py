@@ -8,6 +8,7 @@ the thing under test); `response_format` and `stream` are found by a regex over 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import re
 import socket
@@ -49,6 +50,8 @@ class Received:
     complete: bool  # False when the body read failed or was cut, or read_body was False
     chunks_in: int  # how many body chunks arrived
     size: int = 0  # body bytes that arrived, kept or not (see Behaviour.keep_body)
+    sha256: str = ""  # of every body byte that arrived, kept or not
+    query: str = ""
 
 
 @dataclass
@@ -64,6 +67,7 @@ class Behaviour:
     fail: str | None = None  # one of FAIL_MODES
     read_body: bool = True  # False: answer without reading the request body
     keep_body: bool = True  # False: count the body's bytes (Received.size) but keep none of them
+    read_bytes: int | None = None  # read at least this much of the body, then answer (`status`)
 
     def __post_init__(self) -> None:
         assert self.fail in FAIL_MODES, f"unknown fail mode {self.fail!r}"
@@ -138,6 +142,9 @@ class FakeUpstream:
         self._stopping = asyncio.Event()
         app = web.Application()
         app.router.add_post("/v1/audio/{route}", self._handle)
+        # Azure OpenAI's two URL shapes: dated deployments, and v1
+        app.router.add_post("/openai/deployments/{deployment}/audio/{route}", self._handle)
+        app.router.add_post("/openai/v1/audio/{route}", self._handle)
         # handler_cancellation: a stalled answer ends when its client leaves, not only at stop().
         runner = web.AppRunner(app, handler_cancellation=True, shutdown_timeout=2.0,
                                access_log=None)
@@ -162,35 +169,46 @@ class FakeUpstream:
             if generation == self._generation:
                 self.sent_at.append(time.monotonic())
 
-    async def _read(self, request: web.Request, generation: int, keep: bool) -> bytes | None:
+    async def _read(self, request: web.Request, generation: int, keep: bool,
+                    up_to: int | None = None) -> bytes | None:
         """The body, or when not kept its first and last 64 KiB (where the small fields are).
 
         None when the read failed: the peer went away or sent a broken body.
         """
         body, tail, size, chunks, complete = bytearray(), bytearray(), 0, 0, False
+        digest = hashlib.sha256()
         try:
             async for chunk in request.content.iter_any():
                 size += len(chunk)
                 chunks += 1
+                digest.update(chunk)
                 if keep or len(body) < _WINDOW:
                     body += chunk
                 else:
                     tail += chunk
                     del tail[:-_WINDOW]
-            complete = True
+                if up_to is not None and size >= up_to:
+                    break
+            complete = up_to is None
             return bytes(body + tail)
         except Exception:  # what is recorded is the point; the traceback is noise
             return None
         finally:  # recorded even when the read fails or the handler is cancelled
             self._record(generation, Received(
                 request.method, request.path, multidict.CIMultiDict(request.headers),
-                bytes(body) if keep else b"", complete, chunks, size))
+                bytes(body) if keep else b"", complete, chunks, size, digest.hexdigest(), request.query_string))
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
         behaviour, generation = self.behaviour, self._generation
         route = request.match_info["route"]
         if route not in ROUTES:
             raise web.HTTPNotFound()
+        if behaviour.read_bytes is not None:  # part of the upload, then the answer, on a connection to close
+            await self._read(request, generation, behaviour.keep_body, behaviour.read_bytes)
+            error = {"message": f"fake upstream error {behaviour.status}", "type": "server_error",
+                     "param": None, "code": "fake_error"}
+            return web.json_response({"error": error}, status=behaviour.status,
+                                     headers={"Connection": "close"})
         if behaviour.read_body:
             read = await self._read(request, generation, behaviour.keep_body)
             if read is None:
@@ -200,7 +218,7 @@ class FakeUpstream:
             body = b""
             self._record(generation, Received(request.method, request.path,
                                               multidict.CIMultiDict(request.headers), b"",
-                                              False, 0))
+                                              False, 0, query=request.query_string))
         assert self._stopping is not None
         headers = {"x-request-id": "req_fake"}
 

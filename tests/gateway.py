@@ -42,8 +42,10 @@ def resources(upstream_base: str, **extra: Any) -> dict[str, Any]:
         "provider_keys": [{"display_name": "fake", "provider": "openai", "api_base": upstream_base,
                            "api_key": PROVIDER_SECRET}],
         "models": [
-            {"display_name": "tts-prod", "provider_key": "fake", "model_name": "gpt-4o-mini-tts"},
-            {"display_name": "whisper-prod", "provider_key": "fake", "model_name": "whisper-1"},
+            {"display_name": "tts-prod", "provider_key": "fake", "model_name": "gpt-4o-mini-tts",
+             "routes": ["speech"]},
+            {"display_name": "whisper-prod", "provider_key": "fake", "model_name": "whisper-1",
+             "routes": ["transcriptions", "translations"]},
             {"display_name": "secret-model", "provider_key": "fake", "model_name": "gpt-secret"},
         ],
         "api_keys": [{"display_name": name, "key_hash": hash_key(key), **fields}

@@ -32,7 +32,7 @@ RESOURCES: dict[str, Any] = {
     ],
     "models": [
         {"display_name": "tts-prod", "provider_key": "openai-main", "model_name": "gpt-4o-mini-tts",
-         "timeout": 120000, "rate_limit": {"rpm": 600, "concurrency": 32}},
+         "routes": ["speech"], "timeout": 120000, "rate_limit": {"rpm": 600, "concurrency": 32}},
         {"display_name": "whisper-prod", "provider_key": "openai-main", "model_name": "whisper-1"},
     ],
     "api_keys": [
@@ -92,8 +92,8 @@ def test_shipped_files_load_with_an_empty_environment() -> None:
     assert (str(s.usage_sink), str(s.ratelimit_backend)) == ("stdout", "memory")
     assert s.resources_file == ETC / "resources.yaml"
     assert set(r.models) == {"tts-prod", "whisper-prod"}
-    assert r.models["tts-prod"].urls["speech"] == "http://127.0.0.1:3001/v1/audio/speech"
-    assert r.models["whisper-prod"].model_name == "whisper-1"
+    assert r.models["tts-prod"].targets[0].urls["speech"] == "http://127.0.0.1:3001/v1/audio/speech"
+    assert r.models["whisper-prod"].targets[0].model_name == "whisper-1"
     demo = r.keys_by_hash[sha("sk-aisix-demo")]
     assert demo.name == "demo" and demo.allowed_sorted == ("tts-prod", "whisper-prod")
     assert r.guardrails == ()
@@ -104,8 +104,9 @@ def test_shipped_config_equals_the_defaults(tmp_path: Path) -> None:
     shipped = config.load_settings(ETC / "config.yaml", {})
     (tmp_path / "config.yaml").write_text("")
     empty = config.load_settings(tmp_path / "config.yaml", {})
-    assert dataclasses.replace(empty, resources_file=shipped.resources_file,
-                               config_file=shipped.config_file) == shipped
+    assert dataclasses.replace(empty, resources_file=shipped.resources_file, config_file=shipped.config_file,
+                               usage_spill_dir=shipped.usage_spill_dir) == shipped
+    assert empty.usage_spill_dir == tmp_path / "usage-spill"  # beside config.yaml without systemd
 
 
 def uncommented(first: str) -> str:
@@ -129,12 +130,21 @@ def test_shipped_guardrail_example_validates(tmp_path: Path) -> None:
     assert literal.regex.search("my PassWord") and regex.regex.search("card 1234567812345678")
 
 
+def test_shipped_cors_example_validates(tmp_path: Path) -> None:
+    shipped = (ETC / "config.yaml").read_text()
+    example = "  # cors:\n  #   allowed_origins:"
+    assert example in shipped
+    (tmp_path / "config.yaml").write_text(shipped.replace(example, "  cors:\n    allowed_origins:"))
+    cors = config.load_settings(tmp_path / "config.yaml", {}).proxy.cors
+    assert cors is not None and "https://app.example.com" in cors.origins
+
+
 def test_shipped_openai_example_needs_its_variable(tmp_path: Path) -> None:
     doc = yaml.safe_load((ETC / "resources.yaml").read_text())
     doc["provider_keys"] = yaml.safe_load(uncommented("# - display_name: dev-upstream"))
     path = write(tmp_path, resources=doc)
     key = config.load(path, {"OPENAI_API_KEY": "sk-real"}).resources.models["tts-prod"].provider_key
-    assert (key.api_base, key.authorization) == ("https://api.openai.com/v1", "Bearer sk-real")
+    assert (key.api_base, key.auth_header) == ("https://api.openai.com/v1", "Authorization: Bearer sk-real")
     assert problems(path) == ("resources.yaml: provider_keys[dev-upstream]: field 'api_key': "
                               "environment variable 'OPENAI_API_KEY' is not set",)
 
@@ -177,6 +187,56 @@ RESOURCE_PROBLEMS = [
      "resources.yaml: provider_keys[openai-main]: field 'api_base': must be an http:// or https:// URL"),
     ({"provider_keys.0.provider": 1},
      "resources.yaml: provider_keys[openai-main]: field 'provider': must be a string, got 1"),
+    ({"provider_keys.0.provider": "opnai"},
+     "resources.yaml: provider_keys[openai-main]: field 'provider': must be one of 'openai'"),
+    ({"models.0.routes": ["speech", "transcription"]},
+     "resources.yaml: models[tts-prod]: field 'routes': must be a non-empty list of 'speech', 'transcriptions', "
+     "'translations', 'realtime'"),
+    ({"models.0.routes": []}, "resources.yaml: models[tts-prod]: field 'routes': must be a non-empty list"),
+    ({"models.0.targets": [{"provider_key": "openai-main", "model_name": "x"}]},
+     "resources.yaml: models[tts-prod]: field 'provider_key': exactly one of provider_key (with model_name) or "
+     "targets is required, both were given"),
+    ({"models.0.provider_key": DELETE},
+     "resources.yaml: models[tts-prod]: field 'provider_key': exactly one of provider_key (with model_name) or "
+     "targets is required, neither was given"),
+    ({"models.1": {"display_name": "whisper-prod", "targets": []}},
+     "resources.yaml: models[whisper-prod]: field 'targets': must be a non-empty list"),
+    ({"models.1": {"display_name": "whisper-prod", "model_name": "w", "targets": [
+        {"provider_key": "openai-main", "model_name": "whisper-1"}]}},
+     "resources.yaml: models[whisper-prod]: field 'model_name': goes in each of targets"),
+    ({"models.1": {"display_name": "whisper-prod", "targets": [{"provider_key": "nope", "model_name": "w"}]}},
+     "resources.yaml: models[whisper-prod]: field 'targets[0].provider_key': no provider key named 'nope'"),
+    ({"models.1": {"display_name": "whisper-prod", "targets": [{"provider_key": "openai-main"}]}},
+     "resources.yaml: models[whisper-prod]: field 'targets[0].model_name': required"),
+    ({"models.1": {"display_name": "whisper-prod", "targets": [
+        {"provider_key": "openai-main", "model_name": "w", "weight": 0}]}},
+     "resources.yaml: models[whisper-prod]: field 'targets[0].weight': must be a positive integer"),
+    ({"models.1": {"display_name": "whisper-prod", "targets": [
+        {"provider_key": "openai-main", "model_name": "w", "priority": -1}]}},
+     "resources.yaml: models[whisper-prod]: field 'targets[0].priority': must be an integer >= 0"),
+    ({"models.1": {"display_name": "whisper-prod", "targets": [
+        {"provider_key": "openai-main", "model_name": "w", "region": "east"}]}},
+     "resources.yaml: models[whisper-prod]: field 'targets[0].region': unknown field"),
+    ({"models.1": {"display_name": "whisper-prod", "targets": [
+        {"provider_key": "openai-main", "model_name": "w"}, {"provider_key": "openai-main", "model_name": "w"}]}},
+     "resources.yaml: models[whisper-prod]: field 'targets': each target must be a different provider_key"),
+    ({"models.0.retry": {"max_attempts": 0}},
+     "resources.yaml: models[tts-prod]: field 'retry.max_attempts': must be a positive integer, got 0"),
+    ({"models.0.retry": {"replay_limit_bytes": -1}},
+     "resources.yaml: models[tts-prod]: field 'retry.replay_limit_bytes': must be an integer >= 0"),
+    ({"models.0.retry": {"attempts": 2}}, "resources.yaml: models[tts-prod]: field 'retry.attempts': unknown field"),
+    ({"models.0.cooldown": {"failures": 0}},
+     "resources.yaml: models[tts-prod]: field 'cooldown.failures': must be a positive integer, got 0"),
+    ({"provider_keys.0.provider": "azure"},
+     "resources.yaml: provider_keys[openai-main]: field 'api_version': required for provider azure"),
+    ({"provider_keys.0.api_version": "2024-10-21"},
+     "resources.yaml: provider_keys[openai-main]: field 'api_version': must be given only for provider azure"),
+    ({"provider_keys.0.provider": "azure", "provider_keys.0.api_version": "2024"},
+     "resources.yaml: provider_keys[openai-main]: field 'api_version': must be \"v1\" or a version"),
+    ({"provider_keys.0.rate_limit": {"rpm": 0}},
+     "resources.yaml: provider_keys[openai-main]: field 'rate_limit.rpm': must be a positive integer, got 0"),
+    ({"models.0.routes": "speech"},
+     "resources.yaml: models[tts-prod]: field 'routes': must be a list of strings, got a string"),
     ({"provider_keys.1": RESOURCES["provider_keys"][0]},
      "resources.yaml: provider_keys[openai-main]: field 'display_name': duplicate: provider_keys[0]"),
     ({"models.2": RESOURCES["models"][1]},
@@ -258,6 +318,15 @@ CONFIG_PROBLEMS = [
      "config.yaml: proxy: field 'request_id_headers': must be a list of strings"),
     ({"proxy": {"request_id_headers": ["x request id"]}},
      "config.yaml: proxy: field 'request_id_headers': must be HTTP header names"),
+    ({"proxy": {"cors": ["https://app.example.com"]}},
+     "config.yaml: proxy: field 'cors': must be a mapping, got a list"),
+    ({"proxy": {"cors": {"origins": ["*"]}}}, "config.yaml: proxy: field 'cors.origins': unknown field"),
+    ({"proxy": {"cors": {"allowed_origins": "*"}}},
+     "config.yaml: proxy: field 'cors.allowed_origins': must be a list of strings"),
+    ({"proxy": {"cors": {"allowed_origins": ["https://app.example.com/"]}}},
+     "config.yaml: proxy: field 'cors.allowed_origins': must be '*' or origins as browsers send them"),
+    ({"proxy": {"cors": {"allowed_origins": ["*", "https://app.example.com"]}}},
+     "config.yaml: proxy: field 'cors.allowed_origins': must be ['*'] alone"),
     ({"upstream": {"timeout_ms": "600s"}}, "config.yaml: upstream: field 'timeout_ms': must be a positive integer"),
     ({"upstream": {"max_connections": True}},
      "config.yaml: upstream: field 'max_connections': must be a positive integer, got a boolean"),
@@ -266,6 +335,9 @@ CONFIG_PROBLEMS = [
     ({"usage": {"sink": "syslog"}}, "config.yaml: usage: field 'sink': must be 'stdout', 'file:<path>'"),
     ({"usage": {"sink": "file:"}}, "config.yaml: usage: field 'sink': must be 'stdout', 'file:<path>'"),
     ({"ratelimit": {"backend": "memcached://x"}}, "config.yaml: ratelimit: field 'backend': must be 'memory'"),
+    ({"access_log": {"probes": "yes"}},
+     "config.yaml: access_log: field 'probes': must be true or false, got a string"),
+    ({"access_log": True}, "config.yaml: field 'access_log': must be a mapping"),
     ({"resources_file": 5}, "config.yaml: field 'resources_file': must be a string, got 5"),
     ({"resources_file": "missing.yaml"}, "missing.yaml: cannot read "),
     ({"usage": {"sink": "${USAGE_SINK}"}},
@@ -297,14 +369,24 @@ def test_settings_defaults_and_paths(tmp_path: Path) -> None:
     (tmp_path / "etc" / "config.yaml").write_text("# nothing set\n")
     s = config.load_settings(tmp_path / "etc" / "config.yaml", {})
     assert s.proxy.request_body_limit_bytes == 0 and s.proxy.json_body_limit_bytes == 1048576
-    assert s.proxy.request_id_headers == ("x-aisix-request-id",)
+    assert s.proxy.request_id_headers == ("x-aisix-request-id",) and s.proxy.cors is None
     assert s.upstream == config.UpstreamSettings(5000, 600000, 60000, 1000)
     assert s.resources_file == tmp_path / "etc" / "resources.yaml" and s.config_file.is_absolute()
+    assert s.access_log_probes is False
     (tmp_path / "etc" / "config.yaml").write_text(
-        "proxy: {request_id_headers: [X-Request-ID]}\nupstream: {timeout_ms: 1000}\nresources_file: ../r.yaml\n")
+        "proxy: {request_id_headers: [X-Request-ID]}\nupstream: {timeout_ms: 1000}\nresources_file: ../r.yaml\n"
+        "access_log: {probes: true}\n")
     s = config.load_settings(tmp_path / "etc" / "config.yaml", {})
     assert s.proxy.request_id_headers == ("x-request-id",) and s.upstream.timeout_ms == 1000
+    assert s.access_log_probes is True
     assert s.upstream.max_connections == 1000 and s.resources_file == tmp_path / "r.yaml"
+    (tmp_path / "etc" / "config.yaml").write_text(
+        "proxy:\n  request_id_headers: [X-Request-ID]\n  cors:\n    allowed_origins: [HTTPS://App.Example]\n")
+    cors = config.load_settings(tmp_path / "etc" / "config.yaml", {}).proxy.cors
+    assert cors is not None and cors.origins == {"https://app.example"} and "x-request-id" in cors.request_headers
+    for off in ("proxy: {cors: null}\n", "proxy: {cors: {allowed_origins: []}}\n"):
+        (tmp_path / "etc" / "config.yaml").write_text(off)
+        assert config.load_settings(tmp_path / "etc" / "config.yaml", {}).proxy.cors is None
 
 
 @pytest.mark.parametrize(("text", "expected"), [
@@ -348,8 +430,8 @@ def test_substitution(tmp_path: Path, value: str, env: dict[str, str], expected:
     path = write(tmp_path, settings={"usage": {"sink": "${SINK:-stdout}"}},
                  resources=patched(RESOURCES, {"models.1.model_name": value}))
     loaded = config.load(path, env)
-    assert loaded.resources.models["whisper-prod"].model_name == expected
-    assert loaded.resources.models["whisper-prod"].model_name_bytes == expected.encode()
+    assert loaded.resources.models["whisper-prod"].targets[0].model_name == expected
+    assert loaded.resources.models["whisper-prod"].targets[0].model_name_bytes == expected.encode()
     assert loaded.settings.usage_sink.kind == "stdout"
 
 
@@ -357,7 +439,7 @@ def test_substitution_applies_to_values_not_to_yaml_text(tmp_path: Path) -> None
     """A value that looks like YAML stays one string: substitution never re-parses."""
     path = write(tmp_path, resources=patched(RESOURCES, {"models.1.model_name": "${M}"}))
     model = config.load(path, {"M": "a: [1, 2]\nb: c"}).resources.models["whisper-prod"]
-    assert model.model_name == "a: [1, 2]\nb: c"
+    assert model.targets[0].model_name == "a: [1, 2]\nb: c"
 
 
 # -- secrets never reach an error ----------------------------------------------------------------
@@ -402,7 +484,7 @@ def test_provider_secret_is_not_in_repr(tmp_path: Path) -> None:
     path = write(tmp_path, resources=patched(RESOURCES, {"provider_keys.0.api_key": "${OPENAI_API_KEY}"}))
     loaded = config.load(path, SECRETS)
     key = loaded.resources.provider_keys["openai-main"]
-    assert key.authorization == "Bearer " + SECRETS["OPENAI_API_KEY"]
+    assert key.auth_header == "Authorization: Bearer " + SECRETS["OPENAI_API_KEY"]
     assert SECRETS["OPENAI_API_KEY"] not in repr(loaded)
 
 
@@ -411,13 +493,14 @@ def test_provider_secret_is_not_in_repr(tmp_path: Path) -> None:
 def test_what_loading_builds(tmp_path: Path) -> None:
     r = config.load(write(tmp_path), {}).resources
     key = r.provider_keys["openai-main"]
-    assert key.api_base == "https://api.openai.com/v1" and key.authorization == "Bearer sk-provider-secret"
+    assert key.api_base == "https://api.openai.com/v1" and key.auth_header == "Authorization: Bearer sk-provider-secret"
     tts = r.models["tts-prod"]
-    assert tts.urls == {"speech": "https://api.openai.com/v1/audio/speech",
+    assert tts.targets[0].urls == {"speech": "https://api.openai.com/v1/audio/speech",
                         "transcriptions": "https://api.openai.com/v1/audio/transcriptions",
                         "translations": "https://api.openai.com/v1/audio/translations"}
-    assert tts.timeout_ms == 120000 and tts.rate_limit == config.RateLimit(rpm=600, concurrency=32)
+    assert tts.routes == {"speech"} and tts.timeout_ms == 120000 and tts.rate_limit == config.RateLimit(rpm=600, concurrency=32)
     assert r.models["whisper-prod"].rate_limit is None and hash(tts) == hash(tts)
+    assert r.models["whisper-prod"].routes == {"speech", "transcriptions", "translations", "realtime"}  # default all
     (team,) = r.api_keys
     assert team.expires_at == dt.datetime(2027, 1, 1, tzinfo=dt.timezone.utc)
     assert team.rate_limit == config.RateLimit(rpm=60, tpm=100000) and team.disabled is False
@@ -477,3 +560,43 @@ def test_expires_at_forms(tmp_path: Path, written: str, expected: dt.datetime) -
 def test_empty_resources_file_is_valid(tmp_path: Path) -> None:
     r = config.load(write(tmp_path, resources=""), {}).resources
     assert (dict(r.models), r.api_keys, r.guardrails) == ({}, (), ())
+
+
+def test_targets_retry_cooldown_and_azure(tmp_path: Path) -> None:
+    doc = patched(RESOURCES, {
+        "provider_keys.1": {"display_name": "azure-east", "provider": "azure", "api_base": "https://east.example.com/",
+                            "api_key": "azure-secret", "api_version": "2024-10-21", "rate_limit": {"rpm": 300}},
+        "provider_keys.2": {"display_name": "azure-v1", "provider": "azure", "api_base": "https://west.example.com",
+                            "api_key": "azure-secret-2", "api_version": "v1"},
+        "models.1": {"display_name": "whisper-prod", "targets": [
+            {"provider_key": "openai-main", "model_name": "whisper-1", "weight": 3},
+            {"provider_key": "azure-east", "model_name": "whisper east"},
+            {"provider_key": "azure-v1", "model_name": "whisper-west", "priority": 1}],
+            "retry": {"max_attempts": 2}, "cooldown": {"cooldown_s": 5}},
+    })
+    r = config.load(write(tmp_path, resources=doc), {}).resources
+    whisper = r.models["whisper-prod"]
+    assert [(t.provider_key.name, t.model_name, t.weight, t.priority) for t in whisper.targets] == [
+        ("openai-main", "whisper-1", 3, 0), ("azure-east", "whisper east", 1, 0), ("azure-v1", "whisper-west", 1, 1)]
+    assert whisper.retry == config.Retry(2, 256 * 1024 * 1024)
+    assert whisper.cooldown == config.Cooldown(failures=3, window_s=60, cooldown_s=5)
+    east, west = whisper.targets[1], whisper.targets[2]
+    assert east.urls["transcriptions"] == ("https://east.example.com/openai/deployments/whisper%20east/audio/"
+                                           "transcriptions?api-version=2024-10-21")
+    assert west.urls["speech"] == "https://west.example.com/openai/v1/audio/speech"
+    assert east.provider_key.auth_header == "api-key: azure-secret"
+    assert east.provider_key.rate_limit == config.RateLimit(rpm=300)
+    assert "azure-secret" not in repr(r)
+    # the single form is one target, and max_attempts defaults to the number of targets
+    tts = r.models["tts-prod"]
+    assert len(tts.targets) == 1 and tts.retry.max_attempts == 1 and tts.targets[0].id == "openai-main/gpt-4o-mini-tts"
+
+
+def test_usage_spill_dir(tmp_path: Path) -> None:
+    path = write(tmp_path)
+    assert config.load_settings(path, {"STATE_DIRECTORY": "/var/lib/aisix"}).usage_spill_dir == Path(
+        "/var/lib/aisix/usage-spill")  # systemd's StateDirectory=
+    path = write(tmp_path, {"usage": {"spill_dir": "spill"}})
+    assert config.load_settings(path, {}).usage_spill_dir == tmp_path / "spill"
+    path = write(tmp_path, {"usage": {"spill_dir": None}})
+    assert config.load_settings(path, {}).usage_spill_dir is None  # off: what the sink cannot take is dropped

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import io
 import json
+import logging
 import os
 import shutil
+import socket
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Iterator
@@ -13,7 +16,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from aisix.devupstream import MP3_FRAME, mp3_silence
+from aisix.devupstream import LABEL, MP3_FRAME, mp3_silence, setup_logging
 
 ROOT = Path(__file__).resolve().parent.parent
 AUTH = {"Authorization": "Bearer dev"}
@@ -30,7 +33,7 @@ def base_url() -> Iterator[str]:
     try:
         assert proc.stdout is not None
         line = proc.stdout.readline()  # blocks until bound; "" if the process died
-        assert line.startswith("devupstream listening on http://127.0.0.1:"), line
+        assert line.startswith("devupstream | listening on http://127.0.0.1:"), line
         yield line.split()[-1] + "/v1"
     finally:
         proc.terminate()
@@ -52,6 +55,39 @@ def audio_form(**fields: str) -> aiohttp.FormData:
         form.add_field(name, value)
     form.add_field("file", b"RIFF" + bytes(996), filename="speech.wav", content_type="audio/wav")
     return form
+
+
+def test_every_line_it_logs_is_labelled() -> None:
+    """`make run` interleaves its lines with the gateway's: a traceback's lines are labelled too."""
+    out = io.StringIO()
+    root = logging.getLogger()
+    saved = root.handlers[:], root.level
+    try:
+        setup_logging(out)
+        try:
+            raise ValueError("first line\nsecond line")
+        except ValueError:
+            logging.getLogger("aiohttp.server").exception("Error handling request")
+        logging.getLogger("aiohttp.access").info("GET / 200")  # the gateway logs requests already
+    finally:
+        root.handlers[:], root.level = saved
+    lines = out.getvalue().splitlines()
+    assert len(lines) > 4 and all(line.startswith(LABEL) for line in lines), lines
+    assert "ERROR aiohttp.server: Error handling request" in lines[0]
+    assert lines[-2:] == [LABEL + "ValueError: first line", LABEL + "second line"]
+    assert not any("GET / 200" in line for line in lines)
+
+
+def test_a_taken_port_is_one_labelled_line() -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        done = subprocess.run([sys.executable, "-m", "aisix.devupstream", "--listen", f"127.0.0.1:{port}"],
+                              cwd=ROOT, capture_output=True, text=True, timeout=30)
+    assert done.returncode == 1 and done.stdout == ""
+    (line,) = done.stderr.splitlines()
+    assert line.startswith(LABEL) and f"cannot listen on 127.0.0.1:{port}" in line, line
 
 
 def test_mp3_silence_is_whole_frames() -> None:

@@ -74,6 +74,16 @@ CASES = [
      "invalid_request_error", "invalid_multipart", None),
     ("form-not-allowed", TRANSCRIBE, transcription("model", "file", model=b"secret-model"), 403,
      "permission_error", "model_not_allowed", None),
+    # A model serves the routes it names: a speech alias is not sent to a provider as a
+    # transcription model. After 404 and 403, so it says nothing of an alias the key may not use.
+    ("speech-alias-on-transcriptions", TRANSCRIBE, transcription("model", "file", model=b"tts-prod"), 400,
+     "invalid_request_error", "model_not_supported", "model"),
+    ("speech-alias-file-first", TRANSCRIBE, transcription("file", "model", model=b"tts-prod"), 400,
+     "invalid_request_error", "model_not_supported", "model"),
+    ("whisper-alias-on-speech", SPEECH, speech(model="whisper-prod"), 400, "invalid_request_error",
+     "model_not_supported", "model"),
+    ("not-allowed-before-not-supported", SPEECH, speech(model="secret-model", key="sk-restricted-secret"), 403,
+     "permission_error", "model_not_allowed", None),
     ("form-unknown-alias", TRANSCRIBE, transcription("file", "model", model=b"nope"), 404,
      "invalid_request_error", "model_not_found", None),
     ("form-hidden-model", TRANSCRIBE, {"data": b"--" + BOUNDARY.encode() + b'\r\nContent-Disposition: form-data; '

@@ -116,3 +116,13 @@ async def test_big_integers_keep_their_value_and_order(gateway: Gateway, fake: F
     assert r.status == 200
     sent = json.loads(fake.wait_received()[0].body)
     assert list(sent.items()) == list({**body, "model": "gpt-4o-mini-tts"}.items())
+
+
+async def test_a_utf8_bom_is_accepted_and_not_sent_on(gateway: Gateway, fake: FakeUpstream) -> None:
+    """RFC 8259 lets a parser ignore a leading BOM, and some Windows tools write one."""
+    async with aiohttp.ClientSession() as s:
+        async with s.post(gateway.url + "/v1/audio/speech", data=b"\xef\xbb\xbf" + json.dumps(BODY).encode(),
+                          headers={**AUTH, "Content-Type": "application/json"}) as r:
+            assert r.status == 200, await r.text()
+    sent = fake.wait_received()[0].body
+    assert sent.startswith(b"{") and json.loads(sent) == {**BODY, "model": "gpt-4o-mini-tts"}

@@ -1,0 +1,85 @@
+"""How long is this audio? Told from its bytes as they stream past, never from a buffered file.
+
+[core] Sans-IO: a probe is fed the bytes of one file in order, in chunks of any size (the very
+chunks the multipart rewriter or the relay sees), and never does I/O or keeps the file. Every
+probe holds a bounded state (at most ``STATE_LIMIT`` bytes, whatever it is fed) and spends time in
+proportion to what it is fed, whatever a hostile header claims: a header that lies, loops or ends
+early makes the probe give up (its answer is then None), never raise, grow or spin.
+
+A probe answers three questions:
+
+- ``declared``: the duration a header states, as soon as that header has gone past (WAV's data
+  size, FLAC's STREAMINFO, an MP3 Xing/VBRI frame count, WebM's Duration, MP4's ``mvhd`` when
+  ``moov`` comes first). It decides an early refusal before the rest of the file is sent on.
+- ``at_least``: seconds of audio known to be in the file so far (frames, granules, blocks seen);
+  a file found too long while streaming is ended before its last byte goes out.
+- ``end()``: the file is complete: its duration, or None when the format could not tell.
+
+The formats (one module each): audio_riff (WAV), audio_mpeg (MP3, AAC in ADTS), audio_flac,
+audio_ogg (Opus, Vorbis), audio_mkv (WebM, Matroska), audio_mp4 (MP4, M4A). ``detect`` picks one
+from the first bytes; ``Pcm`` is the headerless 24 kHz 16-bit mono of a speech ``pcm`` answer.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+STATE_LIMIT = 64 * 1024  # the most any probe keeps between two feeds
+Chunk = bytes | bytearray | memoryview
+
+
+class Probe(Protocol):
+    @property
+    def declared(self) -> float | None:
+        """Seconds a header stated, once read; None before that or when there is none."""
+        ...
+
+    @property
+    def at_least(self) -> float:
+        """Seconds of audio seen so far (0.0 when the format cannot say before its end)."""
+        ...
+
+    def feed(self, data: Chunk) -> None:
+        """The next bytes of the file. Never raises; a probe that gave up ignores the rest."""
+        ...
+
+    def end(self) -> float | None:
+        """The whole file has been fed: its duration in seconds, or None."""
+        ...
+
+
+class Pcm:
+    """Raw samples with no header: OpenAI's speech ``pcm`` is 24 kHz, 16-bit, mono."""
+
+    __slots__ = ("_bytes", "_rate")
+
+    declared = None
+
+    def __init__(self, rate: int = 24000, channels: int = 1, sample_bytes: int = 2) -> None:
+        self._rate = rate * channels * sample_bytes
+        self._bytes = 0
+
+    @property
+    def at_least(self) -> float:
+        return self._bytes / self._rate
+
+    def feed(self, data: Chunk) -> None:
+        self._bytes += len(data)
+
+    def end(self) -> float | None:
+        return self._bytes / self._rate
+
+
+class Unknown:
+    """A format the gateway cannot read: nothing is guessed."""
+
+    __slots__ = ()
+
+    declared = None
+    at_least = 0.0
+
+    def feed(self, data: Chunk) -> None:
+        pass
+
+    def end(self) -> float | None:
+        return None

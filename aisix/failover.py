@@ -1,0 +1,198 @@
+"""The attempts of one request: choose a target (routing.py), send, and fail over to another while
+the caller has nothing of the answer yet.
+
+An attempt fails over on a connection failure, no answer head within the timeout, or a status in
+``routing.FAILOVER_STATUSES``, when another target is left, ``retry.max_attempts`` allows it and
+the body can be sent again (a speech body always; an upload while its copy on disk is under
+``retry.replay_limit_bytes``, forms.py). Otherwise the last answer is relayed as it came, or the
+last failure is the caller's 502/504. Each attempt holds its provider key's slot (limits.py) until
+the next one starts, or, for the one answering, until the request is settled.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections.abc import Callable
+from typing import Protocol
+
+from aiohttp import hdrs, web
+from multidict import CIMultiDictProxy
+
+from . import errors, routing
+from .config import Model, Target
+from .deadline import UPSTREAM, Deadline
+from .exchange import Exchange
+from .keys import CLOCK, LIMITER, METRICS, POOL, SETTINGS
+from .limits import Slot
+from .upstream import Answer, Body
+
+
+class Replayable(Protocol):
+    def outbound(self, target: Target, screen: Callable[[str], None],
+                 sent: Callable[[], None]) -> tuple[bytes | Body, int | None]: ...
+
+    def keep(self, limit: int) -> None:
+        """From now on keep what is sent (up to ``limit`` bytes) so another outbound() can replay it."""
+
+    def replayable(self) -> bool: ...
+
+    @property
+    def content_type(self) -> str: ...
+
+
+class Attempts:
+    __slots__ = ("_app", "_ex", "_model", "answered", "slot")
+
+    def __init__(self, app: web.Application, ex: Exchange, model: Model) -> None:
+        self._app, self._ex, self._model = app, ex, model
+        self.slot: Slot | None = None  # the provider key's slot of the attempt under way
+        self.answered: Target | None = None  # whose answer the caller gets
+
+    async def send(self, request: web.Request, route: str, body: Replayable, screen: Callable[[str], None],
+                   sent: Callable[[Target], None], deadline: Deadline) -> Answer | Buffered:
+        app, ex, model = self._app, self._ex, self._model
+        limiter, clock, metrics = app[LIMITER], app[CLOCK], app[METRICS]
+        targets = model.targets
+        routed = len(targets) > 1 and model.retry.max_attempts > 1
+        keys = [routing.key(model.alias, t.id) for t in targets] if routed else []
+        cooling: dict[int, float] = {}
+        if routed:
+            body.keep(model.retry.replay_limit_bytes)
+            cooling = await limiter.cooling(keys, clock())
+            metrics.cooling(model.alias, targets, cooling)
+        tried: set[int] = set()
+        refused: set[int] = set()
+        ex.attempts = []
+        last: BaseException | None = None  # the last failure without an answer
+        kept: tuple[Target, Buffered] | None = None  # the last failed answer, read whole
+        try:
+            while True:
+                i = None
+                if self._more(tried, refused, body):
+                    i = routing.choose(model, tried, cooling, refused, random.random)
+                if i is None:  # nothing left to try: the last answer as it came, or the last failure
+                    if kept is not None:
+                        ex.upstream_model, ex.provider_key = kept[0].model_name, kept[0].provider_key.name
+                        self.answered = kept[0]
+                        return kept[1]
+                    assert last is not None
+                    raise last
+                target = targets[i]
+                try:
+                    slot = await limiter.admit_provider(target.provider_key, clock())
+                except errors.RateLimited as exc:  # this key's quota is spent: another target, if any
+                    refused.add(i)
+                    last = last if tried else exc
+                    continue
+                await self.release()
+                self.slot = slot
+                tried.add(i)
+                answer, failure = await self._attempt(request, route, body, target, screen, sent, deadline)
+                self.answered = target if answer is not None else None
+                if answer is not None and answer.status not in routing.FAILOVER_STATUSES:
+                    return answer
+                if routed and await limiter.failed(keys[i], model.cooldown, clock()):
+                    cooling[i] = clock() + model.cooldown.cooldown_s
+                    metrics.cooling(model.alias, targets, cooling)
+                if answer is None:
+                    last = failure
+                elif not self._more(tried, refused, body):
+                    return answer  # the last attempt: relayed as it comes
+                else:
+                    buffered = await _read_whole(answer, app[SETTINGS].upstream.stream_idle_timeout_ms / 1000)
+                    kept = (target, buffered) if buffered is not None else kept
+        except BaseException:
+            await self.release()
+            raise
+
+    def _more(self, tried: set[int], refused: set[int], body: Replayable) -> bool:
+        """Whether another attempt may start (if a target is left to choose)."""
+        if not tried:
+            return True
+        model = self._model
+        return (len(tried) < model.retry.max_attempts and len(tried) + len(refused) < len(model.targets)
+                and body.replayable())
+
+    async def _attempt(self, request: web.Request, route: str, body: Replayable, target: Target,
+                       screen: Callable[[str], None], sent: Callable[[Target], None],
+                       deadline: Deadline) -> tuple[Answer | None, BaseException | None]:
+        """One attempt: its answer (whatever the status), or how it failed without one."""
+        ex = self._ex
+        ex.upstream_model, ex.provider_key = target.model_name, target.provider_key.name
+        begun = time.monotonic()
+        data, length = body.outbound(target, screen, lambda: sent(target))
+        answer: Answer | None = None
+        failure: errors.UpstreamFailed | None = None
+        try:
+            async with asyncio.timeout(None) as timer:  # the attempt's own: a timeout here can fail over
+                outer = deadline.swap(timer)
+                try:
+                    answer = await self._app[POOL].send(
+                        target.urls[route], target.provider_key.auth_header, ex.request_id, body.content_type,
+                        request.headers.get(hdrs.ACCEPT), data, length)
+                finally:
+                    deadline.swap(outer)
+        except errors.UpstreamFailed as exc:
+            failure = exc
+        except TimeoutError:
+            if deadline.waiting_on != UPSTREAM:  # the caller's upload went silent: not the target's fault
+                raise
+            failure = errors.upstream_timeout()
+        finally:  # also when the request itself failed (a bad upload, the caller gone): status and error null
+            kind = failure.failure if failure is not None else None
+            status = answer.status if answer is not None else None
+            assert ex.attempts is not None
+            ex.attempts.append({"provider_key": target.provider_key.name, "upstream_model": target.model_name,
+                                "status": status, "error": kind, "ms": int((time.monotonic() - begun) * 1000)})
+            self._app[METRICS].attempt(self._model.alias, target.provider_key.name,
+                                       kind or (str(status) if status else "aborted"))
+        return answer, failure
+
+    async def release(self, tokens: int | None = None) -> None:
+        """Give back the provider key's slot and charge its tokens; once, never raises."""
+        slot, self.slot = self.slot, None
+        await self._app[LIMITER].settle(slot, tokens, self._app[CLOCK]())
+
+
+
+class Buffered:
+    """A failed attempt's answer, read whole so that its connection could go back to the pool: it
+    is relayed as it came if no later attempt gets an answer."""
+
+    __slots__ = ("_body", "headers", "status")
+
+    def __init__(self, status: int, headers: CIMultiDictProxy[str], body: bytes) -> None:
+        self.status, self.headers, self._body = status, headers, body
+
+    async def read(self) -> bytes:
+        body, self._body = self._body, b""
+        return body
+
+    def release(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+BUFFER_LIMIT = 64 * 1024  # a failed answer's body (an error envelope) kept for relaying at most
+
+
+async def _read_whole(answer: Answer, idle: float) -> Buffered | None:
+    """The answer with its body, or None (and the connection aborted) when the body is larger
+    than BUFFER_LIMIT, does not come within ``idle`` or breaks."""
+    body = bytearray()
+    try:
+        async with asyncio.timeout(idle):
+            while chunk := await answer.read():
+                body += chunk
+                if len(body) > BUFFER_LIMIT:
+                    answer.close()
+                    return None
+    except (TimeoutError, ConnectionError):
+        answer.close()
+        return None
+    answer.release()
+    return Buffered(answer.status, answer.headers, bytes(body))

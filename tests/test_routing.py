@@ -1,0 +1,433 @@
+"""Several targets behind one alias: failover for speech and uploads, replay from disk, weights,
+priority, provider-key limits, cooldowns (shared through a real Redis), Azure, and the SDK.
+
+Two fake upstreams: ``fake`` (the session's, provider key "fake") and ``fake_b`` (provider key
+"fake-b"). The failover aliases put ``fake`` first (priority 0) and ``fake_b`` second, so the
+order of attempts is known without relying on chance.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import signal
+import os
+import socket
+import tempfile
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import openai
+import pytest
+
+from tests.fakes import Behaviour, FakeUpstream
+from tests.gateway import PROVIDER_SECRET, TEAM_A, Gateway, fd_targets
+from tests.test_transcriptions import form
+
+AUTH = {"Authorization": f"Bearer {TEAM_A}"}
+NO_COOLDOWN = {"failures": 1000000}  # the module's gateway: every test starts with both targets healthy
+
+
+def targets(a: str, b: str) -> list[dict[str, Any]]:
+    return [{"provider_key": "fake", "model_name": a}, {"provider_key": "fake-b", "model_name": b, "priority": 1}]
+
+
+def models(cooldown: dict[str, int] | None = None, **retry: int) -> list[dict[str, Any]]:
+    common: dict[str, Any] = {"cooldown": cooldown or NO_COOLDOWN}
+    if retry:
+        common["retry"] = retry
+    return [
+        {"display_name": "tts-failover", "routes": ["speech"], "targets": targets("tts-a", "tts-b"), **common},
+        # a longer model name on b: the replayed body's Content-Length must be b's own
+        {"display_name": "whisper-failover", "routes": ["transcriptions", "translations"],
+         "targets": targets("whisper-a", "whisper-much-longer-b"), **common},
+    ]
+
+
+def key_b(base: str, **fields: Any) -> dict[str, Any]:
+    return {"display_name": "fake-b", "provider": "openai", "api_base": base, "api_key": PROVIDER_SECRET, **fields}
+
+
+@pytest.fixture(scope="module")
+def fake_b() -> Iterator[FakeUpstream]:
+    upstream = FakeUpstream()
+    upstream.start()
+    yield upstream
+    upstream.stop()
+
+
+@pytest.fixture(autouse=True)
+def _fresh_b(fake_b: FakeUpstream) -> None:
+    fake_b.reset()
+
+
+@pytest.fixture(scope="module")
+def routed(fake: FakeUpstream, fake_b: FakeUpstream, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
+    gw = Gateway(tmp_path_factory.mktemp("routed"), fake.base_url, provider_keys=[key_b(fake_b.base_url)],
+                 models=models()).start()
+    yield gw
+    gw.stop()
+
+
+async def speech(gw: Gateway, model: str = "tts-failover", **kw: Any) -> tuple[int, bytes, dict[str, Any]]:
+    async with aiohttp.ClientSession() as s:
+        async with s.post(gw.url + "/v1/audio/speech", json={"model": model, "input": "hi", "voice": "alloy"},
+                          headers=AUTH, **kw) as r:
+            body = await r.read()
+            return r.status, body, gw.event(r.headers["x-aisix-request-id"])
+
+
+async def upload(gw: Gateway, data: bytes | AsyncIterator[bytes], content_type: str,
+                 route: str = "transcriptions") -> tuple[int, bytes, dict[str, Any]]:
+    async with aiohttp.ClientSession() as s:
+        async with s.post(gw.url + f"/v1/audio/{route}", data=data,
+                          headers={**AUTH, "Content-Type": content_type}) as r:
+            body = await r.read()
+            return r.status, body, gw.event(r.headers["x-aisix-request-id"])
+
+
+def spooled(gw: Gateway) -> list[str]:
+    """The gateway's open temp files: unlinked files in the temp directory (O_TMPFILE)."""
+    tmp = tempfile.gettempdir()
+    return [t for t in fd_targets(gw.pid) if t.startswith(tmp) and t.endswith("(deleted)")]
+
+
+def attempts(event: dict[str, Any]) -> list[tuple[str, int | None, str | None]]:
+    return [(a["provider_key"], a["status"], a["error"]) for a in event["attempts"]]
+
+
+# -- failover, speech ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("status", [429, 500, 502, 503, 504, 401, 403])
+async def test_speech_fails_over_on_these_statuses(routed: Gateway, fake: FakeUpstream, fake_b: FakeUpstream,
+                                                   status: int) -> None:
+    fake.behaviour = Behaviour(status=status)
+    got, body, event = await speech(routed)
+    assert got == 200 and len(body) == 3 * 4800
+    assert json.loads(fake.wait_received()[0].body)["model"] == "tts-a"
+    assert json.loads(fake_b.wait_received()[0].body)["model"] == "tts-b"
+    assert attempts(event) == [("fake", status, None), ("fake-b", 200, None)]
+    assert (event["provider_key"], event["upstream_model"], event["status"]) == ("fake-b", "tts-b", 200)
+
+
+@pytest.mark.parametrize("status", [400, 404, 413, 422])
+async def test_other_answers_are_relayed_as_they_came(routed: Gateway, fake: FakeUpstream, fake_b: FakeUpstream,
+                                                      status: int) -> None:
+    fake.behaviour = Behaviour(status=status)
+    got, body, event = await speech(routed)
+    assert got == status and json.loads(body)["error"]["code"] == "fake_error"
+    assert attempts(event) == [("fake", status, None)]
+    assert fake_b.received == []
+
+
+@pytest.mark.parametrize("fail, error", [("reset_before", "reset"), ("garbage", "reset")])
+async def test_speech_fails_over_on_a_broken_connection(routed: Gateway, fake: FakeUpstream, fake_b: FakeUpstream,
+                                                        fail: str, error: str) -> None:
+    fake.behaviour = Behaviour(fail=fail)
+    got, _, event = await speech(routed)
+    assert got == 200
+    assert attempts(event) == [("fake", None, error), ("fake-b", 200, None)]
+
+
+async def test_no_failover_once_the_caller_has_the_answer(routed: Gateway, fake: FakeUpstream,
+                                                          fake_b: FakeUpstream) -> None:
+    fake.behaviour = Behaviour(fail="reset_mid")
+    with pytest.raises(aiohttp.ClientPayloadError):
+        await speech(routed)
+    assert fake_b.received == []
+
+
+async def test_when_every_target_fails_the_last_answer_is_relayed(routed: Gateway, fake: FakeUpstream,
+                                                                   fake_b: FakeUpstream) -> None:
+    fake.behaviour = Behaviour(status=503)
+    fake_b.behaviour = Behaviour(status=429)
+    got, body, event = await speech(routed)
+    assert got == 429 and json.loads(body)["error"]["message"] == "fake upstream error 429"
+    assert attempts(event) == [("fake", 503, None), ("fake-b", 429, None)]
+    assert event["error_code"] == "upstream_error"
+
+
+async def test_an_earlier_answer_beats_a_later_failure_without_one(fake: FakeUpstream, make_gateway: Any) -> None:
+    """The caller gets the last upstream answer as it came, even when a later attempt got none."""
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{s.getsockname()[1]}/v1"
+    gw = make_gateway(provider_keys=[key_b(dead)], models=models())
+    fake.behaviour = Behaviour(status=500)
+    got, body, event = await speech(gw)
+    assert got == 500 and json.loads(body)["error"]["message"] == "fake upstream error 500"
+    assert attempts(event) == [("fake", 500, None), ("fake-b", None, "connect")]
+    assert (event["provider_key"], event["upstream_model"]) == ("fake", "tts-a")  # whose answer it is
+    # with no answer at all, the gateway's own 502
+    gw2 = make_gateway(upstream_base=dead, provider_keys=[key_b(dead)], models=models())
+    got, body, event = await speech(gw2)
+    assert got == 502 and json.loads(body)["error"]["code"] == "upstream_unavailable"
+    assert attempts(event) == [("fake", None, "connect"), ("fake-b", None, "connect")]
+
+
+async def test_connect_failure_fails_over(fake: FakeUpstream, fake_b: FakeUpstream, make_gateway: Any) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{s.getsockname()[1]}/v1"
+    gw = make_gateway(upstream_base=dead, provider_keys=[key_b(fake_b.base_url)], models=models())
+    got, _, event = await speech(gw)
+    assert got == 200
+    assert attempts(event) == [("fake", None, "connect"), ("fake-b", 200, None)]
+
+
+async def test_a_silent_target_times_out_and_fails_over(fake: FakeUpstream, fake_b: FakeUpstream,
+                                                        make_gateway: Any) -> None:
+    gw = make_gateway({"upstream": {"timeout_ms": 300}}, provider_keys=[key_b(fake_b.base_url)], models=models())
+    fake.behaviour = Behaviour(fail="stall_headers")
+    got, _, event = await speech(gw)
+    assert got == 200
+    assert attempts(event) == [("fake", None, "timeout"), ("fake-b", 200, None)]
+    assert event["attempts"][0]["ms"] >= 250  # the attempt waited out its timeout (ms are floored)
+
+
+async def test_max_attempts_one_never_fails_over(fake: FakeUpstream, fake_b: FakeUpstream, make_gateway: Any) -> None:
+    gw = make_gateway(provider_keys=[key_b(fake_b.base_url)], models=models(max_attempts=1))
+    fake.behaviour = Behaviour(status=503)
+    got, _, event = await speech(gw)
+    assert got == 503 and attempts(event) == [("fake", 503, None)]
+    assert fake_b.received == []
+
+
+# -- failover, uploads --------------------------------------------------------------------------
+
+async def in_pieces(data: bytes, size: int = 65536) -> AsyncIterator[bytes]:
+    for i in range(0, len(data), size):
+        yield data[i:i + size]
+
+
+@pytest.mark.parametrize("route", ["transcriptions", "translations"])
+@pytest.mark.parametrize("order", [("model", "file"), ("file", "model")], ids=["model-first", "file-first"])
+@pytest.mark.parametrize("framing", ["content-length", "chunked"])
+async def test_an_upload_is_replayed_byte_for_byte(routed: Gateway, fake: FakeUpstream, fake_b: FakeUpstream,
+                                                   route: str, order: tuple[str, str], framing: str) -> None:
+    audio = os.urandom(300_000)
+    data, ctype = form(*order, model=b"whisper-failover", file=audio, fields=[("prompt", b"a prompt")])
+    # a reads part of the body, then answers 503 while the caller is still sending
+    fake.behaviour = Behaviour(status=503, read_bytes=100_000)
+    got, body, event = await upload(routed, data if framing == "content-length" else in_pieces(data), ctype, route)
+    assert got == 200, body
+    expected = data.replace(b"whisper-failover", b"whisper-much-longer-b")
+    received = fake_b.wait_received()[0]
+    assert received.body == expected and received.complete
+    if framing == "content-length":
+        assert received.headers["Content-Length"] == str(len(expected))
+    assert attempts(event) == [("fake", 503, None), ("fake-b", 200, None)]
+
+
+async def test_a_200_mib_upload_replays_from_disk(fake: FakeUpstream, fake_b: FakeUpstream, make_gateway: Any) -> None:
+    """The first target reads part of it then resets: the second gets every byte, memory stays
+    flat, and no temp file is left."""
+    gw = make_gateway(provider_keys=[key_b(fake_b.base_url)], models=models())
+    size = 200 * 1024 * 1024
+    block = os.urandom(1024 * 1024)
+    boundary = b"----aisixBigBoundary"
+    head = (b"--" + boundary + b'\r\nContent-Disposition: form-data; name="model"\r\n\r\nwhisper-failover\r\n--'
+            + boundary + b'\r\nContent-Disposition: form-data; name="file"; filename="a.wav"\r\n\r\n')
+    tail = b"\r\n--" + boundary + b"--\r\n"
+    expected = hashlib.sha256(head.replace(b"whisper-failover", b"whisper-much-longer-b"))
+    for _ in range(size // len(block)):
+        expected.update(block)
+    expected.update(tail)
+
+    async def body() -> AsyncIterator[bytes]:
+        yield head
+        for _ in range(size // len(block)):
+            yield block
+        yield tail
+
+    fake.behaviour = Behaviour(status=503, read_bytes=30 * 1024 * 1024, keep_body=False)
+    fake_b.behaviour = Behaviour(keep_body=False)
+    before = gw.rss_kib()
+    gw.reset_peak()
+    got, _, event = await upload(gw, body(), "multipart/form-data; boundary=" + boundary.decode())
+    assert got == 200
+    received = fake_b.wait_received()[0]
+    assert (received.size, received.sha256) == (len(head) + 5 + size + len(tail), expected.hexdigest())
+    assert attempts(event) == [("fake", 503, None), ("fake-b", 200, None)]
+    assert gw.peak_rss_kib() - before < 64 * 1024
+    assert not spooled(gw)
+
+
+async def test_past_the_replay_limit_an_upload_is_not_retried(fake: FakeUpstream, fake_b: FakeUpstream,
+                                                             make_gateway: Any) -> None:
+    gw = make_gateway(provider_keys=[key_b(fake_b.base_url)], models=models(replay_limit_bytes=100_000))
+    data, ctype = form("model", "file", model=b"whisper-failover", file=os.urandom(1_000_000))
+    fake.behaviour = Behaviour(status=503, read_bytes=500_000)
+    got, body, event = await upload(gw, data, ctype)
+    assert got == 503 and json.loads(body)["error"]["code"] == "fake_error"
+    assert attempts(event) == [("fake", 503, None)]
+    assert fake_b.received == []
+    # under the limit, the same alias fails over
+    small, ctype = form("model", "file", model=b"whisper-failover", file=b"RIFF" + bytes(20_000))
+    fake.behaviour = Behaviour(status=503)
+    got, _, event = await upload(gw, small, ctype)
+    assert got == 200 and attempts(event) == [("fake", 503, None), ("fake-b", 200, None)]
+
+
+async def test_a_bad_upload_is_the_callers_fault_not_the_targets(routed: Gateway, fake: FakeUpstream,
+                                                                 fake_b: FakeUpstream) -> None:
+    data, ctype = form("model", "file", model=b"whisper-failover")
+    got, body, event = await upload(routed, data[:-10] + b"garbage!!!", ctype)  # no closing delimiter
+    assert got == 400 and json.loads(body)["error"]["code"] == "invalid_multipart"
+    assert fake_b.received == [] and len(event["attempts"]) == 1
+
+
+# -- choice -------------------------------------------------------------------------------------
+
+async def test_weights_share_the_traffic(fake: FakeUpstream, fake_b: FakeUpstream, make_gateway: Any) -> None:
+    weighted = [{"display_name": "tts-weighted", "targets": [
+        {"provider_key": "fake", "model_name": "tts-a", "weight": 3},
+        {"provider_key": "fake-b", "model_name": "tts-b", "weight": 1}]}]
+    gw = make_gateway(provider_keys=[key_b(fake_b.base_url)], models=weighted)
+    n = 240
+    fake.behaviour = fake_b.behaviour = Behaviour(speech_chunks=1, speech_chunk_bytes=48)
+    for _ in range(n):
+        got, _, _ = await speech(gw, "tts-weighted")
+        assert got == 200
+    a, b = len(fake.received), len(fake_b.received)
+    assert a + b == n
+    assert 0.62 < a / n < 0.88, (a, b)  # 0.75 expected; the bounds are > 4 standard deviations out
+
+
+async def test_a_provider_keys_own_limit_steers_traffic(fake: FakeUpstream, fake_b: FakeUpstream,
+                                                        make_gateway: Any) -> None:
+    limited = {"display_name": "fake-limited", "provider": "openai", "api_base": fake.base_url,
+               "api_key": PROVIDER_SECRET, "rate_limit": {"rpd": 2}}
+    steered = [{"display_name": "tts-steered", "targets": [
+        {"provider_key": "fake-limited", "model_name": "tts-a"},
+        {"provider_key": "fake-b", "model_name": "tts-b", "priority": 1}]}]
+    gw = make_gateway(provider_keys=[limited, key_b(fake_b.base_url)], models=steered)
+    keys = [(await speech(gw, "tts-steered"))[2]["provider_key"] for _ in range(4)]
+    assert keys == ["fake-limited", "fake-limited", "fake-b", "fake-b"]
+
+
+async def test_every_provider_key_full_is_429(fake: FakeUpstream, make_gateway: Any) -> None:
+    limited = {"display_name": "fake-limited", "provider": "openai", "api_base": fake.base_url,
+               "api_key": PROVIDER_SECRET, "rate_limit": {"rpd": 1}}
+    gw = make_gateway(provider_keys=[limited], models=[
+        {"display_name": "tts-one", "provider_key": "fake-limited", "model_name": "tts-a"}])
+    assert (await speech(gw, "tts-one"))[0] == 200
+    got, body, event = await speech(gw, "tts-one")
+    error = json.loads(body)["error"]
+    assert (got, error["code"]) == (429, "rate_limit_exceeded")
+    assert "fake-limited" not in error["message"]  # the provider key's name is the operator's business
+    assert "attempts" not in event
+
+
+# -- cooldown -----------------------------------------------------------------------------------
+
+async def test_a_failing_target_cools_down(fake: FakeUpstream, fake_b: FakeUpstream, make_gateway: Any) -> None:
+    gw = make_gateway({"metrics": {"listen": "127.0.0.1:0"}}, provider_keys=[key_b(fake_b.base_url)],
+                      models=models({"failures": 2, "window_s": 60, "cooldown_s": 600}))
+    fake.behaviour = Behaviour(status=503)
+    for _ in range(2):
+        assert attempts((await speech(gw))[2]) == [("fake", 503, None), ("fake-b", 200, None)]
+    # cooling down: b first, a not asked at all
+    assert attempts((await speech(gw))[2]) == [("fake-b", 200, None)]
+    assert len(fake.received) == 2
+    # b fails too and cools down after a did; a, tried anyway, answers (its cooldown is not pushed back)
+    fake.behaviour, fake_b.behaviour = Behaviour(), Behaviour(status=503)
+    for _ in range(2):
+        assert attempts((await speech(gw))[2]) == [("fake-b", 503, None), ("fake", 200, None)]
+    # every target cooling down: the one whose cooldown ends first (a's) is still tried first
+    assert attempts((await speech(gw))[2]) == [("fake", 200, None)]
+    async with aiohttp.ClientSession() as s, s.get(gw.metrics_url + "/metrics") as r:
+        text = await r.text()
+    assert 'aisix_target_cooling_down{model="tts-failover",provider_key="fake"} 1.0' in text
+    assert 'aisix_upstream_attempts_total{model="tts-failover",outcome="503",provider_key="fake"}' in text
+
+
+async def test_cooldowns_are_shared_through_redis(fake: FakeUpstream, fake_b: FakeUpstream, make_gateway: Any,
+                                                  redis_url: str) -> None:
+    settings = {"ratelimit": {"backend": redis_url}}
+    cooling = models({"failures": 1, "window_s": 60, "cooldown_s": 600})
+    one = make_gateway(settings, provider_keys=[key_b(fake_b.base_url)], models=cooling)
+    two = make_gateway(settings, provider_keys=[key_b(fake_b.base_url)], models=cooling)
+    fake.behaviour = Behaviour(status=503)
+    assert attempts((await speech(one))[2]) == [("fake", 503, None), ("fake-b", 200, None)]
+    assert attempts((await speech(two))[2]) == [("fake-b", 200, None)]  # learnt from the first
+
+
+# -- Azure --------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("version, path, query", [
+    ("2024-10-21", "/openai/deployments/whisper-east/audio/transcriptions", "api-version=2024-10-21"),
+    ("v1", "/openai/v1/audio/transcriptions", ""),
+])
+async def test_azure_urls_and_headers(fake: FakeUpstream, make_gateway: Any, version: str, path: str,
+                                      query: str) -> None:
+    base = fake.base_url.removesuffix("/v1")
+    azure = {"display_name": "azure-east", "provider": "azure", "api_base": base, "api_key": "azure-secret-key",
+             "api_version": version}
+    gw = make_gateway(provider_keys=[azure], models=[
+        {"display_name": "whisper-azure", "provider_key": "azure-east", "model_name": "whisper-east"}])
+    data, ctype = form("file", "model", model=b"whisper-azure")
+    got, _, _ = await upload(gw, data, ctype)
+    assert got == 200
+    received = fake.wait_received()[0]
+    assert (received.path, received.query) == (path, query)
+    assert received.headers["api-key"] == "azure-secret-key" and "Authorization" not in received.headers
+    assert b'name="model"\r\n\r\nwhisper-east\r\n' in received.body  # the deployment name
+
+
+# -- the SDK, and what is left behind -----------------------------------------------------------
+
+def test_the_openai_sdk_through_a_failover_alias(routed: Gateway, fake: FakeUpstream, fake_b: FakeUpstream,
+                                                 tmp_path: Path) -> None:
+    fake.behaviour = Behaviour(status=503)
+    with openai.OpenAI(base_url=routed.url + "/v1", api_key=TEAM_A, max_retries=0, timeout=30) as client:
+        text = client.audio.transcriptions.create(model="whisper-failover",
+                                                  file=("a.wav", b"RIFF" + bytes(50_000), "audio/wav")).text
+        assert text == "hello from the fake"
+        out = tmp_path / "a.mp3"
+        with client.audio.speech.with_streaming_response.create(model="tts-failover", voice="alloy",
+                                                                input="hi") as r:
+            r.stream_to_file(out)
+        assert out.stat().st_size == 3 * 4800
+    assert len(fake_b.received) == 2
+
+
+def test_no_temp_file_is_left(routed: Gateway) -> None:
+    """After every test of this module on the shared gateway: nothing spooled is still open."""
+    assert not spooled(routed)
+
+
+async def test_the_access_line_names_the_attempts(routed: Gateway, fake: FakeUpstream) -> None:
+    fake.behaviour = Behaviour(status=502)
+    _, _, event = await speech(routed)
+    line = routed.wait_log(f"rid={event['request_id']}")
+    assert line.rstrip().endswith("attempts=fake:502,fake-b:200"), line
+
+
+async def test_a_reload_keeps_cooldowns(fake: FakeUpstream, fake_b: FakeUpstream, make_gateway: Any) -> None:
+    """Cooldowns are kept by alias and target, so a reload that keeps the target keeps its state."""
+    gw = make_gateway(provider_keys=[key_b(fake_b.base_url)],
+                      models=models({"failures": 1, "window_s": 60, "cooldown_s": 600}))
+    fake.behaviour = Behaviour(status=503)
+    assert attempts((await speech(gw))[2]) == [("fake", 503, None), ("fake-b", 200, None)]
+    gw.signal(signal.SIGHUP)
+    gw.wait_log("reloaded")
+    assert attempts((await speech(gw))[2]) == [("fake-b", 200, None)]
+
+
+async def test_a_caller_leaving_mid_upload_leaves_nothing_open(routed: Gateway, fake: FakeUpstream,
+                                                               fake_b: FakeUpstream) -> None:
+    data, ctype = form("model", "file", model=b"whisper-failover", file=os.urandom(2_000_000))
+    fake.behaviour = Behaviour(status=503, read_bytes=200_000)
+    host, port = routed.url.removeprefix("http://").rsplit(":", 1)
+    with socket.create_connection((host, int(port))) as s:
+        s.sendall(f"POST /v1/audio/transcriptions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TEAM_A}\r\n"
+                  f"x-aisix-request-id: caller-leaves-1\r\nContent-Type: {ctype}\r\n"
+                  f"Content-Length: {len(data)}\r\n\r\n".encode() + data[:1_000_000])
+        fake.wait_received(1)  # the first target has answered 503: the gateway fails over to b
+    event = routed.event("caller-leaves-1")  # written once the exchange let go of everything
+    assert event["status"] == 499 and event["attempts"][0]["status"] == 503
+    left = spooled(routed)
+    assert not left, (left, routed.log()[-3000:])
