@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator, Callable
 
 from aiohttp import web
 
-from . import endpoints, forms, pipeline, responses, speech, upstream
+from . import endpoints, forms, inbound, pipeline, responses, speech, upstream
 from .config import Config
 from .keys import CLOCK, LIMITER, LIVE, METRICS, POOL, SETTINGS, USAGE
 from .limits import Limiter
@@ -51,21 +51,24 @@ def create_app(config: Config, clock: Callable[[], float] = time.time) -> web.Ap
               ("POST", "/v1/audio/transcriptions", pipeline.route("transcriptions", forms.read)),
               ("POST", "/v1/audio/translations", pipeline.route("translations", forms.read)),
               ("GET", "/v1/models", endpoints.models),
+              ("GET", "/v1/models/{alias:.+}", endpoints.model),  # aliases may hold a "/"
               ("GET", "/livez", endpoints.livez),
               ("GET", "/readyz", endpoints.readyz)]
     methods: dict[str, tuple[str, ...]] = {}
+    # expect_handler: a 100 Continue only once the pipeline has decided to read the body (inbound.py).
     for method, path, handler in routes:
         if method == "GET":
-            app.router.add_get(path, responses.route(handler))  # and HEAD
+            app.router.add_get(path, responses.route(handler), expect_handler=inbound.expect)  # and HEAD
             methods[path] = ("GET", "HEAD")
         else:
-            app.router.add_route(method, path, responses.route(handler))
+            app.router.add_route(method, path, responses.route(handler), expect_handler=inbound.expect)
             methods[path] = (method,)
     cors = config.settings.proxy.cors
     for path, allowed in methods.items():
         if cors is not None and path.startswith("/v1/"):  # browsers' preflights; else OPTIONS is 405
             app.router.add_route("OPTIONS", path, responses.preflight(allowed, cors))
-    app.router.add_route("*", "/{path:.*}", responses.unrouted(methods))  # last: 404 and 405
+    # last: 404 and 405
+    app.router.add_route("*", "/{path:.*}", responses.unrouted(methods), expect_handler=inbound.expect)
     return app
 
 

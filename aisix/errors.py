@@ -138,6 +138,11 @@ def invalid_body() -> GatewayError:
     return invalid_request("invalid_body", "The request body is malformed.")
 
 
+def invalid_http_request() -> GatewayError:
+    return invalid_request("invalid_http_request",
+                           "The request is not valid HTTP: its request line or a header is malformed or too long.")
+
+
 def invalid_header() -> GatewayError:
     return invalid_request("invalid_header", "A header value contains a line break.")
 

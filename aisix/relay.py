@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 
-from aiohttp import web
+from aiohttp import HttpVersion11, web
 
 from . import errors, guardrails
 from .audio import Probe
@@ -52,6 +52,11 @@ async def relay(
         if "x-request-id" in up:
             headers["x-upstream-request-id"] = up["x-request-id"]
         response = web.StreamResponse(status=upstream.status, headers=headers)
+        if "Content-Length" not in headers and request.version < HttpVersion11:
+            # An HTTP/1.0 caller cannot take chunks: the body ends where the connection does.
+            # aiohttp frames it so but keeps the connection (a keep-alive caller would wait out
+            # the keep-alive timeout for an end that never comes).
+            response.force_close()
         ex.status = upstream.status
         ex.stream = ok and content_type.startswith(_STREAMED) and held is None
         if not ok:
