@@ -55,11 +55,12 @@ class Attempts:
         app, ex, model = self._app, self._ex, self._model
         limiter, clock, metrics = app[LIMITER], app[CLOCK], app[METRICS]
         targets = model.targets
-        routed = len(targets) > 1 and model.retry.max_attempts > 1
+        routed = len(targets) > 1  # a choice to make: cooldowns steer it, even with no retry
         keys = [routing.key(model.alias, t.id) for t in targets] if routed else []
         cooling: dict[int, float] = {}
         if routed:
-            body.keep(model.retry.replay_limit_bytes)
+            if model.retry.max_attempts > 1:
+                body.keep(model.retry.replay_limit_bytes)
             cooling = await limiter.cooling(keys, clock())
             metrics.cooling(model.alias, targets, cooling)
         tried: set[int] = set()
@@ -150,10 +151,11 @@ class Attempts:
                                        kind or (str(status) if status else "aborted"))
         return answer, failure
 
-    async def release(self, tokens: int | None = None) -> None:
-        """Give back the provider key's slot and charge its tokens; once, never raises."""
+    async def release(self, tokens: int | None = None, cost_usd: float | None = None,
+                      audio_seconds: float | None = None) -> None:
+        """Give back the provider key's slot and charge what the answer used; once, never raises."""
         slot, self.slot = self.slot, None
-        await self._app[LIMITER].settle(slot, tokens, self._app[CLOCK]())
+        await self._app[LIMITER].settle(slot, tokens, self._app[CLOCK](), cost_usd, audio_seconds)
 
 
 

@@ -12,6 +12,7 @@ complete.
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncIterator, Callable
 
 from aiohttp import hdrs, web
@@ -23,6 +24,8 @@ from .config import Resources, Settings, Target
 from .inbound import Inbound
 from .spool import Spool
 from .upstream import Body, Write
+
+log = logging.getLogger(__name__)
 
 _MODEL_ONLY = frozenset({multipart.MODEL})
 _PROMPT = frozenset({multipart.MODEL, "prompt"})
@@ -139,8 +142,13 @@ class FormBody:
             copy.close()  # too big to replay: the disk is given back, and no later failure is retried
             self._copy = None
             return
-        for piece in out:
-            copy.write(piece)
+        try:
+            for piece in out:
+                copy.write(piece)
+        except OSError as exc:  # the temp directory is full: this request goes on, without a retry
+            log.warning("upload copy for a failover dropped: %s", exc.strerror or exc)
+            copy.close()
+            self._copy = None
 
     def close(self) -> None:
         self._held.close()

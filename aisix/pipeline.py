@@ -104,6 +104,9 @@ async def exchange(request: web.Request, route: str, read: Reader) -> web.Stream
             body = await read(request, inbound, settings, resources)
             ex.model, ex.input_characters = body.alias, body.characters
             model = aliases.resolve(body.alias, key, resources.models, route)
+            if len(model.targets) == 1:  # known before any attempt (with several: once one starts)
+                only = model.targets[0]
+                ex.upstream_model, ex.provider_key = only.model_name, only.provider_key.name
             inputs = guardrails.rules_for(resources, model.alias, guardrails.INPUT)
 
             def screen(text: str) -> None:
@@ -142,7 +145,7 @@ async def exchange(request: web.Request, route: str, read: Reader) -> web.Stream
             ex.cost_usd = _cost(ex, model, attempts.answered if attempts is not None else None)
         audio = _audio_in(ex) if route != "speech" else ex.audio_seconds_out
         if attempts is not None:
-            await attempts.release(tokens)
+            await attempts.release(tokens, ex.cost_usd, audio)
         await limiter.settle(slot, tokens, clock(), ex.cost_usd, audio)
         _finish(app, ex, resources)
 

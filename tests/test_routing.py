@@ -431,3 +431,24 @@ async def test_a_caller_leaving_mid_upload_leaves_nothing_open(routed: Gateway, 
     assert event["status"] == 499 and event["attempts"][0]["status"] == 503
     left = spooled(routed)
     assert not left, (left, routed.log()[-3000:])
+
+
+async def test_cooldowns_steer_even_without_retries(fake: FakeUpstream, fake_b: FakeUpstream,
+                                                    make_gateway: Any) -> None:
+    gw = make_gateway(provider_keys=[key_b(fake_b.base_url)],
+                      models=models({"failures": 1, "window_s": 60, "cooldown_s": 600}, max_attempts=1))
+    fake.behaviour = Behaviour(status=503)
+    assert attempts((await speech(gw))[2]) == [("fake", 503, None)]  # no retry: the 503 as it came
+    assert attempts((await speech(gw))[2]) == [("fake-b", 200, None)]  # but the next goes elsewhere
+
+
+async def test_a_provider_keys_budget_steers_traffic(fake: FakeUpstream, fake_b: FakeUpstream,
+                                                     make_gateway: Any) -> None:
+    budgeted = {"display_name": "fake-budget", "provider": "openai", "api_base": fake.base_url,
+                "api_key": PROVIDER_SECRET, "rate_limit": {"cost_usd_per_day": 1.0}}
+    steered = [{"display_name": "tts-budget", "pricing": {"per_request": 0.6}, "targets": [
+        {"provider_key": "fake-budget", "model_name": "tts-a"},
+        {"provider_key": "fake-b", "model_name": "tts-b", "priority": 1}]}]
+    gw = make_gateway(provider_keys=[budgeted, key_b(fake_b.base_url)], models=steered)
+    keys = [(await speech(gw, "tts-budget"))[2]["provider_key"] for _ in range(3)]
+    assert keys == ["fake-budget", "fake-budget", "fake-b"]  # 1.20 spent on that key after two
