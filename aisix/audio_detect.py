@@ -10,12 +10,16 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from . import audio_flac, audio_ogg
 from .audio import Chunk, Pcm, Probe, Unknown
 
 HEAD = 64  # bytes a sniff is given (fewer only when the whole file is shorter)
 
 # (sniff, probe factory) per format, in the order they are asked; the first that claims the head wins.
-FORMATS: tuple[tuple[Callable[[bytes], bool], Callable[[], Probe]], ...] = ()
+FORMATS: tuple[tuple[Callable[[bytes], bool], Callable[[], Probe]], ...] = (
+    (audio_flac.sniff, audio_flac.Flac),
+    (audio_ogg.sniff, audio_ogg.Ogg),
+)
 
 
 class Detect:

@@ -84,3 +84,70 @@ async def test_a_budget_is_shared_by_two_gateways_on_one_redis(fake: FakeUpstrea
     assert (await speech(two, key="sk-budget-shared"))[0] == 200  # 0.60 spent: admitted, then 1.20
     status, _, body = await speech_raw(one, "sk-budget-shared")
     assert status == 429 and json.loads(body)["error"]["code"] == "budget_exceeded"
+
+
+# -- uploads: measured on the wire, refused early -----------------------------------------------
+
+def whisper(**fields: Any) -> list[dict[str, Any]]:
+    return [{"display_name": "whisper-metered", "provider_key": "fake", "model_name": "whisper-1", **fields}]
+
+
+async def upload(gw: Gateway, audio: bytes, order: tuple[str, str] = ("model", "file"),
+                 key: str = TEAM_A) -> tuple[int, dict[str, Any], dict[str, Any]]:
+    from tests.test_transcriptions import form
+
+    data, ctype = form(*order, model=b"whisper-metered", file=audio, file_name=b"a.flac")
+    async with aiohttp.ClientSession() as s:
+        async with s.post(gw.url + "/v1/audio/transcriptions", data=data,
+                          headers={"Authorization": f"Bearer {key}", "Content-Type": ctype}) as r:
+            body = await r.read()
+            return r.status, json.loads(body), gw.event(r.headers["x-aisix-request-id"])
+
+
+@pytest.mark.parametrize("order", [("model", "file"), ("file", "model")], ids=["model-first", "file-first"])
+async def test_an_upload_is_measured_and_priced_per_minute(fake: FakeUpstream, make_gateway: Any,
+                                                           order: tuple[str, str]) -> None:
+    from tests.audio_files import ffprobe_seconds, make
+
+    path = make("flac", 30.0)
+    # response_format text: the upstream reports no duration, so the measured one is used
+    fake.behaviour = Behaviour(transcript="hi")
+    gw = make_gateway(models=whisper(pricing={"per_minute_input_audio": 0.006}))
+    status, _, event = await upload(gw, path.read_bytes(), order)
+    assert status == 200
+    assert event["audio_seconds_in"] == pytest.approx(ffprobe_seconds(path), abs=0.05)
+    assert event["cost_usd"] == pytest.approx(0.003, abs=1e-5)
+
+
+@pytest.mark.parametrize("order", [("model", "file"), ("file", "model")], ids=["model-first", "file-first"])
+async def test_an_upload_over_max_audio_seconds_is_refused_before_it_is_sent(
+        fake: FakeUpstream, make_gateway: Any, order: tuple[str, str]) -> None:
+    from tests.audio_files import make
+
+    audio = make("flac", 61.0).read_bytes()
+    gw = make_gateway(models=whisper(max_audio_seconds=60))
+    status, body, event = await upload(gw, audio, order)
+    assert status == 400
+    assert body["error"]["code"] == "audio_too_long" and body["error"]["param"] == "file"
+    assert event["error_code"] == "audio_too_long"
+    # the header told the length: the file never left (model first: the form's head may have)
+    assert all(audio[:4096] not in r.body for r in fake.received)
+    assert all(not r.complete for r in fake.received)
+
+
+async def test_an_upload_longer_than_the_quota_has_left_is_429_before_it_is_sent(
+        fake: FakeUpstream, make_gateway: Any) -> None:
+    from tests.audio_files import make
+
+    key = {"display_name": "quota", "key_hash": hash_key("sk-quota-secret"), "allowed_models": ["*"],
+           "rate_limit": {"audio_seconds_per_hour": 100}}
+    gw = make_gateway(models=whisper(), api_keys=[key])
+    status, _, event = await upload(gw, make("flac", 61.0).read_bytes(), key="sk-quota-secret")
+    assert status == 200 and event["audio_seconds_in"] == pytest.approx(61.0, abs=0.05)
+    received = len(fake.received)
+    status, body, _ = await upload(gw, make("flac", 45.0).read_bytes(), key="sk-quota-secret")  # 39 s left
+    assert status == 429 and body["error"]["code"] == "rate_limit_exceeded"
+    assert "Audio quota of 100 seconds per hour" in body["error"]["message"]
+    assert all(not r.complete for r in fake.received[received:])
+    status, _, _ = await upload(gw, make("flac", 30.0).read_bytes(), key="sk-quota-secret")
+    assert status == 200  # what is left still takes a shorter one
