@@ -65,7 +65,9 @@ def first_frame_at(data: bytes) -> int:
 def test_the_duration_is_ffprobes_however_the_file_is_cut(case: tuple[str, float, int, int]) -> None:
     data, truth = data_of(case), truth_of(case)
     answers = set()
-    for pieces in splits(data, seed=len(data), count=8):
+    cuts = list(splits(data, seed=len(data), count=8))
+    # The minute-long files skip the 1-7 byte pieces (millions of feeds); the short ones have them.
+    for pieces in cuts if case[1] <= 3 else cuts[:-1]:
         probe, seconds = feed_checked(pieces)
         assert close_enough(seconds, truth), (seconds, truth)
         # at_least counts whole frames only, so it ends on the answer itself. ffprobe estimates an
