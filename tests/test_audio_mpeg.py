@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import importlib.util
 import random
 import subprocess
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 
@@ -310,3 +312,47 @@ def test_absurd_headers_cost_neither_memory_nor_time(name: str) -> None:
         probe, seconds = feed_checked(pieces)
         assert seconds is None or seconds >= 0
         assert probe.at_least <= (seconds or 0.0)
+
+
+def _load_fuzz_module() -> ModuleType:
+    """fuzz/fuzz_audio_riff_mpeg.py, whose check() holds both probes to the contract (no atheris needed)."""
+    path = Path(__file__).resolve().parent.parent / "fuzz" / "fuzz_audio_riff_mpeg.py"
+    spec = importlib.util.spec_from_file_location("aisix_fuzz_audio_riff_mpeg", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+fz = _load_fuzz_module()
+CORPUS = sorted((Path(__file__).resolve().parent.parent / "fuzz" / "corpus-audio-riff-mpeg").iterdir())
+
+
+@pytest.mark.parametrize("path", CORPUS, ids=[p.name for p in CORPUS])
+def test_the_fuzz_corpus_replays(path: Path) -> None:
+    fz.test_one_input(path.read_bytes())
+
+
+def test_the_fuzz_check_catches_a_probe_that_depends_on_the_cuts(monkeypatch: pytest.MonkeyPatch) -> None:
+    class Flaky(Mpeg):
+        """Answers one frame more when it was fed in more than one piece."""
+
+        __slots__ = ("feeds",)
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.feeds = 0
+
+        def feed(self, data: bytes | bytearray | memoryview) -> None:
+            self.feeds += 1
+            super().feed(data)
+
+        def end(self) -> float | None:
+            answer = super().end()
+            return None if answer is None else answer + (1152 / 44100 if self.feeds > 1 else 0)
+
+    data = data_of(("mp3-cbr", 0.5, 44100, 2))
+    fz.check(data, fz.cuts_of(1, 3, len(data)))
+    monkeypatch.setattr(fz, "PROBES", (Flaky,))
+    with pytest.raises(AssertionError, match="whole"):
+        fz.check(data, fz.cuts_of(1, 3, len(data)))
