@@ -9,9 +9,12 @@ in bytes and the samples it decodes to (MPEG: 384, 576 or 1152 by version and la
 per raw data block). The duration is the samples of the audio frames walked over the sample rate.
 Layer bits ``00`` are ADTS, anything else MPEG audio, so the two never claim each other's frames.
 
-- An ID3v2 tag (with its footer, when flagged) is skipped wherever a frame could start, and so are
-  an ID3v1 ``TAG``, an APE tag with a header, and an ID3v2 footer; other bytes between frames
-  (padding, a tag without a header, garbage) are searched for the next frame with ``bytes.find``.
+- ID3v2 tags before the first frame are passed over by their stated size (with the footer, when
+  flagged), as ffmpeg does. Any other bytes that are not a frame where one should start (an
+  ID3v1 or APE tag at the end, a tag appended later, padding, garbage) are searched through for
+  the next frame with ``bytes.find``, never skipped by a size they state: a fake tag header in
+  the middle of a file cannot hide the audio after it from the count, while the decoder upstream
+  plays it.
 - A frame found by searching counts only once the next frame's header is there and agrees with it
   (same version, layer and sample rate; for ADTS, profile and sample rate), or it ends exactly at
   the end of the file: a stray 0xFF in a tag or in garbage is not a frame. Frames that follow one
@@ -43,7 +46,6 @@ _ADTS_RATES = (96000, 88200, 64000, 48000, 44100, 32000, 24000, 22050, 16000, 12
 _VERSION_SHIFT = {3: 0, 2: 1, 0: 2}  # version bits -> halvings of the MPEG-1 rate (1 is reserved)
 _HEAD = 7  # bytes a candidate frame header is read from (an ADTS header; an MPEG one is 4)
 _VBR_TAG_END = 4 + 32 + 18  # the VBRI fields end here; a Xing frame count ends before
-_APE_HEADER = 1 << 29
 
 
 def _mpeg_frame(b1: int, b2: int) -> tuple[int, int, int]:
@@ -97,26 +99,6 @@ def _id3_size(buf: bytes, at: int) -> int | None:
         return None
     size = (head[6] << 21) | (head[7] << 14) | (head[8] << 7) | head[9]
     return 10 + size + (10 if head[5] & 0x10 else 0)
-
-
-def _tag(buf: bytes, at: int) -> int | None:
-    """Bytes to skip for a tag starting at buf[at:]; 0 when more bytes are needed to tell; None: no tag.
-
-    buf holds at least _HEAD bytes from `at`, or all there is until the end of the stream.
-    """
-    rest = buf[at:at + 32]
-    if rest[:3] == b"TAG":
-        return 128
-    if rest[:3] == b"ID3":
-        return _id3_size(buf, at) if len(rest) >= 10 else 0
-    if rest[:3] == b"3DI":  # an ID3v2 footer, after a tag that was appended
-        return 10
-    if rest[:8] == b"APETAGEX":
-        if len(rest) < 32:
-            return 0
-        size, flags = int.from_bytes(rest[12:16], "little"), int.from_bytes(rest[20:24], "little")
-        return 32 + size if flags & _APE_HEADER else 32
-    return None
 
 
 def _vbr_frames(frame: bytes, b3: int, mpeg1: bool) -> int | None:
@@ -261,17 +243,19 @@ class Mpeg:
             if at < n:
                 self._hold(buf, at, _HEAD)
             return -1
-        skip = _tag(buf, at)
-        if skip is None:
-            self._mode = _SEARCH
-            return at
-        if skip == 0:
-            self._hold(buf, at, 32)
-            return -1
-        at += skip
-        if at > n:
-            self._skip = at - n
-            return -1
+        if self._key1 < 0 and buf.startswith(b"ID3", at):
+            # Before the first frame, an ID3v2 tag is passed over by its stated size, as ffmpeg does.
+            if n - at < 10:
+                self._hold(buf, at, 10)
+                return -1
+            size = _id3_size(buf, at)
+            if size is not None:
+                at += size
+                if at > n:
+                    self._skip = at - n
+                    return -1
+                return at
+        self._mode = _SEARCH
         return at
 
     def _search(self, buf: bytes, at: int) -> int:

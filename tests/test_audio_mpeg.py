@@ -218,6 +218,37 @@ def test_garbage_between_frames_costs_at_most_the_frames_it_hit(fmt: str) -> Non
         assert clean is not None and seconds is not None and clean - 4 * frame <= seconds <= clean
 
 
+@pytest.mark.parametrize("lying_tag", [
+    b"APETAGEX" + (2000).to_bytes(4, "little") + (0xFFFFFFF0).to_bytes(4, "little") + bytes(4)
+    + (0xA0000000).to_bytes(4, "little") + bytes(8),
+    b"ID3\x04\x00\x00\x7f\x7f\x7f\x7f",
+], ids=["ape-header", "id3v2-header"])
+def test_a_tag_header_in_the_middle_cannot_hide_the_audio_after_it(lying_tag: bytes) -> None:
+    # A decoder plays the frames after a tag that lies about its size; so must the count go on.
+    data = data_of(("mp3-cbr", 3, 44100, 2))
+    _, clean = feed_checked([data])
+    for at in (len(data) // 3, len(data) // 2):
+        _, seconds = feed_checked([data[:at] + lying_tag + data[at:]])
+        assert clean is not None and seconds is not None and clean - 2 * 1152 / 44100 <= seconds <= clean
+
+
+def test_without_a_vbr_header_a_vbr_file_is_counted_where_ffprobe_estimates(tmp_path: Path) -> None:
+    # ffprobe's format duration for an MP3 without Xing/VBRI (and for ADTS) is the file size over
+    # the first frame's bitrate: right for CBR, off for VBR. The frames are the truth: its packet
+    # count agrees with the probe.
+    path = tmp_path / "vbr.mp3"
+    subprocess.run(["ffmpeg", "-hide_banner", "-loglevel", "error", "-f", "lavfi", "-i",
+                    "sine=frequency=440:sample_rate=44100:duration=20", "-c:a", "libmp3lame", "-q:a", "2",
+                    "-write_xing", "0", str(path)], check=True, timeout=60)
+    packets = subprocess.run(["ffprobe", "-v", "error", "-count_packets", "-show_entries", "stream=nb_read_packets",
+                              "-of", "csv=p=0", str(path)], check=True, capture_output=True, text=True,
+                             timeout=60).stdout
+    probe, seconds = feed_checked([path.read_bytes()])
+    assert probe.declared is None
+    assert seconds == int(packets) * 1152 / 44100
+    assert not close_enough(ffprobe_seconds(path), seconds)  # if this fails, ffprobe learned to count
+
+
 def test_layer_ii_is_read_too(tmp_path: Path) -> None:
     path = tmp_path / "tone.mp2"
     subprocess.run(["ffmpeg", "-hide_banner", "-loglevel", "error", "-f", "lavfi", "-i",
