@@ -30,6 +30,8 @@ Layer bits ``00`` are ADTS, anything else MPEG audio, so the two never claim eac
 
 from __future__ import annotations
 
+import re
+
 from .audio import Chunk
 
 # MPEG audio: kbit/s by (MPEG-1?, layer bits) and bitrate index 1-14.
@@ -92,6 +94,20 @@ def _frame(buf: bytes, at: int) -> tuple[int, int, int, int, int] | None:
     return length, samples, rate, b1 | 1, b2 & 0x0C
 
 
+def _byte_class(valid: list[int]) -> bytes:
+    return b"[" + b"".join(b"\\x%02x" % byte for byte in valid) + b"]"
+
+
+# Where a frame may start: 0xFF, then a byte 1 and a byte 2 that some MPEG or ADTS header allows.
+# Searched by the regex engine, so the bytes between candidates cost no Python work.
+_CANDIDATE = re.compile(
+    b"\\xff"
+    + _byte_class([b1 for b1 in range(0xE0, 0x100) if b1 & 0xF6 == 0xF0 or any(_MPEG_FRAMES[((b1 & 0x1F) << 8) | b2][0]
+                                                                              for b2 in range(256))])
+    + _byte_class([b2 for b2 in range(256) if (b2 >> 2) & 0xF < len(_ADTS_RATES) or any(
+        _MPEG_FRAMES[((b1 & 0x1F) << 8) | b2][0] for b1 in range(0xE0, 0x100))]))
+
+
 def _id3_size(buf: bytes, at: int) -> int | None:
     """The whole size of the ID3v2 tag whose 10-byte header is at buf[at:], or None if it is none."""
     head = buf[at:at + 10]
@@ -124,14 +140,18 @@ def sniff(head: bytes) -> bool:
     return len(head) >= _HEAD and _frame(head, 0) is not None
 
 
-_FRAMES, _SEARCH = 0, 1
+_FRAMES, _SEARCH, _GAVE_UP = 0, 1, 2
+# Candidates in a row that turn out to be no frame before the probe gives up: real garbage and
+# tags (cover art included) hold about one per 4 KiB; a file built to be all candidates would
+# otherwise cost Python work every few bytes.
+_MAX_MISSES = 1 << 16
 
 
 class Mpeg:
     """Probe for an MP3 or ADTS AAC stream (aisix.audio.Probe)."""
 
     __slots__ = ("_mode", "_carry", "_want", "_skip", "_pending", "_samples", "_rate", "_key1", "_key2",
-                 "_adts", "_declared")
+                 "_adts", "_declared", "_misses")
 
     def __init__(self) -> None:
         self._mode = _FRAMES      # at a frame boundary (or a tag), or searching for a frame
@@ -145,6 +165,7 @@ class Mpeg:
         self._key2 = -1
         self._adts = False
         self._declared: float | None = None
+        self._misses = 0          # candidates found no frame since the last frame
 
     @property
     def declared(self) -> float | None:
@@ -164,6 +185,8 @@ class Mpeg:
         return len(self._carry)
 
     def end(self) -> float | None:
+        if self._mode == _GAVE_UP:
+            return None
         carry = bytes(self._carry)
         if self._mode == _SEARCH and len(carry) >= _HEAD:
             # A candidate frame that the end of the file confirms: it ends exactly there.
@@ -178,6 +201,8 @@ class Mpeg:
         return self._key1 < 0 or (frame[3] == self._key1 and frame[4] == self._key2)
 
     def feed(self, data: Chunk) -> None:
+        if self._mode == _GAVE_UP:
+            return
         view = memoryview(data).cast("B")
         n = len(view)
         at = 0
@@ -207,7 +232,8 @@ class Mpeg:
     def _walk(self, buf: bytes) -> None:
         at = 0
         while at >= 0:
-            at = self._frames(buf, at) if self._mode == _FRAMES else self._search(buf, at)
+            at = self._frames(buf, at) if self._mode == _FRAMES else self._search(buf, at) \
+                if self._mode == _SEARCH else -1
 
     def _frames(self, buf: bytes, at: int) -> int:
         """Walk frames that follow one another from buf[at]; -1 once buf is used up, else where the
@@ -262,15 +288,21 @@ class Mpeg:
         """Look for a frame from buf[at]; -1 once buf is used up, else where frames start."""
         n = len(buf)
         while True:
-            at = buf.find(b"\xff", at)
-            if at < 0:
+            match = _CANDIDATE.search(buf, at)
+            if match is None:  # the last two bytes may yet begin one
+                if n - at > 2 and buf.find(b"\xff", n - 2) < 0:
+                    return -1
+                self._hold(buf, max(at, n - 2), _HEAD)
                 return -1
+            at = match.start()
             if n - at < _HEAD:
                 self._hold(buf, at, _HEAD)
                 return -1
             frame = _frame(buf, at)
             if frame is None or not self._agrees(frame):
-                at += 1
+                at = self._miss(at)
+                if at < 0:
+                    return -1
                 continue
             length, samples, rate, key1, key2 = frame
             if self._key1 < 0 and key1 & 0xF6 != 0xF0:  # the first MP3 frame: a Xing/VBRI header?
@@ -290,14 +322,25 @@ class Mpeg:
             adts = key1 & 0xF6 == 0xF0
             if buf[following] != 0xFF or (buf[following + 1] if adts else buf[following + 1] | 1) != key1 or (
                     buf[following + 2] & (0xFC if adts else 0x0C)) != key2:
-                at += 1
+                at = self._miss(at)
+                if at < 0:
+                    return -1
                 continue
             self._found(frame)
             self._samples += samples
             return following
 
+    def _miss(self, at: int) -> int:
+        """A candidate that was no frame: where to search on, or -1 when there were too many."""
+        self._misses += 1
+        if self._misses > _MAX_MISSES:
+            self._mode = _GAVE_UP  # at_least keeps what was seen; end() can no longer tell
+            self._carry.clear()
+            return -1
+        return at + 1
+
     def _found(self, frame: tuple[int, int, int, int, int]) -> None:
-        self._mode = _FRAMES
+        self._mode, self._misses = _FRAMES, 0
         if self._key1 < 0:
             self._key1, self._key2, self._rate = frame[3], frame[4], frame[2]
             self._adts = frame[3] & 0xF6 == 0xF0

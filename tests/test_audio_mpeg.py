@@ -249,6 +249,26 @@ def test_without_a_vbr_header_a_vbr_file_is_counted_where_ffprobe_estimates(tmp_
     assert not close_enough(ffprobe_seconds(path), seconds)  # if this fails, ffprobe learned to count
 
 
+def test_a_file_built_of_false_frame_starts_is_given_up_on() -> None:
+    # Every 5th byte starts a header that a frame never follows: searching it would cost Python
+    # work every few bytes, so after 65,536 such candidates in a row the probe stops looking.
+    data = data_of(("mp3-cbr", 0.5, 44100, 2)) + b"\xff\xfb\x90\x64\x00" * 200_000
+    probe, seconds = feed_checked([data[i:i + 65536] for i in range(0, len(data), 65536)])
+    assert seconds is None
+    assert probe.at_least > 0.5  # what it saw before stays seen
+    assert probe.state_size() == 0
+
+
+def test_random_bytes_in_a_tag_at_the_end_are_searched_through() -> None:
+    # Cover art (compressed, so about random) in an ID3v2 tag appended at the end: the odd
+    # candidate in it is no frame, and there are far fewer than the probe gives up at.
+    data = data_of(("mp3-xing", 3, 44100, 2))
+    _, clean = feed_checked([data])
+    art = random.Random(5).randbytes(3 << 20)
+    _, seconds = feed_checked([data + id3v2(b"APIC" + art)])
+    assert seconds == clean
+
+
 def test_layer_ii_is_read_too(tmp_path: Path) -> None:
     path = tmp_path / "tone.mp2"
     subprocess.run(["ffmpeg", "-hide_banner", "-loglevel", "error", "-f", "lavfi", "-i",
