@@ -9,7 +9,8 @@ The duration is the number of whole sample frames in ``data`` over the sample ra
 ignored. A data size of 0 or 0xFFFFFFFF is what streaming encoders write when they do not know the
 length yet (ffmpeg to a pipe, OpenAI's streamed speech ``wav``): the probe then counts the bytes
 actually fed, and declares nothing. A data size larger than what arrives (a truncated file) also
-ends at the bytes fed. RF64 is read through its ``ds64`` chunk.
+ends at the bytes fed. RF64 is read through its ``ds64`` chunk. More than 256 chunks before
+``data`` (a file built to cost Python work every 8 bytes) make the probe give up.
 
 Only sample formats whose duration follows from the byte count are read: PCM, IEEE float, A-law,
 mu-law (plain or in WAVE_FORMAT_EXTENSIBLE). A compressed WAV (ADPCM, MP3 in WAV, ...) answers
@@ -27,6 +28,9 @@ _READABLE = frozenset({_PCM, _FLOAT, _ALAW, _MULAW})
 _UNKNOWN_SIZES = frozenset({0, 0xFFFFFFFF})
 _FMT_KEPT = 40  # the extensible fmt: 16 bytes, cbSize, 22 bytes of extension; the GUID ends at 40
 _DS64_KEPT = 28  # riff size, data size, sample count (8 bytes each), table length
+# Chunks before data: real files have a handful. A file of empty chunks would cost Python work
+# every 8 bytes; past this many the probe gives up.
+_MAX_CHUNKS = 256
 
 # What the bytes being collected are.
 _RIFF, _CHUNK, _FMT, _DS64, _DATA, _AFTER, _DEAD = range(7)
@@ -41,7 +45,7 @@ class Wav:
     """Probe for a WAV file (aisix.audio.Probe)."""
 
     __slots__ = ("_state", "_buf", "_need", "_skip", "_frame", "_rate", "_left", "_data", "_declared",
-                 "_rf64", "_ds64_size")
+                 "_rf64", "_ds64_size", "_chunks")
 
     def __init__(self) -> None:
         self._state = _RIFF
@@ -55,6 +59,7 @@ class Wav:
         self._declared: float | None = None
         self._rf64 = False
         self._ds64_size: int | None = None
+        self._chunks = 0
 
     @property
     def declared(self) -> float | None:
@@ -134,6 +139,9 @@ class Wav:
             self._state, self._need = _CHUNK, 8
 
     def _chunk(self, kind: bytes, size: int) -> None:
+        self._chunks += 1
+        if self._chunks > _MAX_CHUNKS:
+            return self._give_up()
         pad = size & 1
         if kind == b"fmt ":
             if size < 16:
