@@ -203,7 +203,8 @@ class Mpeg:
     def feed(self, data: Chunk) -> None:
         if self._mode == _GAVE_UP:
             return
-        view = memoryview(data).cast("B")
+        view = memoryview(data)
+        view = (view if view.c_contiguous else memoryview(view.tobytes())).cast("B")
         n = len(view)
         at = 0
         if self._skip:

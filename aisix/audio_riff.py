@@ -87,7 +87,8 @@ class Wav:
         state = self._state
         if state >= _AFTER:
             return
-        view = memoryview(data).cast("B")
+        view = memoryview(data)
+        view = (view if view.c_contiguous else memoryview(view.tobytes())).cast("B")
         n = len(view)
         if state == _DATA:  # the hot path: samples are only counted
             return self._count(n)

@@ -299,6 +299,19 @@ def test_sniff_tells_mpeg_audio_and_adts_from_each_other_and_from_the_rest() -> 
     assert sniff(b"ID3")  # a tag too big to see past in 64 bytes: the frames will tell
 
 
+def test_any_buffer_is_taken_and_none_is_kept() -> None:
+    data = data_of(("mp3-xing", 0.5, 44100, 2))
+    _, clean = feed_checked([data])
+    probe = Mpeg()
+    for at in range(0, len(data), 1000):
+        piece = data[at:at + 1000]
+        spread = bytearray(2 * len(piece))
+        spread[::2] = piece
+        probe.feed(memoryview(spread)[::2])  # a view that is not contiguous
+        spread[:] = bytes(len(spread))  # the caller reuses its buffer
+    assert probe.end() == clean
+
+
 def test_a_file_that_is_no_mpeg_audio_answers_none() -> None:
     wav = data_of(("wav", 0.5, 44100, 2))
     for data in [b"", wav, id3v2(b"x" * 100) + wav, bytes(10000), b"\xff" * 10000]:

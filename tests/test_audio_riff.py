@@ -162,6 +162,18 @@ def test_a_truncated_wav_answers_what_arrived(tmp_path: Path) -> None:
         assert seconds is not None and close_enough(seconds, ffprobe_seconds(path))
 
 
+def test_any_buffer_is_taken_and_none_is_kept() -> None:
+    data = make("wav", 0.5).read_bytes()
+    probe = Wav()
+    for at in range(0, len(data), 7):
+        piece = data[at:at + 7]
+        spread = bytearray(2 * len(piece))
+        spread[::2] = piece
+        probe.feed(memoryview(spread)[::2])  # a view that is not contiguous
+        spread[:] = bytes(len(spread))  # the caller reuses its buffer
+    assert probe.end() == probe.declared == 0.5
+
+
 def test_sniff() -> None:
     assert sniff(make("wav", 0.5).read_bytes()[:64])
     assert sniff(b"RF64\xff\xff\xff\xffWAVEds64")
