@@ -14,7 +14,7 @@ of three open elements and a few numbers per track (16 tracks at most).
   timecode). A start is never past the end, whatever a block's duration.
 - ``end()``: Duration when there is one (ffprobe reports it as the file's duration), but never
   less than the blocks prove: a Duration that ends before the last block started is not believed.
-  Without Duration: the latest end of a block, a block's length taken, in order, from its
+  Without Duration: where each track's last block ends, its length taken, in order, from its
   BlockDuration, from the Opus TOC of an unlaced ``A_OPUS`` frame (exact: frame size and count),
   from the track's DefaultDuration, minus DiscardPadding (the encoder's padding at the end of
   Opus). A block none of those describe (Vorbis in a live WebM) is taken to last as long as the
@@ -78,11 +78,17 @@ _NS = 1_000_000_000
 _OPUS = b"A_OPUS"
 # Opus TOC config (RFC 6716 3.1) -> frame length in 48 kHz samples: SILK, Hybrid, CELT.
 _OPUS_FRAME = ((480, 960, 1920, 2880) * 3 + (480, 960) * 2 + (120, 240, 480, 960) * 4)
+# A track's latest block: tick, its first bytes, the tick of the block before it (None if none),
+# BlockDuration in ticks (None if none), DiscardPadding in ns.
+_Last = tuple[int, bytes, int | None, int | None, int]
 
 
 def _vint_length(first: int) -> int:
     """Bytes in an EBML variable-length integer from its first byte (0: not a vint)."""
     return 9 - first.bit_length() if first else 0
+
+
+_VINT_LENGTH = bytes(_vint_length(first) for first in range(256))   # the same, looked up
 
 
 def sniff(head: bytes) -> bool:
@@ -95,8 +101,8 @@ class MatroskaProbe:
 
     __slots__ = ("_buf", "_pos", "_skip", "_want", "_rest", "_leaf_id", "_stack", "_dead",
                  "_scale", "_duration", "_declared", "_info_done", "_cluster", "_number", "_opus",
-                 "_default", "_block", "_block_duration", "_padding", "_tracks", "_last_start",
-                 "_known_end", "_timed")
+                 "_default", "_block", "_block_duration", "_padding", "_codecs", "_last",
+                 "_last_tick")
 
     def __init__(self) -> None:
         self._buf = bytearray()      # the start of an item cut by a feed boundary (< _ITEM bytes)
@@ -116,16 +122,15 @@ class MatroskaProbe:
         self._number = 0
         self._opus = False
         self._default = 0
-        # The open BlockGroup: its Block (track, tick, length), BlockDuration, DiscardPadding (ns).
-        self._block: tuple[int, int, int] | None = None
+        # The open BlockGroup: its Block (track, tick, first bytes), BlockDuration, DiscardPadding.
+        self._block: tuple[int, int, bytes] | None = None
         self._block_duration: int | None = None
         self._padding = 0
-        # track -> [is Opus, DefaultDuration (ns), any block seen, last start (ns), gap to the
-        # block before it (ns), whether the last block's length was known]
-        self._tracks: dict[int, list[int]] = {}
-        self._last_start: int | None = None    # ns
-        self._known_end: int | None = None     # ns, the latest end of a block of known length
-        self._timed = False                    # a block has been timed with _scale
+        self._codecs: dict[int, tuple[bool, int]] = {}   # track -> (A_OPUS, DefaultDuration ns)
+        # track -> its latest block (_Last). Only the last block's length matters, so it is
+        # worked out once, at the end, not for every block.
+        self._last: dict[int, _Last] = {}
+        self._last_tick: int | None = None      # the latest block start, in ticks
 
     @property
     def declared(self) -> float | None:
@@ -134,9 +139,9 @@ class MatroskaProbe:
     @property
     def at_least(self) -> float:
         # Kept after giving up: those blocks went past, whatever came after them.
-        if self._last_start is None or self._last_start < 0:
+        if self._last_tick is None or self._last_tick < 0:
             return 0.0
-        return self._last_start / _NS
+        return self._last_tick * self._scale / _NS
 
     def end(self) -> float | None:
         if self._dead:
@@ -204,13 +209,13 @@ class MatroskaProbe:
                     self._close(stack.pop()[0])
                 if i >= n:
                     break
-                id_length = _vint_length(d[i])
+                id_length = _VINT_LENGTH[d[i]]
                 if not 0 < id_length <= 4:
                     self._dead = True
                     return -1
                 if n - i <= id_length:
                     break
-                size_length = _vint_length(d[i + id_length])
+                size_length = _VINT_LENGTH[d[i + id_length]]
                 if not size_length:
                     self._dead = True
                     return -1
@@ -221,7 +226,18 @@ class MatroskaProbe:
                 all_ones = (1 << 7 * size_length) - 1
                 size = int.from_bytes(d[i + id_length:i + head], "big") & all_ones
                 i += head
-                self._element(element, size, size == all_ones, origin + i)
+                if (element == _SIMPLE_BLOCK and 4 <= size < all_ones and n - i >= _ITEM
+                        and d[i] & 0x80 and self._cluster is not None and stack[-1][0] == _CLUSTER
+                        and (stack[-1][1] is None or origin + i + size <= stack[-1][1])):
+                    # The hot path, one per frame: a SimpleBlock of a track numbered below 127
+                    # in a Cluster, its head in this chunk. Time it and skip its frame.
+                    tick = self._cluster + ((d[i + 1] << 8 | d[i + 2]) ^ 0x8000) - 0x8000
+                    self._note(d[i] & 0x7F, tick, bytes(d[i:i + min(size, _ITEM)]), None, 0)
+                    k = min(size, n - i)
+                    i += k
+                    self._skip = size - k
+                else:
+                    self._element(element, size, size == all_ones, origin + i)
             if self._dead:
                 return -1
         self._pos = origin + i
@@ -260,13 +276,16 @@ class MatroskaProbe:
 
     def _leaf(self, element: int, value: bytes) -> None:
         if element in (_SIMPLE_BLOCK, _BLOCK):
-            block = self._block_head(value)
-            if block is None:
+            track_length = _vint_length(value[0]) if value else 0
+            if not track_length or len(value) < track_length + 3 or self._cluster is None:
                 self._dead = True
-            elif element == _SIMPLE_BLOCK:
-                self._timed_block(block, None, 0)
+                return
+            track = int.from_bytes(value[:track_length], "big") & ((1 << 7 * track_length) - 1)
+            tick = self._cluster + int.from_bytes(value[track_length:track_length + 2], "big", signed=True)
+            if element == _SIMPLE_BLOCK:
+                self._note(track, tick, value, None, 0)
             else:
-                self._block = block
+                self._block = track, tick, value
         elif element == _CODEC_ID:
             self._opus = value == _OPUS
         elif element == _DURATION:
@@ -287,7 +306,7 @@ class MatroskaProbe:
             if element == _TIMECODE:
                 self._cluster = number
             elif element == _TIMECODE_SCALE:
-                if number == 0 or (self._timed and number != self._scale):
+                if number == 0 or (self._last_tick is not None and number != self._scale):
                     self._dead = True
                 self._scale = number
             elif element == _TRACK_NUMBER:
@@ -300,14 +319,11 @@ class MatroskaProbe:
     def _close(self, element: int) -> None:
         if element == _BLOCK_GROUP:
             if self._block is not None:
-                self._timed_block(self._block, self._block_duration, self._padding)
+                self._note(*self._block, self._block_duration, self._padding)
             self._block = None
         elif element == _TRACK_ENTRY:
-            track = self._tracks.get(self._number)
-            if track is not None:
-                track[0], track[1] = int(self._opus), self._default
-            elif len(self._tracks) < _TRACKS_KEPT:
-                self._tracks[self._number] = [int(self._opus), self._default, 0, 0, 0, 1]
+            if self._number in self._codecs or len(self._codecs) < _TRACKS_KEPT:
+                self._codecs[self._number] = self._opus, self._default
         elif element == _CLUSTER:
             self._cluster = None
         elif element == _INFO:
@@ -318,61 +334,48 @@ class MatroskaProbe:
 
     # -- blocks ---------------------------------------------------------------------------------
 
-    def _block_head(self, value: bytes) -> tuple[int, int, int] | None:
-        """(track, tick, length in ns or -1 when unknown) from the first bytes of a block."""
-        track_length = _vint_length(value[0]) if value else 0
-        if not track_length or len(value) < track_length + 3 or self._cluster is None:
-            return None
-        track = int.from_bytes(value[:track_length], "big") & ((1 << 7 * track_length) - 1)
-        tick = self._cluster + int.from_bytes(value[track_length:track_length + 2], "big", signed=True)
-        laced = value[track_length + 2] & 0x06
-        frames_at = track_length + 3
-        info = self._tracks.get(track)
-        length = -1
-        if info is None:
-            pass
-        elif info[0] and not laced and len(value) > frames_at:
-            toc = value[frames_at]
-            count = (1, 2, 2, 0)[toc & 3]
-            if not count and len(value) > frames_at + 1:
-                count = value[frames_at + 1] & 0x3F   # code 3: the count is in the next byte
-            if count:
-                length = _OPUS_FRAME[toc >> 3] * count * _NS // 48000
-        elif info[1] and not laced:
-            length = info[1]
-        elif info[1] and len(value) > frames_at:
-            length = info[1] * (value[frames_at] + 1)   # a laced block: count - 1, then the sizes
-        return track, tick, length
+    def _note(self, track: int, tick: int, head: bytes, duration: int | None, padding: int) -> None:
+        """A block of `track` starts at `tick`; `head` is its first bytes (track, timecode, flags,
+        the first bytes of its frames)."""
+        if self._last_tick is None or tick > self._last_tick:
+            self._last_tick = tick
+        last = self._last.get(track)
+        if last is None:
+            if len(self._last) < _TRACKS_KEPT:
+                self._last[track] = tick, head, None, duration, padding
+        elif tick >= last[0]:
+            self._last[track] = tick, head, last[0] if tick > last[0] else last[2], duration, padding
 
-    def _timed_block(self, block: tuple[int, int, int], duration: int | None, padding: int) -> None:
-        track, tick, length = block
-        self._timed = True
-        start = tick * self._scale
+    def _length(self, track: int, head: bytes, duration: int | None) -> int:
+        """ns that a block lasts by what it and its track say, -1 if they do not say."""
         if duration is not None:
-            length = duration * self._scale
-        if self._last_start is None or start > self._last_start:
-            self._last_start = start
-        if length >= 0:
-            stop = start + length - max(padding, 0)
-            if self._known_end is None or stop > self._known_end:
-                self._known_end = stop
-        info = self._tracks.get(track)
-        if info is None:
-            if len(self._tracks) >= _TRACKS_KEPT:
-                return
-            info = self._tracks[track] = [0, 0, 0, 0, 0, 1]
-        if not info[2]:
-            info[2], info[3] = 1, start
-        elif start > info[3]:
-            info[3], info[4] = start, start - info[3]
-        info[5] = int(length >= 0)
+            return duration * self._scale
+        opus, default = self._codecs.get(track, (False, 0))
+        frames_at = _vint_length(head[0]) + 3
+        laced = head[frames_at - 1] & 0x06
+        if opus and not laced and len(head) > frames_at:
+            toc = head[frames_at]
+            count = (1, 2, 2, 0)[toc & 3]
+            if not count and len(head) > frames_at + 1:
+                count = head[frames_at + 1] & 0x3F   # code 3: the count is in the next byte
+            return _OPUS_FRAME[toc >> 3] * count * _NS // 48000 if count else -1
+        if default and not laced:
+            return default
+        if default and len(head) > frames_at:
+            return default * (head[frames_at] + 1)   # a laced block: frames - 1, then the sizes
+        return -1
 
     def _blocks_end(self) -> int | None:
-        """ns: the latest end of a block; a last block of unknown length lasts its track's gap."""
-        if self._last_start is None:
+        """ns: where the last block of each track ends (see the module docstring), the latest."""
+        if self._last_tick is None:
             return None
-        ends = [self._last_start, *(info[3] + info[4] for info in self._tracks.values()
-                                    if info[2] and not info[5])]
-        if self._known_end is not None:
-            ends.append(self._known_end)
+        scale = self._scale
+        ends = [self._last_tick * scale]
+        for track, (tick, head, before, duration, padding) in self._last.items():
+            start = tick * scale
+            length = self._length(track, head, duration)
+            if length >= 0:
+                ends.append(start + length - max(padding, 0))
+            elif before is not None:
+                ends.append(start + (tick - before) * scale)
         return max(ends)

@@ -177,6 +177,8 @@ def main() -> None:
     corpus = next((pathlib.Path(arg) for arg in sys.argv[1:] if not arg.startswith("-")), None)
     if corpus is not None and (not corpus.exists() or not any(corpus.iterdir())):
         write_seeds(corpus)
+    # Instrument what is already loaded: the probes and the checks above.
+    atheris.instrument_all()
     atheris.Setup(sys.argv, check)
     atheris.Fuzz()
 

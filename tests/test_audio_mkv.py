@@ -285,15 +285,22 @@ def test_a_minimal_file_built_by_hand() -> None:
                     + element(b"\x23\xe3\x83", (10_000_000).to_bytes(4, "big")))   # 10 ms frames
     tracks = element(b"\x16\x54\xae\x6b", track)
     info = element(b"\x15\x49\xa9\x66", element(b"\x2a\xd7\xb1", (1_000_000).to_bytes(3, "big")))
-    simple = element(b"\xa3", b"\x81\x00\x00\x80" + bytes(40))                # t=1000 ms, 10 ms
-    laced = element(b"\xa3", b"\x81\x00\x14\x82\x03" + bytes(40))              # t=1020 ms, 4 x 10 ms
-    group = element(b"\xa0", element(b"\xa1", b"\x81\x00\x0a\x00" + bytes(40))  # t=1010 ms, 500 ms
-                    + element(b"\x9b", (500).to_bytes(2, "big")))
-    cluster = element(b"\x1f\x43\xb6\x75", element(b"\xe7", (1000).to_bytes(2, "big")) + simple + group + laced)
-    data = segment(info, tracks, cluster, size=UNKNOWN_8)
-    for pieces in every_split_point(data, limit=len(data)):
-        declared, at_least, end = answers(pieces)
-        assert (declared, at_least, end) == (None, 1.02, 1.51)
+    simple = element(b"\xa3", b"\x81\x00\x00\x80" + bytes(40))                  # t=1000 ms, 10 ms
+
+    def laced(at: int) -> bytes:  # 4 frames of 10 ms
+        return element(b"\xa3", b"\x81" + at.to_bytes(2, "big") + b"\x82\x03" + bytes(40))
+
+    def group(at: int) -> bytes:  # 500 ms by its BlockDuration
+        return element(b"\xa0", element(b"\xa1", b"\x81" + at.to_bytes(2, "big") + b"\x00" + bytes(40))
+                       + element(b"\x9b", (500).to_bytes(2, "big")))
+
+    # Only the track's last block is measured: frames of one audio track do not overlap.
+    for blocks, at_least, end in ((simple, 1.0, 1.01), (simple + group(10) + laced(20), 1.02, 1.06),
+                                  (simple + laced(10) + group(20), 1.02, 1.52)):
+        cluster = element(b"\x1f\x43\xb6\x75", element(b"\xe7", (1000).to_bytes(2, "big")) + blocks)
+        data = segment(info, tracks, cluster, size=UNKNOWN_8)
+        for pieces in every_split_point(data, limit=len(data)):
+            assert answers(pieces) == (None, at_least, end)
 
 
 # -- sniff -----------------------------------------------------------------------------------------
