@@ -1,0 +1,241 @@
+"""MP4/M4A duration: the ``moov`` box's ``mvhd``, wherever ``moov`` sits in the file.
+
+[core] Sans-IO and bounded: the probe walks box headers as the bytes go past, enters only ``moov``
+and the boxes inside it that lead to a duration (``trak``, ``mdia``, ``mvex``), reads at most 36
+bytes of the few boxes it needs (``mvhd``, ``tkhd``, ``mdhd``, ``hdlr``, ``mehd``) and skips
+every other payload by its size, ``mdat`` and the sample tables included. Nothing of ``moov`` is
+kept, so a long file's large ``moov`` (a 4-byte sample size per AAC frame, 100 KB for ten
+minutes) costs no memory: the probe holds one partial item (36 bytes), a stack of four open boxes
+and a few numbers.
+
+- ``declared``: once the whole ``moov`` has gone past: ``mvhd``'s duration over its timescale
+  (what ffprobe reports). When ``mvhd`` says 0 (or all ones: unknown), the first audio track's
+  ``tkhd`` duration (same timescale), else its ``mdhd`` duration over the media timescale. In a
+  ``moov`` that comes first (``+faststart``) that is before any audio; in the common M4A it comes
+  after ``mdat``, at the end of the file.
+- A fragmented file (``moov`` holding ``mvex``: the samples are in ``moof`` fragments) has a
+  duration only if ``mehd`` states one; otherwise None: the ``mvhd`` and track durations of its
+  ``moov`` cover the samples in ``moov`` only (none, usually), and adding up every fragment's
+  ``trun`` is not done here.
+- ``at_least`` is always 0.0: knowing how many seconds of ``mdat`` have passed needs the sample
+  tables, which may come after it.
+- ``end()``: ``declared``, or None (no complete ``moov``: a truncated file or not an MP4).
+
+Gives up (None) on what no muxer writes: a box smaller than its header, a box running past its
+parent, a size 0 ("to the end of the file") anywhere but the top level, an ``mvhd``/``mdhd``
+version other than 0 or 1 or too short for its fields.
+"""
+
+from __future__ import annotations
+
+from .audio import Chunk
+
+_ITEM = 36          # the most one item needs: a 16-byte header, or the first 36 bytes of tkhd v1
+_TO_END = 1 << 80   # the skip of a top-level box whose size is 0: it runs to the end of the file
+
+# The boxes entered, by parent (b"" is the top level); any other box is skipped.
+_ENTER = {b"": {b"moov"}, b"moov": {b"trak", b"mvex"}, b"trak": {b"mdia"}}
+# The boxes read, by parent, and how much of each is needed (v1 layouts are the longest).
+_READ = {b"moov": {b"mvhd": 32}, b"trak": {b"tkhd": 36}, b"mdia": {b"mdhd": 32, b"hdlr": 12},
+         b"mvex": {b"mehd": 12}}
+_TOP = frozenset({b"ftyp", b"moov", b"mdat", b"free", b"skip", b"wide", b"pnot"})
+
+
+def sniff(head: bytes) -> bool:
+    """An ISO BMFF/QuickTime file: a plausible first box of a type that starts such files."""
+    if len(head) < 8 or head[4:8] not in _TOP:
+        return False
+    size = int.from_bytes(head[:4], "big")
+    return size in (0, 1) or size >= 8
+
+
+def _unsigned(value: bytes, at: int, length: int) -> int | None:
+    """The big-endian number at value[at:at + length]; None if all ones (QuickTime: unknown)."""
+    number = int.from_bytes(value[at:at + length], "big")
+    return None if number == (1 << 8 * length) - 1 else number
+
+
+class Mp4Probe:
+    """How long an MP4/M4A file is, from its bytes in order (see the module docstring)."""
+
+    __slots__ = ("_buf", "_pos", "_skip", "_want", "_rest", "_leaf", "_stack", "_dead", "_declared",
+                 "_moov_done", "_movie_scale", "_movie_duration", "_fragmented", "_fragments",
+                 "_tkhd", "_media", "_handler", "_audio")
+
+    def __init__(self) -> None:
+        self._buf = bytearray()     # the start of an item cut by a feed boundary (< _ITEM bytes)
+        self._pos = 0               # stream offset of the first byte not consumed (the buf's)
+        self._skip = 0              # payload bytes still to skip
+        self._want = 0              # bytes of the box _leaf to read next, then _rest to skip
+        self._rest = 0
+        self._leaf = b""
+        self._stack: list[tuple[bytes, int | None]] = []   # (type, end offset or None: file end)
+        self._dead = False
+        self._declared: float | None = None
+        self._moov_done = False
+        self._movie_scale = 0
+        self._movie_duration: int | None = None
+        self._fragmented = False     # moov holds mvex
+        self._fragments: int | None = None   # mehd's fragment_duration (movie timescale)
+        # The open trak: tkhd duration, mdhd (timescale, duration), handler type.
+        self._tkhd: int | None = None
+        self._media: tuple[int, int | None] | None = None
+        self._handler = b""
+        self._audio: tuple[int | None, tuple[int, int | None] | None] | None = None  # first 'soun' trak
+
+    @property
+    def declared(self) -> float | None:
+        return None if self._dead else self._declared
+
+    @property
+    def at_least(self) -> float:
+        return 0.0
+
+    def end(self) -> float | None:
+        if self._dead:
+            return None
+        if self._stack and self._stack[0][1] is None:
+            # A top-level moov of size 0 runs to the end of the file, which is here.
+            while self._stack:
+                self._close(self._stack.pop()[0])
+        return self.declared
+
+    def feed(self, data: Chunk) -> None:
+        if self._dead:
+            return
+        view = memoryview(data)
+        if view.ndim != 1 or view.itemsize != 1:
+            view = view.cast("B")
+        n = len(view)
+        i = 0
+        if self._buf:
+            # Finish the cut item from the held bytes and the first bytes of this chunk, then go
+            # on in the chunk itself at the first byte the window did not use.
+            held = len(self._buf)
+            window = bytes(self._buf) + bytes(view[:_ITEM])
+            self._buf.clear()
+            j = self._parse(window, 0, len(window))
+            if j < 0:
+                return
+            if j < held or (j < len(window) and n <= _ITEM):
+                self._buf += window[j:]
+                return
+            i = j - held
+        i = self._parse(view, i, n)
+        if 0 <= i < n:
+            self._buf += view[i:]
+
+    # -- the walk -------------------------------------------------------------------------------
+
+    def _parse(self, d: bytes | memoryview, i: int, n: int) -> int:
+        """Consume whole items of d[i:n]: the offset of the first one not complete, -1 on giving up."""
+        origin = self._pos - i
+        stack = self._stack
+        while True:
+            if self._skip:
+                k = min(self._skip, n - i)
+                self._skip -= k
+                i += k
+                if self._skip:
+                    break
+            elif self._want:
+                want = self._want
+                if n - i < want:
+                    break
+                self._want = 0
+                self._read(self._leaf, bytes(d[i:i + want]))
+                i += want
+                self._skip = self._rest
+            else:
+                at = origin + i
+                while stack:
+                    end = stack[-1][1]
+                    if end is None or at < end:
+                        break
+                    self._close(stack.pop()[0])
+                if n - i < 8:
+                    break
+                size = int.from_bytes(d[i:i + 4], "big")
+                kind = bytes(d[i + 4:i + 8])
+                head = 8
+                if size == 1:
+                    if n - i < 16:
+                        break
+                    size = int.from_bytes(d[i + 8:i + 16], "big")
+                    head = 16
+                i += head
+                self._box(kind, size, head, origin + i)
+            if self._dead:
+                return -1
+        self._pos = origin + i
+        return i
+
+    def _box(self, kind: bytes, size: int, head: int, start: int) -> None:
+        stack = self._stack
+        parent, parent_end = stack[-1] if stack else (b"", None)
+        if size == 0 and not stack:
+            end = None
+        elif size < head:
+            self._dead = True   # size 0 inside a box, or smaller than its own header
+            return
+        else:
+            end = start + size - head
+        if parent_end is not None and (end is None or end > parent_end):
+            self._dead = True
+        elif kind in _ENTER.get(parent, ()) and not (kind == b"moov" and self._moov_done):
+            stack.append((kind, end))
+            if kind == b"trak":
+                self._tkhd, self._media, self._handler = None, None, b""
+            elif kind == b"mvex":
+                self._fragmented = True
+        elif kind in _READ.get(parent, ()) and end is not None:
+            want = min(end - start, _READ[parent][kind])
+            self._rest = end - start - want
+            if want:
+                self._want, self._leaf = want, kind
+            else:
+                self._read(kind, b"")
+        else:
+            self._skip = _TO_END if end is None else end - start
+
+    def _read(self, kind: bytes, value: bytes) -> None:
+        if kind == b"hdlr":
+            self._handler = value[8:12]
+            return
+        version = value[0] if value else -1
+        wide = version == 1
+        if version not in (0, 1) or len(value) < {b"mvhd": 20, b"tkhd": 24, b"mdhd": 20,
+                                                   b"mehd": 8}[kind] + 12 * wide:
+            self._dead = True
+        elif kind == b"mvhd":
+            self._movie_scale = int.from_bytes(value[20:24] if wide else value[12:16], "big")
+            self._movie_duration = _unsigned(value, 24, 8) if wide else _unsigned(value, 16, 4)
+        elif kind == b"tkhd":
+            self._tkhd = _unsigned(value, 28, 8) if wide else _unsigned(value, 20, 4)
+        elif kind == b"mdhd":
+            scale = int.from_bytes(value[20:24] if wide else value[12:16], "big")
+            self._media = scale, _unsigned(value, 24, 8) if wide else _unsigned(value, 16, 4)
+        elif kind == b"mehd":
+            self._fragments = _unsigned(value, 4, 8) if wide else _unsigned(value, 4, 4)
+
+    def _close(self, kind: bytes) -> None:
+        if kind == b"trak":
+            if self._handler == b"soun" and self._audio is None:
+                self._audio = self._tkhd, self._media
+        elif kind == b"moov":
+            self._moov_done = True
+            self._declared = self._duration()
+
+    def _duration(self) -> float | None:
+        """Seconds, from what the complete moov said (see the module docstring)."""
+        movie = self._movie_scale
+        if self._fragmented:
+            return self._fragments / movie if movie and self._fragments else None
+        if movie and self._movie_duration:
+            return self._movie_duration / movie
+        tkhd, media = self._audio or (None, None)
+        if movie and tkhd:
+            return tkhd / movie
+        if media is not None and media[0] and media[1]:
+            return media[1] / media[0]
+        return None
