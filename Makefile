@@ -164,6 +164,7 @@ bench-ab: venv bench-tools
 # time: FUZZ_SECONDS=600 make soak-fuzz. New inputs and any crash land in FUZZ_DIR;
 # AISIX_FUZZ_AIOHTTP=0 skips the aiohttp differential check.
 FUZZ_SECONDS ?= 120
+FUZZ_AUDIO_SECONDS ?= 60
 FUZZ_DIR     ?= /tmp/aisix-fuzz
 .PHONY: soak-fuzz
 soak-fuzz: venv
@@ -172,6 +173,18 @@ soak-fuzz: venv
 	$(BIN)/python fuzz/fuzz_multipart.py $(FUZZ_DIR)/corpus fuzz/corpus -dict=fuzz/multipart.dict \
 	  -max_total_time=$(FUZZ_SECONDS) -timeout=10 -rss_limit_mb=2048 -print_final_stats=1 \
 	  -artifact_prefix=$(FUZZ_DIR)/
+	# The audio duration probes: the same invariants (no raise, bounded state, at_least never
+	# more than end(), the same answer whatever the chunking), FUZZ_AUDIO_SECONDS each.
+	mkdir -p $(FUZZ_DIR)/riff-mpeg $(FUZZ_DIR)/flacogg $(FUZZ_DIR)/containers
+	$(BIN)/python fuzz/fuzz_audio_riff_mpeg.py $(FUZZ_DIR)/riff-mpeg fuzz/corpus-audio-riff-mpeg \
+	  -max_total_time=$(FUZZ_AUDIO_SECONDS) -max_len=65536 -timeout=10 -rss_limit_mb=2048 \
+	  -print_final_stats=1 -artifact_prefix=$(FUZZ_DIR)/riff-mpeg-
+	$(BIN)/python fuzz/fuzz_audio_flacogg.py $(FUZZ_DIR)/flacogg fuzz/corpus-flacogg \
+	  -max_total_time=$(FUZZ_AUDIO_SECONDS) -timeout=10 -rss_limit_mb=2048 -print_final_stats=1 \
+	  -artifact_prefix=$(FUZZ_DIR)/flacogg-
+	$(BIN)/python fuzz/fuzz_audio_containers.py $(FUZZ_DIR)/containers \
+	  -max_total_time=$(FUZZ_AUDIO_SECONDS) -timeout=10 -rss_limit_mb=2048 -print_final_stats=1 \
+	  -artifact_prefix=$(FUZZ_DIR)/containers-
 
 # Load and leak checks, not part of `make test` (soak/, ~1 min): 1,000 concurrent speech streams
 # and 200 concurrent 25 MiB uploads through one gateway process, then fds, spool files and in-flight

@@ -10,15 +10,19 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from . import audio_flac, audio_ogg
+from . import audio_flac, audio_mkv, audio_mp4, audio_mpeg, audio_ogg, audio_riff
 from .audio import Chunk, Pcm, Probe, Unknown
 
 HEAD = 64  # bytes a sniff is given (fewer only when the whole file is shorter)
 
 # (sniff, probe factory) per format, in the order they are asked; the first that claims the head wins.
 FORMATS: tuple[tuple[Callable[[bytes], bool], Callable[[], Probe]], ...] = (
+    (audio_riff.sniff, audio_riff.Wav),
     (audio_flac.sniff, audio_flac.Flac),
     (audio_ogg.sniff, audio_ogg.Ogg),
+    (audio_mkv.sniff, audio_mkv.MatroskaProbe),
+    (audio_mp4.sniff, audio_mp4.Mp4Probe),
+    (audio_mpeg.sniff, audio_mpeg.Mpeg),  # last: its sniff is the loosest (a frame sync, or ID3)
 )
 
 

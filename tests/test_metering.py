@@ -151,3 +151,18 @@ async def test_an_upload_longer_than_the_quota_has_left_is_429_before_it_is_sent
     assert all(not r.complete for r in fake.received[received:])
     status, _, _ = await upload(gw, make("flac", 30.0).read_bytes(), key="sk-quota-secret")
     assert status == 200  # what is left still takes a shorter one
+
+
+async def test_a_speech_answer_is_measured_and_priced_per_minute(fake: FakeUpstream, make_gateway: Any,
+                                                                 tmp_path: Any) -> None:
+    from tests.audio_files import close_enough, ffprobe_seconds
+
+    fake.behaviour = Behaviour(speech_chunks=40, speech_chunk_bytes=4800)
+    gw = make_gateway(models=priced(per_minute_output_audio=0.015))
+    status, _, got = await speech(gw)
+    assert status == 200
+    out = tmp_path / "answer.mp3"
+    out.write_bytes(got["body"])
+    event = got["event"]
+    assert close_enough(event["audio_seconds_out"], ffprobe_seconds(out))
+    assert event["cost_usd"] == pytest.approx(event["audio_seconds_out"] / 60 * 0.015, rel=1e-3)
