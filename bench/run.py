@@ -467,8 +467,9 @@ def write_upstream_root(root: Path) -> None:
 
 
 def aisix_config(dir: Path, listen: str, upstream: int, stream: int, metrics: str | None) -> Path:
-    """A realistic config: auth, aliases, a key rate limit that never trips, an input guardrail
-    that never matches, usage events to a file, metrics (when asked). JSON is YAML."""
+    """A realistic config: auth, aliases, pricing, a key rate limit, budget and audio quota that
+    never trip, an input guardrail that never matches, usage events to a file, metrics (when
+    asked). JSON is YAML."""
     dir.mkdir(parents=True, exist_ok=True)
     upstream_names = ("gpt-4o-mini-tts", "whisper-1")
 
@@ -504,15 +505,20 @@ def aisix_config(dir: Path, listen: str, upstream: int, stream: int, metrics: st
              "api_base": f"http://127.0.0.1:{stream}/v1", "api_key": PROVIDER_KEY},
         ],
         "models": [
-            {"display_name": "tts-bench", "provider_key": "bench-fast", "model_name": "gpt-4o-mini-tts"},
-            {"display_name": "whisper-bench", "provider_key": "bench-fast", "model_name": "whisper-1"},
+            # priced, so every request is measured and costed (metering on the hot path)
+            {"display_name": "tts-bench", "provider_key": "bench-fast", "model_name": "gpt-4o-mini-tts",
+             "pricing": {"per_1m_input_characters": 15.0, "per_minute_output_audio": 0.015}},
+            {"display_name": "whisper-bench", "provider_key": "bench-fast", "model_name": "whisper-1",
+             "pricing": {"per_minute_input_audio": 0.006}, "max_audio_seconds": 100_000},
             {"display_name": "tts-stream", "provider_key": "bench-stream", "model_name": "gpt-4o-mini-tts"},
             *(two_healthy(alias, name) for alias, name in zip(MODELS["failover"], upstream_names, strict=True)),
             *(after_503(alias, name) for alias, name in zip(AFTER_503_MODELS, upstream_names, strict=True)),
         ],
         "api_keys": [
             {"display_name": "bench", "key_hash": hashlib.sha256(API_KEY.encode()).hexdigest(),
-             "allowed_models": ["tts-*", "whisper-*"], "rate_limit": {"rpm": 100_000_000}},
+             "allowed_models": ["tts-*", "whisper-*"],
+             # limits that never trip, but are checked and charged: a budget and an audio quota too
+             "rate_limit": {"rpm": 100_000_000, "cost_usd_per_day": 1e9, "audio_seconds_per_hour": 1_000_000_000}},
         ],
         "guardrails": [
             {"name": "bench-never", "kind": "keyword", "models": ["*"], "hook_point": "input",
