@@ -30,6 +30,9 @@ log = logging.getLogger(__name__)
 _MODEL_ONLY = frozenset({multipart.MODEL})
 _PROMPT = frozenset({multipart.MODEL, "prompt"})
 _SMALL = 16 * 1024  # below this, pieces are joined into one write
+# A replay copy up to this stays in memory (within the spools' process-wide budget): most voice
+# clips are smaller, and a temp file costs more per request than the copy itself.
+COPY_IN_MEMORY = 512 * 1024
 
 
 class FormBody:
@@ -68,7 +71,7 @@ class FormBody:
         """Copy what is sent to disk, up to ``limit`` bytes in all (held head included), so that
         another attempt can replay it; past the limit the copy is dropped."""
         if limit and not self._started and self._held.size < limit:
-            self._copy, self._limit = Spool(), limit
+            self._copy, self._limit = Spool(COPY_IN_MEMORY), limit
 
     def replayable(self) -> bool:
         return self._copy is not None or not self._started

@@ -426,9 +426,10 @@ async def test_a_caller_leaving_mid_upload_leaves_nothing_open(routed: Gateway, 
         s.sendall(f"POST /v1/audio/transcriptions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TEAM_A}\r\n"
                   f"x-aisix-request-id: caller-leaves-1\r\nContent-Type: {ctype}\r\n"
                   f"Content-Length: {len(data)}\r\n\r\n".encode() + data[:1_000_000])
-        fake.wait_received(1)  # the first target has answered 503: the gateway fails over to b
+        fake.wait_received(1)  # the first target read its part and answers 503: a failover is under way
     event = routed.event("caller-leaves-1")  # written once the exchange let go of everything
-    assert event["status"] == 499 and event["attempts"][0]["status"] == 503
+    # whether the gateway saw the 503 before it saw the caller go is a race; either way:
+    assert event["status"] == 499 and event["attempts"][0]["provider_key"] == "fake"
     left = spooled(routed)
     assert not left, (left, routed.log()[-3000:])
 
