@@ -143,7 +143,9 @@ async def exchange(request: web.Request, route: str, read: Reader) -> web.Stream
         tokens = ex.usage.tokens if ex.usage else None
         if model is not None and ex.billable:
             ex.cost_usd = _cost(ex, model, attempts.answered if attempts is not None else None)
-        audio = _audio_in(ex) if route != "speech" else ex.audio_seconds_out
+        audio = None  # charged to audio quotas only when the upstream did the work
+        if ex.billable:
+            audio = _audio_in(ex) if route != "speech" else ex.audio_seconds_out
         if attempts is not None:
             await attempts.release(tokens, ex.cost_usd, audio)
         await limiter.settle(slot, tokens, clock(), ex.cost_usd, audio)
