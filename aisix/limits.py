@@ -142,6 +142,9 @@ class Store(Protocol):
     async def settle(self, plan: Plan, slot_id: str, tokens: int, now: float) -> None:
         """Give back the request's slots and charge its tokens."""
 
+    async def charge(self, plan: Plan, tokens: int, now: float) -> list[Limit]:
+        """Charge tokens to the plan's token windows, keeping its slots; the windows now over."""
+
     async def cooling(self, keys: list[str], now: float) -> dict[int, float]:
         """Index in ``keys`` -> when its cooldown ends, for the targets cooling down."""
 
@@ -195,6 +198,11 @@ class MemoryStore:
         for x in plan.tokens if tokens else ():
             self._add(x, tokens, now)
 
+    async def charge(self, plan: Plan, tokens: int, now: float) -> list[Limit]:
+        for x in plan.tokens:
+            self._add(x, tokens, now)
+        return [x for x in plan.tokens if is_over(x, self._count(x, now))]
+
     async def cooling(self, keys: list[str], now: float) -> dict[int, float]:
         return self._cooldowns.cooling(keys, now)
 
@@ -216,7 +224,8 @@ class Slot:
 
 
 class Limiter:
-    """admit -> Slot | None (or raise RateLimited), then settle(slot) once the answer is relayed."""
+    """admit -> Slot | None (or raise RateLimited), then settle(slot) once the answer is relayed;
+a realtime session also charges tokens as they are reported (charge)."""
 
     def __init__(self, store: Store) -> None:
         self._store = store
@@ -239,6 +248,18 @@ class Limiter:
         if key.rate_limit is None and model.rate_limit is None:
             return None
         return await self._admit(plan(key.name, key.rate_limit, model.alias, model.rate_limit), now)
+
+    async def admit_key(self, key: ApiKey, now: float) -> Slot | None:
+        """admit() on the key's limits alone: a realtime session that names its model later."""
+        if key.rate_limit is None:
+            return None
+        return await self._admit(plan(key.name, key.rate_limit, "", None), now)
+
+    async def admit_model(self, model: Model, now: float) -> Slot | None:
+        """admit() on the model's limits alone, once such a session names it."""
+        if model.rate_limit is None:
+            return None
+        return await self._admit(plan("", None, model.alias, model.rate_limit), now)
 
     async def _admit(self, p: Plan, now: float) -> Slot | None:
         if not p.limits:
@@ -297,6 +318,19 @@ class Limiter:
         except Exception as e:  # noqa: BLE001 (settle runs in a finally; raising would mask the answer)
             self.settle_errors_total += 1
             self._warn(now, "rate limit store failed to settle a request: %s: %s", e)
+
+    async def charge(self, slot: Slot | None, tokens: int, now: float) -> list[Limit]:
+        """Charge ``tokens`` now, keeping the slot (a realtime session's usage as it is reported);
+        the token windows that are over their limit once charged. Never raises: a store error is
+        counted as a lost charge and nothing is said to be over."""
+        if slot is None or slot.plan is None or not slot.plan.tokens or tokens <= 0:
+            return []
+        try:
+            return await self._store.charge(slot.plan, tokens, now)
+        except Exception as e:  # noqa: BLE001 (a session must not end because the store failed)
+            self.settle_errors_total += 1
+            self._warn(now, "rate limit store failed to charge tokens: %s: %s", e)
+            return []
 
     async def close(self) -> None:
         await self._store.close()
