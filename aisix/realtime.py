@@ -346,9 +346,9 @@ class Session:
                 ex.bytes_in += len(data)
                 frames_in.inc()
                 bytes_in.inc(len(data))
-                if kind is _TEXT and frames.needs_reading(data):
+                if frames.needs_reading(data, kind is _BINARY):
                     try:
-                        data = await self._checked(data)
+                        data = await self._checked(data, kind)
                     except Refused as exc:
                         if not await self._tell(frames.error_event(exc.code, exc.message, exc.event_id, exc.kind)):
                             return End(CALLER, None, error_code="client_closed")
@@ -414,11 +414,15 @@ class Session:
         self.metrics.frame_bytes_out.inc(len(event))
         return True
 
-    async def _checked(self, data: bytes) -> bytes:
+    async def _checked(self, data: bytes, kind: WSMsgType) -> bytes:
         """A client event the gateway checks, as it goes upstream; raises Refused."""
         event = frames.parse_client(data)
         if event is None:
-            return data  # not a JSON object: the upstream answers it
+            if kind is _BINARY:
+                return data  # audio that happened to look like JSON at first
+            # Text that names a checked event but that orjson cannot read: a laxer parser upstream
+            # (a byte order mark, a comment) could still take it for that event.
+            raise Refused("invalid_json", "The event is not a JSON object.")
         try:
             return await self._screened(event)
         except Refused as exc:

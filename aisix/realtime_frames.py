@@ -31,8 +31,11 @@ _ESCAPE = b"\\"
 _REPORTED = (b"response.done", b"transcription.completed", b"transcript.done", b"text.done")
 
 
-def needs_reading(frame: bytes) -> bool:
-    """Whether a client text frame may be an event the gateway checks."""
+def needs_reading(frame: bytes, binary: bool = False) -> bool:
+    """Whether a client frame may be an event the gateway checks. Events are text frames, but a
+    binary frame holding a JSON object is read too, in case an upstream takes it for one."""
+    if binary and not frame.lstrip(b" \t\r\n").startswith(b"{"):
+        return False
     return _ESCAPE in frame or any(word in frame for word in _CHECKED)
 
 
@@ -66,8 +69,7 @@ class ClientEvent:
 
 
 def parse_client(frame: bytes) -> ClientEvent | None:
-    """The event of a client text frame, or None when it is not a JSON object (the upstream
-    answers such a frame with its own error)."""
+    """The event of a client frame, or None when it is not a JSON object."""
     try:
         doc = orjson.loads(frame)
     except orjson.JSONDecodeError:

@@ -249,6 +249,21 @@ async def test_an_escaped_event_type_is_still_checked(gw: Gateway, rt: FakeRealt
     assert up.events() == [{"type": "response.cancel"}]
 
 
+async def test_an_unreadable_or_binary_event_cannot_slip_past(gw: Gateway, rt: FakeRealtime) -> None:
+    """Text naming a checked event that orjson cannot read (here behind a byte order mark) is
+    refused; a JSON event in a binary frame is checked like a text one; audio passes."""
+    update = b'{"type":"session.update","session":{"audio":{"input":{"transcription":{"model":"nope"}}}}}'
+    async with aiohttp.ClientSession() as s, s.ws_connect(ws_url(gw), headers=bearer()) as ws:
+        await ws.send_str("\ufeff" + update.decode())
+        assert (await next_event(ws))["error"]["code"] == "invalid_json"
+        await ws.send_bytes(update)
+        assert (await next_event(ws))["error"]["code"] == "model_not_found"
+        audio = b"{\\" + bytes(range(256))  # binary that starts like JSON and is not
+        await ws.send_bytes(audio)
+        up = (await rt.until(lambda ss: len(ss) == 1 and len(ss[0].frames) == 1))[0]
+    assert up.frames == [("binary", audio)]
+
+
 # -- the relay ------------------------------------------------------------------------------------
 
 async def test_a_thousand_frames_each_way_in_order_byte_for_byte(gw: Gateway, rt: FakeRealtime) -> None:
