@@ -6,11 +6,14 @@ STAMP  := $(VENV)/.installed-$(shell cat setup.cfg pyproject.toml | cksum | cut 
 # System tools the tests drive for real: curl as in the README, file to name the audio,
 # redis-server for the shared rate limits and usage stream, promtool to check the metrics scrape,
 # chromium (headless) to call the gateway from a web page on another origin (CORS), ffmpeg (and its
-# ffprobe) to make real audio files and to say how long they are.
+# ffprobe) to make real audio files and to say how long they are, npm (and node) for the Node SDK.
 # Each is a command, or command:package where Debian's package is named otherwise.
-SYSTEM_TOOLS := curl file redis-server promtool:prometheus chromium ffmpeg
+SYSTEM_TOOLS := curl file redis-server promtool:prometheus chromium ffmpeg npm
+# The official openai Node SDK at the version tests/node/package.json pins, installed from npm's
+# registry into tests/node/node_modules (gitignored) for tests/test_node_sdk.py.
+NODE_SDK := tests/node/node_modules/openai/package.json
 
-.PHONY: run test lint venv system-tools clean
+.PHONY: run test lint venv system-tools node-sdk clean
 
 venv: $(STAMP)
 
@@ -19,6 +22,12 @@ $(STAMP): setup.cfg pyproject.toml
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e '.[test]'
 	rm -f $(VENV)/.installed-*
+	touch $@
+
+node-sdk: $(NODE_SDK)
+
+$(NODE_SDK): tests/node/package.json | system-tools
+	npm install --prefix tests/node --no-audit --no-fund --no-package-lock --silent
 	touch $@
 
 system-tools:
@@ -56,7 +65,7 @@ lint: venv
 
 # lint, then the tests. The tests run even when lint fails, so one run shows every failure; make
 # test exits non-zero if either failed.
-test: venv system-tools
+test: venv system-tools node-sdk
 	@status=0; \
 	$(MAKE) --no-print-directory lint || status=1; \
 	$(BIN)/python -m pytest || status=1; \
@@ -64,7 +73,7 @@ test: venv system-tools
 	exit $$status
 
 clean:
-	rm -rf $(VENV) *.egg-info .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) *.egg-info .pytest_cache .mypy_cache .ruff_cache tests/node/node_modules
 
 # -- make install: the gateway as a systemd service (as root; docs/operations.md, "Deploy") ------
 # A venv of its own in $(PREFIX)/venv made with the base $(PYTHON), the units in $(UNITDIR),

@@ -19,13 +19,13 @@ _ECHO_LIMIT = 128  # an alias is echoed in the message; a caller's megabyte is n
 def resolve(alias: str, key: ApiKey, models: Mapping[str, Model], route: str) -> Model:
     model = models.get(alias)
     if model is None:
-        raise errors.model_not_found(_printable(alias))
+        raise errors.model_not_found(printable(alias))
     if alias not in key.allowed:
-        raise errors.model_not_allowed(_printable(alias))
+        raise errors.model_not_allowed(printable(alias))
     if route not in model.routes:
         raise errors.model_not_supported(alias, route)
     return model
 
 
-def _printable(alias: str) -> str:
+def printable(alias: str) -> str:
     return alias if len(alias) <= _ECHO_LIMIT else alias[:_ECHO_LIMIT] + "…"

@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator, Callable
 
 from aiohttp import web
 
-from . import endpoints, forms, pipeline, realtime, responses, speech, upstream
+from . import endpoints, forms, inbound, pipeline, realtime, responses, speech, upstream
 from .config import Config
 from .keys import CLOCK, LIMITER, LIVE, METRICS, POOL, SETTINGS, USAGE
 from .limits import Limiter
@@ -27,12 +27,15 @@ def create_app(config: Config, clock: Callable[[], float] = time.time) -> web.Ap
     app[SETTINGS] = config.settings
     app[LIVE] = Live(config.resources)
     app[CLOCK] = clock
-    sink = app[USAGE] = UsageSink.create(config.settings.usage_sink)
+    spill = config.settings.usage_spill_dir
+    sink = app[USAGE] = UsageSink.create(config.settings.usage_sink, spill_dir=str(spill) if spill else None)
     limiter = app[LIMITER] = Limiter.create(config.settings.ratelimit_backend)
     app[METRICS] = Metrics({
         "aisix_usage_events_dropped": ("Usage events dropped (queue full or write failed).",
                                        lambda: sink.dropped_total),
         "aisix_usage_events_written": ("Usage events written to the sink.", lambda: sink.written_total),
+        "aisix_usage_events_spilled": ("Usage events kept on local disk while the sink could not take them.",
+                                       lambda: sink.spilled_total),
         "aisix_ratelimit_fail_open": ("Admissions let through because the limit store failed.",
                                       lambda: limiter.fail_open_total),
         "aisix_ratelimit_settle_errors": ("Slot releases or token charges the limit store lost.",
@@ -50,21 +53,24 @@ def create_app(config: Config, clock: Callable[[], float] = time.time) -> web.Ap
               ("POST", "/v1/audio/translations", pipeline.route("translations", forms.read)),
               ("GET", "/v1/realtime", realtime.session),
               ("GET", "/v1/models", endpoints.models),
+              ("GET", "/v1/models/{alias:.+}", endpoints.model),  # aliases may hold a "/"
               ("GET", "/livez", endpoints.livez),
               ("GET", "/readyz", endpoints.readyz)]
     methods: dict[str, tuple[str, ...]] = {}
+    # expect_handler: a 100 Continue only once the pipeline has decided to read the body (inbound.py).
     for method, path, handler in routes:
         if method == "GET":
-            app.router.add_get(path, responses.route(handler))  # and HEAD
+            app.router.add_get(path, responses.route(handler), expect_handler=inbound.expect)  # and HEAD
             methods[path] = ("GET", "HEAD")
         else:
-            app.router.add_route(method, path, responses.route(handler))
+            app.router.add_route(method, path, responses.route(handler), expect_handler=inbound.expect)
             methods[path] = (method,)
     cors = config.settings.proxy.cors
     for path, allowed in methods.items():
         if cors is not None and path.startswith("/v1/"):  # browsers' preflights; else OPTIONS is 405
             app.router.add_route("OPTIONS", path, responses.preflight(allowed, cors))
-    app.router.add_route("*", "/{path:.*}", responses.unrouted(methods))  # last: 404 and 405
+    # last: 404 and 405
+    app.router.add_route("*", "/{path:.*}", responses.unrouted(methods), expect_handler=inbound.expect)
     return app
 
 

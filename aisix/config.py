@@ -14,13 +14,14 @@ from __future__ import annotations
 import datetime as dt
 import fnmatch
 import hashlib
+import math
 import os
 import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
-from typing import TypeVar
+from typing import TypeGuard, TypeVar
 from urllib.parse import quote, urlsplit
 
 from .config_yaml import Reader, add_problem, got, read_mapping
@@ -41,7 +42,8 @@ class ConfigError(Exception):
 
 @dataclass(frozen=True, slots=True)
 class RateLimit:
-    """Requests per second/minute/hour/day, tokens per minute/day, requests in flight; None = no limit."""
+    """Requests per second/minute/hour/day, tokens per minute/day, requests in flight, USD per UTC
+    day/month, audio seconds per hour/day; None = no limit."""
 
     rps: int | None = None
     rpm: int | None = None
@@ -50,6 +52,22 @@ class RateLimit:
     tpm: int | None = None
     tpd: int | None = None
     concurrency: int | None = None
+    cost_usd_per_day: float | None = None
+    cost_usd_per_month: float | None = None
+    audio_seconds_per_hour: int | None = None
+    audio_seconds_per_day: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Pricing:
+    """USD per unit (pricing.py); None: that quantity is free, or not priced."""
+
+    per_request: float | None = None
+    per_1m_input_characters: float | None = None
+    per_minute_input_audio: float | None = None
+    per_minute_output_audio: float | None = None
+    per_1m_input_tokens: float | None = None
+    per_1m_output_tokens: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,6 +89,7 @@ class Target:
     model_name: str
     weight: int = 1
     priority: int = 0
+    pricing: Pricing | None = None  # this deployment's own prices; None: the model's
     # derived from the fields above; left out of == and hash() (a mappingproxy cannot be hashed)
     urls: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}), compare=False)
     model_name_bytes: bytes = field(default=b"", compare=False)
@@ -99,6 +118,8 @@ class Model:
     routes: frozenset[str]  # the routes it serves (ROUTES); another route is 400 model_not_supported
     retry: Retry
     cooldown: Cooldown
+    pricing: Pricing | None = None
+    max_audio_seconds: int | None = None  # per upload; longer is 400 audio_too_long
 
     @property
     def provider_key(self) -> ProviderKey:
@@ -181,6 +202,7 @@ class Settings:
     metrics_listen: Listen | None  # None: no metrics listener
     usage_sink: SinkSpec
     ratelimit_backend: BackendSpec
+    usage_spill_dir: Path | None  # None: events the sink cannot take are dropped (counted)
     resources_file: Path  # absolute
     config_file: Path  # absolute
     access_log_probes: bool = False  # /livez and /readyz get access-log lines too
@@ -269,8 +291,30 @@ def _spec(r: Reader, key: str, default: str, parse: Callable[[str], T]) -> T | N
 def _rate_limit(r: Reader) -> RateLimit | None:
     fields = RateLimit.__slots__
     sub = r.child("rate_limit", fields)
-    values = {name: sub.integer(name, None) for name in fields} if sub else {}
-    return RateLimit(**values) if any(values.values()) else None
+    if sub is None:
+        return None
+    values = {name: _number(sub, name) if name.startswith("cost_") else sub.integer(name, None) for name in fields}
+    return RateLimit(**values) if any(values.values()) else None  # type: ignore[arg-type]
+
+
+def _number(r: Reader, key: str) -> float | None:
+    """A positive number (an integer or a decimal), as a float; None when absent."""
+    value = r.scalar(key, None, lambda v: _finite(v) and v > 0, "a positive number")
+    return None if value is None else float(value)
+
+
+def _finite(v: object) -> TypeGuard[int | float]:
+    """A YAML number (true and false are bools, not numbers here) that is not inf or nan."""
+    return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _pricing(r: Reader) -> Pricing | None:
+    sub = r.child("pricing", Pricing.__slots__)
+    if sub is None:
+        return None
+    values = {name: sub.scalar(name, None, lambda v: _finite(v) and v >= 0,
+                               "a number >= 0 (USD)") for name in Pricing.__slots__}
+    return Pricing(**{k: None if v is None else float(v) for k, v in values.items()})
 
 
 def _cors(proxy: Reader, id_headers: tuple[str, ...]) -> Cors | None:
@@ -316,8 +360,13 @@ def _load_settings(out: list[str], path: Path, env: Mapping[str, str]) -> tuple[
     metrics_listen = None if disabled else _listen(metrics, "listen", "127.0.0.1:9090")
     if metrics_listen and metrics_listen == listen and listen.port:
         metrics.problem("listen", "must differ from proxy.listen")
-    usage = top.section("usage", ("sink",))
+    usage = top.section("usage", ("sink", "spill_dir"))
     sink = _spec(usage, "sink", "stdout", parse_sink)
+    # Under systemd, StateDirectory= gives a writable place that outlives the process.
+    state = env.get("STATE_DIRECTORY", "").split(":")[0] or str(config_file.parent)
+    no_spill = "spill_dir" in usage.raw and usage.raw["spill_dir"] is None
+    spill = None if no_spill else usage.text("spill_dir", os.path.join(state, "usage-spill"))
+    spill_dir = Path(os.path.abspath(config_file.parent / spill)) if spill else None
     ratelimit = top.section("ratelimit", ("backend",))
     backend = _spec(ratelimit, "backend", "memory", parse_backend)
     access_log = top.section("access_log", ("probes",))
@@ -328,7 +377,7 @@ def _load_settings(out: list[str], path: Path, env: Mapping[str, str]) -> tuple[
         return None, resources_file
     proxy_settings = ProxySettings(listen, body_limit, json_limit, id_headers, drain_ms, grace_ms, keepalive_ms,
                                    cors_policy)
-    return Settings(proxy_settings, UpstreamSettings(**upstream), metrics_listen, sink, backend,
+    return Settings(proxy_settings, UpstreamSettings(**upstream), metrics_listen, sink, backend, spill_dir,
                     resources_file, config_file, bool(probes)), resources_file
 
 
@@ -383,13 +432,14 @@ def urls_for(key: ProviderKey, model_name: str) -> Mapping[str, str]:
 
 
 def _target(r: Reader, keys: Mapping[str, ProviderKey | None], key_name: str | None, model_name: str | None,
-            weight: int | None = 1, priority: int | None = 0, label: str = "provider_key") -> Target | None:
+            weight: int | None = 1, priority: int | None = 0, label: str = "provider_key",
+            pricing: Pricing | None = None) -> Target | None:
     if key_name is not None and key_name not in keys:
         r.problem(label, f"no provider key named '{key_name}'")
     key = keys.get(key_name) if key_name is not None else None
     if key is None or model_name is None or weight is None or priority is None:
         return None
-    return Target(key, model_name, weight, priority, urls_for(key, model_name), model_name.encode("utf-8"),
+    return Target(key, model_name, weight, priority, pricing, urls_for(key, model_name), model_name.encode("utf-8"),
                   f"{key.name}/{model_name}")
 
 
@@ -413,10 +463,10 @@ def _model(r: Reader, name: str, keys: Mapping[str, ProviderKey | None]) -> Mode
             r.problem("targets", f"must be a non-empty list of {{provider_key, model_name, weight, priority}}, "
                       f"{got(raw)}")
         for i, item in enumerate(raw if isinstance(raw, list) else ()):
-            t = r.nested(f"targets[{i}]", item, ("provider_key", "model_name", "weight", "priority"))
+            t = r.nested(f"targets[{i}]", item, ("provider_key", "model_name", "weight", "priority", "pricing"))
             if t is not None:
                 targets.append(_target(t, keys, t.text("provider_key"), t.text("model_name"), t.integer("weight", 1),
-                                       t.integer("priority", 0, minimum=0)))
+                                       t.integer("priority", 0, minimum=0), pricing=_pricing(t)))
         ids = [x.id for x in targets if x is not None]
         if len(set(ids)) != len(ids):
             r.problem("targets", "each target must be a different provider_key and model_name")
@@ -426,10 +476,11 @@ def _model(r: Reader, name: str, keys: Mapping[str, ProviderKey | None]) -> Mode
     cool = r.child("cooldown", Cooldown.__slots__)
     default = Cooldown()
     cooldown = Cooldown(*(cool.integer(f, getattr(default, f)) for f in Cooldown.__slots__)) if cool else default
+    pricing, max_seconds = _pricing(r), r.integer("max_audio_seconds", None)
     if not r.ok or not targets or None in targets:
         return None
     return Model(name, tuple(t for t in targets if t is not None), timeout, rate_limit, frozenset(routes),
-                 Retry(attempts, replay), cooldown)
+                 Retry(attempts, replay), cooldown, pricing, max_seconds)
 
 
 def _matching(globs: tuple[str, ...], aliases: Iterable[str]) -> frozenset[str]:
@@ -494,7 +545,8 @@ def _load_resources(out: list[str], path: Path, env: Mapping[str, str]) -> Resou
     if top.text("_format_version", "1") not in ("1", None):
         top.problem("_format_version", 'must be "1"')
     key_fields = ("provider", "api_base", "api_key", "api_version", "rate_limit")
-    model_fields = ("provider_key", "model_name", "targets", "routes", "timeout", "rate_limit", "retry", "cooldown")
+    model_fields = ("provider_key", "model_name", "targets", "routes", "timeout", "rate_limit", "retry", "cooldown",
+                    "pricing", "max_audio_seconds")
     keys = top.collect("provider_keys", "display_name", key_fields, _provider_key)
     models = top.collect("models", "display_name", model_fields, lambda r, name: _model(r, name, keys))
     aliases = tuple(models)

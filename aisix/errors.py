@@ -113,6 +113,11 @@ def model_not_supported(alias: str, route: str) -> GatewayError:
     return invalid_request("model_not_supported", f"The model '{alias}' cannot be used with {path}.", "model")
 
 
+def audio_too_long(seconds: float, limit: int) -> GatewayError:
+    return invalid_request("audio_too_long", f"The audio file is {seconds:.1f} seconds long; this model takes at most "
+                           f"{limit} seconds.", "file")
+
+
 def missing_model() -> GatewayError:
     return invalid_request("missing_model", "The 'model' field is required and must be a non-empty string.", "model")
 
@@ -131,6 +136,11 @@ def invalid_multipart(message: str) -> GatewayError:
 
 def invalid_body() -> GatewayError:
     return invalid_request("invalid_body", "The request body is malformed.")
+
+
+def invalid_http_request() -> GatewayError:
+    return invalid_request("invalid_http_request",
+                           "The request is not valid HTTP: its request line or a header is malformed or too long.")
 
 
 def invalid_header() -> GatewayError:
@@ -158,6 +168,18 @@ def window_exceeded(scope: str, who: str, limit: int, unit: str, period: str, re
     return RateLimited(scope, "rate_limit_exceeded", f"Rate limit of {limit} {unit} per {period} exceeded for {who}.",
                        {"Retry-After": after, f"x-ratelimit-limit-{unit}": str(limit),
                         f"x-ratelimit-remaining-{unit}": "0", f"x-ratelimit-reset-{unit}": after})
+
+
+def budget_exceeded(scope: str, who: str, limit_usd: float, period: str, reset: int) -> RateLimited:
+    """A cost budget (UTC day or month) is spent; Retry-After: to the window's end."""
+    return RateLimited(scope, "budget_exceeded", f"Budget of {limit_usd:g} USD per {period} exceeded for {who}.",
+                       {"Retry-After": str(reset)})
+
+
+def audio_quota_exceeded(scope: str, who: str, limit: int, period: str, reset: int) -> RateLimited:
+    """An audio-seconds quota is spent, or an upload is longer than what is left of it."""
+    return RateLimited(scope, "rate_limit_exceeded",
+                       f"Audio quota of {limit} seconds per {period} exceeded for {who}.", {"Retry-After": str(reset)})
 
 
 def concurrency_exceeded(scope: str, who: str, limit: int) -> RateLimited:

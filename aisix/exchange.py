@@ -35,6 +35,11 @@ class Exchange:
     bytes_out: int = 0
     stream: bool = False
     usage: Usage | None = None              # only what the upstream reported
+    input_characters: int | None = None     # speech: characters of `input`
+    audio_seconds_in: float | None = None   # an upload's duration, measured from its bytes
+    audio_seconds_out: float | None = None  # a speech answer's duration, measured from its bytes
+    cost_usd: float | None = None
+    billable: bool = False                  # an upstream answered 2xx: the work was done
     verdict: Verdict | None = None          # a guardrail that matched
     response: web.StreamResponse | None = None  # set once the caller has the status line
     attempts: list[dict[str, Any]] | None = None  # one per upstream attempt (failover.py), in order

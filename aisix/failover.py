@@ -43,22 +43,24 @@ class Replayable(Protocol):
 
 
 class Attempts:
-    __slots__ = ("_app", "_ex", "_model", "slot")
+    __slots__ = ("_app", "_ex", "_model", "answered", "slot")
 
     def __init__(self, app: web.Application, ex: Exchange, model: Model) -> None:
         self._app, self._ex, self._model = app, ex, model
         self.slot: Slot | None = None  # the provider key's slot of the attempt under way
+        self.answered: Target | None = None  # whose answer the caller gets
 
     async def send(self, request: web.Request, route: str, body: Replayable, screen: Callable[[str], None],
                    sent: Callable[[Target], None], deadline: Deadline) -> Answer | Buffered:
         app, ex, model = self._app, self._ex, self._model
         limiter, clock, metrics = app[LIMITER], app[CLOCK], app[METRICS]
         targets = model.targets
-        routed = len(targets) > 1 and model.retry.max_attempts > 1
+        routed = len(targets) > 1  # a choice to make: cooldowns steer it, even with no retry
         keys = [routing.key(model.alias, t.id) for t in targets] if routed else []
         cooling: dict[int, float] = {}
         if routed:
-            body.keep(model.retry.replay_limit_bytes)
+            if model.retry.max_attempts > 1:
+                body.keep(model.retry.replay_limit_bytes)
             cooling = await limiter.cooling(keys, clock())
             metrics.cooling(model.alias, targets, cooling)
         tried: set[int] = set()
@@ -74,6 +76,7 @@ class Attempts:
                 if i is None:  # nothing left to try: the last answer as it came, or the last failure
                     if kept is not None:
                         ex.upstream_model, ex.provider_key = kept[0].model_name, kept[0].provider_key.name
+                        self.answered = kept[0]
                         return kept[1]
                     assert last is not None
                     raise last
@@ -88,6 +91,7 @@ class Attempts:
                 self.slot = slot
                 tried.add(i)
                 answer, failure = await self._attempt(request, route, body, target, screen, sent, deadline)
+                self.answered = target if answer is not None else None
                 if answer is not None and answer.status not in routing.FAILOVER_STATUSES:
                     return answer
                 if routed and await limiter.failed(keys[i], model.cooldown, clock()):
@@ -147,10 +151,11 @@ class Attempts:
                                        kind or (str(status) if status else "aborted"))
         return answer, failure
 
-    async def release(self, tokens: int | None = None) -> None:
-        """Give back the provider key's slot and charge its tokens; once, never raises."""
+    async def release(self, tokens: int | None = None, cost_usd: float | None = None,
+                      audio_seconds: float | None = None) -> None:
+        """Give back the provider key's slot and charge what the answer used; once, never raises."""
         slot, self.slot = self.slot, None
-        await self._app[LIMITER].settle(slot, tokens, self._app[CLOCK]())
+        await self._app[LIMITER].settle(slot, tokens, self._app[CLOCK](), cost_usd, audio_seconds)
 
 
 

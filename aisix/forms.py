@@ -12,15 +12,20 @@ complete.
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncIterator, Callable
 
 from aiohttp import hdrs, web
 
 from . import errors, multipart
+from .audio import Probe
+from .audio_detect import Detect
 from .config import Resources, Settings, Target
 from .inbound import Inbound
 from .spool import Spool
 from .upstream import Body, Write
+
+log = logging.getLogger(__name__)
 
 _MODEL_ONLY = frozenset({multipart.MODEL})
 _PROMPT = frozenset({multipart.MODEL, "prompt"})
@@ -36,11 +41,17 @@ class FormBody:
     arrives. The rewriter and the caller's stream are read by one attempt at a time."""
 
     __slots__ = ("_after", "_copy", "_declared", "_ended", "_held", "_inbound", "_limit", "_reading", "_rw",
-                 "_started", "_value_size", "alias", "content_type", "texts")
+                 "_started", "_value_size", "alias", "audio", "characters", "check_audio", "content_type", "texts")
 
     def __init__(self, alias: str, texts: list[str], content_type: str, held: Spool, rw: multipart.Rewriter,
-                 inbound: Inbound, after: list[multipart.Piece], value_size: int, declared: int | None) -> None:
+                 inbound: Inbound, after: list[multipart.Piece], value_size: int, declared: int | None,
+                 audio: Probe) -> None:
         self.alias = alias
+        self.characters = None
+        self.audio = audio  # fed the file part's bytes by the rewriter
+        # Given the audio's length as soon as it is known (a header's, or at least what has passed),
+        # before the bytes that told it are sent on: it raises to end the upload.
+        self.check_audio: Callable[[float], None] | None = None
         self.texts = texts
         self.content_type = content_type
         self._held, self._rw, self._inbound = held, rw, inbound
@@ -79,6 +90,7 @@ class FormBody:
         rw, inbound, held, copy = self._rw, self._inbound, self._held, self._copy
         try:
             self._started = True
+            self._check()
             write: Write = []
             # one in memory; 256 KiB reads from a temp file
             for chunk in held.replay() if copy is not None else held.chunks():
@@ -100,6 +112,7 @@ class FormBody:
                 chunk = await inbound.read()
                 pieces = rw.feed(chunk) if chunk else rw.close()
                 self._ended = not chunk
+                self._check()
                 if pieces:
                     out = _outgoing(pieces, screen)
                     self._keep(out)  # before it is handed on: a writer cancelled after this replays it
@@ -110,6 +123,17 @@ class FormBody:
             if self._copy is None:
                 held.close()
 
+    def _check(self) -> None:
+        check, audio = self.check_audio, self.audio
+        if check is not None:
+            declared = audio.declared
+            check(declared if declared is not None else audio.at_least)
+
+    def audio_seconds(self) -> float | None:
+        """The file's duration, once the whole body has been read; None before, or when its
+        format cannot tell."""
+        return self.audio.end() if self._ended else None
+
     def _keep(self, out: Write) -> None:
         copy = self._copy
         if copy is None:
@@ -118,8 +142,13 @@ class FormBody:
             copy.close()  # too big to replay: the disk is given back, and no later failure is retried
             self._copy = None
             return
-        for piece in out:
-            copy.write(piece)
+        try:
+            for piece in out:
+                copy.write(piece)
+        except OSError as exc:  # the temp directory is full: this request goes on, without a retry
+            log.warning("upload copy for a failover dropped: %s", exc.strerror or exc)
+            copy.close()
+            self._copy = None
 
     def close(self) -> None:
         self._held.close()
@@ -132,6 +161,8 @@ async def read(request: web.Request, inbound: Inbound, settings: Settings, resou
     boundary = multipart.boundary_of(request.headers.get(hdrs.CONTENT_TYPE, ""))
     # Prompts are read only when some input guardrail could look at them.
     rw = multipart.Rewriter(boundary, _PROMPT if resources.scans_prompts else _MODEL_ONLY)
+    audio = Detect()
+    rw.on_file = audio.feed
     held = Spool()
     texts: list[str] = []
     try:
@@ -146,7 +177,7 @@ async def read(request: web.Request, inbound: Inbound, settings: Settings, resou
                     held.write(piece.value)
                 else:
                     return FormBody(_text(piece), texts, multipart.content_type_for(boundary), held, rw, inbound,
-                                    pieces[i + 1:], len(piece.value), request.content_length)
+                                    pieces[i + 1:], len(piece.value), request.content_length, audio)
             if not chunk:
                 raise errors.missing_model()
     except BaseException:

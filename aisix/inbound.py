@@ -2,12 +2,15 @@
 and timed by the request's deadline.
 
 On audio routes a body is never handed to aiohttp's whole-body or form readers, and
-``client_max_size`` does not cover streamed reads, so the count and the cap are here.
+``client_max_size`` does not cover streamed reads, so the count and the cap are here. So is the
+``100 Continue`` a caller sending ``Expect: 100-continue`` waits for: it goes out on the first
+read, once the pipeline has decided everything it decides before the body (declared length, key,
+content coding and type), so a refused caller is answered without being asked for its upload.
 """
 
 from __future__ import annotations
 
-from aiohttp import web
+from aiohttp import HttpVersion11, hdrs, web
 from aiohttp.http_exceptions import HttpProcessingError
 
 from . import errors
@@ -15,10 +18,18 @@ from .deadline import CLIENT, UPSTREAM, Deadline
 from .exchange import Exchange
 
 
+async def expect(request: web.Request) -> None:
+    """Every route's expect handler: nothing at the head (aiohttp's default sends 100 Continue to
+    any caller there, before a handler has looked at it); Inbound sends it when the body is read."""
+
+
 class Inbound:
-    __slots__ = ("_content", "_deadline", "_ex", "_idle", "_limit")
+    __slots__ = ("_content", "_deadline", "_ex", "_idle", "_limit", "_request", "_waits")
 
     def __init__(self, request: web.Request, limit: int, deadline: Deadline, idle: float, ex: Exchange) -> None:
+        self._request = request
+        self._waits = request.version == HttpVersion11 and \
+            request.headers.get(hdrs.EXPECT, "").lower() == "100-continue"
         self._content = request.content
         self._limit = limit
         self._deadline = deadline
@@ -28,6 +39,11 @@ class Inbound:
     async def read(self) -> bytes:
         """The next chunk; b"" at the end of the body. A caller that leaves is a ConnectionError."""
         self._deadline.wait(self._idle, CLIENT)
+        if self._waits:
+            self._waits = False
+            writer = self._request.writer
+            await writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            writer.output_size = 0  # an interim answer: the final one has not started
         try:
             while True:
                 # One chunk as aiohttp's parser gave it (readany would join all that are

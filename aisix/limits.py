@@ -27,10 +27,12 @@ a lost release is bounded by the lease).
 
 from __future__ import annotations
 
+import calendar
 import functools
 import logging
 import math
 import secrets
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
@@ -41,11 +43,17 @@ from .specs import BackendSpec
 
 log = logging.getLogger(__name__)
 
+MONTH = 31 * 86400  # the size of a UTC calendar month's window (its TTL); its bounds are the calendar's
 _WINDOWS = (  # (field, seconds, unit); this order breaks ties between windows that end together
     ("rps", 1, "requests"), ("rpm", 60, "requests"), ("rph", 3600, "requests"),
     ("rpd", 86400, "requests"), ("tpm", 60, "tokens"), ("tpd", 86400, "tokens"),
+    ("cost_usd_per_day", 86400, "usd"), ("cost_usd_per_month", MONTH, "usd"),
+    ("audio_seconds_per_hour", 3600, "seconds"), ("audio_seconds_per_day", 86400, "seconds"),
 )
-_PERIOD = {1: "second", 60: "minute", 3600: "hour", 86400: "day"}
+# Amounts are kept as integers in every store: micro-USD and milliseconds of audio.
+SCALE = {"requests": 1, "tokens": 1, "concurrency": 1, "usd": 1_000_000, "seconds": 1000}
+CHARGED = ("tokens", "usd", "seconds")  # known only once the answer is relayed: charged by settle
+_PERIOD = {1: "second", 60: "minute", 3600: "hour", 86400: "day", MONTH: "month"}
 _PAUSE = 1.0  # after a store error, seconds to admit unchecked before trying the store again
 _WARN_EVERY = 10.0  # seconds between two warnings about the store
 
@@ -61,7 +69,7 @@ class Limit:
     field: str  # "rpm", "tpd", "concurrency", ...
     size: int
     limit: int
-    unit: str  # "requests" | "tokens" | "concurrency"
+    unit: str  # "requests" | "tokens" | "concurrency" | "usd" | "seconds"; counts scaled by SCALE
     key: str  # aisix:rl:{scope}:{name}:{field}; a window's counter adds ":{window_start}"
 
 
@@ -70,29 +78,41 @@ class Plan:
     """Every limit one (api key, model) pair is held to, built once per pair."""
 
     limits: tuple[Limit, ...]  # what admit checks, key scope first
-    tokens: tuple[Limit, ...]  # the token windows settle charges
+    charged: tuple[Limit, ...]  # the windows settle charges (tokens, cost, audio seconds)
     concurrency: tuple[Limit, ...]  # the slots admit takes and settle gives back
 
 
 def window_start(now: float, size: int) -> int:
+    if size == MONTH:
+        t = time.gmtime(now)
+        return calendar.timegm((t.tm_year, t.tm_mon, 1, 0, 0, 0))
     return int(now // size) * size
+
+
+def window_end(now: float, size: int) -> int:
+    if size == MONTH:
+        t = time.gmtime(now)
+        year, month = (t.tm_year + 1, 1) if t.tm_mon == 12 else (t.tm_year, t.tm_mon + 1)
+        return calendar.timegm((year, month, 1, 0, 0, 0))
+    return window_start(now, size) + size
 
 
 def reset_after(now: float, size: int) -> int:
     """Whole seconds from now to the end of the window, rounded up, at least 1."""
-    return max(1, math.ceil(window_start(now, size) + size - now))
+    return max(1, math.ceil(window_end(now, size) - now))
 
 
 def is_over(limit: Limit, count: int) -> bool:
-    """Whether a count refuses the next request: tokens once over the limit, else once at it."""
-    return count > limit.limit if limit.unit == "tokens" else count >= limit.limit
+    """Whether a count refuses the next request: what is charged after the answer (tokens, cost,
+    audio seconds) once over the limit, requests and slots once at it."""
+    return count > limit.limit if limit.unit in CHARGED else count >= limit.limit
 
 
 def _scope_limits(scope: str, name: str, rate: RateLimit | None) -> tuple[Limit, ...]:
     if rate is None:
         return ()
     prefix = f"aisix:rl:{scope}:{name}:"
-    out = [Limit(scope, name, f, size, getattr(rate, f), unit, prefix + f)
+    out = [Limit(scope, name, f, size, round(getattr(rate, f) * SCALE[unit]), unit, prefix + f)
            for f, size, unit in _WINDOWS if getattr(rate, f) is not None]
     if rate.concurrency is not None:
         out.append(Limit(scope, name, "concurrency", 0, rate.concurrency, "concurrency",
@@ -102,16 +122,17 @@ def _scope_limits(scope: str, name: str, rate: RateLimit | None) -> tuple[Limit,
 
 @functools.lru_cache(maxsize=4096)
 def plan(key_name: str, key_rate: RateLimit | None, alias: str, model_rate: RateLimit | None) -> Plan:
-    limits = _scope_limits("key", key_name, key_rate) + _scope_limits("model", alias, model_rate)
-    return Plan(limits, tuple(x for x in limits if x.unit == "tokens"),
+    return _plan(_scope_limits("key", key_name, key_rate) + _scope_limits("model", alias, model_rate))
+
+
+def _plan(limits: tuple[Limit, ...]) -> Plan:
+    return Plan(limits, tuple(x for x in limits if x.unit in CHARGED),
                 tuple(x for x in limits if x.unit == "concurrency"))
 
 
 @functools.lru_cache(maxsize=1024)
 def provider_plan(name: str, rate: RateLimit) -> Plan:
-    limits = _scope_limits("provider", name, rate)
-    return Plan(limits, tuple(x for x in limits if x.unit == "tokens"),
-                tuple(x for x in limits if x.unit == "concurrency"))
+    return _plan(_scope_limits("provider", name, rate))
 
 
 def rejection(blocked: Sequence[Limit], now: float) -> errors.RateLimited:
@@ -121,8 +142,13 @@ def rejection(blocked: Sequence[Limit], now: float) -> errors.RateLimited:
     if not windows:
         c = blocked[0]
         return errors.concurrency_exceeded(c.scope, _who(c), c.limit)
-    w = max(windows, key=lambda x: window_start(now, x.size) + x.size)  # ties: the first
-    return errors.window_exceeded(w.scope, _who(w), w.limit, w.unit, _PERIOD[w.size], reset_after(now, w.size))
+    w = max(windows, key=lambda x: window_end(now, x.size))  # ties: the first
+    reset = reset_after(now, w.size)
+    if w.unit == "usd":
+        return errors.budget_exceeded(w.scope, _who(w), w.limit / SCALE["usd"], _PERIOD[w.size], reset)
+    if w.unit == "seconds":
+        return errors.audio_quota_exceeded(w.scope, _who(w), w.limit // SCALE["seconds"], _PERIOD[w.size], reset)
+    return errors.window_exceeded(w.scope, _who(w), w.limit, w.unit, _PERIOD[w.size], reset)
 
 
 def _who(limit: Limit) -> str:
@@ -136,11 +162,12 @@ def _who(limit: Limit) -> str:
 class Store(Protocol):
     errors: tuple[type[Exception], ...]  # what it raises when it cannot answer: admit fails open
 
-    async def admit(self, plan: Plan, slot_id: str, now: float) -> list[Limit]:
-        """The limits that refuse the request (nothing counted), or [] once all is counted."""
+    async def admit(self, plan: Plan, slot_id: str, now: float) -> tuple[list[Limit], list[int]]:
+        """The limits that refuse the request (nothing counted), or [] once all is counted; and
+        the count of every limit of the plan before this request."""
 
-    async def settle(self, plan: Plan, slot_id: str, tokens: int, now: float) -> None:
-        """Give back the request's slots and charge its tokens."""
+    async def settle(self, plan: Plan, slot_id: str, charges: dict[str, int], now: float) -> None:
+        """Give back the request's slots and charge its amounts (unit -> scaled amount)."""
 
     async def charge(self, plan: Plan, tokens: int, now: float) -> list[Limit]:
         """Charge tokens to the plan's token windows, keeping its slots; the windows now over."""
@@ -178,25 +205,28 @@ class MemoryStore:
         else:  # a new window: the old counter is dropped here
             self._windows[limit.key] = [start, n]
 
-    async def admit(self, plan: Plan, slot_id: str, now: float) -> list[Limit]:
-        blocked = [x for x in plan.limits if is_over(x, self._count(x, now))]
+    async def admit(self, plan: Plan, slot_id: str, now: float) -> tuple[list[Limit], list[int]]:
+        counts = [self._count(x, now) for x in plan.limits]
+        blocked = [x for x, n in zip(plan.limits, counts, strict=True) if is_over(x, n)]
         if not blocked:
             for x in plan.limits:
                 if x.unit == "requests":
                     self._add(x, 1, now)
                 elif x.unit == "concurrency":
                     self._in_flight[x.key] = self._in_flight.get(x.key, 0) + 1
-        return blocked
+        return blocked, counts
 
-    async def settle(self, plan: Plan, slot_id: str, tokens: int, now: float) -> None:
+    async def settle(self, plan: Plan, slot_id: str, charges: dict[str, int], now: float) -> None:
         for x in plan.concurrency:
             held = self._in_flight.get(x.key, 0) - 1
             if held > 0:
                 self._in_flight[x.key] = held
             else:
                 self._in_flight.pop(x.key, None)
-        for x in plan.tokens if tokens else ():
-            self._add(x, tokens, now)
+        for x in plan.charged:
+            amount = charges.get(x.unit)
+            if amount:
+                self._add(x, amount, now)
 
     async def charge(self, plan: Plan, tokens: int, now: float) -> list[Limit]:
         for x in plan.tokens:
@@ -221,6 +251,8 @@ class Slot:
 
     plan: Plan | None
     id: str  # its member in the Redis concurrency ZSETs; "" when it holds no slot
+    audio_left: float | None = None  # seconds its audio quotas had left when admitted; None: no quota
+    audio_limit: Limit | None = None  # the audio quota with the least left
 
 
 class Limiter:
@@ -269,7 +301,7 @@ a realtime session also charges tokens as they are reported (charge)."""
             return Slot(None, "")
         slot = Slot(p, secrets.token_hex(8) if p.concurrency else "")
         try:
-            blocked = await self._store.admit(p, slot.id, now)
+            blocked, counts = await self._store.admit(p, slot.id, now)
         except self._store_errors as e:
             self.fail_open_total += 1
             self._paused_until = now + _PAUSE
@@ -277,7 +309,18 @@ a realtime session also charges tokens as they are reported (charge)."""
             return Slot(None, "")  # the script may have run: a slot it took ends with its lease
         if blocked:
             raise rejection(blocked, now)
+        for x, n in zip(p.limits, counts, strict=True):
+            if x.unit == "seconds":
+                left = (x.limit - n) / SCALE["seconds"]
+                if slot.audio_left is None or left < slot.audio_left:
+                    slot.audio_left, slot.audio_limit = left, x
         return slot
+
+    def audio_refusal(self, slot: Slot | None, seconds: float, now: float) -> errors.RateLimited | None:
+        """The 429 for an upload of ``seconds`` that is more than its audio quotas had left."""
+        if slot is None or slot.audio_left is None or slot.audio_limit is None or seconds <= slot.audio_left:
+            return None
+        return rejection([slot.audio_limit], now)
 
     async def admit_provider(self, key: ProviderKey, now: float) -> Slot | None:
         """A slot on the provider key's own limits (its quota), or None when it has none;
@@ -305,16 +348,22 @@ a realtime session also charges tokens as they are reported (charge)."""
             self._warn(now, "rate limit store failed to record a target failure: %s: %s", e)
             return False
 
-    async def settle(self, slot: Slot | None, tokens: int | None, now: float) -> None:
-        """Give back the slot's concurrency and charge ``tokens``; once per slot, never raises."""
+    async def settle(self, slot: Slot | None, tokens: int | None, now: float, cost_usd: float | None = None,
+                     audio_seconds: float | None = None) -> None:
+        """Give back the slot's concurrency and charge its tokens, cost and audio seconds; once per
+        slot, never raises."""
         if slot is None or slot.plan is None:
             return
         p, slot.plan = slot.plan, None  # before any await: a second settle finds nothing
-        tokens = tokens if tokens and tokens > 0 and p.tokens else 0
-        if not p.concurrency and not tokens:
+        charges: dict[str, int] = {}
+        if p.charged:
+            for unit, amount in (("tokens", tokens), ("usd", cost_usd), ("seconds", audio_seconds)):
+                if amount and amount > 0:
+                    charges[unit] = max(1, round(amount * SCALE[unit]))
+        if not p.concurrency and not charges:
             return
         try:
-            await self._store.settle(p, slot.id, tokens, now)
+            await self._store.settle(p, slot.id, charges, now)
         except Exception as e:  # noqa: BLE001 (settle runs in a finally; raising would mask the answer)
             self.settle_errors_total += 1
             self._warn(now, "rate limit store failed to settle a request: %s: %s", e)

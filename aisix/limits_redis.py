@@ -36,11 +36,12 @@ _LEASE = 3600  # seconds a Redis concurrency slot outlives a process that never 
 
 
 # KEYS: one counter per limit. ARGV: now, slot id, its lease end, then per key its kind, limit
-# and ttl. Kinds: r (request window: refuses at the limit, counts the request),
-# t (token window: refuses over the limit, counted by settle), c (concurrency ZSET).
+# and ttl. Kinds: r (request window: refuses at the limit, counts the request), t, u, s (token,
+# cost and audio-second windows: refuse over the limit, counted by settle), c (concurrency ZSET).
 # The rule of limits.is_over() is repeated here; the store tests hold the two to the same answers.
+# Returns {blocked indexes, every count}.
 _ADMIT = """
-local blocked = {}
+local blocked, counts = {}, {}
 for i, key in ipairs(KEYS) do
   local kind, limit, count = ARGV[3 * i + 1], tonumber(ARGV[3 * i + 2])
   if kind == 'c' then
@@ -49,9 +50,10 @@ for i, key in ipairs(KEYS) do
   else
     count = tonumber(redis.call('GET', key) or '0')
   end
-  if count > limit or (count == limit and kind ~= 't') then blocked[#blocked + 1] = i end
+  counts[i] = count
+  if count > limit or (count == limit and (kind == 'r' or kind == 'c')) then blocked[#blocked + 1] = i end
 end
-if #blocked > 0 then return blocked end
+if #blocked > 0 then return {blocked, counts} end
 for i, key in ipairs(KEYS) do
   local kind, ttl = ARGV[3 * i + 1], ARGV[3 * i + 3]
   if kind == 'r' then
@@ -62,7 +64,7 @@ for i, key in ipairs(KEYS) do
     redis.call('EXPIRE', key, ttl)
   end
 end
-return blocked
+return {blocked, counts}
 """
 
 
@@ -92,7 +94,7 @@ class RedisStore:
         self._admit = self._redis.register_script(_ADMIT)
         self._failed = self._redis.register_script(_FAILED)
 
-    async def admit(self, plan: Plan, slot_id: str, now: float) -> list[Limit]:
+    async def admit(self, plan: Plan, slot_id: str, now: float) -> tuple[list[Limit], list[int]]:
         keys: list[str] = []
         args: list[str | int] = [repr(now), slot_id, repr(now + _LEASE)]
         for x in plan.limits:
@@ -102,16 +104,19 @@ class RedisStore:
             else:
                 keys.append(x.key)
                 args += ["c", x.limit, _LEASE]
-        blocked = await self._admit(keys, args)
-        return [plan.limits[i - 1] for i in blocked]
+        blocked, counts = await self._admit(keys, args)
+        return [plan.limits[i - 1] for i in blocked], [int(n) for n in counts]
 
-    async def settle(self, plan: Plan, slot_id: str, tokens: int, now: float) -> None:
+    async def settle(self, plan: Plan, slot_id: str, charges: dict[str, int], now: float) -> None:
         async with self._redis.pipeline(transaction=False) as pipe:
             for x in plan.concurrency:
                 pipe.zrem(x.key, slot_id)
-            for x in plan.tokens if tokens else ():
+            for x in plan.charged:
+                amount = charges.get(x.unit)
+                if not amount:
+                    continue
                 key = f"{x.key}:{window_start(now, x.size)}"
-                pipe.incrby(key, tokens)
+                pipe.incrby(key, amount)
                 pipe.expire(key, x.size + _MARGIN)
             await pipe.execute()
 

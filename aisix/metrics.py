@@ -60,8 +60,12 @@ class Metrics:
                                          "upgrade to close.", buckets=_SESSION_BUCKETS, registry=r)
         self.frames_in, self.frames_out = self.frames.labels("in"), self.frames.labels("out")
         self.frame_bytes_in, self.frame_bytes_out = self.frame_bytes.labels("in"), self.frame_bytes.labels("out")
+        self.cost = Counter("aisix_cost_usd", "What requests cost by alias, from its pricing.", ("model",), registry=r)
+        self.audio_seconds = Counter("aisix_audio_seconds", "Audio measured on the wire by alias: uploads (in) "
+                                     "and speech answers (out).", ("model", "direction"), registry=r)
         r.register(_LiveCounters(live_counters))
         self._children: dict[tuple, tuple] = {}
+        self._attempt_children: dict[tuple[str, str, str], Counter] = {}
         self._in_flight: dict[str, Gauge] = {}
 
     def started(self, route: str) -> None:
@@ -91,6 +95,13 @@ class Metrics:
         bytes_out.inc(ex.bytes_out)
         if ex.verdict is not None:
             self.guardrail_hits.labels(ex.verdict.guardrail, ex.verdict.action).inc()
+        if model:
+            if ex.cost_usd:
+                self.cost.labels(model).inc(ex.cost_usd)
+            if ex.audio_seconds_in:
+                self.audio_seconds.labels(model, "in").inc(ex.audio_seconds_in)
+            if ex.audio_seconds_out:
+                self.audio_seconds.labels(model, "out").inc(ex.audio_seconds_out)
         if ex.usage is not None and model:
             for kind, value in (("input", ex.usage.input_tokens), ("output", ex.usage.output_tokens)):
                 if value:
@@ -111,7 +122,11 @@ class Metrics:
                     self.tokens.labels(model, kind).inc(value)
 
     def attempt(self, model: str, provider_key: str, outcome: str) -> None:
-        self.attempts.labels(model, provider_key, outcome).inc()
+        key = (model, provider_key, outcome)
+        child = self._attempt_children.get(key)
+        if child is None:  # as in finished(): each label set resolved once
+            child = self._attempt_children[key] = self.attempts.labels(model, provider_key, outcome)
+        child.inc()
 
     def cooling(self, model: str, targets: Sequence[Target], cooling: Collection[int]) -> None:
         """The cooldown state of every target of an alias (targets sharing a key share a series)."""

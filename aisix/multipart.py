@@ -23,6 +23,7 @@ lines and exactly one ``Content-Disposition: form-data`` with exactly one ``name
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import stringzilla
@@ -139,7 +140,7 @@ class Rewriter:
 
     __slots__ = (
         "_delim", "_buf", "_state", "_drop", "_max_head", "_max_value",
-        "_capture", "_current", "_value", "_scanned", "_fresh", "_last", "seen", "parts",
+        "_capture", "_current", "_value", "_scanned", "_fresh", "_last", "_in_file", "seen", "parts", "on_file",
     )
 
     def __init__(
@@ -165,6 +166,10 @@ class Rewriter:
         self._last = b""  # the last byte given out so far, held back until the closing delimiter
         self.seen: set[str] = set()  # captured names and "file", as met
         self.parts = 0
+        self._in_file = False  # the part being read is the file
+        # Given the file part's data as it is known to be data (never a delimiter's bytes), in
+        # order, without a copy: a memoryview of the caller's chunk or a piece of the buffer.
+        self.on_file: Callable[[bytes | bytearray | memoryview], None] | None = None
 
     def feed(self, data: bytes | bytearray) -> list[Piece]:
         out = self._feed(data)
@@ -279,18 +284,22 @@ class Rewriter:
             if (len(data) - start < len(delim) - 1
                     or (bytes(buf) + bytes(data[start:start + len(delim) - 1])).find(delim) >= 0):
                 return start
-            self._emit(out, buf[:])
+            self._sink(out, buf[:])
             buf.clear()
         n = len(data)
         i = _find(data, delim, start)  # the one pass over every file byte
         stop = i if i >= 0 else _prefix_start(data, delim, start)
         if stop > start:
+            piece: bytes | bytearray | memoryview
             if start == 0 and stop == n:
-                out.append(data)
+                piece = data
             elif isinstance(data, bytes):
-                out.append(memoryview(data)[start:stop])
+                piece = memoryview(data)[start:stop]
             else:  # the caller's bytearray may change after feed(): copy it
-                out.append(bytes(data[start:stop]))
+                piece = bytes(data[start:stop])
+            out.append(piece)
+            if self._in_file and self.on_file is not None:
+                self.on_file(piece)
         if i >= 0:
             return i
         buf += data[stop:]  # shorter than the delimiter
@@ -335,8 +344,10 @@ class Rewriter:
             self._value.clear()
         if name == FILE or name in self._capture:
             self.seen.add(name)
+        self._in_file = name == FILE
 
     def _end_part(self, out: list[Piece]) -> None:
+        self._in_file = False
         if self._current is not None:
             out.append(Field(self._current, bytes(self._value)))
             self._current = None
@@ -349,7 +360,10 @@ class Rewriter:
             raise errors.missing_file()
 
     def _sink(self, out: list[Piece], chunk: bytearray) -> None:
+        """Part data."""
         if self._current is None:
+            if self._in_file and self.on_file is not None and chunk:
+                self.on_file(chunk)
             self._emit(out, chunk)
             return
         if len(self._value) + len(chunk) > self._max_value:

@@ -18,13 +18,15 @@ from typing import Protocol
 
 from aiohttp import hdrs, web
 
-from . import aliases, auth, errors, guardrails, usage
-from .config import Resources, Settings, Target
+from . import aliases, auth, errors, guardrails, pricing, usage
+from .audio import Probe
+from .config import Model, Resources, Settings, Target
 from .deadline import CLIENT, UPSTREAM, Deadline
 from .exchange import Exchange
 from .failover import Attempts
 from .inbound import Inbound
 from .keys import CLOCK, EXCHANGE, LIMITER, LIVE, METRICS, REQUEST_ID, SETTINGS, USAGE
+from .limits import Limiter, Slot
 from .relay import relay
 from .responses import abort
 from .upstream import Body
@@ -61,6 +63,20 @@ class RequestBody(Protocol):
 
     def replayable(self) -> bool: ...
 
+    @property
+    def characters(self) -> int | None:
+        """Speech: the characters of its ``input``."""
+        ...
+
+    @property
+    def audio(self) -> Probe | None:
+        """Uploads: the probe the file part's bytes are fed to."""
+        ...
+
+    check_audio: Callable[[float], None] | None
+
+    def audio_seconds(self) -> float | None: ...
+
     def close(self) -> None: ...
 
 
@@ -73,7 +89,7 @@ async def exchange(request: web.Request, route: str, read: Reader) -> web.Stream
     resources = live.resources  # this request's snapshot, whatever a reload does meanwhile
     idle = settings.upstream.stream_idle_timeout_ms / 1000
     ex = request[EXCHANGE] = Exchange(route, request[REQUEST_ID], clock(), time.monotonic())
-    slot = body = deadline = attempts = None
+    slot = body = deadline = attempts = model = None
     live.enter()
     app[METRICS].started(route)
     try:
@@ -86,8 +102,11 @@ async def exchange(request: web.Request, route: str, read: Reader) -> web.Stream
             _check_content_encoding(request)
             inbound = Inbound(request, settings.proxy.request_body_limit_bytes, deadline, idle, ex)
             body = await read(request, inbound, settings, resources)
-            ex.model = body.alias
+            ex.model, ex.input_characters = body.alias, body.characters
             model = aliases.resolve(body.alias, key, resources.models, route)
+            if len(model.targets) == 1:  # known before any attempt (with several: once one starts)
+                only = model.targets[0]
+                ex.upstream_model, ex.provider_key = only.model_name, only.provider_key.name
             inputs = guardrails.rules_for(resources, model.alias, guardrails.INPUT)
 
             def screen(text: str) -> None:
@@ -96,6 +115,10 @@ async def exchange(request: web.Request, route: str, read: Reader) -> web.Stream
             for text in body.texts:
                 screen(text)
             slot = await limiter.admit(key, model, clock())
+            if body.audio is not None:
+                body.check_audio = _audio_check(model, limiter, slot, clock)
+                if body.check_audio is not None:  # what a file-first form told already: before any upstream
+                    body.check_audio(body.audio.declared or body.audio.at_least)
 
             def sent(target: Target) -> None:
                 """The last request byte is on its way: the upstream has its timeout to answer."""
@@ -115,12 +138,50 @@ async def exchange(request: web.Request, route: str, read: Reader) -> web.Stream
         if deadline is not None:
             deadline.close()  # before any await: its timer must not fire into a finished exchange
         if body is not None:
+            ex.audio_seconds_in = body.audio_seconds()
             body.close()
         tokens = ex.usage.tokens if ex.usage else None
+        if model is not None and ex.billable:
+            ex.cost_usd = _cost(ex, model, attempts.answered if attempts is not None else None)
+        audio = _audio_in(ex) if route != "speech" else ex.audio_seconds_out
         if attempts is not None:
-            await attempts.release(tokens)
-        await limiter.settle(slot, tokens, clock())
+            await attempts.release(tokens, ex.cost_usd, audio)
+        await limiter.settle(slot, tokens, clock(), ex.cost_usd, audio)
         _finish(app, ex, resources)
+
+
+def _audio_check(model: Model, limiter: Limiter, slot: Slot | None,
+                 clock: Callable[[], float]) -> Callable[[float], None] | None:
+    """What an upload's audio length is held to (max_audio_seconds, what its audio quotas have
+    left), as a check the form calls as soon as it knows a length; None when nothing limits it."""
+    limit = model.max_audio_seconds
+    if not limit and (slot is None or slot.audio_left is None):
+        return None
+
+    def check(seconds: float) -> None:
+        if limit and seconds > limit:
+            raise errors.audio_too_long(seconds, limit)
+        refusal = limiter.audio_refusal(slot, seconds, clock())
+        if refusal is not None:
+            raise refusal
+
+    return check
+
+
+def _audio_in(ex: Exchange) -> float | None:
+    """The upload's seconds: the upstream's own figure when it reported one, else measured."""
+    reported = ex.usage.audio_seconds if ex.usage is not None else None
+    return reported if reported is not None else ex.audio_seconds_in
+
+
+def _cost(ex: Exchange, model: Model, target: Target | None) -> float | None:
+    prices = (target.pricing if target is not None else None) or model.pricing
+    if prices is None:
+        return None
+    u = ex.usage
+    return pricing.cost(prices, pricing.Quantities(
+        ex.input_characters, _audio_in(ex), ex.audio_seconds_out,
+        u.input_tokens if u is not None else None, u.output_tokens if u is not None else None))
 
 
 def _failed(request: web.Request, ex: Exchange, exc: BaseException, on_client: bool) -> web.StreamResponse:

@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import time
 
-from aiohttp import web
+from aiohttp import HttpVersion11, web
 
 from . import errors, guardrails
+from .audio import Probe
+from .audio_detect import for_answer
 from .config import Guardrail
 from .deadline import CLIENT, UPSTREAM, Deadline
 from .exchange import Exchange
@@ -35,9 +37,11 @@ async def relay(
         ex.upstream_ttfb_ms = int((time.monotonic() - ex.upstream_sent) * 1000)
     up = upstream.headers
     content_type = up.get("Content-Type", "")
-    ok = upstream.status < 300
-    # Transcripts are read for their usage and text; speech audio never is (nothing is inferred).
-    reader = TranscriptReader(content_type, HOLD_LIMIT) if ok and not content_type.startswith("audio/") else None
+    ok = ex.billable = upstream.status < 300
+    # Transcripts are read for their usage and text; speech audio is measured (its duration).
+    audio = ok and content_type.startswith("audio/")
+    reader = TranscriptReader(content_type, HOLD_LIMIT) if ok and not audio else None
+    probe = for_answer(content_type) if audio and ex.route == "speech" else None
     try:
         held = None
         if reader is not None and guardrails.blocks(output_rules):
@@ -48,6 +52,11 @@ async def relay(
         if "x-request-id" in up:
             headers["x-upstream-request-id"] = up["x-request-id"]
         response = web.StreamResponse(status=upstream.status, headers=headers)
+        if "Content-Length" not in headers and request.version < HttpVersion11:
+            # An HTTP/1.0 caller cannot take chunks: the body ends where the connection does.
+            # aiohttp frames it so but keeps the connection (a keep-alive caller would wait out
+            # the keep-alive timeout for an end that never comes).
+            response.force_close()
         ex.status = upstream.status
         ex.stream = ok and content_type.startswith(_STREAMED) and held is None
         if not ok:
@@ -60,12 +69,14 @@ async def relay(
             await response.write(held)
             ex.bytes_out += len(held)
         else:
-            await _stream(upstream, response, reader, ex, deadline, idle)
+            await _stream(upstream, response, reader, probe, ex, deadline, idle)
         await response.write_eof()
     except BaseException:  # how it ends for the caller is the pipeline's (errors.outcome)
         upstream.close()
         raise
     upstream.release()  # read to the end: the connection goes back to the pool
+    if probe is not None:
+        ex.audio_seconds_out = probe.end()
     if reader is not None:
         if held is None:
             reader.finish()
@@ -76,7 +87,7 @@ async def relay(
 
 async def _stream(
     upstream: Answer | Buffered, response: web.StreamResponse, reader: TranscriptReader | None,
-    ex: Exchange, deadline: Deadline, idle: float,
+    probe: Probe | None, ex: Exchange, deadline: Deadline, idle: float,
 ) -> None:
     while True:
         deadline.wait(idle, UPSTREAM)
@@ -85,6 +96,8 @@ async def _stream(
             return
         if reader is not None:
             reader.feed(chunk)
+        elif probe is not None:
+            probe.feed(chunk)
         deadline.wait(idle, CLIENT)
         await response.write(chunk)
         ex.bytes_out += len(chunk)

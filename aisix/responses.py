@@ -61,10 +61,14 @@ def route(handler: Handler) -> Handler:
 
 
 def unrouted(methods: dict[str, tuple[str, ...]]) -> Handler:
-    """The catch-all route: 405 (with Allow) on a path served with other methods, else 404."""
+    """The catch-all route: 405 (with Allow) on a path served with other methods, else 404.
+    ``methods`` is keyed by route path; a path ending in a ``{name:.+}`` part matches any path
+    it prefixes."""
+    prefixes = [(path.partition("{")[0], allowed) for path, allowed in methods.items() if path.endswith(":.+}")]
 
     async def handler(request: web.Request) -> web.StreamResponse:
-        allowed = methods.get(request.path)
+        path = request.path
+        allowed = methods.get(path) or next((a for p, a in prefixes if path.startswith(p) and path != p), None)
         if allowed is None:
             raise errors.not_found()
         raise errors.method_not_allowed(", ".join(allowed))
@@ -102,11 +106,14 @@ def stamp(request: web.Request, response: web.StreamResponse) -> None:
     rid = request.get(REQUEST_ID)
     if rid is not None:
         headers["x-aisix-request-id"] = rid
+        headers["x-request-id"] = rid  # the header the official SDKs read (the upstream's is relayed renamed)
     cors = request.app[SETTINGS].proxy.cors
     if cors is not None:  # errors too: a page can read a 401's or a 429's envelope and headers
         headers.update(cors.grant(request.headers.get(hdrs.ORIGIN)))
-    if request.app[LIVE].draining:
-        # Callers reconnect to a process that stays.
+    # Draining: callers reconnect to a process that stays. A caller that sent Expect and is
+    # answered before its body was read may not have sent it (inbound.py): the connection ends
+    # rather than leaving both sides to guess where the next request starts (RFC 9110, 10.1.1).
+    if request.app[LIVE].draining or (hdrs.EXPECT in request.headers and not request.content.is_eof()):
         response.force_close()
         headers["Connection"] = "close"
 

@@ -19,6 +19,7 @@ from . import logs, sdnotify
 from .access_log import AccessLogger
 from .app import create_app
 from .config import Config, ConfigError, Listen, load_resources
+from .connection import AppRunner
 from .keys import LIVE, METRICS, POOL, SETTINGS, USAGE
 from .live import Live
 from .metrics import metrics_app
@@ -84,7 +85,7 @@ def _steady_malloc() -> None:
 async def _serve(config: Config, access_log: bool) -> None:
     settings = config.settings
     app = create_app(config)
-    runner = web.AppRunner(
+    runner = AppRunner(  # aiohttp's, answering what its HTTP parser refuses with an envelope
         app,
         handler_cancellation=True,  # a caller that leaves also ends the upstream call it waits on
         # Bodies as sent: a decoded body would not match the length the caller declared, and a

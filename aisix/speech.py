@@ -17,6 +17,7 @@ import orjson
 from aiohttp import web
 
 from . import errors
+from .audio import Probe
 from .config import Resources, Settings, Target
 from .inbound import Inbound
 
@@ -28,7 +29,7 @@ _BOM = b"\xef\xbb\xbf"
 class SpeechBody:
     """The caller's JSON document: its alias, the text to screen, and the body to send."""
 
-    __slots__ = ("_doc", "_exact", "alias", "texts")
+    __slots__ = ("_doc", "_exact", "alias", "audio", "characters", "check_audio", "texts")
     content_type = CONTENT_TYPE
 
     def __init__(self, doc: dict[str, Any], exact: bool) -> None:
@@ -38,6 +39,9 @@ class SpeechBody:
         self.alias = alias
         text = doc.get("input")
         self.texts = [text] if isinstance(text, str) else []
+        self.characters = len(text) if isinstance(text, str) else None  # code points, as OpenAI counts them
+        self.audio: Probe | None = None  # the audio of a speech request is in its answer (relay.py)
+        self.check_audio: Callable[[float], None] | None = None
         self._doc = doc
         self._exact = exact
 
@@ -57,6 +61,9 @@ class SpeechBody:
 
     def replayable(self) -> bool:
         return True
+
+    def audio_seconds(self) -> float | None:
+        return None
 
     def close(self) -> None:
         pass

@@ -1,19 +1,25 @@
 """Usage events: the event of one exchange, and the sink that takes them off the request path (one
-bounded queue, one writer); what is not written is counted.
+bounded queue, one writer); none is lost while there is disk to keep it on.
 
 ``emit`` only appends to a queue (event loop thread only); one writer task drains whatever is
 queued into one batch, encodes it with orjson and writes it in one go: a file (JSON lines,
-reopened after rotation), stdout, or a Redis stream. When the queue is full, a write fails or
-``close`` runs out of time, the events are dropped and counted in ``dropped_total``: never lost
-silently, never re-queued (a batch cut off mid-write counts as dropped even if part of it
-landed). The sink owns an event dict once emitted: it is encoded later, in the writer. File and
-stdout writes are synchronous in the writer task (page cache; a stdout pipe nobody reads would
-stall the loop).
+reopened after rotation), stdout, or a Redis stream. When a write fails, the batch goes to the
+spill (spill.py: a local append-only file) and so does every later batch while the spill holds
+anything, so the order is kept; the writer replays the spill to the sink, oldest first, as soon
+as the sink takes a write again (tried at least every ``RETRY_S``), and at ``close``. Events
+are dropped, counted in ``dropped_total`` and logged only when the spill cannot take them (a full
+disk, or ``usage.spill_dir: null``), when the queue is full, or when ``close`` runs out of time.
+A Redis sink writes each event with a marker keyed by the event's hash, so an event replayed
+after a write that half-landed reaches the stream once. The sink owns an event dict once
+emitted: it is encoded later, in the writer. File and stdout writes are synchronous in the
+writer task (page cache; a stdout pipe nobody reads would stall the loop).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import hashlib
 import logging
 import os
 import sys
@@ -25,6 +31,7 @@ import orjson
 
 from .exchange import Exchange
 from .specs import SinkSpec
+from .spill import Spill
 
 if TYPE_CHECKING:  # imported when a Redis sink starts: stdout and file sinks never need redis-py
     import redis.asyncio as aioredis
@@ -63,6 +70,12 @@ def event(ex: Exchange) -> dict[str, Any]:
         for name, value in reported:
             if value is not None:
                 out[name] = value
+    measured: tuple[tuple[str, object], ...] = (
+        ("input_characters", ex.input_characters), ("audio_seconds_in", ex.audio_seconds_in),
+        ("audio_seconds_out", ex.audio_seconds_out), ("cost_usd", ex.cost_usd))
+    for name, value in measured:
+        if value is not None:
+            out[name] = round(value, 3) if name.startswith("audio_") else value  # type: ignore[call-overload]
     if ex.verdict is not None:
         out["guardrail"] = ex.verdict.as_event()
     if ex.attempts:
@@ -81,12 +94,14 @@ def rfc3339(ts: float) -> str:
         _second[0], _second[1] = second, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
     return f"{_second[1]}.{ms:03d}Z"
 _REDIS_TIMEOUT_S = 2.0
+RETRY_S = 1.0  # while events wait in the spill, how often the sink is tried again
 
 
 class UsageSink:
     """The queue and the writer; subclasses say where a batch of encoded lines goes."""
 
     def __init__(self, name: str, queue_size: int = 10000) -> None:
+        self.spill: Spill | None = None     # set by create() unless spilling is off
         self.name = name                    # for messages; never holds a secret
         self.dropped_total = 0
         self.written_total = 0
@@ -99,12 +114,20 @@ class UsageSink:
         self._unwarned = 0
 
     @classmethod
-    def create(cls, spec: SinkSpec, queue_size: int = 10000) -> UsageSink:
+    def create(cls, spec: SinkSpec, queue_size: int = 10000, spill_dir: str | None = None) -> UsageSink:
+        sink: UsageSink
         if spec.kind == "file":
-            return FileSink(spec.target, queue_size)
-        if spec.kind == "redis":
-            return RedisSink(spec, queue_size)
-        return StdoutSink("stdout", queue_size)
+            sink = FileSink(spec.target, queue_size)
+        elif spec.kind == "redis":
+            sink = RedisSink(spec, queue_size)
+        else:
+            sink = StdoutSink("stdout", queue_size)
+        sink.spill = Spill(spill_dir) if spill_dir else None
+        return sink
+
+    @property
+    def spilled_total(self) -> int:
+        return self.spill.spilled_total if self.spill is not None else 0
 
     def emit(self, event: dict) -> None:
         if self._closing or len(self._queue) >= self._size:
@@ -116,6 +139,13 @@ class UsageSink:
 
     async def start(self) -> None:
         if self._task is None:
+            if self.spill is not None:
+                try:
+                    self.spill.open()  # what a stopped process left is replayed first
+                except OSError as exc:
+                    log.error("usage sink %s: spill directory %s unusable, events the sink cannot take "
+                              "will be dropped: %s", self.name, self.spill.dir, exc.strerror or exc)
+                    self.spill = None
             self._task = asyncio.create_task(self._run(), name=f"usage-writer {self.name}")
 
     async def close(self, timeout: float = 10.0) -> None:
@@ -131,6 +161,11 @@ class UsageSink:
         if self._queue:
             self._lost(len(self._queue), "not written before close timed out")
             self._queue.clear()
+        if self.spill is not None:
+            if self.spill.pending:
+                log.warning("usage sink %s: events left in the spill at %s, replayed at the next start",
+                            self.name, self.spill.dir)
+            self.spill.close()
         await self._release()
 
     def reopen(self) -> None:
@@ -138,11 +173,19 @@ class UsageSink:
 
     async def _run(self) -> None:
         while True:
+            spill = self.spill
+            if spill is not None and spill.pending:
+                await self._replay(spill)
             if not self._queue:
                 if self._closing:
                     return
                 self._wake.clear()
-                await self._wake.wait()
+                if spill is not None and spill.pending:  # try the sink again before long
+                    with contextlib.suppress(TimeoutError):
+                        async with asyncio.timeout(RETRY_S):
+                            await self._wake.wait()
+                else:
+                    await self._wake.wait()
                 continue
             batch = list(self._queue)
             self._queue.clear()
@@ -154,15 +197,48 @@ class UsageSink:
                     self._lost(1, f"event not encodable: {exc}")
             if not lines:
                 continue
+            if spill is not None and spill.pending:  # behind what waits there: the order is kept
+                self._keep(spill, lines, "the sink is behind")
+                continue
             try:
                 await self._write(lines)
             except asyncio.CancelledError:
-                self._lost(len(lines), "writer cancelled")
+                if spill is None or not spill.append(lines):
+                    self._lost(len(lines), "writer cancelled")
                 raise
             except Exception as exc:
-                self._lost(len(lines), f"{type(exc).__name__}: {exc}")
+                if spill is None:
+                    self._lost(len(lines), f"{type(exc).__name__}: {exc}")
+                else:
+                    self._keep(spill, lines, f"{type(exc).__name__}: {exc}")
             else:
                 self.written_total += len(lines)
+
+    def _keep(self, spill: Spill, lines: list[bytes], why: str) -> None:
+        if not spill.append(lines):
+            self._lost(len(lines), "the spill could not take them (disk full?)")
+            return
+        now = time.monotonic()
+        if now - self._warned_at >= _WARN_EVERY_S:
+            log.warning("usage sink %s: %d events kept in the spill (%s); replayed when the sink is back",
+                        self.name, spill.spilled_total, why)
+            self._warned_at = now
+
+    async def _replay(self, spill: Spill) -> None:
+        """Send what the spill holds, oldest first, until it is empty or the sink fails again."""
+        replayed = 0
+        while lines := spill.batch():
+            try:
+                await self._write(lines)
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # noqa: BLE001 (still down: the spill keeps them, tried again later)
+                return
+            spill.done()
+            self.written_total += len(lines)
+            replayed += len(lines)
+        if replayed:
+            log.info("usage sink %s: %d events replayed from the spill", self.name, replayed)
 
     def _lost(self, n: int, why: str) -> None:
         """Count dropped events; say so at most once per 10 s (a dead backend fails every batch)."""
@@ -244,8 +320,19 @@ class FileSink(UsageSink):
         self._shut()
 
 
+# KEYS: the stream, the event's marker. ARGV: the line, maxlen, the marker's life in seconds.
+_XADD_ONCE = """
+if redis.call('SET', KEYS[2], '1', 'NX', 'EX', ARGV[3]) then
+  redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[2], '*', 'data', ARGV[1])
+end
+return 1
+"""
+MARKER_S = 7 * 86400  # an event replayed later than this after its first write could land twice
+
+
 class RedisSink(UsageSink):
-    """``XADD stream MAXLEN ~ maxlen * data <json>``, one pipeline per batch."""
+    """``XADD stream MAXLEN ~ maxlen * data <json>`` once per event (a marker, ``aisix:usage:sent:
+    <sha1 of the line>``, says it landed), one pipeline per batch."""
 
     def __init__(self, spec: SinkSpec, queue_size: int = 10000) -> None:
         super().__init__(spec.name, queue_size)
@@ -253,6 +340,7 @@ class RedisSink(UsageSink):
         self.maxlen = spec.maxlen
         self._url = spec.target
         self._redis: aioredis.Redis | None = None
+        self._xadd: Any = None  # the script, registered at start
 
     async def start(self) -> None:
         if self._redis is None:
@@ -264,14 +352,16 @@ class RedisSink(UsageSink):
             self._redis = aioredis.Redis.from_url(
                 self._url, socket_timeout=_REDIS_TIMEOUT_S, socket_connect_timeout=_REDIS_TIMEOUT_S,
                 retry=Retry(NoBackoff(), 1))
+            self._xadd = self._redis.register_script(_XADD_ONCE)
         await super().start()
 
     async def _write(self, lines: list[bytes]) -> None:
         assert self._redis is not None  # start() ran
-        pipe = self._redis.pipeline(transaction=False)
-        for line in lines:
-            pipe.xadd(self.stream, {"data": line}, maxlen=self.maxlen, approximate=True)
-        await pipe.execute()
+        async with self._redis.pipeline(transaction=False) as pipe:  # reset even when it fails
+            for line in lines:
+                marker = "aisix:usage:sent:" + hashlib.sha1(line).hexdigest()
+                await self._xadd(keys=[self.stream, marker], args=[line, self.maxlen, MARKER_S], client=pipe)  # queued
+            await pipe.execute()
 
     async def _release(self) -> None:
         if self._redis is not None:

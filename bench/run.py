@@ -2,9 +2,11 @@
 
 Starts everything it needs in a temporary directory (a fast nginx upstream, a streaming upstream,
 nginx as a reference proxy, the bare relay, aisix), measures in interleaved rounds, prints one
-table per route, the first-byte, big-upload and one-vs-two-process figures, then a PASS/FAIL line
-per target of the issue. Every process it started is stopped and the directory removed on exit,
-on Ctrl-C, SIGTERM and on error (and by a reaper process if this one is killed outright).
+table per route, the first-byte, big-upload, failover-cost and one-vs-two-process figures, then a
+PASS/FAIL line per target of the issues. aisix is measured twice in each table: through a plain
+alias, and through a failover alias (two healthy targets, so uploads are copied for a replay).
+Every process it started is stopped and the directory removed on exit, on Ctrl-C, SIGTERM and on
+error (and by a reaper process if this one is killed outright).
 bench/README.md says what each number means.
 
 Environment (all optional): BENCH_SECONDS (5) per wrk run, BENCH_ROUNDS (3), BENCH_CONNECTIONS
@@ -79,8 +81,16 @@ ROUTE_INFO = {  # name -> (path, wrk script, what is sent)
     "translation": ("/v1/audio/translations", "translation.lua",
                     f"{FILE_KIB} KiB multipart upload, model before file, small JSON answer"),
 }
-TARGETS = ("direct", "nginx", "bare", "aisix")
-LABEL = {"direct": "no proxy", "nginx": "nginx", "bare": "bare relay", "aisix": "aisix"}
+TARGETS = ("direct", "nginx", "bare", "aisix", "failover")
+LABEL = {"direct": "no proxy", "nginx": "nginx", "bare": "bare relay", "aisix": "aisix",
+         "failover": "aisix failover"}
+# The aliases each target is sent (speech, multipart routes). "failover" is the same aisix process
+# as "aisix", through an alias with two healthy targets: the happy path with the replay copy on.
+MODELS = {"failover": ("tts-failover", "whisper-failover")}
+PLAIN_MODELS = ("tts-bench", "whisper-bench")
+# An alias whose first target (priority 0) always answers 503 at once, then the plain target.
+AFTER_503_MODELS = ("tts-after-503", "whisper-after-503")
+W = 15  # width of the target column
 
 # Thresholds of the issue.
 MIN_RPS_VS_BARE = 0.8
@@ -391,6 +401,10 @@ UPSTREAM_BODY = """\
         }}
         location = /_transcript {{ internal; default_type application/json; }}
         location = /_sink {{ internal; return 204; }}
+        location ^~ /down/ {{
+            default_type application/json;
+            return 503 '{{"error":{{"message":"bench: this deployment is down","type":"server_error"}}}}';
+        }}
     }}
 """
 
@@ -456,6 +470,20 @@ def aisix_config(dir: Path, listen: str, upstream: int, stream: int, metrics: st
     """A realistic config: auth, aliases, a key rate limit that never trips, an input guardrail
     that never matches, usage events to a file, metrics (when asked). JSON is YAML."""
     dir.mkdir(parents=True, exist_ok=True)
+    upstream_names = ("gpt-4o-mini-tts", "whisper-1")
+
+    def two_healthy(alias: str, name: str) -> dict[str, object]:
+        """Two targets on the same upstream: never fails over, but uploads are copied for a replay."""
+        return {"display_name": alias, "retry": {"max_attempts": 2}, "targets": [
+            {"provider_key": "bench-fast", "model_name": name, "weight": 1, "priority": 0},
+            {"provider_key": "bench-fast-2", "model_name": name, "weight": 1, "priority": 0}]}
+
+    def after_503(alias: str, name: str) -> dict[str, object]:
+        """The first target always answers 503; cooldown off, so every request fails over."""
+        return {"display_name": alias, "retry": {"max_attempts": 2}, "cooldown": {"failures": 1_000_000},
+                "targets": [{"provider_key": "bench-down", "model_name": name, "priority": 0},
+                            {"provider_key": "bench-fast", "model_name": name, "priority": 1}]}
+
     config = {
         "proxy": {"listen": listen},
         "metrics": {"listen": metrics},
@@ -468,6 +496,10 @@ def aisix_config(dir: Path, listen: str, upstream: int, stream: int, metrics: st
         "provider_keys": [
             {"display_name": "bench-fast", "provider": "openai",
              "api_base": f"http://127.0.0.1:{upstream}/v1", "api_key": PROVIDER_KEY},
+            {"display_name": "bench-fast-2", "provider": "openai",  # the same upstream, another key
+             "api_base": f"http://127.0.0.1:{upstream}/v1", "api_key": PROVIDER_KEY},
+            {"display_name": "bench-down", "provider": "openai",  # every answer a 503, at once
+             "api_base": f"http://127.0.0.1:{upstream}/down/v1", "api_key": PROVIDER_KEY},
             {"display_name": "bench-stream", "provider": "openai",
              "api_base": f"http://127.0.0.1:{stream}/v1", "api_key": PROVIDER_KEY},
         ],
@@ -475,6 +507,8 @@ def aisix_config(dir: Path, listen: str, upstream: int, stream: int, metrics: st
             {"display_name": "tts-bench", "provider_key": "bench-fast", "model_name": "gpt-4o-mini-tts"},
             {"display_name": "whisper-bench", "provider_key": "bench-fast", "model_name": "whisper-1"},
             {"display_name": "tts-stream", "provider_key": "bench-stream", "model_name": "gpt-4o-mini-tts"},
+            *(two_healthy(alias, name) for alias, name in zip(MODELS["failover"], upstream_names, strict=True)),
+            *(after_503(alias, name) for alias, name in zip(AFTER_503_MODELS, upstream_names, strict=True)),
         ],
         "api_keys": [
             {"display_name": "bench", "key_hash": hashlib.sha256(API_KEY.encode()).hexdigest(),
@@ -527,7 +561,8 @@ def start_stack(tmp: Path) -> Stack:
     st.metrics_port = free_port()
     config = aisix_config(tmp / "aisix", "127.0.0.1:0", up, stream_port, f"127.0.0.1:{st.metrics_port}")
     st.procs["aisix"], port = start_aisix("aisix", config, PROXY_CORE)
-    st.ports["aisix"] = st.stream_ports["aisix"] = port
+    st.procs["failover"] = st.procs["aisix"]
+    st.ports["aisix"] = st.stream_ports["aisix"] = st.ports["failover"] = port
     return st
 
 
@@ -633,19 +668,19 @@ def form_parts(model: str, model_first: bool) -> tuple[bytes, bytes]:
 FORM_HEADERS = {"Content-Type": f"multipart/form-data; boundary={BOUNDARY}", "Authorization": f"Bearer {API_KEY}"}
 
 
-async def check_target(name: str, port: int) -> None:
+async def check_target(name: str, port: int, models: tuple[str, str] = PLAIN_MODELS) -> None:
     """One request per route, checked, before anything is measured."""
     c = await Client(port).connect()
     try:
-        a = await c.request("POST", "/v1/audio/speech", JSON_HEADERS, speech_body("tts-bench"))
+        a = await c.request("POST", "/v1/audio/speech", JSON_HEADERS, speech_body(models[0]))
         if a.status != 200 or a.size != SPEECH_BYTES or not a.body.startswith(b"\xff\xf3"):
-            raise BenchError(f"{LABEL[name]}: speech answered {a.status}, {a.size} bytes: {a.body[:300]!r}")
-        before, after = form_parts("whisper-bench", True)
+            raise BenchError(f"{name}: speech answered {a.status}, {a.size} bytes: {a.body[:300]!r}")
+        before, after = form_parts(models[1], True)
         for route in ("transcriptions", "translations"):
             body = before + os.urandom(FILE_KIB * 1024) + after
             a = await c.request("POST", f"/v1/audio/{route}", FORM_HEADERS, body)
             if a.status != 200 or b'"text"' not in a.body:
-                raise BenchError(f"{LABEL[name]}: {route} answered {a.status}: {a.body[:300]!r}")
+                raise BenchError(f"{name}: {route} answered {a.status}: {a.body[:300]!r}")
     finally:
         c.close()
 
@@ -700,14 +735,14 @@ class Run:
 
 
 def wrk(port: int, route: str, seconds: int, threads: int = 1, cores: set[int] | None = LOAD_CORE,
-        watch: list[int] | None = None) -> Run:
+        watch: list[int] | None = None, models: tuple[str, str] = PLAIN_MODELS) -> Run:
     tool = find_tool("wrk")
     assert tool is not None
     path, script, _ = ROUTE_INFO[route]
     cmd = [*cpu_list(cores), tool, f"-t{threads}", f"-c{CONNECTIONS}", f"-d{seconds}s", "--timeout", "5s",
            "--latency", "-s", str(HERE / script), f"http://127.0.0.1:{port}{path}"]
-    env = {**os.environ, "BENCH_KEY": API_KEY, "BENCH_TTS_MODEL": "tts-bench",
-           "BENCH_STT_MODEL": "whisper-bench", "BENCH_FILE_KIB": str(FILE_KIB)}
+    env = {**os.environ, "BENCH_KEY": API_KEY, "BENCH_TTS_MODEL": models[0],
+           "BENCH_STT_MODEL": models[1], "BENCH_FILE_KIB": str(FILE_KIB)}
     usage = Usage(watch or [])
     try:
         out = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 30, env=env,
@@ -725,7 +760,7 @@ def wrk(port: int, route: str, seconds: int, threads: int = 1, cores: set[int] |
 
 
 def target_pids(st: Stack, target: str) -> list[int]:
-    proc = st.procs["upstream" if target == "direct" else target]
+    proc = st.procs["upstream" if target == "direct" else target]  # failover: the aisix process
     return proc.children() if target in ("direct", "nginx") else [proc.pid]  # nginx: its worker
 
 
@@ -734,13 +769,14 @@ def target_pids(st: Stack, target: str) -> list[int]:
 def measure_routes(st: Stack) -> dict[str, dict[str, list[Run]]]:
     for route in ROUTES:  # warm every target up (connections, pools, caches); not recorded
         for t in TARGETS:
-            wrk(st.ports[t], route, WARMUP_SECONDS)
+            wrk(st.ports[t], route, WARMUP_SECONDS, models=MODELS.get(t, PLAIN_MODELS))
     runs: dict[str, dict[str, list[Run]]] = {r: {t: [] for t in TARGETS} for r in ROUTES}
     for i in range(ROUNDS):
         for route in ROUTES:
             line = []
             for t in TARGETS:
-                run = wrk(st.ports[t], route, SECONDS, watch=target_pids(st, t))
+                run = wrk(st.ports[t], route, SECONDS, watch=target_pids(st, t),
+                          models=MODELS.get(t, PLAIN_MODELS))
                 runs[route][t].append(run)
                 line.append(f"{LABEL[t]} {run.rps:,.0f}")
             progress(f"round {i + 1}/{ROUNDS} {route}: " + ", ".join(line) + " req/s")
@@ -778,6 +814,76 @@ async def first_byte(st: Stack) -> dict[str, list[float]]:
     return times
 
 
+async def failover_cost(st: Stack) -> dict[tuple[str, str], list[float]]:
+    """What a failover costs, ms, request by request: speech's time to its first audio byte and a
+    256 KiB transcription's time to the end of its answer, through the plain alias and through the
+    alias whose first target answers 503, alternating (one keep-alive connection each, to aisix)."""
+    port = st.ports["aisix"]
+    file = os.urandom(FILE_KIB * 1024).replace(BOUNDARY.encode(), b"x" * len(BOUNDARY))
+    kinds = {"plain": PLAIN_MODELS, "after 503": AFTER_503_MODELS}
+    clients = {k: await Client(port).connect() for k in kinds}
+    requests = {}
+    for k, (tts, stt) in kinds.items():
+        body = speech_body(tts)
+        before, after = form_parts(stt, True)
+        form = before + file + after
+        requests[(k, "speech")] = Client.head("POST", "/v1/audio/speech", JSON_HEADERS, len(body)) + body
+        requests[(k, "transcription")] = (Client.head("POST", "/v1/audio/transcriptions", FORM_HEADERS, len(form))
+                                          + form)
+    times: dict[tuple[str, str], list[float]] = {key: [] for key in requests}
+    warmup = 5
+    order = list(kinds)
+    try:
+        async with asyncio.timeout(FIRST_BYTE_N * 4 * 2 + 60):
+            for route in ("speech", "transcription"):
+                for i in range(warmup + FIRST_BYTE_N):
+                    for k in (order if i % 2 == 0 else order[::-1]):
+                        c = clients[k]
+                        assert c.writer is not None
+                        t0 = time.perf_counter()
+                        c.writer.write(requests[(k, route)])
+                        a = await c.answer(keep_limit=0 if route == "speech" else 1 << 16)
+                        t1 = time.perf_counter()
+                        ok = a.size == SPEECH_BYTES if route == "speech" else b'"text"' in a.body
+                        if a.status != 200 or not ok:
+                            raise BenchError(f"failover cost, {route} via the {k} alias: status {a.status}, "
+                                             f"{a.size} bytes")
+                        if i >= warmup:
+                            times[(k, route)].append(((a.first_byte if route == "speech" else t1) - t0) * 1000)
+    finally:
+        for c in clients.values():
+            c.close()
+    return times
+
+
+async def attempts_by_alias(port: int) -> dict[str, dict[tuple[str, str], int]]:
+    """aisix_upstream_attempts_total from /metrics: alias -> (provider key, outcome) -> count."""
+    try:
+        c = await asyncio.wait_for(Client(port).connect(), 2)
+    except (OSError, TimeoutError):
+        return {}
+    try:
+        c.writer.write(b"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")  # type: ignore[union-attr]
+        a = await asyncio.wait_for(c.answer(keep_limit=16 << 20), 5)
+    except Exception:  # noqa: BLE001 (a probe: report nothing, never fail)
+        return {}
+    finally:
+        c.close()
+    out: dict[str, dict[tuple[str, str], int]] = {}
+    for line in a.body.decode().splitlines():
+        if not line.startswith("aisix_upstream_attempts_total{"):
+            continue
+        labels = dict(re.findall(r'(\w+)="([^"]*)"', line.split("}", 1)[0]))
+        count = int(float(line.rsplit(" ", 1)[1]))
+        out.setdefault(labels.get("model", "?"), {})[(labels.get("provider_key", "?"),
+                                                       labels.get("outcome", "?"))] = count
+    return out
+
+
+def attempts_text(counts: dict[tuple[str, str], int]) -> str:
+    return ", ".join(f"{k} {o} x{n:,}" for (k, o), n in sorted(counts.items())) or "none"
+
+
 @dataclass
 class Upload:
     mib_s: float
@@ -786,9 +892,9 @@ class Upload:
     rss_before_mib: float | None = None
 
 
-async def big_upload(port: int, model_first: bool, pid: int | None) -> Upload:
+async def big_upload(port: int, model_first: bool, pid: int | None, model: str = PLAIN_MODELS[1]) -> Upload:
     """UPLOAD_MIB of file in a multipart body, generated as it is sent, with Content-Length."""
-    before, after = form_parts("whisper-bench", model_first)
+    before, after = form_parts(model, model_first)
     block = os.urandom(1 << 20)
     if BOUNDARY.encode() in block:
         block = block.replace(BOUNDARY.encode(), b"x" * len(BOUNDARY))
@@ -822,14 +928,17 @@ async def big_upload(port: int, model_first: bool, pid: int | None) -> Upload:
     return Upload(size / (1 << 20) / elapsed, growth, elapsed, rss0 / 1024 if pid is not None else None)
 
 
+UPLOAD_TARGETS = ("direct", "nginx", "aisix", "failover")
+
+
 async def measure_uploads(st: Stack) -> dict[tuple[str, bool], list[Upload]]:
     out: dict[tuple[str, bool], list[Upload]] = {}
     for i in range(ROUNDS):
         for model_first in (True, False):
             line = []
-            for t in ("direct", "nginx", "aisix"):
-                pid = st.procs["aisix"].pid if t == "aisix" else None
-                u = await big_upload(st.ports[t], model_first, pid)
+            for t in UPLOAD_TARGETS:
+                pid = st.procs["aisix"].pid if t in ("aisix", "failover") else None
+                u = await big_upload(st.ports[t], model_first, pid, MODELS.get(t, PLAIN_MODELS)[1])
                 out.setdefault((t, model_first), []).append(u)
                 rss = "" if u.rss_growth_mib is None else f" (RSS +{u.rss_growth_mib:.1f} MiB)"
                 line.append(f"{LABEL[t]} {u.mib_s:,.0f}{rss}")
@@ -941,7 +1050,7 @@ def report_routes(runs: dict[str, dict[str, list[Run]]]) -> dict[str, dict[str, 
         path, _, what = ROUTE_INFO[route]
         print(f"\n{route}: POST {path} ({what})")
         print(f"  wrk -t1 -c{CONNECTIONS} --latency, {rounds()} x {SECONDS} s, medians over rounds")
-        print(f"  {'':<11}{'req/s':>9}  {'(min-max)':<17}{'p50 ms':>8}{'p99 ms':>8}{'errors':>8}"
+        print(f"  {'':<{W}}{'req/s':>9}  {'(min-max)':<17}{'p50 ms':>8}{'p99 ms':>8}{'errors':>8}"
               f"{'proc cpu':>10}{'req/cpu-s':>11}{'core0':>7}{'core1':>7}{'others':>8}")
         m = {}
         for t in TARGETS:
@@ -949,7 +1058,7 @@ def report_routes(runs: dict[str, dict[str, list[Run]]]) -> dict[str, dict[str, 
             m[t] = (med([r.rps for r in rs]), med([r.p50_ms for r in rs]), med([r.p99_ms for r in rs]),
                     med([r.rps / (r.cpu / 100) if r.cpu > 0 else float("nan") for r in rs]))
             spread = f"({min(r.rps for r in rs):,.0f}-{max(r.rps for r in rs):,.0f})"
-            print(f"  {LABEL[t]:<11}{m[t][0]:>9,.0f}  {spread:<17}{m[t][1]:>8.2f}{m[t][2]:>8.2f}"
+            print(f"  {LABEL[t]:<{W}}{m[t][0]:>9,.0f}  {spread:<17}{m[t][1]:>8.2f}{m[t][2]:>8.2f}"
                   f"{sum(r.errors for r in rs):>8}{med([r.cpu for r in rs]):>9.0f}%{m[t][3]:>11,.0f}"
                   f"{med([r.core0 for r in rs]):>6.0f}%{med([r.core1 for r in rs]):>6.0f}%"
                   f"{med([r.others for r in rs]):>7.0f}%")
@@ -957,13 +1066,22 @@ def report_routes(runs: dict[str, dict[str, list[Run]]]) -> dict[str, dict[str, 
             "rps_bare": ratio(m["aisix"][0], m["bare"][0]), "p99_bare": ratio(m["aisix"][2], m["bare"][2]),
             "rps_nginx": ratio(m["aisix"][0], m["nginx"][0]), "p99_nginx": ratio(m["aisix"][2], m["nginx"][2]),
             "cpu_bare": ratio(m["aisix"][3], m["bare"][3]), "cpu_nginx": ratio(m["aisix"][3], m["nginx"][3]),
+            "fo_rps_bare": ratio(m["failover"][0], m["bare"][0]),
+            "fo_p99_bare": ratio(m["failover"][2], m["bare"][2]),
+            "fo_cpu_bare": ratio(m["failover"][3], m["bare"][3]),
+            "fo_rps_aisix": ratio(m["failover"][0], m["aisix"][0]),
+            "fo_cpu_aisix": ratio(m["failover"][3], m["aisix"][3]),
             "errors": sum(r.errors for t in TARGETS for r in runs[route][t]),
         }
         r = ratios[route]
-        print(f"  aisix/bare relay: req/s {r['rps_bare']:.2f}x, p99 {r['p99_bare']:.2f}x, "
+        print(f"  aisix/bare relay:          req/s {r['rps_bare']:.2f}x, p99 {r['p99_bare']:.2f}x, "
               f"requests per CPU-second {r['cpu_bare']:.2f}x")
-        print(f"  aisix/nginx:      req/s {r['rps_nginx']:.2f}x, p99 {r['p99_nginx']:.2f}x, "
+        print(f"  aisix/nginx:               req/s {r['rps_nginx']:.2f}x, p99 {r['p99_nginx']:.2f}x, "
               f"requests per CPU-second {r['cpu_nginx']:.2f}x")
+        print(f"  aisix failover/bare relay: req/s {r['fo_rps_bare']:.2f}x, p99 {r['fo_p99_bare']:.2f}x, "
+              f"requests per CPU-second {r['fo_cpu_bare']:.2f}x")
+        print(f"  aisix failover/aisix:      req/s {r['fo_rps_aisix']:.2f}x, "
+              f"requests per CPU-second {r['fo_cpu_aisix']:.2f}x")
     return ratios
 
 
@@ -1000,7 +1118,8 @@ def main() -> int:
     budget = (len(ROUTES) * len(TARGETS) * (ROUNDS * SECONDS + WARMUP_SECONDS + 1)
               + ROUNDS * 2 * (SECONDS + WARMUP_SECONDS + 3)
               + FIRST_BYTE_N * 2 * (STREAM_CHUNKS * STREAM_PAUSE_MS / 1000 + 0.01)
-              + ROUNDS * 6 * UPLOAD_MIB / 50 + 120)
+              + FIRST_BYTE_N * 4 * 0.05
+              + ROUNDS * 2 * len(UPLOAD_TARGETS) * UPLOAD_MIB / 50 + 120)
     signal.alarm(int(budget))
 
     shm = Path("/dev/shm")
@@ -1028,9 +1147,20 @@ def main() -> int:
         asyncio.run(_checks(st))
         print(f"aisix: auth (api key), aliases, key rate limit rpm 100000000, input guardrail "
               f"(never matches), usage events to a file; {st.metrics}")
+        print("aisix failover: aliases tts-failover/whisper-failover, two targets (provider keys bench-fast "
+              "and bench-fast-2, both on the nginx upstream, weight 1 each), retry.max_attempts 2, "
+              "replay_limit_bytes default (256 MiB): uploads are copied to an unlinked temp file as they stream")
 
         runs = measure_routes(st)
         ratios = report_routes(runs)
+        counts = asyncio.run(attempts_by_alias(st.metrics_port))
+        print("\naisix failover: upstream attempts over the wrk runs (aisix_upstream_attempts_total; aborted: "
+              "wrk closed the connection mid-request at the end of a run): "
+              + "; ".join(f"{alias}: {attempts_text(counts.get(alias, {}))}" for alias in MODELS["failover"]))
+        # "aborted": wrk closed the connection mid-request at the end of a run; anything else but 200
+        # would be a failover on an alias whose targets are both healthy
+        healthy_failed = sum(n for alias in MODELS["failover"] for (_, o), n in counts.get(alias, {}).items()
+                             if o not in ("200", "aborted"))
 
         progress(f"first byte: {FIRST_BYTE_N} sequential speech requests per target")
         fb = asyncio.run(first_byte(st))
@@ -1059,6 +1189,33 @@ def main() -> int:
               f"(aisix's VmRSS before: up to {rss_before:.0f} MiB, after the wrk runs)")
         print("  file first: aisix must hold the file (an unlinked temp file) until it reads the model, "
               "then replays it; nginx streams it on at once")
+        fo_growth = {mf: max(u.rss_growth_mib or 0.0 for u in ups[("failover", mf)]) for mf in (True, False)}
+        print(f"  {'':<13}{'aisix failover':>20}{'failover/nginx':>16}{'failover RSS growth':>21}")
+        for mf in (True, False):
+            print(f"  {'model first' if mf else 'file first':<13}{mib[('failover', mf)]:>14,.0f} MiB/s"
+                  f"{ratio(mib[('failover', mf)], mib[('nginx', mf)]):>15.2f}x{fo_growth[mf]:>16.1f} MiB")
+        print("  aisix failover: the same upload through whisper-failover (two healthy targets): what goes "
+              "upstream is also copied to an unlinked temp file, up to retry.replay_limit_bytes (256 MiB), "
+              "then the copy is dropped")
+
+        progress(f"failover cost: {FIRST_BYTE_N} sequential requests per alias and route")
+        cost = asyncio.run(failover_cost(st))
+        counts = asyncio.run(attempts_by_alias(st.metrics_port))
+        print(f"\nfailover cost: aisix, {FIRST_BYTE_N} sequential requests per alias, alternating, one keep-alive "
+              "connection each; plain: tts-bench/whisper-bench (bench-fast); after 503: tts-after-503/"
+              "whisper-after-503, priority-0 target bench-down (nginx `return 503` at once), priority-1 "
+              "bench-fast, cooldown off (failures 1000000) so every request fails over")
+        added_cost: dict[str, tuple[float, float]] = {}
+        for route, what in (("speech", "speech, first audio byte"),
+                            ("transcription", f"{FILE_KIB} KiB transcription, whole answer")):
+            plain, failed = cost[("plain", route)], cost[("after 503", route)]
+            added_cost[route] = (med(failed) - med(plain), quantile(failed, 0.9) - quantile(plain, 0.9))
+            print(f"  {what}")
+            for k, v in (("plain", plain), ("after 503", failed)):
+                print(f"    {k:<11} median {med(v):.2f} ms, p90 {quantile(v, 0.9):.2f} ms, min {min(v):.2f} ms")
+            print(f"    a failover adds {added_cost[route][0]:+.2f} ms (median), {added_cost[route][1]:+.2f} ms (p90)")
+        print("  upstream attempts (aisix_upstream_attempts_total): "
+              + "; ".join(f"{alias}: {attempts_text(counts.get(alias, {}))}" for alias in AFTER_503_MODELS))
 
         progress("one process vs two on one port")
         pair = measure_pair(st)
@@ -1097,10 +1254,31 @@ def main() -> int:
             checks.append((growth[mf] <= MAX_RSS_GROWTH_MIB,
                            f"{UPLOAD_MIB} MiB upload ({order}) RSS growth <= {MAX_RSS_GROWTH_MIB:g} MiB: "
                            f"{growth[mf]:.1f} MiB"))
+        for route, label in (("speech", "speech"), ("transcription", f"{FILE_KIB} KiB transcription")):
+            if route in ratios:
+                r = ratios[route]
+                checks.append((r["fo_rps_bare"] >= MIN_RPS_VS_BARE,
+                               f"failover alias: {label} req/s >= {MIN_RPS_VS_BARE}x bare relay: "
+                               f"{r['fo_rps_bare']:.2f}x"))
+        for mf in (True, False):
+            order = "model first" if mf else "file first"
+            up_ratio = ratio(mib[("failover", mf)], mib[("nginx", mf)])
+            checks.append((up_ratio >= MIN_UPLOAD_VS_NGINX,
+                           f"failover alias: {UPLOAD_MIB} MiB upload ({order}) >= {MIN_UPLOAD_VS_NGINX}x nginx "
+                           f"MiB/s: {up_ratio:.2f}x"))
+            checks.append((fo_growth[mf] <= MAX_RSS_GROWTH_MIB,
+                           f"failover alias: {UPLOAD_MIB} MiB upload ({order}) RSS growth <= "
+                           f"{MAX_RSS_GROWTH_MIB:g} MiB: {fo_growth[mf]:.1f} MiB"))
         print("\nsummary (targets of the issue)")
         for ok, text in checks:
             print(f"  {verdict(ok)}  {text}")
         print(f"  {'ok  ' if errors == 0 else 'WARN'}  errors in the wrk runs: {errors}")
+        print(f"  {'ok  ' if healthy_failed == 0 else 'WARN'}  failed attempts (failovers) through the healthy "
+              f"failover aliases during the wrk runs: {healthy_failed}")
+        print(f"  info  failover cost (a 503, then the next target): speech first byte "
+              f"{added_cost['speech'][0]:+.2f} ms median ({added_cost['speech'][1]:+.2f} ms p90), "
+              f"{FILE_KIB} KiB transcription {added_cost['transcription'][0]:+.2f} ms median "
+              f"({added_cost['transcription'][1]:+.2f} ms p90)")
         noise = med([r.others for rs in runs.values() for t in TARGETS for r in rs[t]])
         print(f"  {'ok  ' if noise <= NOISY else 'WARN'}  other load on the machine during the wrk runs: "
               f"{noise:.0f}% of a core (median){'' if noise <= NOISY else ': the figures are noisy, run again on a quiet machine'}")
@@ -1125,9 +1303,24 @@ def main() -> int:
 
 async def _checks(st: Stack) -> None:
     await check_upstream_reads_body(st.ports["direct"])
+    await check_down(st.ports["direct"])
     for t in TARGETS:
-        await check_target(t, st.ports[t])
+        await check_target(LABEL[t], st.ports[t], MODELS.get(t, PLAIN_MODELS))
+    await check_target("aisix, alias after a 503", st.ports["aisix"], AFTER_503_MODELS)
     st.metrics = await probe_metrics(st.metrics_port)
+
+
+async def check_down(port: int) -> None:
+    """The failing deployment answers 503 to each route."""
+    c = await Client(port).connect()
+    try:
+        a = await c.request("POST", "/down/v1/audio/speech", JSON_HEADERS, speech_body("x"))
+        before, after = form_parts("x", True)
+        b = await c.request("POST", "/down/v1/audio/transcriptions", FORM_HEADERS, before + bytes(4096) + after)
+        if a.status != 503 or b.status != 503:
+            raise BenchError(f"the nginx upstream's /down/ answered {a.status} and {b.status}, not 503")
+    finally:
+        c.close()
 
 
 if __name__ == "__main__":

@@ -104,8 +104,9 @@ def test_shipped_config_equals_the_defaults(tmp_path: Path) -> None:
     shipped = config.load_settings(ETC / "config.yaml", {})
     (tmp_path / "config.yaml").write_text("")
     empty = config.load_settings(tmp_path / "config.yaml", {})
-    assert dataclasses.replace(empty, resources_file=shipped.resources_file,
-                               config_file=shipped.config_file) == shipped
+    assert dataclasses.replace(empty, resources_file=shipped.resources_file, config_file=shipped.config_file,
+                               usage_spill_dir=shipped.usage_spill_dir) == shipped
+    assert empty.usage_spill_dir == tmp_path / "usage-spill"  # beside config.yaml without systemd
 
 
 def uncommented(first: str) -> str:
@@ -593,3 +594,13 @@ def test_targets_retry_cooldown_and_azure(tmp_path: Path) -> None:
     # the single form is one target, and max_attempts defaults to the number of targets
     tts = r.models["tts-prod"]
     assert len(tts.targets) == 1 and tts.retry.max_attempts == 1 and tts.targets[0].id == "openai-main/gpt-4o-mini-tts"
+
+
+def test_usage_spill_dir(tmp_path: Path) -> None:
+    path = write(tmp_path)
+    assert config.load_settings(path, {"STATE_DIRECTORY": "/var/lib/aisix"}).usage_spill_dir == Path(
+        "/var/lib/aisix/usage-spill")  # systemd's StateDirectory=
+    path = write(tmp_path, {"usage": {"spill_dir": "spill"}})
+    assert config.load_settings(path, {}).usage_spill_dir == tmp_path / "spill"
+    path = write(tmp_path, {"usage": {"spill_dir": None}})
+    assert config.load_settings(path, {}).usage_spill_dir is None  # off: what the sink cannot take is dropped

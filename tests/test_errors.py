@@ -125,13 +125,16 @@ async def test_gateway_errors(gateway: Gateway, fake: FakeUpstream, path: str, k
 
 @pytest.mark.parametrize("path, method, status, allow", [
     (SPEECH, "GET", 405, "POST"), (SPEECH, "PUT", 405, "POST"), ("/v1/models", "POST", 405, "GET, HEAD"),
-    ("/livez", "DELETE", 405, "GET, HEAD"), ("/v1/audio/speech/", "POST", 404, None), ("/", "GET", 404, None)])
+    ("/livez", "DELETE", 405, "GET, HEAD"), ("/v1/audio/speech/", "POST", 404, None), ("/", "GET", 404, None),
+    ("/v1/models/tts-prod", "DELETE", 405, "GET, HEAD"), ("/v1/models/a/b", "POST", 405, "GET, HEAD"),
+    ("/v1/models/", "GET", 404, None)])
 async def test_unrouted_requests_get_the_envelope_and_our_headers(gateway: Gateway, path: str, method: str,
                                                                  status: int, allow: str | None) -> None:
     got_status, headers, body = await call(gateway, path, method, headers={"x-aisix-request-id": "unrouted-1"})
     assert (got_status, body["error"]["type"]) == (status, "invalid_request_error")
     assert headers.get("Allow") == allow
-    assert (headers["Server"], headers["x-aisix-request-id"]) == ("aisix", "unrouted-1")
+    lower = {name.lower(): value for name, value in headers.items()}
+    assert (lower["server"], lower["x-aisix-request-id"], lower["x-request-id"]) == ("aisix", "unrouted-1", "unrouted-1")
 
 
 async def test_body_limit(make_gateway, fake: FakeUpstream) -> None:

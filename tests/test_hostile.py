@@ -1,7 +1,7 @@
 """Hostile callers: broken multipart and JSON, smuggling attempts, oversized and slow headers.
 
-Each case gets a clean 4xx (an OpenAI envelope from the gateway, or a 400 from aiohttp's own HTTP
-parser, which is plain text and closes the connection: each test says which), the process keeps
+Each case gets a clean 4xx (an OpenAI envelope, from the gateway or, for what aiohttp's own HTTP
+parser refuses, a 400 that also closes the connection: each test says which), the process keeps
 serving, and the big cases leave the process's memory where it was.
 
 Strict xfails mark what is wrong today (the reason says where and why); they turn into failures
@@ -111,10 +111,12 @@ async def raw(gw: Gateway, data: bytes, timeout: float = 10.0) -> bytes:
 
 
 def parser_400(answer: bytes) -> None:
-    """Refused by aiohttp's HTTP parser: a plain-text 400 (not an envelope) and the connection closed."""
+    """Refused by aiohttp's HTTP parser: a 400 envelope ``invalid_http_request`` (aisix/connection.py)
+    and the connection closed."""
     head, _, body = answer.partition(b"\r\n\r\n")
     assert head.split(b"\r\n")[0] in (b"HTTP/1.0 400 Bad Request", b"HTTP/1.1 400 Bad Request"), answer[:300]
-    assert b"Content-Type: text/plain" in head
+    assert b"Content-Type: application/json" in head and b"x-aisix-request-id: " in head
+    assert json.loads(body)["error"]["code"] == "invalid_http_request"
 
 
 # -- multipart ----------------------------------------------------------------------------------
@@ -467,7 +469,7 @@ SMUGGLING = {
 @pytest.mark.parametrize("build", SMUGGLING.values(), ids=SMUGGLING.keys())
 async def test_ambiguous_framing_is_refused_and_nothing_hidden_is_forwarded(
         gateway: Gateway, fake: FakeUpstream, build) -> None:
-    """Refused by aiohttp's HTTP parser: a plain-text 400, then the connection is closed, so the
+    """Refused by aiohttp's HTTP parser: a 400, then the connection is closed, so the
     bytes after the headers (a whole request under the other reading) are never parsed."""
     rid = "smuggled-" + uuid.uuid4().hex
     answer = await raw(gateway, build(smuggled_request(rid)))
@@ -503,7 +505,7 @@ async def test_pipelined_requests_are_each_answered_once(gateway: Gateway, fake:
 ], ids=["100-kib-value", "1000-headers", "100-kib-name"])
 async def test_oversized_headers_are_refused_by_the_parser(gateway: Gateway, fake: FakeUpstream,
                                                            headers: bytes) -> None:
-    """aiohttp's limits (max_field_size 8190, max_headers 128): a plain-text 400, not 431."""
+    """aiohttp's limits (max_field_size 8190, max_headers 128): a 400, not 431."""
     before = gateway.rss_kib()
     for _ in range(20):
         answer = await raw(gateway, b"POST /v1/audio/speech HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer "

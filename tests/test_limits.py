@@ -13,7 +13,7 @@ import redis.asyncio
 from aisix.config import ROUTES, ApiKey, Cooldown, Model, ProviderKey, RateLimit, Retry, Target
 from aisix.specs import parse_backend
 from aisix.errors import GatewayError, RateLimited
-from aisix.limits import Limit, Limiter, Slot, is_over, plan, rejection, reset_after, window_start
+from aisix.limits import MONTH, Limit, Limiter, Slot, is_over, plan, rejection, reset_after, window_end, window_start
 from tests.redis_server import RedisServer, free_port, redis_url  # noqa: F401
 
 T0 = 20000 * 86400.0  # a day boundary, so every window starts at T0
@@ -128,7 +128,7 @@ def test_a_plan_is_built_once_per_pair_in_a_fixed_order() -> None:
     assert [f"{x.scope}.{x.field}" for x in p.limits] == [
         "key.rps", "key.rpm", "key.rph", "key.rpd", "key.tpm", "key.tpd", "key.concurrency",
         "model.rpm", "model.rpd", "model.tpd", "model.concurrency"]
-    assert [x.field for x in p.tokens] == ["tpm", "tpd", "tpd"]
+    assert [x.field for x in p.charged] == ["tpm", "tpd", "tpd"]
     assert [x.scope for x in p.concurrency] == ["key", "model"]
     assert {x.key for x in p.limits} >= {"aisix:rl:key:team-a:rpm", "aisix:rl:model:tts-prod:concurrency"}
 
@@ -253,6 +253,53 @@ async def test_model_tokens_are_charged_in_the_window_of_the_settle(limiter: Lim
     await limiter.admit(api_key("team-b"), m, T0 + 86399.5)
     e = await refusal(limiter, api_key("team-b"), m, T0 + 86400.5)
     assert (e.scope, e.headers["x-ratelimit-limit-tokens"], e.headers["Retry-After"]) == ("model", "50", "86400")
+
+
+def test_a_month_is_the_utc_calendar_month() -> None:
+    import calendar
+
+    mid_feb = calendar.timegm((2027, 2, 14, 12, 0, 0))
+    assert (window_start(mid_feb, MONTH), window_end(mid_feb, MONTH)) == (
+        calendar.timegm((2027, 2, 1, 0, 0, 0)), calendar.timegm((2027, 3, 1, 0, 0, 0)))
+    december = calendar.timegm((2026, 12, 31, 23, 59, 59))
+    assert window_end(december, MONTH) == calendar.timegm((2027, 1, 1, 0, 0, 0))
+    assert reset_after(december, MONTH) == 1
+
+
+async def test_a_cost_budget_refuses_once_spent_until_the_day_ends(limiter: Limiter) -> None:
+    key, m = api_key(cost_usd_per_day=1.0), model()
+    await limiter.settle(await limiter.admit(key, m, T0 + 10), None, T0 + 11, cost_usd=0.6)
+    slot = await limiter.admit(key, m, T0 + 20)  # 0.60 spent of 1.00: admitted
+    await limiter.settle(slot, None, T0 + 21, cost_usd=0.5)  # the answer costs what it costs
+    e = await refusal(limiter, key, m, T0 + 3600)
+    assert (e.status, e.code, e.scope) == (429, "budget_exceeded", "key")
+    assert e.headers == {"Retry-After": str(86400 - 3600)}
+    assert e.message == "Budget of 1 USD per day exceeded for this API key."
+    await limiter.settle(await limiter.admit(key, m, T0 + 86400), None, T0 + 86401)  # a new day
+
+
+async def test_a_monthly_budget_on_a_model_is_shared_by_keys(limiter: Limiter) -> None:
+    m = model(cost_usd_per_month=2.5)
+    await limiter.settle(await limiter.admit(api_key("team-a"), m, T0), None, T0, cost_usd=2.500001)
+    e = await refusal(limiter, api_key("team-b"), m, T0 + 5)
+    assert (e.code, e.scope) == ("budget_exceeded", "model")
+    assert int(e.headers["Retry-After"]) == window_end(T0 + 5, MONTH) - int(T0 + 5)
+
+
+async def test_audio_quota_is_charged_and_tells_what_is_left(limiter: Limiter) -> None:
+    key, m = api_key(audio_seconds_per_hour=100), model(audio_seconds_per_day=1000)
+    slot = await limiter.admit(key, m, T0 + 1)
+    assert isinstance(slot, Slot) and slot.audio_left == 100.0
+    await limiter.settle(slot, None, T0 + 2, audio_seconds=60.25)
+    slot = await limiter.admit(key, m, T0 + 3)
+    assert slot is not None and slot.audio_left == pytest.approx(39.75)
+    assert limiter.audio_refusal(slot, 39.0, T0 + 3) is None
+    e = limiter.audio_refusal(slot, 40.0, T0 + 3)  # an upload longer than what is left
+    assert e is not None and (e.code, e.scope, e.headers) == ("rate_limit_exceeded", "key", {"Retry-After": "3597"})
+    assert e.message == "Audio quota of 100 seconds per hour exceeded for this API key."
+    await limiter.settle(slot, None, T0 + 4, audio_seconds=40)
+    e = await refusal(limiter, key, m, T0 + 5)  # 100.25 s charged: over
+    assert e.code == "rate_limit_exceeded" and "Audio quota" in e.message
 
 
 # -- Redis ---------------------------------------------------------------------------------------

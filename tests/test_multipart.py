@@ -312,3 +312,24 @@ def test_the_delimiter_search_is_bytes_find() -> None:
         want = hay.find(needle, start)
         for buffer in (hay, bytearray(hay), memoryview(hay)):
             assert _find(buffer, needle, start) == want, (hay, needle, start)
+
+
+@pytest.mark.parametrize("order", [("model", "file"), ("file", "model")])
+def test_on_file_gets_exactly_the_file_parts_data_at_any_split(order: tuple[str, str]) -> None:
+    """What the audio probe is fed: every byte of the file part, in order, nothing else, even
+    where the file's bytes look like the start of a delimiter."""
+    import random
+
+    from tests.test_transcriptions import AUDIO, BOUNDARY, form
+
+    body, _ = form(*order, fields=[("prompt", b"hi")])
+    rng = random.Random(7)
+    for _ in range(30):
+        cuts = sorted(rng.sample(range(1, len(body)), rng.randint(1, 60)))
+        got = bytearray()
+        rw = Rewriter(BOUNDARY.encode())
+        rw.on_file = got.extend
+        for a, b in zip([0, *cuts], [*cuts, len(body)], strict=True):
+            rw.feed(body[a:b])
+        rw.close()
+        assert bytes(got) == AUDIO

@@ -75,3 +75,84 @@ def test_upstream_errors_reach_the_sdk(client: openai.OpenAI, fake: FakeUpstream
 
 def test_models_list(client: openai.OpenAI) -> None:
     assert [m.id for m in client.models.list()] == ["tts-prod", "whisper-prod"]
+
+
+# -- request ids: the SDKs read x-request-id -----------------------------------------------------
+
+
+def test_the_request_id_of_a_success(client: openai.OpenAI) -> None:
+    """The gateway's id in x-request-id, the SDK's request_id; the provider's stays apart."""
+    raw = client.audio.transcriptions.with_raw_response.create(model="whisper-prod", file=("a.wav", b"RIFF"))
+    assert raw.request_id == raw.headers["x-aisix-request-id"]
+    assert len(raw.request_id) == 32 and raw.request_id != "req_fake"
+    assert raw.headers["x-upstream-request-id"] == "req_fake"  # the fake's own x-request-id
+    assert raw.headers.get_list("x-request-id") == [raw.request_id]  # one, not the provider's too
+    result = client.audio.transcriptions.create(model="whisper-prod", file=("a.wav", b"RIFF"))
+    assert result._request_id is not None and len(result._request_id) == 32
+
+
+def test_the_request_id_is_the_callers_when_kept(client: openai.OpenAI, gateway: Gateway) -> None:
+    rid = "caller-chosen-id-" + "7" * 8
+    raw = client.audio.speech.with_raw_response.create(
+        model="tts-prod", voice="alloy", input="hi", extra_headers={"x-aisix-request-id": rid})
+    assert raw.request_id == rid
+    assert gateway.event(rid)["status"] == 200
+
+
+@pytest.mark.parametrize("key, model, exc", [
+    ("sk-wrong", "tts-prod", openai.AuthenticationError),  # the gateway's own envelope
+    (TEAM_A, "no-such-model", openai.NotFoundError),
+])
+def test_the_request_id_of_an_error(gateway: Gateway, key: str, model: str, exc: type) -> None:
+    with openai.OpenAI(base_url=gateway.url + "/v1", api_key=key, max_retries=0) as c, pytest.raises(exc) as info:
+        c.audio.speech.create(model=model, voice="alloy", input="hi")
+    rid = info.value.request_id
+    assert rid is not None and rid == info.value.response.headers["x-aisix-request-id"]
+    assert gateway.event(rid)["error_code"] in ("invalid_api_key", "model_not_found")
+
+
+def test_the_request_id_of_an_upstream_error(client: openai.OpenAI, gateway: Gateway, fake: FakeUpstream) -> None:
+    """A relayed provider error: the id the user quotes is the gateway's, which finds the usage
+    event; the provider's is in x-upstream-request-id."""
+    fake.behaviour = Behaviour(status=500)
+    with pytest.raises(openai.InternalServerError) as info:
+        client.audio.transcriptions.create(model="whisper-prod", file=("a.wav", b"RIFF"))
+    rid = info.value.request_id
+    assert rid is not None and rid != "req_fake"
+    assert info.value.response.headers["x-upstream-request-id"] == "req_fake"
+    assert gateway.event(rid)["error_code"] == "upstream_error"
+
+
+# -- models.retrieve -----------------------------------------------------------------------------
+
+
+def test_models_retrieve(client: openai.OpenAI) -> None:
+    listed = {m.id: m for m in client.models.list()}
+    for alias in ("tts-prod", "whisper-prod"):
+        model = client.models.retrieve(alias)
+        assert model == listed[alias]
+        assert (model.id, model.object, model.created, model.owned_by) == (alias, "model", 0, "openai")
+        assert model._request_id is not None
+
+
+@pytest.mark.parametrize("alias", ["no-such-model", "secret-model"], ids=["unknown", "not-allowed"])
+def test_models_retrieve_unknown_or_not_allowed_is_404(client: openai.OpenAI, alias: str) -> None:
+    """An alias the key may not use is as absent as one that does not exist: the list does not
+    show it and the answer does not tell it exists."""
+    with pytest.raises(openai.NotFoundError) as info:
+        client.models.retrieve(alias)
+    assert info.value.code == "model_not_found" and info.value.param is None
+    assert info.value.request_id is not None
+
+
+def test_models_retrieve_needs_a_key(gateway: Gateway) -> None:
+    with openai.OpenAI(base_url=gateway.url + "/v1", api_key="sk-wrong", max_retries=0) as c, \
+            pytest.raises(openai.AuthenticationError):
+        c.models.retrieve("tts-prod")
+
+
+def test_models_retrieve_an_alias_with_a_slash(make_gateway) -> None:
+    gw = make_gateway(models=[{"display_name": "tts-org/v2", "provider_key": "fake", "model_name": "tts-1"}])
+    with openai.OpenAI(base_url=gw.url + "/v1", api_key=TEAM_A, max_retries=0) as c:
+        assert [m.id for m in c.models.list()] == ["tts-org/v2", "tts-prod", "whisper-prod"]
+        assert c.models.retrieve("tts-org/v2").id == "tts-org/v2"

@@ -13,6 +13,7 @@ import json
 import signal
 import os
 import socket
+import tempfile
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -85,6 +86,12 @@ async def upload(gw: Gateway, data: bytes | AsyncIterator[bytes], content_type: 
                           headers={**AUTH, "Content-Type": content_type}) as r:
             body = await r.read()
             return r.status, body, gw.event(r.headers["x-aisix-request-id"])
+
+
+def spooled(gw: Gateway) -> list[str]:
+    """The gateway's open temp files: unlinked files in the temp directory (O_TMPFILE)."""
+    tmp = tempfile.gettempdir()
+    return [t for t in fd_targets(gw.pid) if t.startswith(tmp) and t.endswith("(deleted)")]
 
 
 def attempts(event: dict[str, Any]) -> list[tuple[str, int | None, str | None]]:
@@ -245,7 +252,7 @@ async def test_a_200_mib_upload_replays_from_disk(fake: FakeUpstream, fake_b: Fa
     assert (received.size, received.sha256) == (len(head) + 5 + size + len(tail), expected.hexdigest())
     assert attempts(event) == [("fake", 503, None), ("fake-b", 200, None)]
     assert gw.peak_rss_kib() - before < 64 * 1024
-    assert not [t for t in fd_targets(gw.pid) if "aisix-spool" in t or "(deleted)" in t]
+    assert not spooled(gw)
 
 
 async def test_past_the_replay_limit_an_upload_is_not_retried(fake: FakeUpstream, fake_b: FakeUpstream,
@@ -389,7 +396,7 @@ def test_the_openai_sdk_through_a_failover_alias(routed: Gateway, fake: FakeUpst
 
 def test_no_temp_file_is_left(routed: Gateway) -> None:
     """After every test of this module on the shared gateway: nothing spooled is still open."""
-    assert not [t for t in fd_targets(routed.pid) if "aisix-spool" in t or "(deleted)" in t]
+    assert not spooled(routed)
 
 
 async def test_the_access_line_names_the_attempts(routed: Gateway, fake: FakeUpstream) -> None:
@@ -422,4 +429,26 @@ async def test_a_caller_leaving_mid_upload_leaves_nothing_open(routed: Gateway, 
         fake.wait_received(1)  # the first target has answered 503: the gateway fails over to b
     event = routed.event("caller-leaves-1")  # written once the exchange let go of everything
     assert event["status"] == 499 and event["attempts"][0]["status"] == 503
-    assert not [t for t in fd_targets(routed.pid) if "aisix-spool" in t or "(deleted)" in t]
+    left = spooled(routed)
+    assert not left, (left, routed.log()[-3000:])
+
+
+async def test_cooldowns_steer_even_without_retries(fake: FakeUpstream, fake_b: FakeUpstream,
+                                                    make_gateway: Any) -> None:
+    gw = make_gateway(provider_keys=[key_b(fake_b.base_url)],
+                      models=models({"failures": 1, "window_s": 60, "cooldown_s": 600}, max_attempts=1))
+    fake.behaviour = Behaviour(status=503)
+    assert attempts((await speech(gw))[2]) == [("fake", 503, None)]  # no retry: the 503 as it came
+    assert attempts((await speech(gw))[2]) == [("fake-b", 200, None)]  # but the next goes elsewhere
+
+
+async def test_a_provider_keys_budget_steers_traffic(fake: FakeUpstream, fake_b: FakeUpstream,
+                                                     make_gateway: Any) -> None:
+    budgeted = {"display_name": "fake-budget", "provider": "openai", "api_base": fake.base_url,
+                "api_key": PROVIDER_SECRET, "rate_limit": {"cost_usd_per_day": 1.0}}
+    steered = [{"display_name": "tts-budget", "pricing": {"per_request": 0.6}, "targets": [
+        {"provider_key": "fake-budget", "model_name": "tts-a"},
+        {"provider_key": "fake-b", "model_name": "tts-b", "priority": 1}]}]
+    gw = make_gateway(provider_keys=[budgeted, key_b(fake_b.base_url)], models=steered)
+    keys = [(await speech(gw, "tts-budget"))[2]["provider_key"] for _ in range(3)]
+    assert keys == ["fake-budget", "fake-budget", "fake-b"]  # 1.20 spent on that key after two

@@ -45,6 +45,7 @@ REQUIRED = {
         "EnvironmentFile": "-/etc/aisix/env",
         "LimitNOFILE": "65536",
         "LogsDirectory": "aisix",
+        "StateDirectory": "aisix",  # the usage spill, which outlives the process
         "NoNewPrivileges": "yes",
         "ProtectSystem": "strict",
         "ProtectHome": "yes",

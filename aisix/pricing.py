@@ -1,0 +1,36 @@
+"""What a request cost, in USD, from a model's (or its target's) prices and what was measured.
+
+[core] Pure arithmetic. A price applies to one quantity; when a price is set and its quantity is
+unknown (a speech answer never reports tokens, a format whose duration the gateway cannot read),
+the cost is unknown (None), never a guess from the quantities that are known.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .config import Pricing
+
+
+@dataclass(frozen=True, slots=True)
+class Quantities:
+    input_characters: int | None = None
+    audio_seconds_in: float | None = None  # the upstream's figure when it reported one, else measured
+    audio_seconds_out: float | None = None
+    input_tokens: int | None = None
+    output_tokens: int | None = None
+
+
+def cost(p: Pricing, q: Quantities) -> float | None:
+    """USD, rounded to a millionth of a cent; None when a priced quantity is unknown."""
+    total = 0.0
+    terms = ((p.per_request, 1, 1), (p.per_1m_input_characters, q.input_characters, 1e6),
+             (p.per_minute_input_audio, q.audio_seconds_in, 60), (p.per_minute_output_audio, q.audio_seconds_out, 60),
+             (p.per_1m_input_tokens, q.input_tokens, 1e6), (p.per_1m_output_tokens, q.output_tokens, 1e6))
+    for price, quantity, per in terms:
+        if price is None:
+            continue
+        if quantity is None:
+            return None
+        total += price * quantity / per
+    return round(total, 8)

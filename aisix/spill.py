@@ -1,0 +1,184 @@
+"""Usage events the sink could not take, kept on local disk until it can: billing data is never
+dropped for want of a backend, only for want of disk.
+
+Each process appends to a file of its own, ``spill-<pid>-<start>.jsonl`` in ``usage.spill_dir``,
+holding an exclusive ``flock`` on it for its life. Lines are the encoded events, in the order they
+were emitted. Replay reads a file from the start, in batches, and records how far it got in a
+sidecar ``.offset`` file (written and renamed, so a crash leaves the old or the new offset, never
+half of one); a file replayed to its end is deleted. A file whose lock can be taken belongs to no
+living process (one that was killed, or this one before a restart): it is adopted and replayed
+before this process's own, oldest first. A last line without its newline (the process was killed
+while writing it) is skipped and logged: that event never fully reached the disk.
+
+Synchronous file I/O on purpose, in the sink's writer task only: appends and reads are page-cache
+operations, and a spill only happens while the backend is down.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import logging
+import os
+import time
+from pathlib import Path
+from typing import IO
+
+log = logging.getLogger(__name__)
+
+BATCH_BYTES = 256 * 1024  # replayed per write to the sink
+
+
+class Spill:
+    def __init__(self, directory: str) -> None:
+        self.dir = Path(directory)
+        self.spilled_total = 0  # events appended to the spill
+        self._own: Path | None = None
+        self._file: IO[bytes] | None = None
+        self._queue: list[Path] = []  # files to replay, oldest first; this process's own last
+        self._reader: _Reader | None = None
+
+    def open(self) -> None:
+        """Adopt what dead processes left; this process's own file is made on the first append."""
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self._adopt()
+
+    @property
+    def pending(self) -> bool:
+        return bool(self._queue) or self._reader is not None
+
+    def append(self, lines: list[bytes]) -> bool:
+        """Keep these events; False when the disk would not take them (they are lost)."""
+        try:
+            if self._file is None:
+                self._own = self.dir / f"spill-{os.getpid()}-{time.time_ns()}.jsonl"
+                self._file = open(self._own, "ab")  # noqa: SIM115 (held, and locked, for the process's life)
+                fcntl.flock(self._file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            self._file.write(b"\n".join(lines) + b"\n")
+            self._file.flush()
+        except OSError as exc:
+            log.error("usage spill %s: cannot write %d events: %s", self.dir, len(lines), exc.strerror or exc)
+            return False
+        self.spilled_total += len(lines)
+        if self._own is not None and self._own not in self._queue:
+            self._queue.append(self._own)
+        return True
+
+    def batch(self) -> list[bytes]:
+        """The next events to replay, in order ([] when none are left); ``done()`` once the sink
+        has taken them."""
+        while True:
+            if self._reader is None:
+                if not self._queue:
+                    return []
+                try:
+                    self._reader = _Reader(self._queue[0], own=self._queue[0] == self._own)
+                except OSError:  # another process took it first (or it is gone): its business
+                    self._queue.pop(0)
+                    continue
+            lines = self._reader.next()
+            if lines:
+                return lines
+            self._finish_file()
+
+    def done(self) -> None:
+        """The last batch reached the sink: never replay it again. Without it, the next
+        ``batch()`` is the same events again."""
+        assert self._reader is not None
+        self._reader.commit()
+
+    def _finish_file(self) -> None:
+        """The file under replay was read to its end."""
+        reader, self._reader = self._reader, None
+        path = self._queue.pop(0)
+        if reader is None:
+            return
+        if path == self._own:  # start a new one next time: the old one is done with
+            assert self._file is not None
+            self._file.close()
+            self._file, self._own = None, None
+        reader.remove()
+
+    def _adopt(self) -> None:
+        found = sorted(self.dir.glob("spill-*.jsonl"), key=lambda p: _started(p))
+        for path in found:
+            if path == self._own or path in self._queue:
+                continue
+            try:
+                with open(path, "rb") as f:
+                    fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)  # released at close: a probe only
+            except BlockingIOError:
+                continue  # a living process's own
+            except OSError:
+                continue
+            self._queue.insert(len(self._queue) - (self._own in self._queue), path)  # before our own
+            log.warning("usage spill: replaying %s, left by a process that stopped", path.name)
+
+    def close(self) -> None:
+        if self._reader is not None:
+            self._reader.close()
+            self._reader = None
+        if self._file is not None:
+            self._file.close()  # what is left stays on disk for the next start
+            self._file = None
+
+
+def _started(path: Path) -> int:
+    try:
+        return int(path.stem.rsplit("-", 1)[1])
+    except (IndexError, ValueError):
+        return 0
+
+
+class _Reader:
+    """One spill file read from its committed offset, in whole lines."""
+
+    def __init__(self, path: Path, own: bool) -> None:
+        self.path = path
+        self._offset_file = path.with_suffix(".offset")
+        self._own = own
+        self._f: IO[bytes] = open(path, "rb")  # noqa: SIM115 (held while the file is replayed)
+        if not own:  # an adopted file: held while it is replayed, so only one process does
+            fcntl.flock(self._f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        try:
+            self.committed = int(self._offset_file.read_text())
+        except (OSError, ValueError):
+            self.committed = 0
+        self._next = self.committed
+
+    def next(self) -> list[bytes]:
+        """The batch after the last committed one (the same one again when it was not)."""
+        self._next = self.committed
+        self._f.seek(self._next)
+        data = self._f.read(BATCH_BYTES)
+        if not data:
+            return []
+        end = data.rfind(b"\n")
+        if end < 0:  # a line longer than a batch, or a last line without its newline
+            more = self._f.readline()
+            if more.endswith(b"\n"):
+                data += more
+                end = len(data) - 1
+            elif not self._own:
+                log.error("usage spill %s: a last line without its newline (%d bytes) is skipped: the "
+                          "process was stopped while writing it", self.path.name, len(data) + len(more))
+                return []
+            else:
+                return []  # this process is still writing it
+        self._next += end + 1
+        return data[:end].split(b"\n")
+
+    def commit(self) -> None:
+        self.committed = self._next
+        tmp = self._offset_file.with_suffix(".offset.tmp")
+        tmp.write_text(str(self.committed))
+        os.replace(tmp, self._offset_file)
+
+    def remove(self) -> None:
+        self._f.close()
+        for p in (self.path, self._offset_file):
+            with contextlib.suppress(FileNotFoundError):
+                p.unlink()
+
+    def close(self) -> None:
+        self._f.close()

@@ -1,0 +1,153 @@
+"""Metering through a real gateway: characters, measured audio, cost, budgets and audio quotas,
+early refusal of an over-long upload (the upstream never gets a complete request)."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import aiohttp
+import pytest
+
+from tests.fakes import Behaviour, FakeUpstream
+from tests.gateway import TEAM_A, Gateway, hash_key
+
+AUTH = {"Authorization": f"Bearer {TEAM_A}"}
+TEXT = "Hello, wörld! ✓"  # 15 characters, more bytes
+
+
+def priced(**pricing: float) -> list[dict[str, Any]]:
+    return [{"display_name": "tts-priced", "provider_key": "fake", "model_name": "tts-1", "pricing": pricing}]
+
+
+async def speech(gw: Gateway, model: str = "tts-priced", key: str = TEAM_A) -> tuple[int, dict[str, Any], dict]:
+    async with aiohttp.ClientSession() as s:
+        async with s.post(gw.url + "/v1/audio/speech", json={"model": model, "input": TEXT, "voice": "alloy"},
+                          headers={"Authorization": f"Bearer {key}"}) as r:
+            body = await r.read()
+            return r.status, dict(r.headers), {"event": gw.event(r.headers["x-aisix-request-id"]), "body": body}
+
+
+async def test_speech_is_priced_by_its_characters(fake: FakeUpstream, make_gateway: Any) -> None:
+    gw = make_gateway({"metrics": {"listen": "127.0.0.1:0"}}, models=priced(per_1m_input_characters=15.0))
+    status, _, got = await speech(gw)
+    event = got["event"]
+    assert status == 200
+    assert event["input_characters"] == 15
+    assert event["cost_usd"] == pytest.approx(15 * 15.0 / 1e6)
+    async with aiohttp.ClientSession() as s, s.get(gw.metrics_url + "/metrics") as r:
+        text = await r.text()
+    assert 'aisix_cost_usd_total{model="tts-priced"} 0.000225' in text
+
+
+async def test_no_cost_when_a_priced_quantity_is_unknown(fake: FakeUpstream, make_gateway: Any) -> None:
+    # speech answers never report tokens: priced by tokens, the cost is unknown, never a guess
+    gw = make_gateway(models=priced(per_1m_output_tokens=12.0))
+    _, _, got = await speech(gw)
+    assert "cost_usd" not in got["event"] and got["event"]["input_characters"] == 15
+
+
+async def test_failed_requests_cost_nothing(fake: FakeUpstream, make_gateway: Any) -> None:
+    gw = make_gateway(models=priced(per_request=0.5))
+    fake.behaviour = Behaviour(status=500)
+    status, _, got = await speech(gw)
+    assert status == 500 and "cost_usd" not in got["event"]
+
+
+async def test_a_budget_stops_a_key(fake: FakeUpstream, make_gateway: Any) -> None:
+    key = {"display_name": "budgeted", "key_hash": hash_key("sk-budget-secret"), "allowed_models": ["*"],
+           "rate_limit": {"cost_usd_per_day": 1.0}}
+    gw = make_gateway(models=priced(per_request=0.4), api_keys=[key])
+    got = [(await speech(gw, key="sk-budget-secret"))[:2] for _ in range(4)]
+    assert [status for status, _ in got] == [200, 200, 200, 429]  # 1.20 spent after the third
+    status, headers, body = await speech_raw(gw, "sk-budget-secret")
+    assert status == 429 and json.loads(body)["error"]["code"] == "budget_exceeded"
+    assert 0 < int(headers["Retry-After"]) <= 86400
+    assert (await speech(gw))[0] == 200  # another key's budget is its own
+
+
+async def speech_raw(gw: Gateway, key: str) -> tuple[int, dict[str, str], bytes]:
+    async with aiohttp.ClientSession() as s:
+        async with s.post(gw.url + "/v1/audio/speech", json={"model": "tts-priced", "input": TEXT, "voice": "a"},
+                          headers={"Authorization": f"Bearer {key}"}) as r:
+            return r.status, dict(r.headers), await r.read()
+
+
+async def test_a_budget_is_shared_by_two_gateways_on_one_redis(fake: FakeUpstream, make_gateway: Any,
+                                                              redis_url: str) -> None:
+    key = {"display_name": "budgeted-shared", "key_hash": hash_key("sk-budget-shared"), "allowed_models": ["*"],
+           "rate_limit": {"cost_usd_per_month": 1.0}}
+    settings = {"ratelimit": {"backend": redis_url}}
+    one = make_gateway(settings, models=priced(per_request=0.6), api_keys=[key])
+    two = make_gateway(settings, models=priced(per_request=0.6), api_keys=[key])
+    assert (await speech(one, key="sk-budget-shared"))[0] == 200
+    assert (await speech(two, key="sk-budget-shared"))[0] == 200  # 0.60 spent: admitted, then 1.20
+    status, _, body = await speech_raw(one, "sk-budget-shared")
+    assert status == 429 and json.loads(body)["error"]["code"] == "budget_exceeded"
+
+
+# -- uploads: measured on the wire, refused early -----------------------------------------------
+
+def whisper(**fields: Any) -> list[dict[str, Any]]:
+    return [{"display_name": "whisper-metered", "provider_key": "fake", "model_name": "whisper-1", **fields}]
+
+
+async def upload(gw: Gateway, audio: bytes, order: tuple[str, str] = ("model", "file"),
+                 key: str = TEAM_A) -> tuple[int, dict[str, Any], dict[str, Any]]:
+    from tests.test_transcriptions import form
+
+    data, ctype = form(*order, model=b"whisper-metered", file=audio, file_name=b"a.flac")
+    async with aiohttp.ClientSession() as s:
+        async with s.post(gw.url + "/v1/audio/transcriptions", data=data,
+                          headers={"Authorization": f"Bearer {key}", "Content-Type": ctype}) as r:
+            body = await r.read()
+            return r.status, json.loads(body), gw.event(r.headers["x-aisix-request-id"])
+
+
+@pytest.mark.parametrize("order", [("model", "file"), ("file", "model")], ids=["model-first", "file-first"])
+async def test_an_upload_is_measured_and_priced_per_minute(fake: FakeUpstream, make_gateway: Any,
+                                                           order: tuple[str, str]) -> None:
+    from tests.audio_files import ffprobe_seconds, make
+
+    path = make("flac", 30.0)
+    # response_format text: the upstream reports no duration, so the measured one is used
+    fake.behaviour = Behaviour(transcript="hi")
+    gw = make_gateway(models=whisper(pricing={"per_minute_input_audio": 0.006}))
+    status, _, event = await upload(gw, path.read_bytes(), order)
+    assert status == 200
+    assert event["audio_seconds_in"] == pytest.approx(ffprobe_seconds(path), abs=0.05)
+    assert event["cost_usd"] == pytest.approx(0.003, abs=1e-5)
+
+
+@pytest.mark.parametrize("order", [("model", "file"), ("file", "model")], ids=["model-first", "file-first"])
+async def test_an_upload_over_max_audio_seconds_is_refused_before_it_is_sent(
+        fake: FakeUpstream, make_gateway: Any, order: tuple[str, str]) -> None:
+    from tests.audio_files import make
+
+    audio = make("flac", 61.0).read_bytes()
+    gw = make_gateway(models=whisper(max_audio_seconds=60))
+    status, body, event = await upload(gw, audio, order)
+    assert status == 400
+    assert body["error"]["code"] == "audio_too_long" and body["error"]["param"] == "file"
+    assert event["error_code"] == "audio_too_long"
+    # the header told the length: the file never left (model first: the form's head may have)
+    assert all(audio[:4096] not in r.body for r in fake.received)
+    assert all(not r.complete for r in fake.received)
+
+
+async def test_an_upload_longer_than_the_quota_has_left_is_429_before_it_is_sent(
+        fake: FakeUpstream, make_gateway: Any) -> None:
+    from tests.audio_files import make
+
+    key = {"display_name": "quota", "key_hash": hash_key("sk-quota-secret"), "allowed_models": ["*"],
+           "rate_limit": {"audio_seconds_per_hour": 100}}
+    gw = make_gateway(models=whisper(), api_keys=[key])
+    status, _, event = await upload(gw, make("flac", 61.0).read_bytes(), key="sk-quota-secret")
+    assert status == 200 and event["audio_seconds_in"] == pytest.approx(61.0, abs=0.05)
+    received = len(fake.received)
+    status, body, _ = await upload(gw, make("flac", 45.0).read_bytes(), key="sk-quota-secret")  # 39 s left
+    assert status == 429 and body["error"]["code"] == "rate_limit_exceeded"
+    assert "Audio quota of 100 seconds per hour" in body["error"]["message"]
+    assert all(not r.complete for r in fake.received[received:])
+    status, _, _ = await upload(gw, make("flac", 30.0).read_bytes(), key="sk-quota-secret")
+    assert status == 200  # what is left still takes a shorter one

@@ -1,0 +1,135 @@
+"""Usage events are billing data: when the sink cannot take them they wait on local disk and are
+replayed in order, each once, when it is back; a killed process's spill is replayed by the next.
+Against a real redis-server that is stopped and started, and real gateway processes."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import time
+from pathlib import Path
+
+import aiohttp
+import orjson
+import pytest
+
+from aisix.specs import parse_sink
+from aisix.spill import Spill
+from aisix.usage import UsageSink
+from tests.fakes import FakeUpstream
+from tests.gateway import TEAM_A, Gateway
+from tests.test_usage import RedisServer, events, redis_server, until  # noqa: F401  (a fixture)
+
+
+def stream(server: RedisServer, name: str = "s") -> list[dict]:
+    with server.client() as r:
+        return [orjson.loads(fields[b"data"]) for _, fields in r.xrange(name)]
+
+
+async def test_redis_down_under_load_loses_nothing(redis_server: RedisServer, tmp_path: Path) -> None:  # noqa: F811
+    sink = UsageSink.create(parse_sink(redis_server.url("stream=s")), spill_dir=str(tmp_path / "spill"))
+    await sink.start()
+    sent = events(3000)
+    for event in sent[:500]:
+        sink.emit(event)
+    await until(lambda: sink.written_total == 500)
+    redis_server.stop()
+    for i in range(500, 2500, 100):  # bursts while the backend is down
+        for event in sent[i:i + 100]:
+            sink.emit(event)
+        await asyncio.sleep(0)
+    await until(lambda: sink.spilled_total == 2000)
+    assert sink.dropped_total == 0 and list((tmp_path / "spill").glob("spill-*.jsonl"))
+    redis_server.start()
+    for event in sent[2500:]:  # new events queue behind the spill: the order is kept
+        sink.emit(event)
+    await until(lambda: sink.written_total == 3000, timeout=15)
+    await sink.close()
+    assert (sink.written_total, sink.dropped_total) == (3000, 0)
+    assert stream(redis_server) == sent[500:]  # every event since the restart (it starts empty), once, in order
+    assert not list((tmp_path / "spill").iterdir())  # replayed to the end: nothing left
+
+
+async def test_an_event_written_twice_lands_once(redis_server: RedisServer) -> None:  # noqa: F811
+    """A batch that half-landed before the connection broke is replayed whole: the markers keep
+    the stream to one entry per event."""
+    sink = UsageSink.create(parse_sink(redis_server.url("stream=s")))
+    await sink.start()
+    lines = [orjson.dumps(e) for e in events(5)]
+    await sink._write(lines[:3])  # what landed before the break
+    await sink._write(lines)  # the replay of the whole batch
+    await sink.close()
+    assert stream(redis_server) == events(5)
+
+
+def test_a_torn_last_line_is_skipped_and_the_rest_replayed(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    (tmp_path / "spill-1-1.jsonl").write_bytes(b'{"n":1}\n{"n":2}\n{"n":')  # killed mid-write
+    spill = Spill(str(tmp_path))
+    spill.open()
+    assert spill.pending
+    got = []
+    while batch := spill.batch():
+        got += batch
+        spill.done()
+    assert [orjson.loads(x) for x in got] == [{"n": 1}, {"n": 2}]
+    assert "without its newline" in caplog.text
+    assert not list(tmp_path.iterdir())
+
+
+def test_a_replay_that_fails_sends_the_same_batch_again(tmp_path: Path) -> None:
+    spill = Spill(str(tmp_path))
+    spill.open()
+    assert spill.append([b'{"n":1}', b'{"n":2}'])
+    first = spill.batch()
+    assert spill.batch() == first  # not done(): the same events again
+    spill.done()
+    assert spill.batch() == [] and not spill.pending
+
+
+def test_a_living_processs_spill_is_not_adopted(tmp_path: Path) -> None:
+    mine = Spill(str(tmp_path))
+    mine.open()
+    assert mine.append([b'{"n":1}'])
+    other = Spill(str(tmp_path))
+    other.open()  # the first still holds its lock
+    assert not other.pending
+    mine.close()  # released: a process that stopped
+    later = Spill(str(tmp_path))
+    later.open()
+    assert later.batch() == [b'{"n":1}']
+    later.close()
+    other.close()
+
+
+async def test_a_killed_gateways_spill_is_replayed_by_the_next(fake: FakeUpstream, make_gateway, tmp_path: Path,
+                                                               redis_server: RedisServer) -> None:  # noqa: F811
+    server = redis_server
+    settings = {"usage": {"sink": server.url("stream=usage"), "spill_dir": str(tmp_path / "spill")}}
+    try:
+        gw = make_gateway(settings)
+        server.stop()
+        ids = [f"spilled-{i}" for i in range(40)]
+        async with aiohttp.ClientSession() as s:
+            for rid in ids:
+                async with s.post(gw.url + "/v1/audio/speech", json={"model": "tts-prod", "input": "x", "voice": "a"},
+                                  headers={"Authorization": f"Bearer {TEAM_A}", "x-aisix-request-id": rid}) as r:
+                    assert r.status == 200
+                    await r.read()
+        spilled = tmp_path / "spill"
+        deadline = time.monotonic() + 10
+        while sum(p.read_bytes().count(b"\n") for p in spilled.glob("spill-*.jsonl")) < len(ids):
+            assert time.monotonic() < deadline, "the events never reached the spill"
+            await asyncio.sleep(0.02)  # polling the disk for a condition, bounded
+        gw.signal(signal.SIGKILL)
+        gw.wait()
+        server.start()
+        again = make_gateway(settings)  # adopts the dead process's spill and replays it
+        deadline = time.monotonic() + 10
+        while len(stream(server, "usage")) < len(ids):
+            assert time.monotonic() < deadline, f"replayed {len(stream(server, 'usage'))} of {len(ids)}"
+            await asyncio.sleep(0.05)
+        assert [e["request_id"] for e in stream(server, "usage")] == ids  # in order, once each
+        again.wait_log("replayed from the spill")
+        assert not list(spilled.glob("spill-*.jsonl"))
+    finally:
+        server.stop()
