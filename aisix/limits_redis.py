@@ -120,14 +120,15 @@ class RedisStore:
                 pipe.expire(key, x.size + _MARGIN)
             await pipe.execute()
 
-    async def charge(self, plan: Plan, tokens: int, now: float) -> list[Limit]:
+    async def charge(self, plan: Plan, charges: dict[str, int], now: float) -> list[Limit]:
+        charged = [x for x in plan.charged if charges.get(x.unit)]
         async with self._redis.pipeline(transaction=False) as pipe:
-            for x in plan.tokens:
+            for x in charged:
                 key = f"{x.key}:{window_start(now, x.size)}"
-                pipe.incrby(key, tokens)
+                pipe.incrby(key, charges[x.unit])
                 pipe.expire(key, x.size + _MARGIN)
             counts = (await pipe.execute())[::2]
-        return [x for x, count in zip(plan.tokens, counts, strict=True) if is_over(x, int(count))]
+        return [x for x, count in zip(charged, counts, strict=True) if is_over(x, int(count))]
 
     async def cooling(self, keys: list[str], now: float) -> dict[int, float]:
         ends = await self._redis.mget([f"aisix:cd:{k}:until" for k in keys])

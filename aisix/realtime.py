@@ -33,13 +33,14 @@ from urllib.parse import quote
 import aiohttp
 from aiohttp import WSMsgType, hdrs, web
 
-from . import aliases, auth, errors, guardrails, routing, usage
+from . import aliases, auth, errors, guardrails, pricing, routing, usage
 from . import realtime_frames as frames
 from .config import ApiKey, Guardrail, Model, Resources, Target
 from .exchange import Exchange
 from .keys import CLOCK, EXCHANGE, LIMITER, LIVE, METRICS, REQUEST_ID, SETTINGS, USAGE, WS_CLIENT
 from .limits import Slot, rejection
 from .responses import stamp
+from .transcript import Usage
 
 log = logging.getLogger(__name__)
 
@@ -502,18 +503,32 @@ class Session:
             return None
         ex.usage = frames.add(ex.usage, report.usage)
         tokens = report.usage.tokens
-        if not tokens:
+        cost = self._cost(report.usage)
+        if cost is not None:
+            ex.cost_usd = (ex.cost_usd or 0.0) + cost
+        if not tokens and not cost:
             return None
         now = self.clock()
-        over = await self.limiter.charge(self.slot, tokens, now)
-        over += await self.limiter.charge(self.model_slot, tokens, now)
-        await self.limiter.charge(self.provider_slot, tokens, now)  # its quota: not the caller's to hear about
+        over = await self.limiter.charge(self.slot, tokens, now, cost)
+        over += await self.limiter.charge(self.model_slot, tokens, now, cost)
+        await self.limiter.charge(self.provider_slot, tokens, now, cost)  # its quota: not the caller's to hear about
         if not over:
             return None
         refusal = rejection(over, now)
         self.metrics.limited(refusal.scope)
         await self._tell(frames.error_event(refusal.code, refusal.message, None, refusal.type))
         return End(GATEWAY, 1008, b"rate limit exceeded", refusal.code)
+
+    def _cost(self, used: Usage) -> float | None:
+        """What this usage report costs, from the target's prices or the model's; None unpriced."""
+        model, target = self.model, self.target
+        if model is None:
+            return None
+        prices = (target.pricing if target is not None else None) or model.pricing
+        if prices is None:
+            return None
+        return pricing.cost(prices, pricing.Quantities(
+            input_tokens=used.input_tokens, output_tokens=used.output_tokens, audio_seconds_in=used.audio_seconds))
 
     async def _close(self, end: End) -> None:
         """Close both sides as ``end`` says: a close frame is relayed with its code and reason; a

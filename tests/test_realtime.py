@@ -460,6 +460,26 @@ async def test_the_concurrency_slot_is_held_for_the_sessions_life(make_gateway, 
             pass
 
 
+async def test_a_budget_spent_mid_session_closes_it_with_1008(make_gateway, rt: FakeRealtime) -> None:
+    res = resources(rt, rate_limit={"cost_usd_per_day": 0.0001})
+    res["models"][0]["pricing"] = {"per_1m_input_tokens": 5.0, "per_1m_output_tokens": 5.0}
+    gw = make_gateway(upstream_base=rt.base_url, **res)
+    rt.script = Script(on_open=usage_frames())
+    async with aiohttp.ClientSession() as s, s.ws_connect(ws_url(gw), headers=bearer()) as ws:
+        rid = ws._response.headers["x-aisix-request-id"]
+        assert (await next_event(ws))["usage"]["total_tokens"] == 10  # $0.00005 of $0.0001: on
+        assert (await next_event(ws))["type"] == "response.done"  # $0.0002 more: relayed, then
+        error = await next_event(ws)
+        assert (error["type"], error["error"]["code"]) == ("error", "budget_exceeded")
+        msg = await ws.receive(10)
+        assert (msg.type, msg.data) == (aiohttp.WSMsgType.CLOSE, 1008)
+    event = gw.event(rid)
+    assert (event["error_code"], event["close_code"]) == ("budget_exceeded", 1008)
+    assert event["cost_usd"] == pytest.approx(0.0002)
+    status, body = await raw_upgrade(gw, "model=rt-voice", bearer())
+    assert (status, body["error"]["code"]) == (429, "budget_exceeded")  # spent for the day
+
+
 async def test_a_token_limit_spent_mid_session_closes_it_with_1008(make_gateway, rt: FakeRealtime) -> None:
     gw = make_gateway(upstream_base=rt.base_url, **resources(rt, rate_limit={"tpm": 25}))
     rt.script = Script(on_open=usage_frames())
