@@ -2,7 +2,8 @@
 
 Speech answers are valid MPEG-2 Layer III silence (`file` names them), streamed in chunks the
 way a TTS provider streams. Transcriptions and translations never decode the upload: the text
-names the file and its size. Nothing here is meant for production or for load.
+names the file and its size. Realtime sessions (`/v1/realtime`) answer committed audio with a
+transcript naming how much came. Nothing here is meant for production or for load.
 
 Every line it writes starts with ``devupstream | ``, each line of a traceback included: `make run`
 shows it in one terminal with the gateway's log and usage lines.
@@ -12,6 +13,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
+import binascii
+import contextlib
+import itertools
 import json
 import logging
 import math
@@ -19,7 +24,7 @@ import signal
 import sys
 from typing import Any, TextIO
 
-from aiohttp import BodyPartReader, web
+from aiohttp import BodyPartReader, WSMsgType, web
 from aiohttp.http_exceptions import HttpProcessingError
 
 from .logs import FORMAT
@@ -187,6 +192,68 @@ async def translations(request: web.Request) -> web.StreamResponse:
     return await transcribe(request, "translations")
 
 
+PCM_BYTES_PER_SECOND = 24_000 * 2  # the Realtime API's default input: 24 kHz 16-bit mono PCM
+_ids = itertools.count(1)
+
+
+def _event(kind: str, **fields: Any) -> dict[str, Any]:
+    return {"type": kind, "event_id": f"event_dev_{next(_ids)}", **fields}
+
+
+async def realtime(request: web.Request) -> web.StreamResponse:
+    """A Realtime API session that transcribes nothing: audio appended and committed is answered
+    with the transcription events of a canned transcript naming how much audio came; a
+    ``response.create`` with a ``response.done`` carrying usage."""
+    if (denied := unauthorised(request)) is not None:
+        return denied
+    ws = web.WebSocketResponse(protocols=("realtime",))
+    await ws.prepare(request)
+    intent = request.query.get("intent")
+    model = request.query.get("model")
+    kind = "transcription_session" if intent == "transcription" and model is None else "session"
+    session: dict[str, Any] = {"id": f"sess_dev_{next(_ids)}", "model": model, "type": intent or "realtime"}
+    await ws.send_json(_event(f"{kind}.created", session=session))
+    audio = 0
+    async for msg in ws:
+        if msg.type is not WSMsgType.TEXT:
+            continue
+        try:
+            event = json.loads(msg.data)
+        except ValueError:
+            await ws.send_json(_event("error", error={"type": "invalid_request_error", "code": "invalid_json",
+                                                      "message": "The frame is not JSON."}))
+            continue
+        kind_in = event.get("type") if isinstance(event, dict) else None
+        if kind_in in ("session.update", "transcription_session.update"):
+            session.update(event.get("session") or {})
+            await ws.send_json(_event(kind_in.replace("update", "updated"), session=session))
+        elif kind_in == "input_audio_buffer.append":
+            with contextlib.suppress(binascii.Error, TypeError):  # bad base64 counts as nothing
+                audio += len(base64.b64decode(event.get("audio", ""), validate=True))
+        elif kind_in == "input_audio_buffer.commit":
+            await _transcribe(ws, audio)
+            audio = 0
+        elif kind_in == "response.create":
+            await ws.send_json(_event("response.done", response={
+                "id": f"resp_dev_{next(_ids)}", "status": "completed", "output": [],
+                "usage": {"total_tokens": 12, "input_tokens": 10, "output_tokens": 2}}))
+    return ws
+
+
+async def _transcribe(ws: web.WebSocketResponse, audio: int) -> None:
+    item = f"item_dev_{next(_ids)}"
+    seconds = audio / PCM_BYTES_PER_SECOND
+    text = f"Development transcript of {audio} bytes of audio ({seconds:.2f} s)."
+    await ws.send_json(_event("input_audio_buffer.committed", item_id=item, previous_item_id=None))
+    for word in text.split(" "):
+        await ws.send_json(_event("conversation.item.input_audio_transcription.delta", item_id=item,
+                                  content_index=0, delta=word + " "))
+        await asyncio.sleep(CHUNK_PAUSE)
+    usage = token_usage(max(1, round(seconds * 10)), len(text.split(" ")))
+    await ws.send_json(_event("conversation.item.input_audio_transcription.completed", item_id=item,
+                              content_index=0, transcript=text, usage=usage))
+
+
 @web.middleware
 async def envelopes(request: web.Request, handler: Any) -> web.StreamResponse:
     """Unknown paths and wrong methods answer an OpenAI envelope too, as the real API does."""
@@ -203,6 +270,7 @@ def create_app() -> web.Application:
     app.router.add_post("/v1/audio/speech", speech)
     app.router.add_post("/v1/audio/transcriptions", transcriptions)
     app.router.add_post("/v1/audio/translations", translations)
+    app.router.add_get("/v1/realtime", realtime)
     return app
 
 
