@@ -126,7 +126,7 @@ def ffmpeg_complaints(path: Path, fmt: str) -> str:
 
 # ffprobe's duration of each format's file against the length it was made for: within 1% or 50 ms.
 @pytest.mark.parametrize("fmt", sorted(devaudio.FORMATS))
-@pytest.mark.parametrize("seconds", [0.5, 1.03, 7.77, 30.0])
+@pytest.mark.parametrize("seconds", [0.5, 7.77, 30.0])
 def test_every_format_lasts_as_long_as_intended(fmt: str, seconds: float, tmp_path: Path) -> None:
     _, audio = devaudio.silence(fmt, seconds)
     path = tmp_path / f"silence.{fmt}"
