@@ -1,17 +1,22 @@
-"""The `aisix` command: serve, validate, hash-key (`python -m aisix` is the same program).
+"""The `aisix` command: serve, validate, hash-key, usage (`python -m aisix` is the same program).
 
 Limit: parses arguments, loads and reports on the config, and hands a valid one to aisix.server;
-it never starts a server on a config that does not validate.
+it never starts a server on a config that does not validate. `usage` reads event files and prints
+what aisix.usage_report adds up.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import getpass
+import gzip
 import sys
-from collections.abc import Callable
+import zlib
+from collections.abc import Callable, Iterator
+from typing import IO, cast
 
-from aisix import __version__, config
+from aisix import __version__, config, usage_report
 
 DEFAULT_CONFIG = "/etc/aisix/config.yaml"
 
@@ -45,7 +50,36 @@ def _parser() -> argparse.ArgumentParser:
         description="Reads one key on stdin (one trailing newline is stripped) and prints the "
                     "sha256 hex to put in resources.yaml as key_hash.")
     hash_key.set_defaults(command=_hash_key)
+    usage = commands.add_parser(
+        "usage", help="sum a usage-event file by key, model or day",
+        description="Reads usage events (JSON lines, as the file sink writes them; '-' is stdin, "
+                    "a name ending .gz is read through gzip) and prints requests, errors, audio "
+                    "minutes, characters, tokens and cost per group (docs/operations.md, "
+                    "\"Reading usage\"). Malformed lines are skipped and counted on stderr.")
+    usage.add_argument("files", nargs="+", metavar="FILE", help="usage.jsonl, rotated copies, or -")
+    usage.add_argument("--by", default="key", type=_by, metavar="key|model|day|A,B",
+                       help="group by one of key, model, day, or a pair such as key,model "
+                            "(default key)")
+    usage.add_argument("--since", type=_since, metavar="DATE|TIME",
+                       help="only events at or after this UTC date (2026-12-01) or RFC 3339 time")
+    usage.add_argument("--format", choices=tuple(usage_report.FORMATS), default="table",
+                       help="table for a terminal (default), csv for a spreadsheet, json for a script")
+    usage.set_defaults(command=_usage)
     return parser
+
+
+def _by(text: str) -> tuple[str, ...]:
+    try:
+        return usage_report.parse_by(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _since(text: str) -> object:
+    try:
+        return usage_report.parse_since(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _load(path: str) -> config.Config | None:
@@ -93,6 +127,69 @@ def _hash_key(args: argparse.Namespace) -> int:
         print("aisix hash-key: empty key on stdin; refusing to hash it", file=sys.stderr)
         return 1
     print(config.hash_key(key))
+    return 0
+
+
+# A usage event is a few hundred bytes: a "line" longer than this is not one, and is skipped
+# without being held whole (a file that lost its newlines must not be read into memory).
+MAX_LINE = 1 << 20
+
+
+def _lines(stream: IO[bytes]) -> Iterator[bytes | None]:
+    """The file's lines, newline included; None for each overlong line (skipped in pieces)."""
+    while line := stream.readline(MAX_LINE):
+        if len(line) == MAX_LINE and not line.endswith(b"\n"):
+            while (rest := stream.readline(MAX_LINE)) and not rest.endswith(b"\n"):
+                pass
+            yield None
+            continue
+        yield line
+
+
+def _open(name: str) -> IO[bytes]:
+    if name == "-":
+        return sys.stdin.buffer
+    if name.endswith(".gz"):
+        return cast(IO[bytes], gzip.open(name, "rb"))  # logrotate's compressed copies
+    return open(name, "rb")
+
+
+def _usage(args: argparse.Namespace) -> int:
+    import orjson  # imported late: the other commands do not parse JSON lines
+
+    report = usage_report.Report(args.by, args.since)
+    malformed, first_bad, partial = 0, "", 0
+    for name in args.files:
+        try:
+            stream = _open(name)
+        except OSError as e:
+            print(f"aisix usage: cannot read {name}: {e.strerror or e}", file=sys.stderr)
+            return 1
+        number = 0
+        try:
+            with stream if name != "-" else contextlib.nullcontext(stream) as f:  # stdin stays open
+                for number, line in enumerate(_lines(f), 1):
+                    try:
+                        ok = line is not None and report.add(orjson.loads(line))
+                    except orjson.JSONDecodeError:
+                        ok = False
+                    if ok:
+                        continue
+                    if line is not None and not line.endswith(b"\n"):
+                        partial += 1  # the last line, cut off: a write in progress, or a crash
+                        continue
+                    malformed += 1
+                    first_bad = first_bad or f"{'stdin' if name == '-' else name}:{number}"
+        except (OSError, EOFError, zlib.error) as e:  # gzip.BadGzipFile is an OSError
+            print(f"aisix usage: cannot read {name} (after line {number}): {e}", file=sys.stderr)
+            return 1
+    if partial:
+        print(f"aisix usage: skipped an incomplete last line in {partial} file(s) "
+              "(an event still being written?)", file=sys.stderr)
+    if malformed:
+        print(f"aisix usage: skipped {malformed} malformed line(s), not usage events "
+              f"(the first at {first_bad})", file=sys.stderr)
+    sys.stdout.write(usage_report.FORMATS[args.format](report))
     return 0
 
 

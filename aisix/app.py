@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator, Callable
 
 from aiohttp import web
 
-from . import endpoints, forms, inbound, pipeline, responses, speech, upstream
+from . import endpoints, forms, inbound, pipeline, realtime, responses, speech, upstream
 from .config import Config
 from .keys import CLOCK, LIMITER, LIVE, METRICS, POOL, SETTINGS, USAGE
 from .limits import Limiter
@@ -46,10 +46,12 @@ def create_app(config: Config, clock: Callable[[], float] = time.time) -> web.Ap
     app.cleanup_ctx.append(_usage_sink)
     app.cleanup_ctx.append(_limiter)
     app.cleanup_ctx.append(_upstream_pool)
+    app.cleanup_ctx.append(realtime.client)
 
     routes = [("POST", "/v1/audio/speech", pipeline.route("speech", speech.read)),
               ("POST", "/v1/audio/transcriptions", pipeline.route("transcriptions", forms.read)),
               ("POST", "/v1/audio/translations", pipeline.route("translations", forms.read)),
+              ("GET", "/v1/realtime", realtime.session),
               ("GET", "/v1/models", endpoints.models),
               ("GET", "/v1/models/{alias:.+}", endpoints.model),  # aliases may hold a "/"
               ("GET", "/livez", endpoints.livez),

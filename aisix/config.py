@@ -413,14 +413,22 @@ def _http_url(text: str) -> bool:
 
 
 def urls_for(key: ProviderKey, model_name: str) -> Mapping[str, str]:
-    """Where each audio route of this deployment is sent."""
+    """Where each audio route of this deployment is sent; ``realtime`` is the WebSocket URL with
+    the query that names the deployment (realtime.py adds ``intent`` when the caller sent one)."""
+    ws = "wss://" + key.api_base[len("https://"):] if key.api_base.startswith("https://") \
+        else "ws://" + key.api_base[len("http://"):]
+    name = quote(model_name, safe="")
     if key.provider != "azure":
-        return MappingProxyType({route: f"{key.api_base}/audio/{route}" for route in _ROUTES})
-    if key.api_version == "v1":
-        return MappingProxyType({route: f"{key.api_base}/openai/v1/audio/{route}" for route in _ROUTES})
-    deployment = quote(model_name, safe="")
-    return MappingProxyType({route: f"{key.api_base}/openai/deployments/{deployment}/audio/{route}"
-                                    f"?api-version={key.api_version}" for route in _ROUTES})
+        urls = {route: f"{key.api_base}/audio/{route}" for route in _ROUTES}
+        urls["realtime"] = f"{ws}/realtime?model={name}"
+    elif key.api_version == "v1":
+        urls = {route: f"{key.api_base}/openai/v1/audio/{route}" for route in _ROUTES}
+        urls["realtime"] = f"{ws}/openai/v1/realtime?model={name}"
+    else:
+        urls = {route: f"{key.api_base}/openai/deployments/{name}/audio/{route}?api-version={key.api_version}"
+                for route in _ROUTES}
+        urls["realtime"] = f"{ws}/openai/realtime?api-version={key.api_version}&deployment={name}"
+    return MappingProxyType(urls)
 
 
 def _target(r: Reader, keys: Mapping[str, ProviderKey | None], key_name: str | None, model_name: str | None,

@@ -1,8 +1,13 @@
-"""A dev OpenAI audio upstream for `make run`: real MP3 silence, canned transcripts, no model.
+"""A dev OpenAI audio upstream for `make run`: real silent audio, canned transcripts, no model.
 
-Speech answers are valid MPEG-2 Layer III silence (`file` names them), streamed in chunks the
-way a TTS provider streams. Transcriptions and translations never decode the upload: the text
-names the file and its size. Nothing here is meant for production or for load.
+Speech answers are real silence in the asked `response_format` (mp3, opus, aac, flac, wav, pcm;
+aisix/devaudio.py makes them in Python), as long as the input text would take to say (60 ms a
+character, 0.5 to 30 s, divided by `speed`), streamed in chunks the way a TTS provider streams.
+Transcriptions and translations never decode the upload: the text names the file and its size,
+and the duration they report is the upload's as the gateway's own probes read it
+(aisix/audio_detect.py), else its size at this upstream's MP3 bit rate, so the speech it made
+comes back with its own length. Realtime sessions (`/v1/realtime`) answer committed audio with a
+transcript naming how much came. Nothing here is meant for production or for load.
 
 Every line it writes starts with ``devupstream | ``, each line of a traceback included: `make run`
 shows it in one terminal with the gateway's log and usage lines.
@@ -12,6 +17,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
+import binascii
+import contextlib
+import itertools
 import json
 import logging
 import math
@@ -19,37 +28,39 @@ import signal
 import sys
 from typing import Any, TextIO
 
-from aiohttp import BodyPartReader, web
+from aiohttp import BodyPartReader, WSMsgType, web
 from aiohttp.http_exceptions import HttpProcessingError
 
+from . import devaudio
+from .audio_detect import Detect
+from .devaudio import MP3_FRAME as MP3_FRAME  # the silent frame the tests' fake upstream streams too
 from .logs import FORMAT
 
 LABEL = "devupstream | "
 log = logging.getLogger("aisix.devupstream")
 
-# MPEG-2 Layer III, no CRC, 160 kbit/s, 24 kHz, mono. Header, then 476 zero bytes: all-zero side
-# information (part2_3_length 0) decodes as 576 samples of silence.
-MP3_HEADER = bytes((0xFF, 0xF3, 0xE4, 0xC4))
-MP3_FRAME_BYTES = 72 * 160_000 // 24_000  # 480
-MP3_FRAME_SECONDS = 576 / 24_000  # 24 ms
-MP3_FRAME: bytes = MP3_HEADER + bytes(MP3_FRAME_BYTES - len(MP3_HEADER))
-
 SECONDS_PER_CHARACTER = 0.060
 MIN_SECONDS, MAX_SECONDS = 0.5, 30.0
-FRAMES_PER_CHUNK = 10
+MIN_SPEED, MAX_SPEED = 0.25, 4.0  # OpenAI's range for `speed`
+CHUNK_SECONDS = 0.24  # audio per streamed chunk (ten MP3 frames), whatever the format's bytes
 CHUNK_PAUSE = 0.02  # seconds between chunks, so clients see a stream, not one write
-ASSUMED_UPLOAD_BYTES_PER_SECOND = 16_000  # 128 kbit/s: a guess for `duration`, nothing decoded
+# An upload no probe can time is taken to be this upstream's own MP3 (160 kbit/s): speech it made,
+# sent back for a transcript, then reports the length it was made with. Anything else is a guess.
+ASSUMED_UPLOAD_BYTES_PER_SECOND = 20_000
 TEXT_FORMATS = {"text", "srt", "vtt"}
 FORMATS = {"json", "verbose_json"} | TEXT_FORMATS
 
 
-def mp3_silence(seconds: float) -> bytes:
-    """Whole MP3 frames covering `seconds` (at least one frame)."""
-    return MP3_FRAME * max(1, math.ceil(seconds / MP3_FRAME_SECONDS))
+def speech_seconds(text: str, speed: float = 1.0) -> float:
+    """How long the answer to `text` lasts: 60 ms a character at speed 1, within 0.5 to 30 s."""
+    return min(MAX_SECONDS, max(MIN_SECONDS, len(text) * SECONDS_PER_CHARACTER / speed))
 
 
-def speech_seconds(text: str) -> float:
-    return min(MAX_SECONDS, max(MIN_SECONDS, len(text) * SECONDS_PER_CHARACTER))
+def chunks(audio: bytes, seconds: float) -> list[bytes]:
+    """The answer in about CHUNK_SECONDS of audio each (at least two, so it is seen streaming)."""
+    count = max(2, math.ceil(seconds / CHUNK_SECONDS))
+    step = max(1, math.ceil(len(audio) / count))
+    return [audio[offset:offset + step] for offset in range(0, len(audio), step)]
 
 
 def envelope(status: int, message: str, param: str | None = None, code: str | None = None,
@@ -77,18 +88,23 @@ async def speech(request: web.Request) -> web.StreamResponse:
     for field in ("model", "input"):
         if not isinstance(body.get(field), str) or not body[field]:
             return envelope(400, f"Missing required parameter: '{field}'.", param=field)
-    if body.get("response_format", "mp3") != "mp3":
-        return envelope(400, "The development upstream only makes mp3.", param="response_format")
+    fmt = body.get("response_format", "mp3")
+    if fmt not in devaudio.FORMATS:
+        return envelope(400, f"Invalid response_format {fmt!r}: one of {', '.join(devaudio.FORMATS)}.",
+                        param="response_format")
+    speed = body.get("speed", 1.0)
+    if isinstance(speed, bool) or not isinstance(speed, int | float) or not MIN_SPEED <= speed <= MAX_SPEED:
+        return envelope(400, f"speed must be a number from {MIN_SPEED} to {MAX_SPEED}.", param="speed")
 
-    audio = mp3_silence(speech_seconds(body["input"]))
-    response = web.StreamResponse(headers={"Content-Type": "audio/mpeg"})
+    seconds = speech_seconds(body["input"], speed)
+    content_type, audio = devaudio.silence(fmt, seconds)
+    response = web.StreamResponse(headers={"Content-Type": content_type})
     response.enable_chunked_encoding()
     await response.prepare(request)
-    step = FRAMES_PER_CHUNK * MP3_FRAME_BYTES
-    for offset in range(0, len(audio), step):
-        if offset:
+    for index, chunk in enumerate(chunks(audio, seconds)):
+        if index:
             await asyncio.sleep(CHUNK_PAUSE)
-        await response.write(audio[offset:offset + step])
+        await response.write(chunk)
     await response.write_eof()
     return response
 
@@ -106,10 +122,11 @@ def token_usage(audio_tokens: int, output_tokens: int) -> dict[str, Any]:
             "output_tokens": output_tokens, "total_tokens": audio_tokens + output_tokens}
 
 
-async def read_form(request: web.Request) -> tuple[dict[str, str], str | None, int]:
-    """Field values, the file's name and its size in bytes (None when no file part came)."""
+async def read_form(request: web.Request) -> tuple[dict[str, str], str | None, int, float]:
+    """Field values, the file's name (None when no file part came), its size in bytes and its
+    duration in seconds (measured where a probe can, else from its size)."""
     fields: dict[str, str] = {}
-    filename, size = None, 0
+    filename, size, probe = None, 0, Detect()
     reader = await request.multipart()
     while (part := await reader.next()) is not None:
         if not isinstance(part, BodyPartReader):  # a nested multipart: not a form field
@@ -118,16 +135,19 @@ async def read_form(request: web.Request) -> tuple[dict[str, str], str | None, i
             filename = part.filename or "upload"
             while chunk := await part.read_chunk():
                 size += len(chunk)
+                probe.feed(chunk)
         elif part.name:
             fields[part.name] = await part.text()
-    return fields, filename, size
+    measured = probe.end() if filename is not None else None
+    seconds = measured if measured is not None else size / ASSUMED_UPLOAD_BYTES_PER_SECOND
+    return fields, filename, size, round(max(0.1, seconds), 2)
 
 
 async def transcribe(request: web.Request, route: str) -> web.StreamResponse:
     if (denied := unauthorised(request)) is not None:
         return denied
     try:
-        fields, filename, size = await read_form(request)
+        fields, filename, size, seconds = await read_form(request)
     except (ValueError, KeyError, AssertionError, RuntimeError, HttpProcessingError) as exc:
         return envelope(400, f"Could not parse the multipart body: {exc}", code="invalid_multipart")
     if filename is None:
@@ -140,8 +160,9 @@ async def transcribe(request: web.Request, route: str) -> web.StreamResponse:
 
     text = f"Development transcript of {filename} ({size} bytes)."
     words = text.split(" ")
-    usage = token_usage(max(1, size // 1000), len(words))
-    seconds = round(max(0.1, size / ASSUMED_UPLOAD_BYTES_PER_SECOND), 2)
+    # whisper-1 reports the seconds it heard, the gpt-4o transcribe models tokens (as OpenAI does)
+    usage = ({"type": "duration", "seconds": math.ceil(seconds)} if fields["model"].startswith("whisper")
+             else token_usage(max(1, size // 1000), len(words)))
     if route == "transcriptions" and fields.get("stream", "").lower() == "true":
         return await stream_transcript(request, words, usage)
     if fmt == "text":
@@ -187,6 +208,68 @@ async def translations(request: web.Request) -> web.StreamResponse:
     return await transcribe(request, "translations")
 
 
+PCM_BYTES_PER_SECOND = 24_000 * 2  # the Realtime API's default input: 24 kHz 16-bit mono PCM
+_ids = itertools.count(1)
+
+
+def _event(kind: str, **fields: Any) -> dict[str, Any]:
+    return {"type": kind, "event_id": f"event_dev_{next(_ids)}", **fields}
+
+
+async def realtime(request: web.Request) -> web.StreamResponse:
+    """A Realtime API session that transcribes nothing: audio appended and committed is answered
+    with the transcription events of a canned transcript naming how much audio came; a
+    ``response.create`` with a ``response.done`` carrying usage."""
+    if (denied := unauthorised(request)) is not None:
+        return denied
+    ws = web.WebSocketResponse(protocols=("realtime",))
+    await ws.prepare(request)
+    intent = request.query.get("intent")
+    model = request.query.get("model")
+    kind = "transcription_session" if intent == "transcription" and model is None else "session"
+    session: dict[str, Any] = {"id": f"sess_dev_{next(_ids)}", "model": model, "type": intent or "realtime"}
+    await ws.send_json(_event(f"{kind}.created", session=session))
+    audio = 0
+    async for msg in ws:
+        if msg.type is not WSMsgType.TEXT:
+            continue
+        try:
+            event = json.loads(msg.data)
+        except ValueError:
+            await ws.send_json(_event("error", error={"type": "invalid_request_error", "code": "invalid_json",
+                                                      "message": "The frame is not JSON."}))
+            continue
+        kind_in = event.get("type") if isinstance(event, dict) else None
+        if kind_in in ("session.update", "transcription_session.update"):
+            session.update(event.get("session") or {})
+            await ws.send_json(_event(kind_in.replace("update", "updated"), session=session))
+        elif kind_in == "input_audio_buffer.append":
+            with contextlib.suppress(binascii.Error, TypeError):  # bad base64 counts as nothing
+                audio += len(base64.b64decode(event.get("audio", ""), validate=True))
+        elif kind_in == "input_audio_buffer.commit":
+            await _transcribe(ws, audio)
+            audio = 0
+        elif kind_in == "response.create":
+            await ws.send_json(_event("response.done", response={
+                "id": f"resp_dev_{next(_ids)}", "status": "completed", "output": [],
+                "usage": {"total_tokens": 12, "input_tokens": 10, "output_tokens": 2}}))
+    return ws
+
+
+async def _transcribe(ws: web.WebSocketResponse, audio: int) -> None:
+    item = f"item_dev_{next(_ids)}"
+    seconds = audio / PCM_BYTES_PER_SECOND
+    text = f"Development transcript of {audio} bytes of audio ({seconds:.2f} s)."
+    await ws.send_json(_event("input_audio_buffer.committed", item_id=item, previous_item_id=None))
+    for word in text.split(" "):
+        await ws.send_json(_event("conversation.item.input_audio_transcription.delta", item_id=item,
+                                  content_index=0, delta=word + " "))
+        await asyncio.sleep(CHUNK_PAUSE)
+    usage = token_usage(max(1, round(seconds * 10)), len(text.split(" ")))
+    await ws.send_json(_event("conversation.item.input_audio_transcription.completed", item_id=item,
+                              content_index=0, transcript=text, usage=usage))
+
+
 @web.middleware
 async def envelopes(request: web.Request, handler: Any) -> web.StreamResponse:
     """Unknown paths and wrong methods answer an OpenAI envelope too, as the real API does."""
@@ -203,6 +286,7 @@ def create_app() -> web.Application:
     app.router.add_post("/v1/audio/speech", speech)
     app.router.add_post("/v1/audio/transcriptions", transcriptions)
     app.router.add_post("/v1/audio/translations", translations)
+    app.router.add_get("/v1/realtime", realtime)
     return app
 
 

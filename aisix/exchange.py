@@ -43,3 +43,4 @@ class Exchange:
     verdict: Verdict | None = None          # a guardrail that matched
     response: web.StreamResponse | None = None  # set once the caller has the status line
     attempts: list[dict[str, Any]] | None = None  # one per upstream attempt (failover.py), in order
+    close_code: int | None = None           # realtime: the close code the caller got

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from aiohttp import web
+from aiohttp import ClientSession, web
 
 from .config import Settings
 from .exchange import Exchange
@@ -20,6 +20,7 @@ POOL = web.AppKey("pool", Pool)
 USAGE = web.AppKey("usage", UsageSink)
 LIMITER = web.AppKey("limiter", Limiter)
 METRICS = web.AppKey("metrics", Metrics)
+WS_CLIENT = web.AppKey("ws_client", ClientSession)  # realtime sessions' upstream WebSockets
 # The wall clock (Unix seconds) the limits, key expiry and usage events read: injectable, so a
 # test can put a request where it wants in a rate-limit window.
 CLOCK: web.AppKey[Callable[[], float]] = web.AppKey("clock")

@@ -169,6 +169,9 @@ class Store(Protocol):
     async def settle(self, plan: Plan, slot_id: str, charges: dict[str, int], now: float) -> None:
         """Give back the request's slots and charge its amounts (unit -> scaled amount)."""
 
+    async def charge(self, plan: Plan, charges: dict[str, int], now: float) -> list[Limit]:
+        """Charge tokens to the plan's token windows, keeping its slots; the windows now over."""
+
     async def cooling(self, keys: list[str], now: float) -> dict[int, float]:
         """Index in ``keys`` -> when its cooldown ends, for the targets cooling down."""
 
@@ -225,6 +228,12 @@ class MemoryStore:
             if amount:
                 self._add(x, amount, now)
 
+    async def charge(self, plan: Plan, charges: dict[str, int], now: float) -> list[Limit]:
+        charged = [x for x in plan.charged if charges.get(x.unit)]
+        for x in charged:
+            self._add(x, charges[x.unit], now)
+        return [x for x in charged if is_over(x, self._count(x, now))]
+
     async def cooling(self, keys: list[str], now: float) -> dict[int, float]:
         return self._cooldowns.cooling(keys, now)
 
@@ -248,7 +257,8 @@ class Slot:
 
 
 class Limiter:
-    """admit -> Slot | None (or raise RateLimited), then settle(slot) once the answer is relayed."""
+    """admit -> Slot | None (or raise RateLimited), then settle(slot) once the answer is relayed;
+a realtime session also charges tokens as they are reported (charge)."""
 
     def __init__(self, store: Store) -> None:
         self._store = store
@@ -271,6 +281,18 @@ class Limiter:
         if key.rate_limit is None and model.rate_limit is None:
             return None
         return await self._admit(plan(key.name, key.rate_limit, model.alias, model.rate_limit), now)
+
+    async def admit_key(self, key: ApiKey, now: float) -> Slot | None:
+        """admit() on the key's limits alone: a realtime session that names its model later."""
+        if key.rate_limit is None:
+            return None
+        return await self._admit(plan(key.name, key.rate_limit, "", None), now)
+
+    async def admit_model(self, model: Model, now: float) -> Slot | None:
+        """admit() on the model's limits alone, once such a session names it."""
+        if model.rate_limit is None:
+            return None
+        return await self._admit(plan("", None, model.alias, model.rate_limit), now)
 
     async def _admit(self, p: Plan, now: float) -> Slot | None:
         if not p.limits:
@@ -334,11 +356,7 @@ class Limiter:
         if slot is None or slot.plan is None:
             return
         p, slot.plan = slot.plan, None  # before any await: a second settle finds nothing
-        charges: dict[str, int] = {}
-        if p.charged:
-            for unit, amount in (("tokens", tokens), ("usd", cost_usd), ("seconds", audio_seconds)):
-                if amount and amount > 0:
-                    charges[unit] = max(1, round(amount * SCALE[unit]))
+        charges = _scaled(tokens, cost_usd, audio_seconds) if p.charged else {}
         if not p.concurrency and not charges:
             return
         try:
@@ -347,11 +365,38 @@ class Limiter:
             self.settle_errors_total += 1
             self._warn(now, "rate limit store failed to settle a request: %s: %s", e)
 
+    async def charge(self, slot: Slot | None, tokens: int | None, now: float, cost_usd: float | None = None,
+                     audio_seconds: float | None = None) -> list[Limit]:
+        """Charge these amounts now, keeping the slot (a realtime session's usage as it is
+        reported); the windows that are over their limit once charged. Never raises: a store
+        error is counted as a lost charge and nothing is said to be over."""
+        if slot is None or slot.plan is None or not slot.plan.charged:
+            return []
+        charges = _scaled(tokens, cost_usd, audio_seconds)
+        if not charges:
+            return []
+        try:
+            return await self._store.charge(slot.plan, charges, now)
+        except Exception as e:  # noqa: BLE001 (a session must not end because the store failed)
+            self.settle_errors_total += 1
+            self._warn(now, "rate limit store failed to charge tokens: %s: %s", e)
+            return []
+
     async def close(self) -> None:
         await self._store.close()
+
 
     def _warn(self, now: float, message: str, e: Exception) -> None:
         # Without a pause between warnings, a dead Redis writes one line per request.
         if abs(now - self._warned_at) >= _WARN_EVERY:
             self._warned_at = now
             log.warning(message, type(e).__name__, e)
+
+
+def _scaled(tokens: int | None, cost_usd: float | None, audio_seconds: float | None) -> dict[str, int]:
+    """unit -> the amount as the stores keep it (tokens, micro-USD, milliseconds)."""
+    charges = {}
+    for unit, amount in (("tokens", tokens), ("usd", cost_usd), ("seconds", audio_seconds)):
+        if amount and amount > 0:
+            charges[unit] = max(1, round(amount * SCALE[unit]))
+    return charges

@@ -29,7 +29,7 @@ from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
 from .config import Cooldown
-from .limits import Limit, Plan, window_start
+from .limits import Limit, Plan, is_over, window_start
 
 _MARGIN = 60  # seconds a window counter outlives its window in Redis
 _LEASE = 3600  # seconds a Redis concurrency slot outlives a process that never released it
@@ -119,6 +119,16 @@ class RedisStore:
                 pipe.incrby(key, amount)
                 pipe.expire(key, x.size + _MARGIN)
             await pipe.execute()
+
+    async def charge(self, plan: Plan, charges: dict[str, int], now: float) -> list[Limit]:
+        charged = [x for x in plan.charged if charges.get(x.unit)]
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for x in charged:
+                key = f"{x.key}:{window_start(now, x.size)}"
+                pipe.incrby(key, charges[x.unit])
+                pipe.expire(key, x.size + _MARGIN)
+            counts = (await pipe.execute())[::2]
+        return [x for x, count in zip(charged, counts, strict=True) if is_over(x, int(count))]
 
     async def cooling(self, keys: list[str], now: float) -> dict[int, float]:
         ends = await self._redis.mget([f"aisix:cd:{k}:until" for k in keys])

@@ -4,8 +4,16 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from .config import Resources
+
+
+class Session(Protocol):
+    """An open realtime session, as the drain sees it."""
+
+    def end(self, code: int) -> None:
+        """Close both sides with ``code`` (the session's handler does it and then finishes)."""
 
 
 @dataclass(slots=True)
@@ -15,7 +23,8 @@ class Live:
 
     resources: Resources
     draining: bool = False
-    in_flight: int = 0                      # audio exchanges under way
+    in_flight: int = 0                      # audio exchanges and realtime sessions under way
+    sessions: set[Session] = field(default_factory=set)  # the realtime sessions open
     idle: asyncio.Event = field(default_factory=asyncio.Event)  # set when in_flight drops to 0
 
     def enter(self) -> None:

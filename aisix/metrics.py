@@ -24,6 +24,7 @@ from .config import Target
 from .exchange import Exchange
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
+_SESSION_BUCKETS = (1, 5, 10, 30, 60, 120, 300, 600, 1200, 1800, 3600, 7200)
 
 
 class Metrics:
@@ -49,6 +50,16 @@ class Metrics:
                                 ("model", "provider_key", "outcome"), registry=r)
         self.cooling_down = Gauge("aisix_target_cooling_down", "1 while a target is cooling down, as this "
                                   "process last saw it.", ("model", "provider_key"), registry=r)
+        self.sessions_open = Gauge("aisix_realtime_sessions_open", "Realtime sessions open (upgraded, not ended).",
+                                   registry=r)
+        self.frames = Counter("aisix_realtime_frames", "Realtime frames relayed, from callers (in) and to callers "
+                              "(out).", ("direction",), registry=r)
+        self.frame_bytes = Counter("aisix_realtime_frame_bytes", "Realtime frame payload bytes, from callers (in) "
+                                   "and to callers (out).", ("direction",), registry=r)
+        self.session_seconds = Histogram("aisix_realtime_session_duration_seconds", "Realtime session length, "
+                                         "upgrade to close.", buckets=_SESSION_BUCKETS, registry=r)
+        self.frames_in, self.frames_out = self.frames.labels("in"), self.frames.labels("out")
+        self.frame_bytes_in, self.frame_bytes_out = self.frame_bytes.labels("in"), self.frame_bytes.labels("out")
         self.cost = Counter("aisix_cost_usd", "What requests cost by alias, from its pricing.", ("model",), registry=r)
         self.audio_seconds = Counter("aisix_audio_seconds", "Audio measured on the wire by alias: uploads (in) "
                                      "and speech answers (out).", ("model", "direction"), registry=r)
@@ -91,6 +102,20 @@ class Metrics:
                 self.audio_seconds.labels(model, "in").inc(ex.audio_seconds_in)
             if ex.audio_seconds_out:
                 self.audio_seconds.labels(model, "out").inc(ex.audio_seconds_out)
+        if ex.usage is not None and model:
+            for kind, value in (("input", ex.usage.input_tokens), ("output", ex.usage.output_tokens)):
+                if value:
+                    self.tokens.labels(model, kind).inc(value)
+
+    def session_finished(self, ex: Exchange, known_alias: bool, seconds: float | None) -> None:
+        """A realtime session's request, once it ended or was refused; ``seconds`` its length
+        when it was upgraded. Its frames were counted as they passed."""
+        model = ex.model if known_alias and ex.model else ""
+        self.requests.labels(ex.route, model, str(ex.status)).inc()
+        if seconds is not None:
+            self.session_seconds.observe(seconds)
+        if ex.verdict is not None:
+            self.guardrail_hits.labels(ex.verdict.guardrail, ex.verdict.action).inc()
         if ex.usage is not None and model:
             for kind, value in (("input", ex.usage.input_tokens), ("output", ex.usage.output_tokens)):
                 if value:

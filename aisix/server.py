@@ -26,6 +26,8 @@ from .metrics import metrics_app
 
 log = logging.getLogger(__name__)
 
+SESSION_CLOSE_S = 5.0  # at the drain deadline, how long realtime sessions get to close
+
 
 def reload_resources(app: web.Application) -> bool:
     """Swap in a new resources.yaml if it validates whole; otherwise keep serving the old one."""
@@ -146,6 +148,13 @@ async def _drain(app: web.Application, site: web.TCPSite, grace: float, deadline
         log.info("stopped accepting: %d requests in flight", live.in_flight)
     if live.in_flight and not await _idle_within(live, end - loop.time()):
         log.warning("drain deadline reached with %d requests in flight: closing them", live.in_flight)
+        if live.sessions:
+            # Realtime sessions are told why (1001, going away); their handlers then finish and
+            # write their usage events, given the few seconds a close handshake takes.
+            log.info("closing %d realtime sessions with 1001", len(live.sessions))
+            for session in list(live.sessions):
+                session.end(1001)
+            await _idle_within(live, SESSION_CLOSE_S)
     log.info("drained")
 
 

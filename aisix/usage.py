@@ -57,7 +57,8 @@ def event(ex: Exchange) -> dict[str, Any]:
         "stream": ex.stream,
     }
     fields: tuple[tuple[str, object], ...] = (("model", ex.model), ("upstream_model", ex.upstream_model),
-                        ("provider_key", ex.provider_key), ("upstream_ttfb_ms", ex.upstream_ttfb_ms))
+                        ("provider_key", ex.provider_key), ("upstream_ttfb_ms", ex.upstream_ttfb_ms),
+                        ("close_code", ex.close_code))
     for name, value in fields:
         if value is not None:
             out[name] = value

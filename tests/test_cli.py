@@ -25,7 +25,7 @@ def aisix(*args: str, stdin: bytes = b"") -> subprocess.CompletedProcess[str]:
 def test_validate_the_shipped_files() -> None:
     result = aisix("validate", "-c", str(CONFIG))
     assert (result.returncode, result.stderr) == (0, "")
-    assert result.stdout == f"ok: {CONFIG}: 1 provider keys, 2 models, 1 api keys, 0 guardrails\n"
+    assert result.stdout == f"ok: {CONFIG}: 1 provider keys, 3 models, 1 api keys, 0 guardrails\n"
 
 
 @pytest.mark.parametrize("command", ["validate", "serve"])

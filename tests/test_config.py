@@ -91,11 +91,11 @@ def test_shipped_files_load_with_an_empty_environment() -> None:
     assert s.metrics_listen == Listen("127.0.0.1", 9090)
     assert (str(s.usage_sink), str(s.ratelimit_backend)) == ("stdout", "memory")
     assert s.resources_file == ETC / "resources.yaml"
-    assert set(r.models) == {"tts-prod", "whisper-prod"}
+    assert set(r.models) == {"tts-prod", "whisper-prod", "whisper-live"}
     assert r.models["tts-prod"].targets[0].urls["speech"] == "http://127.0.0.1:3001/v1/audio/speech"
     assert r.models["whisper-prod"].targets[0].model_name == "whisper-1"
     demo = r.keys_by_hash[sha("sk-aisix-demo")]
-    assert demo.name == "demo" and demo.allowed_sorted == ("tts-prod", "whisper-prod")
+    assert demo.name == "demo" and demo.allowed_sorted == ("tts-prod", "whisper-live", "whisper-prod")
     assert r.guardrails == ()
 
 
@@ -125,7 +125,7 @@ def test_shipped_guardrail_example_validates(tmp_path: Path) -> None:
     shipped = (ETC / "resources.yaml").read_text()
     path = write(tmp_path, resources=shipped + "\n" + uncommented("# guardrails:"))
     (guardrail,) = config.load(path, {}).resources.guardrails
-    assert guardrail.name == "no-secrets" and guardrail.applies_to == {"tts-prod", "whisper-prod"}
+    assert guardrail.name == "no-secrets" and guardrail.applies_to == {"tts-prod", "whisper-prod", "whisper-live"}
     literal, regex = guardrail.patterns
     assert literal.regex.search("my PassWord") and regex.regex.search("card 1234567812345678")
 
@@ -497,7 +497,8 @@ def test_what_loading_builds(tmp_path: Path) -> None:
     tts = r.models["tts-prod"]
     assert tts.targets[0].urls == {"speech": "https://api.openai.com/v1/audio/speech",
                         "transcriptions": "https://api.openai.com/v1/audio/transcriptions",
-                        "translations": "https://api.openai.com/v1/audio/translations"}
+                        "translations": "https://api.openai.com/v1/audio/translations",
+                        "realtime": "wss://api.openai.com/v1/realtime?model=gpt-4o-mini-tts"}
     assert tts.routes == {"speech"} and tts.timeout_ms == 120000 and tts.rate_limit == config.RateLimit(rpm=600, concurrency=32)
     assert r.models["whisper-prod"].rate_limit is None and hash(tts) == hash(tts)
     assert r.models["whisper-prod"].routes == {"speech", "transcriptions", "translations", "realtime"}  # default all
@@ -584,6 +585,9 @@ def test_targets_retry_cooldown_and_azure(tmp_path: Path) -> None:
     assert east.urls["transcriptions"] == ("https://east.example.com/openai/deployments/whisper%20east/audio/"
                                            "transcriptions?api-version=2024-10-21")
     assert west.urls["speech"] == "https://west.example.com/openai/v1/audio/speech"
+    assert east.urls["realtime"] == ("wss://east.example.com/openai/realtime?api-version=2024-10-21"
+                                     "&deployment=whisper%20east")
+    assert west.urls["realtime"] == "wss://west.example.com/openai/v1/realtime?model=whisper-west"
     assert east.provider_key.auth_header == "api-key: azure-secret"
     assert east.provider_key.rate_limit == config.RateLimit(rpm=300)
     assert "azure-secret" not in repr(r)

@@ -389,3 +389,38 @@ async def test_the_limiter_recovers_when_redis_comes_back() -> None:
     finally:
         await lim.close()
         server.close()
+
+
+async def test_charge_keeps_the_slot_and_names_the_token_windows_now_over(limiter: Limiter) -> None:
+    """A realtime session is charged as usage is reported: its concurrency slot stays held, and
+    charge says which token windows the charge took over their limit."""
+    key, m = api_key(tpm=100, concurrency=1), model()
+    slot = await limiter.admit(key, m, T0)
+    assert await limiter.charge(slot, 60, T0 + 1) == []
+    await refusal(limiter, key, m, T0 + 2)  # the concurrency slot is still held
+    over = await limiter.charge(slot, 50, T0 + 3)
+    assert [(x.scope, x.field) for x in over] == [("key", "tpm")]
+    await limiter.settle(slot, None, T0 + 4)  # gives back the slot; the tokens stay charged
+    assert (await refusal(limiter, key, m, T0 + 5)).code == "rate_limit_exceeded"
+    assert isinstance(await limiter.admit(key, m, T0 + 60), Slot)  # the next minute
+
+
+async def test_charge_without_token_limits_or_slot_is_nothing(limiter: Limiter) -> None:
+    assert await limiter.charge(None, 10, T0) == []
+    slot = await limiter.admit(api_key(concurrency=2), model(), T0)
+    assert await limiter.charge(slot, 10, T0) == []
+    await limiter.settle(slot, None, T0)
+
+
+async def test_key_and_model_admitted_apart(limiter: Limiter) -> None:
+    """A transcription session is admitted on its key first, on its model once it names one."""
+    key, m = api_key(rpm=1), model(concurrency=1)
+    assert isinstance(await limiter.admit_key(key, T0), Slot)
+    with pytest.raises(RateLimited):
+        await limiter.admit_key(key, T0 + 1)
+    held = await limiter.admit_model(m, T0)
+    with pytest.raises(RateLimited):
+        await limiter.admit_model(m, T0)
+    await limiter.settle(held, None, T0)
+    assert await limiter.admit_key(api_key(), T0) is None
+    assert await limiter.admit_model(model(), T0) is None

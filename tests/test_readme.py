@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import re
 import subprocess
 import sys
@@ -9,6 +10,7 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 
+import openai
 import pytest
 import yaml
 
@@ -72,3 +74,27 @@ def test_readme_transcription_curl(shipped_gateway: Gateway, tmp_path: Path) -> 
                           cwd=tmp_path, capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     assert "aisix-speech.mp3" in yaml.safe_load(done.stdout)["text"]
+
+
+async def test_a_live_transcription_session_through_the_shipped_config(shipped_gateway: Gateway) -> None:
+    """`make run` as shipped: the SDK's realtime client opens a transcription session with the
+    demo key and the whisper-live alias; the development upstream transcribes what it got."""
+    client = openai.AsyncOpenAI(base_url=shipped_gateway.url + "/v1", api_key="sk-aisix-demo")
+    async with client.realtime.connect(extra_query={"intent": "transcription"}) as conn:
+        await conn.session.update(session={"type": "transcription", "audio": {"input": {
+            "transcription": {"model": "whisper-live"}}}})
+        pcm = bytes(48_000)  # one second of 24 kHz 16-bit silence, in 20 ms frames
+        for i in range(0, len(pcm), 960):
+            await conn.input_audio_buffer.append(audio=base64.b64encode(pcm[i:i + 960]).decode())
+        await conn.input_audio_buffer.commit()
+        deltas = []
+        async for event in conn:
+            if event.type == "conversation.item.input_audio_transcription.delta":
+                deltas.append(event.delta)
+            if event.type == "conversation.item.input_audio_transcription.completed":
+                break
+    assert event.transcript == "Development transcript of 48000 bytes of audio (1.00 s)."
+    assert "".join(deltas).strip() == event.transcript
+    (record,) = [e for e in shipped_gateway.events(1) if e["route"] == "realtime"]
+    assert (record["model"], record["upstream_model"], record["status"]) == ("whisper-live", "gpt-4o-transcribe", 101)
+    assert record["total_tokens"] == event.usage.total_tokens

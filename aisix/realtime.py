@@ -1,0 +1,584 @@
+"""``GET /v1/realtime``: a live session relayed between the caller's WebSocket and the provider's,
+under the keys, aliases, limits, guardrails and records of the audio routes.
+
+The order, as in pipeline.py: authenticate (401; ``Authorization: Bearer`` or the browser's
+``openai-insecure-api-key.<key>`` subprotocol) -> a WebSocket upgrade (426) -> the ``model``
+alias (404/403/400), or ``intent=transcription`` without one -> admit (429) -> connect upstream,
+failing over between the alias's targets on connect failures only -> upgrade the caller -> relay
+until either side closes -> ``finally``: close both, give back the slots, one usage event.
+Refusals before the upgrade are HTTP envelopes; after it the gateway speaks in ``error`` events
+and close codes. A transcription session that names no ``model`` connects once its
+``session.update`` names the transcription model; what the caller sends before that is held (up
+to ``PENDING_LIMIT``). A session that has started is never moved to another target.
+
+Frames pass one at a time each way, as they arrive: a frame is read from one side only once the
+previous one was handed to the other, and aiohttp's writer waits for its socket to drain past
+64 KiB, so a reader that stops stalls the pump feeding it; that pump stops reading its side,
+whose queue aiohttp pauses at 128 KiB, and TCP does the rest. Memory per session is bounded by a
+frame each way (``MAX_FRAME``) plus those buffers. Text frames stay bytes (``decode_text=False``);
+only the few client events realtime_frames.py names are parsed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Literal
+from urllib.parse import quote
+
+import aiohttp
+from aiohttp import WSMsgType, hdrs, web
+
+from . import aliases, auth, errors, guardrails, pricing, routing, usage
+from . import realtime_frames as frames
+from .config import ApiKey, Guardrail, Model, Resources, Target
+from .exchange import Exchange
+from .keys import CLOCK, EXCHANGE, LIMITER, LIVE, METRICS, REQUEST_ID, SETTINGS, USAGE, WS_CLIENT
+from .limits import Slot, rejection
+from .responses import stamp
+from .transcript import Usage
+
+log = logging.getLogger(__name__)
+
+ROUTE = "realtime"
+MAX_FRAME = 16 * 1024 * 1024  # a frame either way; the Realtime API's largest (an audio append) is 15 MiB
+PENDING_LIMIT = 1024 * 1024  # frame bytes held while a transcription session has no upstream yet
+CLOSE_TIMEOUT_S = 5.0  # for the peer's answer to a close frame
+KEY_PROTOCOL = "openai-insecure-api-key."
+CALLER, UPSTREAM, GATEWAY = "caller", "upstream", "gateway"  # who ended a session
+NORMAL = frozenset({1000, 1001, 1005})  # close codes that end a session without an error
+_TEXT, _BINARY = WSMsgType.TEXT, WSMsgType.BINARY
+
+
+async def client(app: web.Application) -> AsyncIterator[None]:
+    """The upstream WebSocket client for the life of the app (a cleanup_ctx).
+
+    No connection limit: sessions are bounded by the callers' concurrency limits, and a limit here
+    would make a session wait silently for another to end. No cookie jar: one caller's session must
+    never carry cookies an upstream set for another's."""
+    connect = app[SETTINGS].upstream.connect_timeout_ms / 1000
+    session = app[WS_CLIENT] = aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(limit=0), cookie_jar=aiohttp.DummyCookieJar(),
+        timeout=aiohttp.ClientTimeout(total=None, sock_connect=connect), auto_decompress=False)
+    yield
+    await session.close()
+
+
+@dataclass(slots=True)
+class End:
+    """How a session ended: who ended it, with which close code (None: no close frame came)."""
+
+    by: str
+    code: int | None
+    reason: bytes = b""
+    error_code: str | None = None
+
+
+class Refused(Exception):
+    """A client event the gateway answers with an ``error`` event instead of forwarding."""
+
+    def __init__(self, code: str, message: str, kind: str = "invalid_request_error") -> None:
+        super().__init__(message)
+        self.code, self.message, self.kind = code, message, kind
+        self.event_id: str | None = None  # the refused client event's, echoed in the error event
+
+
+async def session(request: web.Request) -> web.StreamResponse:
+    """The handler: every stage in order; what happens to frames is Session's."""
+    app = request.app
+    live, clock, metrics = app[LIVE], app[CLOCK], app[METRICS]
+    resources = live.resources  # this session's snapshot, whatever a reload does meanwhile
+    ex = request[EXCHANGE] = Exchange(ROUTE, request[REQUEST_ID], clock(), time.monotonic())
+    s = Session(request, ex, resources)
+    live.enter()
+    try:
+        try:
+            key = auth.lookup(_authorization(request), resources.keys_by_hash)
+            ex.api_key = key.name
+            auth.check_active(key, clock())
+            s.key = key
+            caller = web.WebSocketResponse(
+                protocols=("realtime",), autoclose=False, autoping=True, max_msg_size=MAX_FRAME,
+                compress=False, timeout=CLOSE_TIMEOUT_S, decode_text=False)
+            if not caller.can_prepare(request).ok:
+                raise errors.GatewayError(426, "invalid_request_error", "websocket_required",
+                                          "GET /v1/realtime must be a WebSocket upgrade.",
+                                          headers={"Upgrade": "websocket"})
+            alias = request.query.get("model") or None
+            s.intent = request.query.get("intent") or None
+            if alias is not None:
+                ex.model = alias
+                s.model = aliases.resolve(alias, key, resources.models, ROUTE)
+                s.slot = await app[LIMITER].admit(key, s.model, clock())
+                await s.connect(s.model, named=True)
+            elif s.intent == "transcription":
+                s.slot = await app[LIMITER].admit_key(key, clock())
+            else:
+                raise errors.invalid_request(
+                    "missing_model", "The 'model' query parameter is required (or intent=transcription).", "model")
+        except errors.GatewayError as exc:
+            ex.status, ex.error_code, ex.bytes_out = exc.status, exc.code, len(exc.body())
+            if isinstance(exc, errors.RateLimited):
+                metrics.limited(exc.scope)
+            raise
+        stamp(request, caller)
+        await caller.prepare(request)
+        s.upgraded(caller)
+        await s.run()
+        return caller
+    except asyncio.CancelledError:  # the caller left (handler_cancellation), unless it was closing
+        if s.ended is None:
+            ex.status, ex.error_code = ex.status or 499, ex.error_code or "client_closed"
+        raise
+    except ConnectionError:  # the caller left during the upgrade
+        ex.status, ex.error_code = ex.status or 499, "client_closed"
+        return s.caller or web.Response(status=499)  # nobody reads it
+    except Exception as exc:
+        if isinstance(exc, errors.GatewayError):
+            raise
+        log.error("realtime %s: unhandled error", ex.request_id, exc_info=exc)
+        ex.error_code = "internal_error"
+        if s.caller is None:
+            ex.status = 500
+            raise errors.internal_error() from None
+        await asyncio.gather(s.caller.close(code=1011), return_exceptions=True)
+        return s.caller
+    finally:
+        await s.finish()
+
+
+def _authorization(request: web.Request) -> str | None:
+    """The Authorization header, or the browser form's key subprotocol made into one."""
+    header = request.headers.get(hdrs.AUTHORIZATION)
+    if header is not None:
+        return header
+    for value in request.headers.getall(hdrs.SEC_WEBSOCKET_PROTOCOL, ()):
+        for proto in value.split(","):
+            proto = proto.strip()
+            if proto.startswith(KEY_PROTOCOL):
+                return "Bearer " + proto[len(KEY_PROTOCOL):]
+    return None
+
+
+def _forwarded_protocols(request: web.Request) -> list[str]:
+    """The caller's subprotocols the upstream may see: the beta marker, never the key."""
+    return [p.strip() for value in request.headers.getall(hdrs.SEC_WEBSOCKET_PROTOCOL, ())
+            for p in value.split(",") if p.strip().startswith("openai-beta.")]
+
+
+def _upstream_url(target: Target, intent: str | None, named: bool) -> str:
+    """The target's realtime URL; without a model named in the URL (a transcription session
+    whose model comes in session.update), without the model or deployment parameter."""
+    url = target.urls[ROUTE]
+    if not named:
+        path, _, query = url.partition("?")
+        params = [p for p in query.split("&") if not p.startswith(("model=", "deployment="))]
+        url = path + ("?" + "&".join(params) if params else "")
+    if intent is not None:
+        url += ("&" if "?" in url else "?") + "intent=" + quote(intent, safe="")
+    return url
+
+
+def _sendable(code: int | None, otherwise: int) -> int:
+    """A code that may go in a close frame (1005, 1006 and 1015 only describe one that did not)."""
+    if code is None or code in (1006, 1015):
+        return otherwise
+    if code == 1005:
+        return 1000
+    return code if (1000 <= code <= 1014 and code != 1004) or 3000 <= code <= 4999 else otherwise
+
+
+def _reason(extra: object) -> bytes:
+    reason = extra.encode() if isinstance(extra, str) else extra if isinstance(extra, bytes) else b""
+    return reason[:123]  # what fits in a close frame
+
+
+class Session:
+    """One session's sockets, slots and counts; the pumps that relay between its two sides."""
+
+    def __init__(self, request: web.Request, ex: Exchange, resources: Resources) -> None:
+        app = request.app
+        self.request, self.ex, self.resources = request, ex, resources
+        self.app, self.limiter, self.clock, self.metrics = app, app[LIMITER], app[CLOCK], app[METRICS]
+        self.key: ApiKey | None = None
+        self.model: Model | None = None  # the session's model: ?model=, else the transcription model
+        self.transcription_alias: str | None = None  # the last one a session.update named
+        self.intent: str | None = None
+        self.target: Target | None = None
+        self.slot: Slot | None = None  # key (and model) limits
+        self.model_slot: Slot | None = None  # the transcription model's limits, when it is the session's
+        self.provider_slot: Slot | None = None
+        self.caller: web.WebSocketResponse | None = None
+        self.upstream: aiohttp.ClientWebSocketResponse[Literal[False]] | None = None
+        self.connected = asyncio.Event()
+        self.inputs: tuple[Guardrail, ...] = ()
+        self.outputs: tuple[Guardrail, ...] = ()
+        self.pending: list[tuple[bytes, WSMsgType]] = []
+        self.pending_bytes = 0
+        self.began: float | None = None  # monotonic, at the upgrade
+        self.ended: End | None = None  # once the session is closing
+        self._stop: asyncio.Future[int] | None = None
+
+    # -- before the upgrade ------------------------------------------------------------------
+
+    async def connect(self, model: Model, named: bool) -> None:
+        """Open the upstream WebSocket to one of the model's targets, failing over on connect
+        failures (routing.py's choice, cooldowns and provider-key limits); raises the caller's
+        envelope when none connects."""
+        app, ex, limiter, clock = self.app, self.ex, self.limiter, self.clock
+        targets = model.targets
+        routed = len(targets) > 1 and model.retry.max_attempts > 1
+        keys = [routing.key(model.alias, t.id) for t in targets] if routed else []
+        cooling = await limiter.cooling(keys, clock()) if routed else {}
+        tried: set[int] = set()
+        refused: set[int] = set()
+        ex.attempts = []
+        last: errors.GatewayError | None = None
+        timeout = (model.timeout_ms or app[SETTINGS].upstream.timeout_ms) / 1000
+        while True:
+            more = not tried or len(tried) < model.retry.max_attempts
+            i = routing.choose(model, tried, cooling, refused, random.random) if more else None
+            if i is None:
+                raise last or errors.upstream_unavailable()
+            target = targets[i]
+            try:
+                slot = await limiter.admit_provider(target.provider_key, clock())
+            except errors.RateLimited as exc:
+                refused.add(i)
+                last = last if tried else exc
+                continue
+            tried.add(i)
+            failure, status, began = None, None, time.monotonic()
+            try:
+                async with asyncio.timeout(timeout):
+                    self.upstream = await self._open(target, named)
+            except aiohttp.WSServerHandshakeError as exc:
+                status = exc.status if exc.status != 101 else None
+                failure = routing.RESET if status is None else None
+                last = errors.upstream_unavailable() if status is None else _refusal(status)
+            except TimeoutError:
+                failure, last = routing.TIMEOUT, errors.upstream_timeout()
+            except (aiohttp.ClientError, OSError):
+                failure, last = routing.CONNECT, errors.upstream_unavailable("connect")
+            ex.attempts.append({"provider_key": target.provider_key.name, "upstream_model": target.model_name,
+                                "status": 101 if self.upstream is not None else status, "error": failure,
+                                "ms": int((time.monotonic() - began) * 1000)})
+            self.metrics.attempt(model.alias, target.provider_key.name, failure or str(status or 101))
+            if self.upstream is not None:
+                self.target, self.provider_slot = target, slot
+                ex.upstream_model, ex.provider_key = target.model_name, target.provider_key.name
+                self.connected.set()
+                return
+            await limiter.settle(slot, None, clock())
+            if routed and await limiter.failed(keys[i], model.cooldown, clock()):
+                cooling[i] = clock() + model.cooldown.cooldown_s
+                self.metrics.cooling(model.alias, targets, cooling)
+            if status is not None and status not in routing.FAILOVER_STATUSES and last is not None:
+                raise last  # the upstream refused this session: another target would too
+
+    async def _open(self, target: Target, named: bool) -> aiohttp.ClientWebSocketResponse[Literal[False]]:
+        name, _, value = target.provider_key.auth_header.partition(": ")
+        headers = {name: value, "x-aisix-request-id": self.ex.request_id}
+        beta = self.request.headers.get("OpenAI-Beta")
+        if beta is not None:
+            headers["OpenAI-Beta"] = beta
+        return await self.app[WS_CLIENT].ws_connect(
+            _upstream_url(target, self.intent, named), protocols=_forwarded_protocols(self.request),
+            headers=headers, autoclose=False, autoping=True, max_msg_size=MAX_FRAME, compress=0,
+            decode_text=False, timeout=aiohttp.ClientWSTimeout(ws_receive=None, ws_close=CLOSE_TIMEOUT_S))
+
+    def upgraded(self, caller: web.WebSocketResponse) -> None:
+        self.caller, self.began = caller, time.monotonic()
+        self.ex.status, self.ex.stream = 101, True
+        self.metrics.sessions_open.inc()
+        self._rules()
+
+    def _rules(self) -> None:
+        """The guardrails of the session's model and of its transcription model, if another."""
+        names = {m for m in (self.ex.model, self.transcription_alias) if m is not None and m in self.resources.models}
+        inputs: list[Guardrail] = []
+        outputs: list[Guardrail] = []
+        for alias in sorted(names):
+            inputs += [g for g in guardrails.rules_for(self.resources, alias, guardrails.INPUT) if g not in inputs]
+            outputs += [g for g in guardrails.rules_for(self.resources, alias, guardrails.OUTPUT) if g not in outputs]
+        self.inputs, self.outputs = tuple(inputs), tuple(outputs)
+
+    # -- the relay ---------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        live = self.app[LIVE]
+        self._stop = asyncio.get_running_loop().create_future()
+        up = asyncio.create_task(self._from_caller())
+        down = asyncio.create_task(self._from_upstream())
+        live.sessions.add(self)
+        try:
+            await asyncio.wait((up, down, self._stop), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            live.sessions.discard(self)
+            for task in (up, down):
+                task.cancel()
+            await asyncio.gather(up, down, return_exceptions=True)
+        if self._stop.done():
+            end = End(GATEWAY, self._stop.result(), b"server going away", "shutting_down")
+        else:
+            first = up if up.done() and not up.cancelled() else down
+            end = first.result()
+        await self._close(end)
+
+    def end(self, code: int) -> None:
+        """Close both sides with ``code`` (the drain's deadline)."""
+        if self._stop is not None and not self._stop.done():
+            self._stop.set_result(code)
+
+    async def _from_caller(self) -> End:
+        caller = self.caller
+        assert caller is not None
+        frames_in, bytes_in = self.metrics.frames_in, self.metrics.frame_bytes_in
+        ex = self.ex
+        while True:
+            msg = await caller.receive()
+            kind = msg.type
+            if kind is _TEXT or kind is _BINARY:
+                data: bytes = msg.data
+                ex.bytes_in += len(data)
+                frames_in.inc()
+                bytes_in.inc(len(data))
+                if frames.needs_reading(data, kind is _BINARY):
+                    try:
+                        data = await self._checked(data, kind)
+                    except Refused as exc:
+                        if not await self._tell(frames.error_event(exc.code, exc.message, exc.event_id, exc.kind)):
+                            return End(CALLER, None, error_code="client_closed")
+                        continue
+                    except _Ending as stop:
+                        return stop.end
+                upstream = self.upstream
+                if upstream is None:  # a transcription session that has not named its model yet
+                    if self.pending_bytes + len(data) > PENDING_LIMIT:
+                        await self._tell(frames.error_event(
+                            "session_not_configured", "Name the transcription model in session.update "
+                            "before sending audio.", None))
+                        return End(GATEWAY, 1008, b"session not configured", "session_not_configured")
+                    self.pending.append((data, kind))
+                    self.pending_bytes += len(data)
+                    continue
+                try:
+                    await upstream.send_frame(data, kind)
+                except ConnectionError:
+                    return End(UPSTREAM, None, error_code="upstream_aborted")
+            elif kind is WSMsgType.CLOSE:
+                return End(CALLER, msg.data, _reason(msg.extra))
+            else:  # the connection ended without a close frame, or a frame broke the protocol
+                return End(CALLER, None, error_code="client_closed")
+
+    async def _from_upstream(self) -> End:
+        await self.connected.wait()
+        caller, upstream = self.caller, self.upstream
+        assert caller is not None and upstream is not None
+        frames_out, bytes_out = self.metrics.frames_out, self.metrics.frame_bytes_out
+        ex = self.ex
+        while True:
+            msg = await upstream.receive()
+            kind = msg.type
+            if kind is _TEXT or kind is _BINARY:
+                data: bytes = msg.data
+                try:
+                    await caller.send_frame(data, kind)
+                except ConnectionError:
+                    return End(CALLER, None, error_code="client_closed")
+                ex.bytes_out += len(data)
+                frames_out.inc()
+                bytes_out.inc(len(data))
+                if kind is _TEXT and frames.reports(data):
+                    end = await self._reported(data)
+                    if end is not None:
+                        return end
+            elif kind is WSMsgType.CLOSE:
+                code = msg.data
+                return End(UPSTREAM, code, _reason(msg.extra), None if code in NORMAL else "upstream_error")
+            else:
+                return End(UPSTREAM, None, error_code="upstream_aborted")
+
+    async def _tell(self, event: bytes) -> bool:
+        """Send the caller an event of the gateway's own; False when the caller is gone."""
+        assert self.caller is not None
+        try:
+            await self.caller.send_frame(event, _TEXT)
+        except ConnectionError:
+            return False
+        self.ex.bytes_out += len(event)
+        self.metrics.frames_out.inc()
+        self.metrics.frame_bytes_out.inc(len(event))
+        return True
+
+    async def _checked(self, data: bytes, kind: WSMsgType) -> bytes:
+        """A client event the gateway checks, as it goes upstream; raises Refused."""
+        event = frames.parse_client(data)
+        if event is None:
+            if kind is _BINARY:
+                return data  # audio that happened to look like JSON at first
+            # Text that names a checked event but that orjson cannot read: a laxer parser upstream
+            # (a byte order mark, a comment) could still take it for that event.
+            raise Refused("invalid_json", "The event is not a JSON object.")
+        try:
+            return await self._screened(event)
+        except Refused as exc:
+            exc.event_id = event.event_id
+            raise
+
+    async def _screened(self, event: frames.ClientEvent) -> bytes:
+        if event.alias is not None:
+            event.rewrite(await self._transcription_model(event.alias))
+        verdict = None
+        for text in event.texts:
+            verdict = guardrails.check(self.inputs, text) or verdict
+            if verdict is not None and verdict.action == guardrails.BLOCKED:
+                break
+        if verdict is not None:
+            self.ex.verdict = verdict if verdict.action == guardrails.BLOCKED or self.ex.verdict is None \
+                else self.ex.verdict
+            if verdict.action == guardrails.BLOCKED:
+                blocked = errors.GuardrailBlocked(verdict.guardrail)
+                raise Refused(blocked.code, blocked.message)
+        return event.encode()
+
+    async def _transcription_model(self, alias: str) -> str:
+        """The upstream model name for a transcription alias named in session.update; in a
+        session that has no upstream yet, that model's target is connected to."""
+        assert self.key is not None
+        try:
+            model = aliases.resolve(alias, self.key, self.resources.models, ROUTE)
+        except errors.GatewayError as exc:
+            raise Refused(exc.code, exc.message) from None
+        if self.upstream is None:
+            try:
+                self.model_slot = await self.limiter.admit_model(model, self.clock())
+            except errors.RateLimited as exc:
+                self.metrics.limited(exc.scope)
+                raise Refused(exc.code, exc.message, "rate_limit_error") from None
+            self.ex.model = alias
+            self.model = model
+            try:
+                await self.connect(model, named=False)
+            except errors.GatewayError as exc:
+                await self._tell(frames.error_event(exc.code, exc.message, None, exc.type))
+                raise _Ending(End(GATEWAY, 1014, b"upstream unavailable", exc.code)) from None
+            await self._flush_pending()
+        assert self.target is not None
+        if alias != self.transcription_alias:
+            self.transcription_alias = alias
+            self._rules()
+        if model is self.model:
+            return self.target.model_name
+        same = [t for t in model.targets if t.provider_key is self.target.provider_key]
+        if not same:
+            raise Refused("model_not_supported",
+                          f"The model '{alias}' cannot be used in this session: it is served by another provider.")
+        return same[0].model_name
+
+    async def _flush_pending(self) -> None:
+        assert self.upstream is not None
+        pending, self.pending, self.pending_bytes = self.pending, [], 0
+        for data, kind in pending:
+            try:
+                await self.upstream.send_frame(data, kind)
+            except ConnectionError:
+                raise _Ending(End(UPSTREAM, None, error_code="upstream_aborted")) from None
+
+    async def _reported(self, data: bytes) -> End | None:
+        """Usage and transcripts from a server event: tokens charged now, a transcript checked
+        by the output guardrails (recorded only: it has been sent). A token window over its limit
+        ends the session with 1008 after an ``error`` event."""
+        report = frames.parse_server(data)
+        ex = self.ex
+        if report.transcript and self.outputs:
+            verdict = guardrails.check(self.outputs, report.transcript)
+            if verdict is not None and ex.verdict is None:
+                ex.verdict = guardrails.Verdict(verdict.guardrail, guardrails.MONITORED)
+        if report.usage is None:
+            return None
+        ex.usage = frames.add(ex.usage, report.usage)
+        tokens = report.usage.tokens
+        cost = self._cost(report.usage)
+        if cost is not None:
+            ex.cost_usd = (ex.cost_usd or 0.0) + cost
+        if not tokens and not cost:
+            return None
+        now = self.clock()
+        over = await self.limiter.charge(self.slot, tokens, now, cost)
+        over += await self.limiter.charge(self.model_slot, tokens, now, cost)
+        await self.limiter.charge(self.provider_slot, tokens, now, cost)  # its quota: not the caller's to hear about
+        if not over:
+            return None
+        refusal = rejection(over, now)
+        self.metrics.limited(refusal.scope)
+        await self._tell(frames.error_event(refusal.code, refusal.message, None, refusal.type))
+        return End(GATEWAY, 1008, b"rate limit exceeded", refusal.code)
+
+    def _cost(self, used: Usage) -> float | None:
+        """What this usage report costs, from the target's prices or the model's; None unpriced."""
+        model, target = self.model, self.target
+        if model is None:
+            return None
+        prices = (target.pricing if target is not None else None) or model.pricing
+        if prices is None:
+            return None
+        return pricing.cost(prices, pricing.Quantities(
+            input_tokens=used.input_tokens, output_tokens=used.output_tokens, audio_seconds_in=used.audio_seconds))
+
+    async def _close(self, end: End) -> None:
+        """Close both sides as ``end`` says: a close frame is relayed with its code and reason; a
+        side that vanished is told 1001 (the caller went) or 1014 (the upstream did)."""
+        caller, upstream, ex = self.caller, self.upstream, self.ex
+        assert caller is not None
+        if end.by == CALLER:
+            to_caller = to_upstream = _sendable(end.code, 1001)
+        elif end.by == UPSTREAM:
+            to_caller = to_upstream = _sendable(end.code, 1014)
+        else:
+            to_caller = to_upstream = end.code or 1011
+        ex.close_code = end.code if end.by == CALLER and end.code is not None else to_caller
+        if end.error_code is not None:
+            ex.error_code = end.error_code
+        self.ended = end
+        # The upstream first: once the caller's transport closes, aiohttp cancels this handler.
+        if upstream is not None:
+            await asyncio.gather(upstream.close(code=to_upstream, message=end.reason), return_exceptions=True)
+        await asyncio.gather(caller.close(code=to_caller, message=end.reason), return_exceptions=True)
+
+    # -- the end -----------------------------------------------------------------------------
+
+    async def finish(self) -> None:
+        """Every session ends here exactly once: sockets closed, slots given back, one event."""
+        ex, app, clock = self.ex, self.app, self.clock
+        if self.upstream is not None and not self.upstream.closed:  # cancelled, or failed mid-way
+            await asyncio.gather(self.upstream.close(code=1001), return_exceptions=True)
+        for slot in (self.slot, self.model_slot, self.provider_slot):
+            await self.limiter.settle(slot, None, clock())  # tokens were charged as reported
+        ex.latency_ms = int((time.monotonic() - ex.started) * 1000)
+        app[USAGE].emit(usage.event(ex))
+        seconds = None
+        if self.began is not None:
+            seconds = time.monotonic() - self.began
+            self.metrics.sessions_open.dec()
+        self.metrics.session_finished(ex, ex.model in self.resources.models, seconds)
+        app[LIVE].leave()
+
+
+class _Ending(Exception):
+    """Raised inside a pump to end the session as ``end`` says."""
+
+    def __init__(self, end: End) -> None:
+        super().__init__(end.by)
+        self.end = end
+
+
+def _refusal(status: int) -> errors.GatewayError:
+    """The caller's answer when the upstream refused the WebSocket handshake with ``status``."""
+    return errors.GatewayError(status if 400 <= status < 600 else 502, "upstream_error", "upstream_error",
+                               f"The upstream provider refused the session (HTTP {status}).")
+

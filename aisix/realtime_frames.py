@@ -1,0 +1,205 @@
+"""What the gateway reads in a realtime session's frames: the few client events it checks or
+rewrites, the server events that report usage and transcripts, and the error events it answers.
+
+[core] Takes a frame's bytes, returns what to do with it; no sockets, no clock. Every other frame
+passes through untouched, and most are never parsed: ``needs_reading`` says, from the raw bytes,
+whether a client frame could be one of the checked events. A client frame that is parsed is sent
+on re-serialised from what was checked (as speech.py does), so a duplicated key cannot pass the
+checks as one event and reach the upstream as another.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+from .transcript import Usage
+
+SESSION_UPDATE = "session.update"
+TRANSCRIPTION_SESSION_UPDATE = "transcription_session.update"
+ITEM_CREATE = "conversation.item.create"
+RESPONSE_CREATE = "response.create"
+_CHECKED = (SESSION_UPDATE.encode(), ITEM_CREATE.encode(), RESPONSE_CREATE.encode())
+# A JSON string can spell any character as an escape ("session\u002eupdate"); a frame with a
+# backslash is read, whatever it seems to say. Audio (base64) never has one.
+_ESCAPE = b"\\"
+# Server events worth reading: usage and transcripts. The upstream is trusted not to hide them.
+_REPORTED = (b"response.done", b"transcription.completed", b"transcript.done", b"text.done")
+
+
+def needs_reading(frame: bytes, binary: bool = False) -> bool:
+    """Whether a client frame may be an event the gateway checks. Events are text frames, but a
+    binary frame holding a JSON object is read too, in case an upstream takes it for one."""
+    if binary and not frame.lstrip(b" \t\r\n").startswith(b"{"):
+        return False
+    return _ESCAPE in frame or any(word in frame for word in _CHECKED)
+
+
+def reports(frame: bytes) -> bool:
+    """Whether a server text frame may report usage or a transcript."""
+    return any(word in frame for word in _REPORTED)
+
+
+@dataclass(slots=True)
+class ClientEvent:
+    """A parsed client event: its type, the transcription alias it names, the texts to screen."""
+
+    doc: dict[str, Any]
+    type: str
+    alias: str | None  # the transcription model alias it names, if any
+    texts: list[str]
+    _set_model: Callable[[str], None] | None
+
+    def rewrite(self, model_name: str) -> None:
+        """Put the upstream model name where the alias was."""
+        assert self._set_model is not None
+        self._set_model(model_name)
+
+    def encode(self) -> bytes:
+        return orjson.dumps(self.doc)
+
+    @property
+    def event_id(self) -> str | None:
+        value = self.doc.get("event_id")
+        return value if isinstance(value, str) else None
+
+
+def parse_client(frame: bytes) -> ClientEvent | None:
+    """The event of a client frame, or None when it is not a JSON object."""
+    try:
+        doc = orjson.loads(frame)
+    except orjson.JSONDecodeError:
+        return None
+    if not isinstance(doc, dict):
+        return None
+    kind = doc.get("type")
+    kind = kind if isinstance(kind, str) else ""
+    alias, setter, texts = None, None, []
+    if kind in (SESSION_UPDATE, TRANSCRIPTION_SESSION_UPDATE):
+        session = _dict(doc, "session")
+        if session is not None:
+            texts += _strings(session, "instructions")
+            for holder in _transcription_configs(session):
+                texts += _strings(holder, "prompt")
+                model = holder.get("model")
+                if isinstance(model, str) and alias is None:
+                    alias, setter = model, _setter(holder)
+    elif kind == ITEM_CREATE:
+        item = _dict(doc, "item")
+        for part in item.get("content", ()) if item is not None else ():
+            if isinstance(part, dict):
+                texts += _strings(part, "text")
+    elif kind == RESPONSE_CREATE:
+        response = _dict(doc, "response")
+        if response is not None:
+            texts += _strings(response, "instructions")
+    return ClientEvent(doc, kind, alias, texts, setter)
+
+
+def _transcription_configs(session: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    """Where a session names its transcription model: ``audio.input.transcription`` (GA
+    ``session.update``), ``input_audio_transcription`` (beta and ``transcription_session.update``)."""
+    audio = _dict(session, "audio")
+    audio_input = _dict(audio, "input") if audio is not None else None
+    for holder in (_dict(audio_input, "transcription") if audio_input is not None else None,
+                   _dict(session, "input_audio_transcription")):
+        if holder is not None:
+            yield holder
+
+
+def _setter(holder: dict[str, Any]) -> Callable[[str], None]:
+    def put(value: str) -> None:
+        holder["model"] = value
+
+    return put
+
+
+def _dict(doc: dict[str, Any] | None, key: str) -> dict[str, Any] | None:
+    value = doc.get(key) if doc is not None else None
+    return value if isinstance(value, dict) else None
+
+
+def _strings(doc: dict[str, Any], key: str) -> list[str]:
+    value = doc.get(key)
+    return [value] if isinstance(value, str) and value else []
+
+
+@dataclass(slots=True)
+class ServerReport:
+    """What one server event reported: usage to charge and a transcript to monitor."""
+
+    usage: Usage | None = None
+    transcript: str | None = None
+
+
+def parse_server(frame: bytes) -> ServerReport:
+    try:
+        doc = orjson.loads(frame)
+    except orjson.JSONDecodeError:
+        return ServerReport()
+    if not isinstance(doc, dict):
+        return ServerReport()
+    kind = doc.get("type")
+    out = ServerReport()
+    if kind == "response.done":
+        response = _dict(doc, "response")
+        out.usage = _usage(_dict(response, "usage") if response is not None else None)
+    elif kind == "conversation.item.input_audio_transcription.completed":
+        out.usage = _usage(_dict(doc, "usage"))
+        out.transcript = _text(doc, "transcript")
+    elif isinstance(kind, str) and kind.endswith("transcript.done"):
+        out.transcript = _text(doc, "transcript")
+    elif isinstance(kind, str) and kind.endswith("text.done"):
+        out.transcript = _text(doc, "text")
+    return out
+
+
+def _text(doc: dict[str, Any], key: str) -> str | None:
+    value = doc.get(key)
+    return value if isinstance(value, str) else None
+
+
+def _count(doc: dict[str, Any], key: str) -> int | None:
+    value = doc.get(key)
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
+
+
+def _usage(doc: dict[str, Any] | None) -> Usage | None:
+    """Token usage (``input_tokens``, ``output_tokens``, ``total_tokens``) or duration usage
+    (``{"type": "duration", "seconds": …}``), as reported; None when nothing is."""
+    if doc is None:
+        return None
+    seconds = doc.get("seconds")
+    usage = Usage(_count(doc, "input_tokens"), _count(doc, "output_tokens"), _count(doc, "total_tokens"),
+                  float(seconds) if isinstance(seconds, int | float) and not isinstance(seconds, bool)
+                  and seconds >= 0 else None)
+    if usage.tokens is None and usage.audio_seconds is None:
+        return None
+    return usage
+
+
+def add(total: Usage | None, more: Usage) -> Usage:
+    """The session's totals with one more report added."""
+    if total is None:
+        total = Usage()
+    total.input_tokens = _plus(total.input_tokens, more.input_tokens)
+    total.output_tokens = _plus(total.output_tokens, more.output_tokens)
+    total.total_tokens = _plus(total.total_tokens, more.tokens)
+    total.audio_seconds = _plus(total.audio_seconds, more.audio_seconds)
+    return total
+
+
+def _plus(a: Any, b: Any) -> Any:
+    return a if b is None else b if a is None else a + b
+
+
+def error_event(code: str, message: str, client_event_id: str | None = None,
+                kind: str = "invalid_request_error") -> bytes:
+    """A server ``error`` event in the Realtime API's shape, for what the gateway refuses."""
+    error: dict[str, Any] = {"type": kind, "code": code, "message": message, "param": None,
+                             "event_id": client_event_id}
+    return orjson.dumps({"type": "error", "event_id": "event_aisix_" + secrets.token_hex(8), "error": error})

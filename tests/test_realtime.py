@@ -1,0 +1,637 @@
+"""GET /v1/realtime through a real gateway process to a fake Realtime upstream (fake_realtime.py):
+auth, models, refusals, the relay (order, bytes, close codes, backpressure), limits, guardrails,
+usage events, metrics, reload and drain; and the official openai SDK's realtime client."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import os
+import random
+import signal
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import aiohttp
+import openai
+import orjson
+import pytest
+import yaml
+
+from aisix import realtime_frames as frames
+from aisix.config import hash_key
+from tests.fake_realtime import FakeRealtime, Script, text
+from tests.gateway import PROVIDER_SECRET, Gateway
+
+KEY = "sk-rt-secret"
+NARROW = "sk-rt-narrow-secret"  # may use rt-transcribe only
+AZURE_SECRET = "azure-provider-secret-42"
+
+
+def resources(fake: FakeRealtime, **key_fields: Any) -> dict[str, Any]:
+    other = fake.base_url.replace("127.0.0.1", "localhost")  # the same fake, as another provider
+    azure_base = fake.base_url.removesuffix("/v1")
+    return {
+        "provider_keys": [
+            {"display_name": "other", "provider": "openai", "api_base": other, "api_key": "other-secret"},
+            {"display_name": "azure", "provider": "azure", "api_base": azure_base, "api_key": AZURE_SECRET,
+             "api_version": "2025-04-01-preview"},
+            {"display_name": "dead", "provider": "openai", "api_base": "http://127.0.0.1:9/v1", "api_key": "x"},
+        ],
+        "models": [
+            {"display_name": "rt-voice", "provider_key": "fake", "model_name": "gpt-realtime", "routes": ["realtime"]},
+            {"display_name": "rt-transcribe", "provider_key": "fake", "model_name": "gpt-4o-transcribe",
+             "routes": ["realtime"]},
+            {"display_name": "rt-elsewhere", "provider_key": "other", "model_name": "gpt-elsewhere",
+             "routes": ["realtime"]},
+            {"display_name": "rt-azure", "provider_key": "azure", "model_name": "my deployment",
+             "routes": ["realtime"]},
+            {"display_name": "rt-failover", "routes": ["realtime"],
+             "targets": [{"provider_key": "dead", "model_name": "gpt-dead", "priority": 0},
+                         {"provider_key": "fake", "model_name": "gpt-alive", "priority": 1}]},
+        ],
+        "api_keys": [
+            {"display_name": "rt", "key_hash": hash_key(KEY), "allowed_models": ["rt-*", "whisper-prod"],
+             **key_fields},
+            {"display_name": "rt-narrow", "key_hash": hash_key(NARROW), "allowed_models": ["rt-transcribe"]},
+        ],
+        "guardrails": [
+            {"name": "no-passwords", "models": ["rt-*"], "hook_point": "input", "enforcement_mode": "block",
+             "kind": "keyword", "patterns": [{"kind": "literal", "value": "password"}]},
+            {"name": "watch-sauce", "models": ["rt-*"], "hook_point": "output", "enforcement_mode": "block",
+             "kind": "keyword", "patterns": [{"kind": "literal", "value": "secret sauce"}]},
+        ],
+    }
+
+
+@pytest.fixture(scope="module")
+def rt() -> Iterator[FakeRealtime]:
+    fake = FakeRealtime().start()
+    yield fake
+    fake.stop()
+
+
+@pytest.fixture(autouse=True)
+def _fresh(rt: FakeRealtime) -> None:
+    rt.reset()
+
+
+@pytest.fixture(scope="module")
+def gw(rt: FakeRealtime, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
+    g = Gateway(tmp_path_factory.mktemp("rt"), rt.base_url, {"metrics": {"listen": "127.0.0.1:0"}},
+                **resources(rt)).start()
+    yield g
+    g.stop()
+
+
+def ws_url(gw: Gateway, query: str = "model=rt-voice") -> str:
+    return gw.url.replace("http://", "ws://") + "/v1/realtime" + ("?" + query if query else "")
+
+
+def bearer(key: str = KEY) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"}
+
+
+async def next_event(ws: aiohttp.ClientWebSocketResponse, timeout: float = 10.0) -> dict[str, Any]:
+    msg = await ws.receive(timeout)
+    assert msg.type == aiohttp.WSMsgType.TEXT, msg
+    return orjson.loads(msg.data)
+
+
+# -- auth and models ------------------------------------------------------------------------------
+
+async def test_bearer_key_and_the_model_rewritten_in_the_upstream_url(gw: Gateway, rt: FakeRealtime) -> None:
+    rt.script = Script(on_open=[text({"type": "session.created", "session": {"model": "gpt-realtime"}})])
+    async with aiohttp.ClientSession() as s, s.ws_connect(ws_url(gw), headers=bearer()) as ws:
+        assert ws._response.headers["x-aisix-request-id"]
+        assert (await next_event(ws))["type"] == "session.created"
+    up = rt.session()
+    assert (up.path, dict(up.query)) == ("/v1/realtime", {"model": "gpt-realtime"})
+    assert up.headers["Authorization"] == f"Bearer {PROVIDER_SECRET}"
+    assert KEY not in str(up.headers)
+
+
+async def test_browser_subprotocols_authenticate_and_only_realtime_is_echoed(gw: Gateway, rt: FakeRealtime) -> None:
+    protocols = ("realtime", f"openai-insecure-api-key.{KEY}", "openai-beta.realtime-v1")
+    async with aiohttp.ClientSession() as s, s.ws_connect(ws_url(gw), protocols=protocols) as ws:
+        assert ws.protocol == "realtime"
+        await ws.send_str('{"type":"response.cancel"}')
+        await rt.until(lambda ss: len(ss) == 1 and len(ss[0].frames) == 1)
+    up = rt.session()
+    assert up.headers["Sec-WebSocket-Protocol"] == "openai-beta.realtime-v1"  # never the key, nor "realtime"
+    assert KEY not in str(up.headers)
+
+
+async def raw_upgrade(gw: Gateway, query: str, headers: dict[str, str], upgrade: bool = True
+                      ) -> tuple[int, dict[str, Any]]:
+    """A handshake the gateway refuses: its status and envelope."""
+    h = {"Connection": "Upgrade", "Upgrade": "websocket", "Sec-WebSocket-Version": "13",
+         "Sec-WebSocket-Key": base64.b64encode(os.urandom(16)).decode()} if upgrade else {}
+    async with aiohttp.ClientSession() as s, s.get(f"{gw.url}/v1/realtime?{query}", headers={**h, **headers}) as r:
+        return r.status, await r.json()
+
+
+@pytest.mark.parametrize(("query", "headers", "status", "code"), [
+    ("model=rt-voice", {}, 401, "invalid_api_key"),
+    ("model=rt-voice", {"Authorization": "Bearer sk-wrong"}, 401, "invalid_api_key"),
+    ("model=rt-voice", {"Sec-WebSocket-Protocol": "realtime, openai-insecure-api-key.sk-nope"}, 401,
+     "invalid_api_key"),
+    ("model=nope", bearer(), 404, "model_not_found"),
+    ("model=secret-model", bearer(), 403, "model_not_allowed"),
+    ("model=whisper-prod", bearer(), 400, "model_not_supported"),
+    ("", bearer(), 400, "missing_model"),
+    ("intent=other", bearer(), 400, "missing_model"),
+])
+async def test_refusals_are_http_envelopes(gw: Gateway, rt: FakeRealtime, query: str, headers: dict[str, str],
+                                           status: int, code: str) -> None:
+    got, body = await raw_upgrade(gw, query, headers)
+    assert (got, body["error"]["code"]) == (status, code)
+    assert rt.sessions == []
+
+
+async def test_a_get_without_upgrade_is_426(gw: Gateway) -> None:
+    status, body = await raw_upgrade(gw, "model=rt-voice", bearer(), upgrade=False)
+    assert (status, body["error"]["code"]) == (426, "websocket_required")
+
+
+async def test_an_upstream_refusing_the_handshake_is_the_callers_status(gw: Gateway, rt: FakeRealtime) -> None:
+    rt.script = Script(refuse=400)
+    status, body = await raw_upgrade(gw, "model=rt-voice", bearer())
+    assert (status, body["error"]["code"]) == (400, "upstream_error")
+
+
+async def test_connect_fails_over_to_the_next_target(gw: Gateway, rt: FakeRealtime) -> None:
+    async with aiohttp.ClientSession() as s, s.ws_connect(ws_url(gw, "model=rt-failover"), headers=bearer()) as ws:
+        rid = ws._response.headers["x-aisix-request-id"]
+        assert dict(rt.session().query) == {"model": "gpt-alive"}
+    event = gw.event(rid)
+    assert [(a["provider_key"], a["status"], a["error"]) for a in event["attempts"]] == [
+        ("dead", None, "connect"), ("fake", 101, None)]
+
+
+async def test_azure_url_and_api_key(gw: Gateway, rt: FakeRealtime) -> None:
+    async with aiohttp.ClientSession() as s, s.ws_connect(ws_url(gw, "model=rt-azure"), headers=bearer()):
+        up = rt.session()
+    assert up.path == "/openai/realtime"
+    assert dict(up.query) == {"api-version": "2025-04-01-preview", "deployment": "my deployment"}
+    assert up.headers["api-key"] == AZURE_SECRET and "Authorization" not in up.headers
+
+
+# -- transcription sessions -----------------------------------------------------------------------
+
+@pytest.mark.parametrize(("update", "where"), [
+    ({"type": "session.update", "session": {"type": "transcription", "audio": {"input": {
+        "transcription": {"model": "rt-transcribe", "language": "en"}}}}}, ("audio", "input", "transcription")),
+    ({"type": "transcription_session.update", "session": {"input_audio_transcription": {
+        "model": "rt-transcribe"}}}, ("input_audio_transcription",)),
+])
+async def test_transcription_model_in_the_session_update_is_resolved_and_rewritten(
+        gw: Gateway, rt: FakeRealtime, update: dict[str, Any], where: tuple[str, ...]) -> None:
+    async with aiohttp.ClientSession() as s, \
+            s.ws_connect(ws_url(gw, "intent=transcription"), headers=bearer()) as ws:
+        early = {"type": "input_audio_buffer.append", "audio": "AAAA"}
+        await ws.send_str(orjson.dumps(early).decode())  # held until the model is known
+        await ws.send_str(orjson.dumps(update).decode())
+        up = (await rt.until(lambda ss: len(ss) == 1 and len(ss[0].frames) == 2))[0]
+    assert (up.path, dict(up.query)) == ("/v1/realtime", {"intent": "transcription"})
+    first, second = up.events()
+    assert first == early
+    holder = second["session"]
+    for step in where:
+        holder = holder[step]
+    assert holder["model"] == "gpt-4o-transcribe"
+    expected = dict(update)
+    assert {k: v for k, v in second.items() if k != "session"} == {k: v for k, v in expected.items() if k != "session"}
+
+
+@pytest.mark.parametrize(("key", "alias", "code"), [
+    (KEY, "nope", "model_not_found"),
+    (NARROW, "rt-voice", "model_not_allowed"),
+    (KEY, "whisper-prod", "model_not_supported"),
+])
+async def test_a_bad_transcription_alias_gets_an_error_event_and_is_not_forwarded(
+        gw: Gateway, rt: FakeRealtime, key: str, alias: str, code: str) -> None:
+    update = {"type": "session.update", "event_id": "evt_1",
+              "session": {"audio": {"input": {"transcription": {"model": alias}}}}}
+    async with aiohttp.ClientSession() as s, \
+            s.ws_connect(ws_url(gw, "intent=transcription"), headers=bearer(key)) as ws:
+        await ws.send_str(orjson.dumps(update).decode())
+        event = await next_event(ws)
+        assert event["type"] == "error"
+        assert event["error"]["type"] == "invalid_request_error"
+        assert (event["error"]["code"], event["error"]["event_id"]) == (code, "evt_1")
+        update["session"]["audio"]["input"]["transcription"]["model"] = "rt-transcribe"  # type: ignore[index]
+        await ws.send_str(orjson.dumps(update).decode())  # a good one then connects
+        up = (await rt.until(lambda ss: len(ss) == 1 and len(ss[0].frames) == 1))[0]
+    assert len(up.frames) == 1 and b"gpt-4o-transcribe" in up.frames[0][1]
+
+
+async def test_transcription_model_inside_a_model_session(gw: Gateway, rt: FakeRealtime) -> None:
+    """In a session opened with ?model=, a transcription alias is checked and rewritten too; one
+    served only by another provider cannot be used there."""
+    async with aiohttp.ClientSession() as s, s.ws_connect(ws_url(gw), headers=bearer()) as ws:
+        for alias in ("rt-elsewhere", "rt-transcribe"):
+            await ws.send_str(orjson.dumps({"type": "session.update", "session": {
+                "audio": {"input": {"transcription": {"model": alias}}}}}).decode())
+        assert (await next_event(ws))["error"]["code"] == "model_not_supported"
+        up = (await rt.until(lambda ss: len(ss) == 1 and len(ss[0].frames) == 1))[0]
+    assert up.events()[0]["session"]["audio"]["input"]["transcription"]["model"] == "gpt-4o-transcribe"
+
+
+async def test_an_escaped_event_type_is_still_checked(gw: Gateway, rt: FakeRealtime) -> None:
+    frame = b'{"type":"session\\u002eupdate","session":{"audio":{"input":{"transcription":{"model":"nope"}}}}}'
+    async with aiohttp.ClientSession() as s, s.ws_connect(ws_url(gw), headers=bearer()) as ws:
+        await ws.send_str(frame.decode())
+        assert (await next_event(ws))["error"]["code"] == "model_not_found"
+        await ws.send_str('{"type":"response.cancel"}')
+        up = (await rt.until(lambda ss: len(ss) == 1 and len(ss[0].frames) == 1))[0]
+    assert up.events() == [{"type": "response.cancel"}]
+
+
+async def test_an_unreadable_or_binary_event_cannot_slip_past(gw: Gateway, rt: FakeRealtime) -> None:
+    """Text naming a checked event that orjson cannot read (here behind a byte order mark) is
+    refused; a JSON event in a binary frame is checked like a text one; audio passes."""
+    update = b'{"type":"session.update","session":{"audio":{"input":{"transcription":{"model":"nope"}}}}}'
+    async with aiohttp.ClientSession() as s, s.ws_connect(ws_url(gw), headers=bearer()) as ws:
+        await ws.send_str("\ufeff" + update.decode())
+        assert (await next_event(ws))["error"]["code"] == "invalid_json"
+        await ws.send_bytes(update)
+        assert (await next_event(ws))["error"]["code"] == "model_not_found"
+        audio = b"{\\" + bytes(range(256))  # binary that starts like JSON and is not
+        await ws.send_bytes(audio)
+        up = (await rt.until(lambda ss: len(ss) == 1 and len(ss[0].frames) == 1))[0]
+    assert up.frames == [("binary", audio)]
+
+
+# -- the relay ------------------------------------------------------------------------------------
+
+async def test_a_thousand_frames_each_way_in_order_byte_for_byte(gw: Gateway, rt: FakeRealtime) -> None:
+    rng = random.Random(15)
+
+    def frame(i: int) -> tuple[str, bytes]:
+        if i % 2:
+            return "binary", i.to_bytes(4, "big") + rng.randbytes(rng.randrange(0, 3000))
+        return "text", orjson.dumps({"type": "input_audio_buffer.append", "i": i,
+                                     "audio": base64.b64encode(rng.randbytes(rng.randrange(0, 2000))).decode()})
+
+    downstream = [frame(i) for i in range(1000)]
+    upstream = [frame(i) for i in range(1000)]
+    rt.script = Script(on_open=downstream)
+    async with aiohttp.ClientSession() as s, s.ws_connect(ws_url(gw), headers=bearer(), max_msg_size=0) as ws:
+        rid = ws._response.headers["x-aisix-request-id"]
+        for kind, data in upstream:
+            await (ws.send_str(data.decode()) if kind == "text" else ws.send_bytes(data))
+        got = []
+        for _ in range(1000):
+            msg = await ws.receive(10)
+            got.append(("text", msg.data.encode()) if msg.type == aiohttp.WSMsgType.TEXT else ("binary", msg.data))
+        assert got == downstream
+        await rt.until(lambda ss: len(ss[0].frames) == 1000)
+    assert rt.session().frames == upstream
+    event = gw.event(rid)
+    assert event["bytes_in"] == sum(len(d) for _, d in upstream)
+    assert event["bytes_out"] == sum(len(d) for _, d in downstream)
+
+
+async def test_close_codes_are_relayed_both_ways(gw: Gateway, rt: FakeRealtime) -> None:
+    async with aiohttp.ClientSession() as s:
+        async with s.ws_connect(ws_url(gw), headers=bearer()) as ws:
+            rt.session()
+            await ws.close(code=4001, message=b"caller says bye")
+        await rt.until(lambda ss: ss[0].ended)
+        assert rt.session().close_code == 4001
+        rt.reset()
+        rt.script = Script(close_after_open=4002)
+        async with s.ws_connect(ws_url(gw), headers=bearer()) as ws:
+            msg = await ws.receive(10)
+            assert (msg.type, msg.data, msg.extra) == (aiohttp.WSMsgType.CLOSE, 4002, "scripted")
+
+
+async def test_either_side_going_away_closes_the_other(gw: Gateway, rt: FakeRealtime) -> None:
+    rt.script = Script(abort_after_open=True)
+    async with aiohttp.ClientSession() as s:
+        async with s.ws_connect(ws_url(gw), headers=bearer()) as ws:
+            rid = ws._response.headers["x-aisix-request-id"]
+            msg = await ws.receive(10)
+            assert (msg.type, msg.data) == (aiohttp.WSMsgType.CLOSE, 1014)
+        assert gw.event(rid)["error_code"] == "upstream_aborted"
+        rt.reset()
+        ws = await s.ws_connect(ws_url(gw), headers=bearer())
+        rt.session()
+        ws._response.connection.transport.abort()  # type: ignore[union-attr]  # gone, no close frame
+        await rt.until(lambda ss: ss[0].ended)
+        assert rt.session().close_code == 1001
+
+
+async def test_pings_are_answered(gw: Gateway) -> None:
+    async with aiohttp.ClientSession() as s, s.ws_connect(ws_url(gw), headers=bearer(), autoping=False) as ws:
+        await ws.ping(b"are you there")
+        msg = await ws.receive(10)
+        assert (msg.type, msg.data) == (aiohttp.WSMsgType.PONG, b"are you there")
+
+
+async def test_a_caller_that_stops_reading_stalls_the_upstream_with_bounded_memory(
+        gw: Gateway, rt: FakeRealtime) -> None:
+    """The upstream floods 64 MiB; the caller reads nothing. The upstream's sends stall after a
+    few MiB (socket buffers and aiohttp's queues) and the gateway's memory stays flat (measured:
+    about 11 MiB sent, under 1 MiB of growth); once the caller reads, every frame arrives, in order."""
+    count, size = 1024, 64 * 1024
+    rt.script = Script(flood=(count, size))
+    async with aiohttp.ClientSession() as s, s.ws_connect(ws_url(gw), headers=bearer(), max_msg_size=0) as ws:
+        before = gw.rss_kib()
+        gw.reset_peak()
+        # Stalled: the fake's count stops moving (it is checked every 0.3 s; a measurement, not a sync).
+        last, deadline = -1, time.monotonic() + 20
+        while True:
+            sent = rt.session().sent
+            if sent == last or time.monotonic() > deadline:
+                break
+            last = sent
+            await asyncio.sleep(0.3)
+        # Most of what was sent sits in the kernel's socket buffers (loopback autotunes them to a
+        # few MiB each, and there are two connections); none of it in the gateway.
+        assert sent < 32 * 1024 * 1024, f"upstream sent {sent} bytes to a caller that reads nothing"
+        grown = gw.peak_rss_kib() - before
+        assert grown < 24 * 1024, f"gateway grew {grown} KiB"
+        for i in range(count):
+            msg = await ws.receive(10)
+            assert msg.type == aiohttp.WSMsgType.BINARY and int.from_bytes(msg.data[:4], "big") == i
+    assert rt.session().sent == count * size
+
+
+async def test_an_upstream_that_stops_reading_stalls_the_caller(gw: Gateway, rt: FakeRealtime) -> None:
+    """The other way: the caller floods 64 MiB to an upstream that reads nothing (measured: the
+    caller's sends stall after about 16 MiB, all of it in socket buffers)."""
+    rt.script = Script(read=False)
+    chunk = bytes(64 * 1024)
+    async with aiohttp.ClientSession() as s, s.ws_connect(ws_url(gw), headers=bearer()) as ws:
+        rt.session()
+        before = gw.rss_kib()
+        gw.reset_peak()
+        sent = 0
+
+        async def flood() -> None:
+            nonlocal sent
+            for _ in range(1024):
+                await ws.send_bytes(chunk)
+                sent += len(chunk)
+
+        task = asyncio.create_task(flood())
+        last, deadline = -1, time.monotonic() + 20
+        while sent != last and time.monotonic() < deadline:
+            last = sent
+            await asyncio.sleep(0.3)
+        assert not task.done() and sent < 32 * 1024 * 1024, sent
+        grown = gw.peak_rss_kib() - before
+        assert grown < 24 * 1024, f"gateway grew {grown} KiB"
+        rt.resume_reading()
+        await asyncio.wait_for(task, 20)
+        await rt.until(lambda ss: len(ss[0].frames) == 1024)
+
+
+# -- policies and records -------------------------------------------------------------------------
+
+def usage_frames() -> list[tuple[str, bytes]]:
+    return [
+        text({"type": "conversation.item.input_audio_transcription.completed", "item_id": "i1",
+              "transcript": "the secret sauce is ketchup",
+              "usage": {"type": "tokens", "input_tokens": 7, "output_tokens": 3, "total_tokens": 10}}),
+        text({"type": "response.done", "response": {"usage": {"total_tokens": 30, "input_tokens": 20,
+                                                               "output_tokens": 10}}}),
+        text({"type": "conversation.item.input_audio_transcription.completed", "item_id": "i2",
+              "transcript": "ok", "usage": {"type": "duration", "seconds": 2.5}}),
+    ]
+
+
+async def test_one_usage_event_per_session_with_the_reported_usage(gw: Gateway, rt: FakeRealtime) -> None:
+    rt.script = Script(on_open=usage_frames())
+    started = time.monotonic()
+    async with aiohttp.ClientSession() as s, s.ws_connect(ws_url(gw), headers=bearer()) as ws:
+        rid = ws._response.headers["x-aisix-request-id"]
+        for _ in range(3):
+            await next_event(ws)
+        await ws.send_bytes(b"\x01\x02\x03")
+        await rt.until(lambda ss: len(ss[0].frames) == 1)
+    length_ms = (time.monotonic() - started) * 1000
+    event = gw.event(rid)
+    assert {k: event[k] for k in ("route", "status", "error_code", "api_key", "model", "upstream_model",
+                                  "provider_key", "close_code", "stream", "bytes_in")} == {
+        "route": "realtime", "status": 101, "error_code": None, "api_key": "rt", "model": "rt-voice",
+        "upstream_model": "gpt-realtime", "provider_key": "fake", "close_code": 1000, "stream": True, "bytes_in": 3}
+    assert event["bytes_out"] == sum(len(d) for _, d in usage_frames())
+    assert (event["input_tokens"], event["output_tokens"], event["total_tokens"], event["audio_seconds"]) == (
+        27, 13, 40, 2.5)
+    assert event["guardrail"] == {"name": "watch-sauce", "action": "monitored"}  # output: recorded only
+    assert 0 < event["latency_ms"] <= length_ms + 1000
+    assert [e["request_id"] for e in gw.events(0)].count(rid) == 1
+
+
+async def test_input_guardrails_block_item_text_and_instructions(gw: Gateway, rt: FakeRealtime) -> None:
+    blocked = [
+        {"type": "conversation.item.create", "event_id": "e1", "item": {"type": "message", "role": "user",
+         "content": [{"type": "input_text", "text": "my PassWord is hunter2"}]}},
+        {"type": "session.update", "event_id": "e2", "session": {"instructions": "reveal the password"}},
+    ]
+    async with aiohttp.ClientSession() as s, s.ws_connect(ws_url(gw), headers=bearer()) as ws:
+        rid = ws._response.headers["x-aisix-request-id"]
+        for event in blocked:
+            await ws.send_str(orjson.dumps(event).decode())
+            error = await next_event(ws)
+            assert (error["type"], error["error"]["code"], error["error"]["event_id"]) == (
+                "error", "guardrail_blocked", event["event_id"])
+        fine = {"type": "conversation.item.create", "item": {"type": "message", "role": "user",
+                "content": [{"type": "input_text", "text": "hello"}]}}
+        await ws.send_str(orjson.dumps(fine).decode())
+        up = (await rt.until(lambda ss: len(ss[0].frames) == 1))[0]
+    assert up.events() == [fine]
+    assert gw.event(rid)["guardrail"] == {"name": "no-passwords", "action": "blocked"}
+
+
+async def test_the_concurrency_slot_is_held_for_the_sessions_life(make_gateway, rt: FakeRealtime) -> None:
+    gw = make_gateway(upstream_base=rt.base_url, **resources(rt, rate_limit={"concurrency": 1}))
+    async with aiohttp.ClientSession() as s:
+        async with s.ws_connect(ws_url(gw), headers=bearer()) as ws:
+            rid = ws._response.headers["x-aisix-request-id"]
+            status, body = await raw_upgrade(gw, "model=rt-voice", bearer())
+            assert (status, body["error"]["code"]) == (429, "concurrency_limit_exceeded")
+        gw.event(rid)  # written once the slot is given back
+        async with s.ws_connect(ws_url(gw), headers=bearer()):
+            pass
+
+
+async def test_a_budget_spent_mid_session_closes_it_with_1008(make_gateway, rt: FakeRealtime) -> None:
+    res = resources(rt, rate_limit={"cost_usd_per_day": 0.0001})
+    res["models"][0]["pricing"] = {"per_1m_input_tokens": 5.0, "per_1m_output_tokens": 5.0}
+    gw = make_gateway(upstream_base=rt.base_url, **res)
+    rt.script = Script(on_open=usage_frames())
+    async with aiohttp.ClientSession() as s, s.ws_connect(ws_url(gw), headers=bearer()) as ws:
+        rid = ws._response.headers["x-aisix-request-id"]
+        assert (await next_event(ws))["usage"]["total_tokens"] == 10  # $0.00005 of $0.0001: on
+        assert (await next_event(ws))["type"] == "response.done"  # $0.0002 more: relayed, then
+        error = await next_event(ws)
+        assert (error["type"], error["error"]["code"]) == ("error", "budget_exceeded")
+        msg = await ws.receive(10)
+        assert (msg.type, msg.data) == (aiohttp.WSMsgType.CLOSE, 1008)
+    event = gw.event(rid)
+    assert (event["error_code"], event["close_code"]) == ("budget_exceeded", 1008)
+    assert event["cost_usd"] == pytest.approx(0.0002)
+    status, body = await raw_upgrade(gw, "model=rt-voice", bearer())
+    assert (status, body["error"]["code"]) == (429, "budget_exceeded")  # spent for the day
+
+
+async def test_a_token_limit_spent_mid_session_closes_it_with_1008(make_gateway, rt: FakeRealtime) -> None:
+    gw = make_gateway(upstream_base=rt.base_url, **resources(rt, rate_limit={"tpm": 25}))
+    rt.script = Script(on_open=usage_frames())
+    async with aiohttp.ClientSession() as s, s.ws_connect(ws_url(gw), headers=bearer()) as ws:
+        rid = ws._response.headers["x-aisix-request-id"]
+        assert (await next_event(ws))["usage"]["total_tokens"] == 10  # 10 of 25: on
+        assert (await next_event(ws))["type"] == "response.done"  # 40 of 25: relayed, then
+        error = await next_event(ws)
+        assert (error["type"], error["error"]["code"], error["error"]["type"]) == (
+            "error", "rate_limit_exceeded", "rate_limit_error")
+        msg = await ws.receive(10)
+        assert (msg.type, msg.data) == (aiohttp.WSMsgType.CLOSE, 1008)
+    await rt.until(lambda ss: ss[0].ended)
+    assert rt.session().close_code == 1008
+    event = gw.event(rid)
+    assert (event["error_code"], event["close_code"], event["total_tokens"]) == ("rate_limit_exceeded", 1008, 40)
+    status, _ = await raw_upgrade(gw, "model=rt-voice", bearer())
+    assert status == 429  # the window is spent
+
+
+async def test_metrics_count_sessions_frames_and_bytes(gw: Gateway, rt: FakeRealtime) -> None:
+    async def scrape() -> dict[str, float]:
+        async with aiohttp.ClientSession() as s, s.get(gw.metrics_url + "/metrics") as r:
+            out = {}
+            for line in (await r.text()).splitlines():
+                if line.startswith("aisix_realtime_"):
+                    name, _, value = line.rpartition(" ")
+                    out[name] = float(value)
+            return out
+
+    rt.script = Script(echo=True)
+    before = await scrape()
+    async with aiohttp.ClientSession() as s, s.ws_connect(ws_url(gw), headers=bearer()) as ws:
+        rid = ws._response.headers["x-aisix-request-id"]
+        await ws.send_bytes(b"12345")
+        assert (await ws.receive(10)).data == b"12345"
+        during = await scrape()
+    gw.event(rid)
+    after = await scrape()
+    assert during["aisix_realtime_sessions_open"] == before.get("aisix_realtime_sessions_open", 0) + 1
+    assert after["aisix_realtime_sessions_open"] == during["aisix_realtime_sessions_open"] - 1
+    for direction in ("in", "out"):
+        name = f'aisix_realtime_frames_total{{direction="{direction}"}}'
+        assert after[name] - before.get(name, 0) == 1
+        name = f'aisix_realtime_frame_bytes_total{{direction="{direction}"}}'
+        assert after[name] - before.get(name, 0) == 5
+    count = "aisix_realtime_session_duration_seconds_count"
+    assert after[count] - before.get(count, 0) == 1
+
+
+# -- reload and drain -----------------------------------------------------------------------------
+
+async def test_reload_keeps_open_sessions(make_gateway, rt: FakeRealtime) -> None:
+    gw = make_gateway(upstream_base=rt.base_url, **resources(rt))
+    rt.script = Script(echo=True)
+    async with aiohttp.ClientSession() as s, s.ws_connect(ws_url(gw), headers=bearer()) as ws:
+        doc = yaml.safe_load((gw.dir / "resources.yaml").read_text())
+        doc["models"] = [m for m in doc["models"] if m["display_name"] != "rt-voice"]
+        (gw.dir / "resources.yaml").write_text(yaml.safe_dump(doc))
+        gw.signal(signal.SIGHUP)
+        gw.wait_log("reloaded")
+        await ws.send_str('{"type":"response.cancel"}')
+        assert (await next_event(ws)) == {"type": "response.cancel"}
+        status, _ = await raw_upgrade(gw, "model=rt-voice", bearer())
+        assert status == 404  # new sessions see the new file
+
+
+async def test_drain_lets_sessions_run_then_closes_them_with_1001(make_gateway, rt: FakeRealtime) -> None:
+    gw = make_gateway({"proxy": {"drain_timeout_ms": 1500, "drain_grace_ms": 0}}, upstream_base=rt.base_url,
+                      **resources(rt))
+    rt.script = Script(echo=True)
+    async with aiohttp.ClientSession() as s, s.ws_connect(ws_url(gw), headers=bearer()) as ws:
+        rid = ws._response.headers["x-aisix-request-id"]
+        gw.signal(signal.SIGTERM)
+        gw.wait_log("draining")
+        await ws.send_bytes(b"still here")  # the session runs on during the drain
+        assert (await ws.receive(10)).data == b"still here"
+        msg = await ws.receive(10)
+        assert (msg.type, msg.data) == (aiohttp.WSMsgType.CLOSE, 1001)
+    await rt.until(lambda ss: ss[0].ended)
+    assert rt.session().close_code == 1001
+    assert gw.wait(30) == 0
+    event = gw.event(rid)
+    assert (event["status"], event["error_code"], event["close_code"]) == (101, "shutting_down", 1001)
+    assert event["latency_ms"] >= 1000
+
+
+# -- the official SDK -----------------------------------------------------------------------------
+
+async def test_the_openai_sdk_realtime_client(gw: Gateway, rt: FakeRealtime) -> None:
+    rt.script = Script(on_open=[text({"type": "session.created", "event_id": "ev1", "session": {
+        "id": "s1", "object": "realtime.session", "type": "realtime", "model": "gpt-realtime"}})],
+        replies={"response.create": [text({"type": "response.done", "event_id": "ev2", "response": {
+            "id": "r1", "object": "realtime.response", "status": "completed", "output": [],
+            "usage": {"total_tokens": 5, "input_tokens": 3, "output_tokens": 2}}})]})
+    client = openai.AsyncOpenAI(base_url=gw.url + "/v1", api_key=KEY)
+    async with client.realtime.connect(model="rt-voice") as conn:
+        assert (await conn.recv()).type == "session.created"
+        await conn.session.update(session={"type": "realtime", "instructions": "be brief"})
+        await conn.response.create()
+        done = await conn.recv()
+        assert done.type == "response.done" and done.response.usage.total_tokens == 5  # type: ignore[union-attr]
+    up = (await rt.until(lambda ss: ss[0].ended))[0]
+    assert [e["type"] for e in up.events()] == ["session.update", "response.create"]
+    assert dict(up.query) == {"model": "gpt-realtime"}
+
+
+async def test_the_openai_sdk_transcription_session(gw: Gateway, rt: FakeRealtime) -> None:
+    completed = {"type": "conversation.item.input_audio_transcription.completed", "event_id": "ev3",
+                 "item_id": "i1", "content_index": 0, "transcript": "hello",
+                 "usage": {"type": "tokens", "input_tokens": 4, "output_tokens": 1, "total_tokens": 5}}
+    rt.script = Script(replies={"input_audio_buffer.commit": [text(completed)]})
+    client = openai.AsyncOpenAI(base_url=gw.url + "/v1", api_key=KEY)
+    async with client.realtime.connect(extra_query={"intent": "transcription"}) as conn:
+        await conn.session.update(session={"type": "transcription", "audio": {"input": {
+            "transcription": {"model": "rt-transcribe"}}}})
+        await conn.input_audio_buffer.append(audio=base64.b64encode(bytes(4800)).decode())
+        await conn.input_audio_buffer.commit()
+        event = await conn.recv()
+        assert event.type == "conversation.item.input_audio_transcription.completed"
+        assert event.transcript == "hello"  # type: ignore[union-attr]
+    up = (await rt.until(lambda ss: ss[0].ended))[0]
+    assert dict(up.query) == {"intent": "transcription"}
+    assert up.events()[0]["session"]["audio"]["input"]["transcription"]["model"] == "gpt-4o-transcribe"
+
+
+# -- [core] frames --------------------------------------------------------------------------------
+
+@pytest.mark.parametrize(("frame", "read"), [
+    (b'{"type":"input_audio_buffer.append","audio":"AAAA"}', False),
+    (b'{"type":"session.update","session":{}}', True),
+    (b'{"type":"transcription_session.update"}', True),
+    (b'{"type":"conversation.item.create"}', True),
+    (b'{"type":"session\\u002eupdate"}', True),  # an escape: read whatever it seems to say
+])
+def test_which_client_frames_are_read(frame: bytes, read: bool) -> None:
+    assert frames.needs_reading(frame) is read
+
+
+def test_a_duplicated_key_goes_upstream_as_checked() -> None:
+    event = frames.parse_client(b'{"type":"response.cancel","type":"session.update","session":'
+                                b'{"audio":{"input":{"transcription":{"model":"a"}}}}}')
+    assert event is not None and (event.type, event.alias) == ("session.update", "a")
+    event.rewrite("m")
+    assert orjson.loads(event.encode()) == {"type": "session.update", "session": {
+        "audio": {"input": {"transcription": {"model": "m"}}}}}
+
+
+def test_server_usage_is_read_as_reported() -> None:
+    report = frames.parse_server(b'{"type":"response.done","response":{"usage":{"total_tokens":9}}}')
+    assert report.usage is not None and report.usage.tokens == 9
+    report = frames.parse_server(b'{"type":"response.output_audio_transcript.done","transcript":"hi"}')
+    assert (report.usage, report.transcript) == (None, "hi")
+    assert frames.parse_server(b"not json").usage is None
+
