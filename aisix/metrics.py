@@ -66,6 +66,7 @@ class Metrics:
         r.register(_LiveCounters(live_counters))
         self._children: dict[tuple, tuple] = {}
         self._attempt_children: dict[tuple[str, str, str], Counter] = {}
+        self._metered: dict[str, tuple[Counter, Counter, Counter]] = {}
         self._in_flight: dict[str, Gauge] = {}
 
     def started(self, route: str) -> None:
@@ -95,13 +96,14 @@ class Metrics:
         bytes_out.inc(ex.bytes_out)
         if ex.verdict is not None:
             self.guardrail_hits.labels(ex.verdict.guardrail, ex.verdict.action).inc()
-        if model:
-            if ex.cost_usd:
-                self.cost.labels(model).inc(ex.cost_usd)
-            if ex.audio_seconds_in:
-                self.audio_seconds.labels(model, "in").inc(ex.audio_seconds_in)
-            if ex.audio_seconds_out:
-                self.audio_seconds.labels(model, "out").inc(ex.audio_seconds_out)
+        if model and (ex.cost_usd or ex.audio_seconds_in or ex.audio_seconds_out):
+            metered = self._metered.get(model)
+            if metered is None:  # as above: each label set resolved once
+                metered = self._metered[model] = (self.cost.labels(model), self.audio_seconds.labels(model, "in"),
+                                                  self.audio_seconds.labels(model, "out"))
+            for child, value in zip(metered, (ex.cost_usd, ex.audio_seconds_in, ex.audio_seconds_out), strict=True):
+                if value:
+                    child.inc(value)
         if ex.usage is not None and model:
             for kind, value in (("input", ex.usage.input_tokens), ("output", ex.usage.output_tokens)):
                 if value:
