@@ -258,6 +258,18 @@ class Mpeg:
                 length, spf, _rate = frames[((key1 & 0x1F) << 8) | buf[at + 2]]
                 if not length:
                     break
+                # A run of frames with this very header (constant bit rate): the same three bytes
+                # every `length` bytes, checked by slicing rather than one frame at a time.
+                run = (n - at) // length - 1
+                if run > 1:
+                    end = at + length * (run + 1)
+                    head = buf[at:at + 3]
+                    if (buf[at + length:end:length] == head[:1] * run
+                            and buf[at + length + 1:end:length] == head[1:2] * run
+                            and buf[at + length + 2:end:length] == head[2:3] * run):
+                        samples += spf * (run + 1)
+                        at = end
+                        continue
                 at += length
                 if at > n:
                     self._skip, self._pending = at - n, spf
