@@ -83,3 +83,43 @@ class Unknown:
 
     def end(self) -> float | None:
         return None
+
+
+class ItemWalker:
+    """The feeding half of a probe that walks a file's items (EBML elements, ISO boxes): the
+    subclass's ``_parse(d, i, n)`` consumes whole items of ``d[i:n]`` and returns where the first
+    incomplete one starts (-1: it gave up); what a feed boundary cut is kept in ``_buf`` (under
+    ``_ITEM`` bytes, the most one item needs) and finished with the next chunk's first bytes."""
+
+    __slots__ = ()
+    _ITEM = 16
+    _buf: bytearray
+    _dead: bool
+
+    def _parse(self, d: bytes | memoryview, i: int, n: int) -> int:
+        raise NotImplementedError
+
+    def feed(self, data: Chunk) -> None:
+        if self._dead:
+            return
+        view = memoryview(data)
+        if view.ndim != 1 or view.itemsize != 1:
+            view = view.cast("B")
+        n = len(view)
+        i = 0
+        if self._buf:
+            # Finish the cut item from the held bytes and the first bytes of this chunk, then go
+            # on in the chunk itself at the first byte the window did not use.
+            held = len(self._buf)
+            window = bytes(self._buf) + bytes(view[:self._ITEM])
+            self._buf.clear()
+            j = self._parse(window, 0, len(window))
+            if j < 0:
+                return
+            if j < held or (j < len(window) and n <= self._ITEM):
+                self._buf += window[j:]
+                return
+            i = j - held
+        i = self._parse(view, i, n)
+        if 0 <= i < n:
+            self._buf += view[i:]

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import struct
 
-from .audio import Chunk
+from .audio import ItemWalker
 
 _EBML = 0x1A45DFA3
 _SEGMENT = 0x18538067
@@ -96,9 +96,10 @@ def sniff(head: bytes) -> bool:
     return head[:4] == b"\x1a\x45\xdf\xa3"
 
 
-class MatroskaProbe:
+class MatroskaProbe(ItemWalker):
     """How long a WebM/Matroska file is, from its bytes in order (see the module docstring)."""
 
+    _ITEM = _ITEM  # the shared feed reads it from the class
     __slots__ = ("_buf", "_pos", "_skip", "_want", "_rest", "_leaf_id", "_stack", "_dead",
                  "_scale", "_duration", "_declared", "_info_done", "_cluster", "_number", "_opus",
                  "_default", "_block", "_block_duration", "_padding", "_codecs", "_last",
@@ -153,31 +154,6 @@ class MatroskaProbe:
         if declared is not None:
             return max(declared, self.at_least)
         return None if seen is None else max(seen, 0) / _NS
-
-    def feed(self, data: Chunk) -> None:
-        if self._dead:
-            return
-        view = memoryview(data)
-        if view.ndim != 1 or view.itemsize != 1:
-            view = view.cast("B")
-        n = len(view)
-        i = 0
-        if self._buf:
-            # Finish the cut item from the held bytes and the first bytes of this chunk, then go
-            # on in the chunk itself at the first byte the window did not use.
-            held = len(self._buf)
-            window = bytes(self._buf) + bytes(view[:_ITEM])
-            self._buf.clear()
-            j = self._parse(window, 0, len(window))
-            if j < 0:
-                return
-            if j < held or (j < len(window) and n <= _ITEM):
-                self._buf += window[j:]
-                return
-            i = j - held
-        i = self._parse(view, i, n)
-        if 0 <= i < n:
-            self._buf += view[i:]
 
     # -- the walk -------------------------------------------------------------------------------
 

@@ -28,7 +28,7 @@ version other than 0 or 1 or too short for its fields.
 
 from __future__ import annotations
 
-from .audio import Chunk
+from .audio import ItemWalker
 
 _ITEM = 36          # the most one item needs: a 16-byte header, or the first 36 bytes of tkhd v1
 _TO_END = 1 << 80   # the skip of a top-level box whose size is 0: it runs to the end of the file
@@ -55,9 +55,10 @@ def _unsigned(value: bytes, at: int, length: int) -> int | None:
     return None if number == (1 << 8 * length) - 1 else number
 
 
-class Mp4Probe:
+class Mp4Probe(ItemWalker):
     """How long an MP4/M4A file is, from its bytes in order (see the module docstring)."""
 
+    _ITEM = _ITEM  # the shared feed reads it from the class
     __slots__ = ("_buf", "_pos", "_skip", "_want", "_rest", "_leaf", "_stack", "_dead", "_declared",
                  "_moov_done", "_movie_scale", "_movie_duration", "_fragmented", "_fragments",
                  "_tkhd", "_media", "_handler", "_audio")
@@ -99,31 +100,6 @@ class Mp4Probe:
             while self._stack:
                 self._close(self._stack.pop()[0])
         return self.declared
-
-    def feed(self, data: Chunk) -> None:
-        if self._dead:
-            return
-        view = memoryview(data)
-        if view.ndim != 1 or view.itemsize != 1:
-            view = view.cast("B")
-        n = len(view)
-        i = 0
-        if self._buf:
-            # Finish the cut item from the held bytes and the first bytes of this chunk, then go
-            # on in the chunk itself at the first byte the window did not use.
-            held = len(self._buf)
-            window = bytes(self._buf) + bytes(view[:_ITEM])
-            self._buf.clear()
-            j = self._parse(window, 0, len(window))
-            if j < 0:
-                return
-            if j < held or (j < len(window) and n <= _ITEM):
-                self._buf += window[j:]
-                return
-            i = j - held
-        i = self._parse(view, i, n)
-        if 0 <= i < n:
-            self._buf += view[i:]
 
     # -- the walk -------------------------------------------------------------------------------
 
