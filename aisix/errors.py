@@ -172,7 +172,8 @@ def window_exceeded(scope: str, who: str, limit: int, unit: str, period: str, re
 
 def budget_exceeded(scope: str, who: str, limit_usd: float, period: str, reset: int) -> RateLimited:
     """A cost budget (UTC day or month) is spent; Retry-After: to the window's end."""
-    return RateLimited(scope, "budget_exceeded", f"Budget of {limit_usd:g} USD per {period} exceeded for {who}.",
+    amount = f"{limit_usd:.6f}".rstrip("0").rstrip(".")  # 0.00001, never 1e-05
+    return RateLimited(scope, "budget_exceeded", f"Budget of {amount} USD per {period} exceeded for {who}.",
                        {"Retry-After": str(reset)})
 
 

@@ -255,6 +255,13 @@ async def test_model_tokens_are_charged_in_the_window_of_the_settle(limiter: Lim
     assert (e.scope, e.headers["x-ratelimit-limit-tokens"], e.headers["Retry-After"]) == ("model", "50", "86400")
 
 
+def test_a_budget_message_writes_small_amounts_plainly() -> None:
+    from aisix import errors
+
+    assert "Budget of 0.00001 USD per day" in errors.budget_exceeded("key", "this API key", 0.00001, "day", 5).message
+    assert "Budget of 2.5 USD per month" in errors.budget_exceeded("key", "this API key", 2.5, "month", 5).message
+
+
 def test_a_month_is_the_utc_calendar_month() -> None:
     import calendar
 
