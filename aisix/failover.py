@@ -30,8 +30,14 @@ from .upstream import Answer, Body
 
 
 class Replayable(Protocol):
+    """A request body as the attempts see it."""
+
     def outbound(self, target: Target, screen: Callable[[str], None],
-                 sent: Callable[[], None]) -> tuple[bytes | Body, int | None]: ...
+                 sent: Callable[[], None]) -> tuple[bytes | Body, int | None]:
+        """The body for this target and its length (None: chunked). ``screen`` is called on
+        every text field still to come; ``sent`` once the last byte has gone. Called again for
+        another target after a failover, while ``replayable()``."""
+        ...
 
     def keep(self, limit: int) -> None:
         """From now on keep what is sent (up to ``limit`` bytes) so another outbound() can replay it."""
@@ -39,7 +45,9 @@ class Replayable(Protocol):
     def replayable(self) -> bool: ...
 
     @property
-    def content_type(self) -> str: ...
+    def content_type(self) -> str:
+        """What the upstream is told."""
+        ...
 
 
 class Attempts:

@@ -23,19 +23,19 @@ from .audio import Probe
 from .config import Model, Resources, Settings, Target
 from .deadline import CLIENT, UPSTREAM, Deadline
 from .exchange import Exchange
-from .failover import Attempts
+from .failover import Attempts, Replayable
 from .inbound import Inbound
 from .keys import CLOCK, EXCHANGE, LIMITER, LIVE, METRICS, REQUEST_ID, SETTINGS, USAGE
 from .limits import Limiter, Slot
 from .relay import relay
 from .responses import abort
-from .upstream import Body
 
 log = logging.getLogger(__name__)
 
 
-class RequestBody(Protocol):
-    """A body read up to its alias, by the route's reader."""
+class RequestBody(Replayable, Protocol):
+    """A body read up to its alias, by the route's reader; what failover needs of it (the body
+    for a target, keeping it to send again) is failover.Replayable."""
 
     @property
     def alias(self) -> str: ...
@@ -44,24 +44,6 @@ class RequestBody(Protocol):
     def texts(self) -> Sequence[str]:
         """Text fields met before the alias, to screen once it is known."""
         ...
-
-    @property
-    def content_type(self) -> str:
-        """What the upstream is told."""
-        ...
-
-    def outbound(self, target: Target, screen: Callable[[str], None],
-                 sent: Callable[[], None]) -> tuple[bytes | Body, int | None]:
-        """The body for this target and its length (None: chunked). ``screen`` is called on
-        every text field still to come; ``sent`` once the last byte has gone. Called again for
-        another target after a failover, while ``replayable()``."""
-        ...
-
-    def keep(self, limit: int) -> None:
-        """Keep what is sent, up to ``limit`` bytes, so that it can be sent again."""
-        ...
-
-    def replayable(self) -> bool: ...
 
     @property
     def characters(self) -> int | None:
