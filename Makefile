@@ -160,6 +160,13 @@ bench: venv bench-tools
 bench-ab: venv bench-tools
 	AB_REF=$(or $(REF),HEAD) $(BIN)/python bench/ab.py
 
+# Where aisix spends its CPU under load (bench/profile.py): py-spy samples it under wrk, pinned as
+# in the bench. PROFILE_ROUTE=transcription for uploads.
+.PHONY: profile
+profile: venv bench-tools
+	@test -x $(BIN)/py-spy || $(BIN)/pip install -q py-spy
+	$(BIN)/python bench/profile.py
+
 # Coverage-guided fuzzing of the multipart rewriter with atheris (fuzz/README.md), for a bounded
 # time: FUZZ_SECONDS=600 make soak-fuzz. New inputs and any crash land in FUZZ_DIR;
 # AISIX_FUZZ_AIOHTTP=0 skips the aiohttp differential check.
