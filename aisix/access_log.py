@@ -6,13 +6,21 @@ the line once the answer is written; a handler cancelled because its caller left
 back to aiohttp, so ``cancelled`` writes that request's one line instead. The probes (``/livez``,
 ``/readyz``) get none unless ``access_log.probes`` is set; ``--access-log off`` removes the log
 entirely (load tests).
+
+Lines are built once, as one string, and written by a buffered ``Writer``: one ``write`` per
+64 KiB of lines, at most a second after the first of them, and at once on a drain and at exit.
+A stdlib ``logging`` call per request cost a tenth of the process under load (a record, a
+formatter, a handler lock and a write each); nginx's ``access_log ... buffer=64k flush=1s`` is
+the same trade.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
-import logging
+import os
 import re
+import time
 from typing import cast
 
 from aiohttp import web
@@ -25,17 +33,65 @@ _BARE = re.compile(r"[!#-~]+")  # printable ASCII but space and '"': written as 
 _LEFT = web.Response(status=499)  # the answer of a caller that left before it had one; never sent
 
 
+class Writer:
+    """Access lines, buffered, to a file descriptor (stderr: the journal under systemd)."""
+
+    LIMIT = 64 * 1024  # characters waiting that make a write at once
+    INTERVAL = 1.0     # seconds a line may wait at most
+
+    def __init__(self, fd: int = 2) -> None:
+        self.fd = fd
+        self._lines: list[str] = []
+        self._size = 0
+        self._timer: asyncio.TimerHandle | None = None
+        self._second = -1
+        self._stamp = ""
+
+    def stamp(self) -> str:
+        """The time as the process's other log lines write it (logging's asctime: local time and
+        milliseconds), the formatted second cached."""
+        now = time.time()
+        second = int(now)
+        if second != self._second:
+            self._second, self._stamp = second, time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(second))
+        return f"{self._stamp},{int((now - second) * 1000):03d}"
+
+    def add(self, line: str) -> None:
+        self._lines.append(line)
+        self._size += len(line)
+        if self._size >= self.LIMIT:
+            self.flush()
+        elif self._timer is None:
+            self._timer = asyncio.get_running_loop().call_later(self.INTERVAL, self.flush)
+
+    def flush(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if not self._lines:
+            return
+        data = memoryview("".join(self._lines).encode("utf-8", "backslashreplace"))
+        self._lines.clear()
+        self._size = 0
+        try:
+            while data:
+                data = data[os.write(self.fd, data):]
+        except OSError:  # stderr closed or gone: the lines are lost, the requests are not
+            pass
+
+
 class AccessLogger(AbstractAccessLogger):
     probes = False  # whether /livez and /readyz are logged; configured() sets it
+    writer = Writer()
 
     @classmethod
-    def configured(cls, probes: bool) -> type[AccessLogger]:
+    def configured(cls, probes: bool, writer: Writer) -> type[AccessLogger]:
         """The class aiohttp is given (it makes one instance per connection)."""
-        return cast(type[AccessLogger], type(cls.__name__, (cls,), {"probes": probes}))
+        return cast(type[AccessLogger], type(cls.__name__, (cls,), {"probes": probes, "writer": writer}))
 
     @property
     def enabled(self) -> bool:
-        return self.logger.isEnabledFor(logging.INFO)
+        return True  # aiohttp makes no instance at all under --access-log off
 
     def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
         path = request.rel_url.raw_path  # as sent: a decoded %0A would start a line of its own
@@ -53,17 +109,17 @@ class AccessLogger(AbstractAccessLogger):
             status, key, model, bytes_in = response.status, request.get(CALLER), None, 0
             # Body bytes, as on the audio routes: aiohttp's body_length counts the headers too.
             bytes_out = 0 if request.method == "HEAD" else response.content_length or 0
-        self.logger.info(
-            '%s "%s %s" %s rid=%s key=%s model=%s latency_ms=%d bytes_in=%d bytes_out=%d attempts=%s',
-            request.remote, request.method, path, status, _field(request.get(REQUEST_ID)), _field(key),
-            _field(model), time * 1000, bytes_in, bytes_out, _field(attempts),
-        )
+        writer = self.writer
+        writer.add(f'{writer.stamp()} INFO aisix.access: {request.remote} "{request.method} {path}" {status} '
+                   f"rid={_field(request.get(REQUEST_ID))} key={_field(key)} model={_field(model)} "
+                   f"latency_ms={int(time * 1000)} bytes_in={bytes_in} bytes_out={bytes_out} "
+                   f"attempts={_field(attempts)}\n")
 
 
 def cancelled(request: web.BaseRequest, elapsed: float) -> None:
     """The line of a request whose handler was cancelled (its caller left): aiohttp writes none."""
     logger = request.protocol.access_logger
-    if logger is None or not logger.enabled:  # --access-log off
+    if logger is None:  # --access-log off
         return
     ex = request.get(EXCHANGE)
     if ex is not None:

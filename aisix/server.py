@@ -16,7 +16,7 @@ import uvloop
 from aiohttp import web
 
 from . import logs, sdnotify
-from .access_log import AccessLogger
+from .access_log import AccessLogger, Writer
 from .app import create_app
 from .config import Config, ConfigError, Listen, load_resources
 from .connection import AppRunner
@@ -85,13 +85,14 @@ def _steady_malloc() -> None:
 async def _serve(config: Config, access_log: bool) -> None:
     settings = config.settings
     app = create_app(config)
+    lines = Writer()
     runner = AppRunner(  # aiohttp's, answering what its HTTP parser refuses with an envelope
         app,
         handler_cancellation=True,  # a caller that leaves also ends the upstream call it waits on
         # Bodies as sent: a decoded body would not match the length the caller declared, and a
         # decompressor run on a stranger's bytes is a bomb waiting. Coded bodies are refused.
         auto_decompress=False,
-        access_log_class=AccessLogger.configured(settings.access_log_probes),
+        access_log_class=AccessLogger.configured(settings.access_log_probes, lines),
         access_log=logging.getLogger("aisix.access") if access_log else None,
         shutdown_timeout=1.0,  # the drain below already waited for the requests that matter
         # aiohttp's default is an hour, and the same timer is the only bound on a header phase.
@@ -121,6 +122,7 @@ async def _serve(config: Config, access_log: bool) -> None:
         await _drain(app, site, proxy.drain_grace_ms / 1000, proxy.drain_timeout_ms / 1000)
     finally:
         await runner.cleanup()
+        lines.flush()  # before "aisix stopped": the drained requests' lines come first
         if metrics_runner is not None:
             await metrics_runner.cleanup()
         log.info("aisix stopped")

@@ -31,7 +31,7 @@ TARGETS = ("bare", "A", "B")
 def start_aisix_at(name: str, tree: Path, config: Path) -> tuple[run.Proc, int]:
     """aisix from tree's sources, whatever the venv has installed."""
     code = f"import sys, runpy; sys.path.insert(0, {str(tree)!r}); runpy.run_module('aisix', run_name='__main__')"
-    proc = run.Proc(name, [sys.executable, "-c", code, "serve", "-c", str(config), "--access-log", "off"],
+    proc = run.Proc(name, [sys.executable, "-c", code, "serve", "-c", str(config)],  # access log on, as shipped
                     run.PROXY_CORE, config.parent / f"{name}.log")
     m = proc.wait_for(r"aisix listening on http://[^\s:]+:(\d+)")
     return proc, int(m.group(1))
