@@ -45,7 +45,8 @@ class _Histogram:
 
     def buckets(self) -> list[tuple[str, float]]:
         """Cumulative, as the text format writes them."""
-        out, total = [], 0
+        out: list[tuple[str, float]] = []
+        total = 0
         for bound, count in zip((*map(_le, self.bounds), "+Inf"), self.counts, strict=True):
             total += count
             out.append((bound, total))
