@@ -11,13 +11,11 @@ aiohttp installed still has what this relies on. What it cannot do is in docs/ap
 
 from __future__ import annotations
 
-import uuid
-
 from aiohttp import web
 
 from . import errors
 from .keys import REQUEST_ID
-from .responses import envelope
+from .responses import envelope, new_request_id
 
 
 class RequestHandler(web.RequestHandler):
@@ -34,7 +32,7 @@ class RequestHandler(web.RequestHandler):
         response = envelope(error)
         # The caller's headers were not parsed, so its own request id cannot be kept: a new one,
         # in the access-log line too.
-        rid = request[REQUEST_ID] = uuid.uuid4().hex
+        rid = request[REQUEST_ID] = new_request_id()
         response.headers.update({"Server": "aisix", "x-aisix-request-id": rid, "x-request-id": rid})
         response.force_close()  # where the next request starts on this connection is unknown
         return response

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
-import uuid
 from collections.abc import Awaitable, Callable
 
 from aiohttp import hdrs, web
@@ -26,13 +26,19 @@ log = logging.getLogger(__name__)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
+def new_request_id() -> str:
+    """32 hex digits from the OS's random source, the shape a uuid4's hex has (uuid4 builds a
+    UUID object around the same 16 bytes, five times the cost)."""
+    return os.urandom(16).hex()
+
+
 def request_id(request: web.Request, names: tuple[str, ...]) -> str:
     """The caller's id when it is 1-128 visible ASCII characters, else a new one."""
     for name in names:
         value = request.headers.get(name)
         if value and len(value) <= 128 and value.isascii() and value.isprintable() and " " not in value:
             return value
-    return uuid.uuid4().hex
+    return new_request_id()
 
 
 def route(handler: Handler) -> Handler:
