@@ -206,14 +206,31 @@ class MemoryStore:
             self._windows[limit.key] = [start, n]
 
     async def admit(self, plan: Plan, slot_id: str, now: float) -> tuple[list[Limit], list[int]]:
-        counts = [self._count(x, now) for x in plan.limits]
-        blocked = [x for x, n in zip(plan.limits, counts, strict=True) if is_over(x, n)]
+        # One pass that counts and checks (this runs on every request), then one that takes.
+        windows, in_flight = self._windows, self._in_flight
+        counts: list[int] = []
+        starts: list[int] = []
+        blocked: list[Limit] = []
+        for x in plan.limits:
+            if x.size:
+                start = window_start(now, x.size)
+                entry = windows.get(x.key)
+                n = entry[1] if entry is not None and entry[0] == start else 0
+            else:
+                start, n = 0, in_flight.get(x.key, 0)
+            counts.append(n)
+            starts.append(start)
+            if (n > x.limit) if x.unit in CHARGED else (n >= x.limit):  # is_over, inline
+                blocked.append(x)
         if not blocked:
-            for x in plan.limits:
+            for x, n, start in zip(plan.limits, counts, starts, strict=True):
                 if x.unit == "requests":
-                    self._add(x, 1, now)
+                    if n:  # the entry of this window
+                        windows[x.key][1] = n + 1
+                    else:  # a new window: the old counter is dropped here
+                        windows[x.key] = [start, 1]
                 elif x.unit == "concurrency":
-                    self._in_flight[x.key] = self._in_flight.get(x.key, 0) + 1
+                    in_flight[x.key] = n + 1
         return blocked, counts
 
     async def settle(self, plan: Plan, slot_id: str, charges: dict[str, int], now: float) -> None:
