@@ -89,6 +89,14 @@ class AccessLogger(AbstractAccessLogger):
         """The class aiohttp is given (it makes one instance per connection)."""
         return cast(type[AccessLogger], type(cls.__name__, (cls,), {"probes": probes, "writer": writer}))
 
+    _peer: str | None = None  # this connection's client address (aiohttp makes an instance per connection)
+
+    def _remote(self, request: web.BaseRequest) -> str | None:
+        peer = self._peer
+        if peer is None:
+            peer = self._peer = request.remote
+        return peer
+
     @property
     def enabled(self) -> bool:
         return True  # aiohttp makes no instance at all under --access-log off
@@ -110,7 +118,7 @@ class AccessLogger(AbstractAccessLogger):
             # Body bytes, as on the audio routes: aiohttp's body_length counts the headers too.
             bytes_out = 0 if request.method == "HEAD" else response.content_length or 0
         writer = self.writer
-        writer.add(f'{writer.stamp()} INFO aisix.access: {request.remote} "{request.method} {path}" {status} '
+        writer.add(f'{writer.stamp()} INFO aisix.access: {self._remote(request)} "{request.method} {path}" {status} '
                    f"rid={_field(request.get(REQUEST_ID))} key={_field(key)} model={_field(model)} "
                    f"latency_ms={int(time * 1000)} bytes_in={bytes_in} bytes_out={bytes_out} "
                    f"attempts={_field(attempts)}\n")
