@@ -222,6 +222,8 @@ class Mpeg:
                 return
             buf = bytes(self._carry) + view[at:]
             self._carry.clear()
+        elif at == 0 and type(data) is bytes:  # exactly bytes: immutable, no copy needed
+            buf = data
         else:
             buf = bytes(view[at:])
         self._walk(buf)
