@@ -89,13 +89,16 @@ class Attempts:
                     assert last is not None
                     raise last
                 target = targets[i]
-                try:
-                    slot = await limiter.admit_provider(target.provider_key, clock())
-                except errors.RateLimited as exc:  # this key's quota is spent: another target, if any
-                    refused.add(i)
-                    last = last if tried else exc
-                    continue
-                await self.release()
+                slot = None
+                if target.provider_key.rate_limit is not None:  # its provider's quota
+                    try:
+                        slot = await limiter.admit_provider(target.provider_key, clock())
+                    except errors.RateLimited as exc:  # this key's quota is spent: another target, if any
+                        refused.add(i)
+                        last = last if tried else exc
+                        continue
+                if self.slot is not None:
+                    await self.release()
                 self.slot = slot
                 tried.add(i)
                 answer, failure = await self._attempt(request, route, body, target, screen, sent, deadline)
@@ -113,7 +116,8 @@ class Attempts:
                     buffered = await _read_whole(answer, app[SETTINGS].upstream.stream_idle_timeout_ms / 1000)
                     kept = (target, buffered) if buffered is not None else kept
         except BaseException:
-            await self.release()
+            if self.slot is not None:
+                await self.release()
             raise
 
     def _more(self, tried: set[int], refused: set[int], body: Replayable) -> bool:

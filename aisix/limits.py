@@ -206,6 +206,14 @@ class MemoryStore:
             self._windows[limit.key] = [start, n]
 
     async def admit(self, plan: Plan, slot_id: str, now: float) -> tuple[list[Limit], list[int]]:
+        return self.admit_now(plan, now)
+
+    async def settle(self, plan: Plan, slot_id: str, charges: dict[str, int], now: float) -> None:
+        self.settle_now(plan, charges, now)
+
+    # The Limiter calls these two directly: no coroutine per call on every request.
+
+    def admit_now(self, plan: Plan, now: float) -> tuple[list[Limit], list[int]]:
         # One pass that counts and checks (this runs on every request), then one that takes.
         windows, in_flight = self._windows, self._in_flight
         counts: list[int] = []
@@ -233,7 +241,7 @@ class MemoryStore:
                     in_flight[x.key] = n + 1
         return blocked, counts
 
-    async def settle(self, plan: Plan, slot_id: str, charges: dict[str, int], now: float) -> None:
+    def settle_now(self, plan: Plan, charges: dict[str, int], now: float) -> None:
         for x in plan.concurrency:
             held = self._in_flight.get(x.key, 0) - 1
             if held > 0:
@@ -279,6 +287,7 @@ a realtime session also charges tokens as they are reported (charge)."""
 
     def __init__(self, store: Store) -> None:
         self._store = store
+        self._memory = store if isinstance(store, MemoryStore) else None  # never fails, never waits
         self._store_errors = store.errors
         self.fail_open_total = 0
         self.settle_errors_total = 0
@@ -319,7 +328,10 @@ a realtime session also charges tokens as they are reported (charge)."""
             return Slot(None, "")
         slot = Slot(p, secrets.token_hex(8) if p.concurrency else "")
         try:
-            blocked, counts = await self._store.admit(p, slot.id, now)
+            if self._memory is not None:
+                blocked, counts = self._memory.admit_now(p, now)
+            else:
+                blocked, counts = await self._store.admit(p, slot.id, now)
         except self._store_errors as e:
             self.fail_open_total += 1
             self._paused_until = now + _PAUSE
@@ -377,7 +389,10 @@ a realtime session also charges tokens as they are reported (charge)."""
         if not p.concurrency and not charges:
             return
         try:
-            await self._store.settle(p, slot.id, charges, now)
+            if self._memory is not None:
+                self._memory.settle_now(p, charges, now)
+            else:
+                await self._store.settle(p, slot.id, charges, now)
         except Exception as e:  # noqa: BLE001 (settle runs in a finally; raising would mask the answer)
             self.settle_errors_total += 1
             self._warn(now, "rate limit store failed to settle a request: %s: %s", e)

@@ -128,9 +128,11 @@ async def exchange(request: web.Request, route: str, read: Reader) -> web.Stream
         audio = None  # charged to audio quotas only when the upstream did the work
         if ex.billable:
             audio = _audio_in(ex) if route != "speech" else ex.audio_seconds_out
-        if attempts is not None:
+        # Only when there is a slot to settle: most requests hold none of a provider key's.
+        if attempts is not None and attempts.slot is not None:
             await attempts.release(tokens, ex.cost_usd, audio)
-        await limiter.settle(slot, tokens, clock(), ex.cost_usd, audio)
+        if slot is not None:
+            await limiter.settle(slot, tokens, clock(), ex.cost_usd, audio)
         _finish(app, ex, resources)
 
 
