@@ -61,7 +61,14 @@ class Inbound:
         return chunk
 
     async def read_all(self, limit: int) -> bytes:
-        data = bytearray()
+        first = await self.read()
+        if self._content.is_eof():  # the whole body came in one chunk: the usual small JSON
+            if len(first) > limit:
+                raise errors.request_too_large(limit)
+            return first
+        data = bytearray(first)
+        if len(data) > limit:
+            raise errors.request_too_large(limit)
         while chunk := await self.read():
             data += chunk
             if len(data) > limit:
