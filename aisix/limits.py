@@ -306,7 +306,11 @@ a realtime session also charges tokens as they are reported (charge)."""
         """A slot to settle, or None when neither key nor model has limits; raises RateLimited."""
         if key.rate_limit is None and model.rate_limit is None:
             return None
-        return await self._admit(plan(key.name, key.rate_limit, model.alias, model.rate_limit), now)
+        p = plan(key.name, key.rate_limit, model.alias, model.rate_limit)
+        if self._memory is not None and p.limits:  # every request: no coroutine on the way
+            return self._slot(p, Slot(p, secrets.token_hex(8) if p.concurrency else ""),
+                              *self._memory.admit_now(p, now), now)
+        return await self._admit(p, now)
 
     async def admit_key(self, key: ApiKey, now: float) -> Slot | None:
         """admit() on the key's limits alone: a realtime session that names its model later."""
@@ -337,6 +341,10 @@ a realtime session also charges tokens as they are reported (charge)."""
             self._paused_until = now + _PAUSE
             self._warn(now, "rate limit store failed, admitting without checking limits: %s: %s", e)
             return Slot(None, "")  # the script may have run: a slot it took ends with its lease
+        return self._slot(p, slot, blocked, counts, now)
+
+    def _slot(self, p: Plan, slot: Slot, blocked: list[Limit], counts: list[int], now: float) -> Slot:
+        """The admitted slot, with what its audio quotas have left; raises the refusal."""
         if blocked:
             raise rejection(blocked, now)
         for x, n in zip(p.limits, counts, strict=True):
