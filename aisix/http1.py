@@ -213,9 +213,10 @@ class Answer:
         self._finished = False
         conn.begin(self)
 
-    async def head(self) -> None:
-        """Wait for the status and headers (UpstreamError if the connection fails first)."""
-        await self._headers
+    def head(self) -> asyncio.Future[None]:
+        """What to await for the status and headers (UpstreamError if the connection fails first):
+        the future itself, not a coroutine around it (one frame less to resume)."""
+        return self._headers
 
     def upload(self, head: bytes, body: Body, length: int | None) -> None:
         """Write the request head and then the body from a task of its own, at the pace the

@@ -11,6 +11,7 @@ one usage event. What differs per route is only how its body is read (speech.py,
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -212,10 +213,7 @@ def _check_content_encoding(request: web.Request) -> None:
 
 
 def route(name: str, read: Reader) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
-    """The handler of one audio route: the pipeline, with the route's reader."""
-
-    async def handler(request: web.Request) -> web.StreamResponse:
-        return await exchange(request, name, read)
-
-    return handler
+    """The handler of one audio route: the pipeline, with the route's reader (a partial, not a
+    coroutine around it: one frame less on every resumption of the request's task)."""
+    return functools.partial(exchange, route=name, read=read)
 

@@ -82,7 +82,7 @@ class Pool:
             head += (b"\r\nContent-Length: ", b"%d" % content_length, b"\r\n\r\n")
         else:
             head.append(b"\r\nTransfer-Encoding: chunked\r\n\r\n")
-        conn = await self._acquire(target.origin)
+        conn = self._idle_conn(target.origin) or await self._acquire(target.origin)
         answer = Answer(self._loop, conn, self._done)
         try:
             if isinstance(body, bytes):
@@ -127,6 +127,21 @@ class Pool:
         self._targets.clear()
 
     # -- connections ------------------------------------------------------------------------------
+
+    def _idle_conn(self, origin: Origin) -> Conn | None:
+        """An idle connection to origin with its slot taken, when one is free and nobody waits:
+        the usual case under load, taken without a coroutine."""
+        idle = self._idle.get(origin)
+        if not idle or self._in_use >= self._limit or self._waiters:
+            return None
+        now = self._loop.time()
+        while idle:
+            conn = idle.pop()  # the most recently used: the least likely to be closed
+            if not conn.closed and now - conn.idle_since < KEEPALIVE_S:
+                self._in_use += 1
+                return conn
+            conn.abort()
+        return None
 
     async def _acquire(self, origin: Origin) -> Conn:
         if self._in_use < self._limit and not self._waiters:
