@@ -26,12 +26,22 @@ FORMATS: tuple[tuple[Callable[[bytes], bool], Callable[[], Probe]], ...] = (
 )
 
 
-class Detect:
-    __slots__ = ("_head", "_probe")
+# A speech answer's Content-Type names its format: that format's sniff is asked first (it still
+# has to claim the bytes; a mislabelled answer falls through to the usual order).
+_BY_MEDIA: dict[str, tuple[Callable[[bytes], bool], Callable[[], Probe]]] = {
+    "audio/mpeg": FORMATS[5], "audio/mp3": FORMATS[5], "audio/aac": FORMATS[5],
+    "audio/wav": FORMATS[0], "audio/x-wav": FORMATS[0], "audio/wave": FORMATS[0],
+    "audio/flac": FORMATS[1], "audio/ogg": FORMATS[2], "audio/opus": FORMATS[2],
+}
 
-    def __init__(self) -> None:
+
+class Detect:
+    __slots__ = ("_first", "_head", "_probe")
+
+    def __init__(self, first: tuple[Callable[[bytes], bool], Callable[[], Probe]] | None = None) -> None:
         self._head = bytearray()
         self._probe: Probe | None = None
+        self._first = first  # the format to try before the others
 
     @property
     def declared(self) -> float | None:
@@ -45,10 +55,13 @@ class Detect:
         if self._probe is not None:
             self._probe.feed(data)
             return
+        if not self._head and len(data) >= HEAD:  # the usual first chunk: the head is in it
+            self._choose(bytes(data[:HEAD])).feed(data)
+            return
         before = bytes(self._head)  # what earlier feeds gave, all kept (fewer than HEAD bytes)
         self._head += data[:HEAD - len(self._head)]
         if len(self._head) >= HEAD:
-            probe = self._choose()
+            probe = self._choose(bytes(self._head))
             if before:
                 probe.feed(before)
             probe.feed(data)  # whole: the head held a copy of its start
@@ -57,13 +70,16 @@ class Detect:
         probe = self._probe
         if probe is None:  # a file shorter than HEAD
             head = bytes(self._head)
-            probe = self._choose()
+            probe = self._choose(head)
             probe.feed(head)
         return probe.end()
 
-    def _choose(self) -> Probe:
-        head = bytes(self._head)
-        probe: Probe = next((factory() for sniff, factory in FORMATS if sniff(head)), Unknown())
+    def _choose(self, head: bytes) -> Probe:
+        first = self._first
+        if first is not None and first[0](head):
+            probe = first[1]()
+        else:
+            probe = next((factory() for sniff, factory in FORMATS if sniff(head)), Unknown())
         self._probe = probe
         self._head = bytearray()
         return probe
@@ -74,4 +90,4 @@ def for_answer(content_type: str) -> Probe:
     media = content_type.partition(";")[0].strip().lower()
     if media in ("audio/pcm", "audio/l16"):
         return Pcm()
-    return Detect()
+    return Detect(_BY_MEDIA.get(media))

@@ -40,3 +40,16 @@ def test_speech_answers_by_content_type() -> None:
     assert pcm.end() == 1.0  # 24 kHz, 16-bit, mono: 48,000 bytes a second
     assert isinstance(for_answer("audio/mpeg"), Detect)
     assert isinstance(Unknown().end(), type(None))
+
+
+@pytest.mark.parametrize(("label", "fmt"), [("audio/mpeg", "mp3-cbr"), ("audio/wav", "wav"), ("audio/flac", "flac"),
+                                             ("audio/mpeg", "wav"), ("audio/wav", "mp3-cbr"),
+                                             ("audio/flac", "mp3-id3"), ("audio/opus", "flac")])
+def test_an_answers_content_type_is_tried_first_but_the_bytes_decide(label: str, fmt: str) -> None:
+    """The labelled format's sniff goes first (cheaper for the usual answer); a mislabelled
+    answer is still timed by the format its bytes are, at any split."""
+    path = make(fmt, 2.5)
+    data, truth = path.read_bytes(), ffprobe_seconds(path)
+    for pieces in splits(data, seed=5, count=4):
+        _, seconds = run(lambda: for_answer(label), pieces)
+        assert close_enough(seconds, truth), (label, fmt, seconds, truth)
