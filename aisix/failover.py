@@ -139,14 +139,10 @@ class Attempts:
         answer: Answer | None = None
         failure: errors.UpstreamFailed | None = None
         try:
-            async with asyncio.timeout(None) as timer:  # the attempt's own: a timeout here can fail over
-                outer = deadline.swap(timer)
-                try:
-                    answer = await self._app[POOL].send(
-                        target.urls[route], target.provider_key.auth_header, ex.request_id, body.content_type,
-                        request.headers.get(hdrs.ACCEPT), data, length)
-                finally:
-                    deadline.swap(outer)
+            with deadline.scope():  # the attempt's own: a timeout here can fail over
+                answer = await self._app[POOL].send(
+                    target.urls[route], target.provider_key.auth_header, ex.request_id, body.content_type,
+                    request.headers.get(hdrs.ACCEPT), data, length)
         except errors.UpstreamFailed as exc:
             failure = exc
         except TimeoutError:

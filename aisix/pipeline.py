@@ -76,8 +76,11 @@ async def exchange(request: web.Request, route: str, read: Reader) -> web.Stream
     live.enter()
     app[METRICS].started(route)
     try:
-        async with asyncio.timeout(None) as timer:
-            deadline = Deadline(timer)
+        loop = request.task.get_loop()  # not asyncio.get_running_loop(): a getpid() each
+        task = asyncio.current_task(loop)
+        assert task is not None  # a handler runs in a task of its own
+        deadline = Deadline(loop, task)
+        with deadline.scope():
             _check_declared_length(request, settings.proxy.request_body_limit_bytes)
             key = auth.lookup(request.headers.get(hdrs.AUTHORIZATION), resources.keys_by_hash)
             ex.api_key = key.name

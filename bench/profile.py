@@ -101,7 +101,7 @@ def main() -> int:
         raw = Path(os.environ.get("PROFILE_RAW") or tmp / "stacks.txt")
         spy_out: list[str] = []
         sampler = subprocess.Popen([*run.cpu_list(run.LOAD_CORE), spy, "record", "--format", "raw", "--rate", "250",
-                                    "--nonblocking", "--duration", str(SECONDS), "--pid", str(proc.pid),
+                                    *(["--native"] if os.environ.get("PROFILE_NATIVE") else ["--nonblocking"]), "--duration", str(SECONDS), "--pid", str(proc.pid),
                                     "--output", str(raw)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                    text=True)
         reader = threading.Thread(target=lambda: spy_out.extend(sampler.stdout or []), daemon=True)
