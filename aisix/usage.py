@@ -2,7 +2,8 @@
 bounded queue, one writer); none is lost while there is disk to keep it on.
 
 ``emit`` only appends to a queue (event loop thread only); one writer task drains whatever is
-queued into one batch, encodes it with orjson and writes it in one go: a file (JSON lines,
+queued into one batch (letting events gather for ``LINGER_S`` first, so a busy gateway makes one
+write per few ms rather than one per request), encodes it with orjson and writes it in one go: a file (JSON lines,
 reopened after rotation), stdout, or a Redis stream. When a write fails, the batch goes to the
 spill (spill.py: a local append-only file) and so does every later batch while the spill holds
 anything, so the order is kept; the writer replays the spill to the sink, oldest first, as soon
@@ -95,6 +96,8 @@ def rfc3339(ts: float) -> str:
     return f"{_second[1]}.{ms:03d}Z"
 _REDIS_TIMEOUT_S = 2.0
 RETRY_S = 1.0  # while events wait in the spill, how often the sink is tried again
+LINGER_S = 0.005  # how long the writer lets events gather before a batch, unless LINGER_EVENTS wait
+LINGER_EVENTS = 256
 
 
 class UsageSink:
@@ -187,6 +190,10 @@ class UsageSink:
                 else:
                     await self._wake.wait()
                 continue
+            if len(self._queue) < LINGER_EVENTS and not self._closing:
+                # Under load a wake-up finds one or two events: a few ms more make one write of
+                # many (a stat, a write and a flush per batch were a system call per request).
+                await asyncio.sleep(LINGER_S)
             batch = list(self._queue)
             self._queue.clear()
             lines = []
