@@ -58,9 +58,10 @@ def _le(bound: float) -> str:
 
 
 class _Requests(Collector):
-    """The audio routes' per-request series, kept as plain numbers and turned into families when
-    scraped: a request adds to a few dict entries instead of calling prometheus_client's children
-    (a lock, a check and a method call per series: a tenth of the gateway's own work per request)."""
+    """The audio routes' per-request series (tokens too: most transcriptions report them), kept
+    as plain numbers and turned into families when scraped: a request adds to a few dict entries
+    instead of calling prometheus_client's children (a lock, a check and a method call per
+    series: a tenth of the gateway's own work per request)."""
 
     def __init__(self) -> None:
         self.requests: dict[tuple[str, str, str], int] = {}          # route, model, status
@@ -70,6 +71,7 @@ class _Requests(Collector):
         self.bytes: dict[tuple[str, str], int] = {}                  # route, direction
         self.attempts: dict[tuple[str, str, str], int] = {}          # model, provider key, outcome
         self.cost: dict[str, float] = {}                             # model
+        self.tokens: dict[tuple[str, str], int] = {}                 # model, kind
         self.audio_seconds: dict[tuple[str, str], float] = {}       # model, direction
 
     def histogram(self, series: dict[str, _Histogram], route: str) -> _Histogram:
@@ -97,6 +99,8 @@ class _Requests(Collector):
         yield _counter("aisix_upstream_attempts", "Upstream attempts by alias, provider key and outcome "
                        "(the upstream status, or connect, timeout, reset, aborted).",
                        ("model", "provider_key", "outcome"), self.attempts)
+        yield _counter("aisix_tokens", "Tokens the upstream reported, by alias and kind.", ("model", "kind"),
+                       self.tokens)
         yield _counter("aisix_cost_usd", "What requests cost by alias, from its pricing.", ("model",),
                        {(m,): v for m, v in list(self.cost.items())})
         yield _counter("aisix_audio_seconds", "Audio measured on the wire by alias: uploads (in) and speech "
@@ -122,8 +126,6 @@ class Metrics:
                                     ("scope",), registry=r)
         self.guardrail_hits = Counter("aisix_guardrail_hits", "Guardrail matches by guardrail and action.",
                                       ("guardrail", "action"), registry=r)
-        self.tokens = Counter("aisix_tokens", "Tokens the upstream reported, by alias and kind.",
-                              ("model", "kind"), registry=r)
         self.cooling_down = Gauge("aisix_target_cooling_down", "1 while a target is cooling down, as this "
                                   "process last saw it.", ("model", "provider_key"), registry=r)
         self.sessions_open = Gauge("aisix_realtime_sessions_open", "Realtime sessions open (upgraded, not ended).",
@@ -168,9 +170,10 @@ class Metrics:
 
     def _tokens(self, model: str, ex: Exchange) -> None:
         assert ex.usage is not None
+        tokens = self._hot.tokens
         for kind, value in (("input", ex.usage.input_tokens), ("output", ex.usage.output_tokens)):
             if value:
-                self.tokens.labels(model, kind).inc(value)
+                tokens[(model, kind)] = tokens.get((model, kind), 0) + value
 
     def session_finished(self, ex: Exchange, known_alias: bool, seconds: float | None) -> None:
         """A realtime session's request, once it ended or was refused; ``seconds`` its length
