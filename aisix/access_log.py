@@ -107,6 +107,7 @@ class AccessLogger(AbstractAccessLogger):
             return
         ex = request.get(EXCHANGE)
         attempts = None
+        rid = ex.request_id if ex is not None else request.get(REQUEST_ID)
         if ex is not None:
             status, key, model, bytes_in, bytes_out = (
                 ex.status or response.status, ex.api_key, ex.model, ex.bytes_in, ex.bytes_out)
@@ -119,7 +120,7 @@ class AccessLogger(AbstractAccessLogger):
             bytes_out = 0 if request.method == "HEAD" else response.content_length or 0
         writer = self.writer
         writer.add(f'{writer.stamp()} INFO aisix.access: {self._remote(request)} "{request.method} {path}" {status} '
-                   f"rid={_field(request.get(REQUEST_ID))} key={_field(key)} model={_field(model)} "
+                   f"rid={_field(rid)} key={_field(key)} model={_field(model)} "
                    f"latency_ms={int(time * 1000)} bytes_in={bytes_in} bytes_out={bytes_out} "
                    f"attempts={_field(attempts)}\n")
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from .config import Pricing
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: a frozen dataclass's __init__ sets each field through object.__setattr__
 class Quantities:
     input_characters: int | None = None
     audio_seconds_in: float | None = None  # the upstream's figure when it reported one, else measured
