@@ -176,6 +176,8 @@ class Buffered:
     def __init__(self, status: int, headers: CIMultiDictProxy[str], body: bytes) -> None:
         self.status, self.headers, self._body = status, headers, body
 
+    ready = True  # read whole
+
     async def read(self) -> bytes:
         body, self._body = self._body, b""
         return body

@@ -244,6 +244,11 @@ class Answer:
             finally:
                 self._waiter = None
 
+    @property
+    def ready(self) -> bool:
+        """Body bytes (or its end) are here already: a read() would not wait."""
+        return bool(self._chunks) or self.complete or self._error is not None
+
     def release(self) -> None:
         """The body was read to its end: the connection may serve the next request."""
         if self._finished:

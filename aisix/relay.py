@@ -62,6 +62,11 @@ async def relay(
         if not ok:
             ex.error_code = "upstream_error"
         stamp(request, response)
+        if held is not None or upstream.ready:
+            # The first body bytes are here: the head leaves with them, in one write (aiohttp's
+            # own buffering for web.Response; a StreamResponse sends its head at once, a system
+            # call of its own). Otherwise the head goes at once, as the caller waits for it.
+            response._send_headers_immediately = False
         deadline.wait(idle, CLIENT)
         await response.prepare(request)
         ex.response = response
