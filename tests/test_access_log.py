@@ -169,3 +169,17 @@ async def test_a_caller_cannot_forge_a_line(gateway: Gateway) -> None:
     assert fields(gateway.wait_log(f" rid={rid} "))["model"] == model
     assert " 404 " in gateway.wait_log('"GET /v1/x%0AFORGED%20y"')  # the path as sent
     assert not any(line.startswith("FORGED") for line in gateway.lines)
+
+
+async def test_a_stop_writes_the_lines_still_buffered(make_gateway, fake: FakeUpstream) -> None:
+    """Lines wait up to a second in the writer's buffer; SIGTERM writes them before the process
+    says it stopped, not never."""
+    gw = make_gateway()
+    rids = [uuid.uuid4().hex for _ in range(3)]
+    for rid in rids:
+        assert (await call(gw, "POST", "/v1/audio/speech", rid, SPEECH, SPEECH_HEADERS))[0] == 200
+    gw.stop()  # at once: well within the second a line may wait
+    log = gw.log()
+    for rid in rids:
+        assert len(lines(gw, rid)) == 1, log
+    assert log.index(f" rid={rids[-1]} ") < log.index("aisix stopped")

@@ -1,0 +1,82 @@
+"""The access log's buffered writer: one write per 64 KiB of lines, at most a second late, all of
+it on flush (a stop). A pipe stands in for stderr."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+
+from aisix.access_log import Writer
+
+
+def pipe() -> tuple[int, int]:
+    r, w = os.pipe()
+    os.set_blocking(r, False)
+    return r, w
+
+
+def drain(fd: int) -> bytes:
+    try:
+        return os.read(fd, 1 << 20)
+    except BlockingIOError:
+        return b""
+
+
+async def test_lines_wait_for_size_or_time_and_a_flush_writes_them_all() -> None:
+    r, w = pipe()
+    try:
+        writer = Writer(w)
+        writer.add("one\n")
+        writer.add("two\n")
+        assert drain(r) == b""  # buffered: no write per line
+        writer.flush()
+        assert drain(r) == b"one\ntwo\n"
+        writer.flush()  # nothing waiting: nothing written
+        assert drain(r) == b""
+    finally:
+        os.close(r)
+        os.close(w)
+
+
+async def test_a_full_buffer_is_written_at_once() -> None:
+    r, w = pipe()
+    try:
+        writer = Writer(w)
+        line = "x" * 1023 + "\n"
+        for _ in range(Writer.LIMIT // len(line) - 1):
+            writer.add(line)
+        assert drain(r) == b""
+        writer.add(line)  # reaches the limit
+        written = b""
+        while chunk := drain(r):  # the pipe may return it in pieces
+            written += chunk
+        assert written == line.encode() * (Writer.LIMIT // len(line))
+    finally:
+        os.close(r)
+        os.close(w)
+
+
+async def test_a_line_is_written_within_the_interval() -> None:
+    r, w = pipe()
+    loop = asyncio.get_running_loop()
+    try:
+        writer = Writer(w)
+        writer.INTERVAL = 0.05  # type: ignore[misc] (the test's own, shorter)
+        readable = asyncio.Event()
+        loop.add_reader(r, readable.set)
+        started = loop.time()
+        writer.add("late\n")
+        await asyncio.wait_for(readable.wait(), 5)
+        assert drain(r) == b"late\n"
+        assert loop.time() - started >= 0.04  # by the timer, not at once
+    finally:
+        loop.remove_reader(r)
+        os.close(r)
+        os.close(w)
+
+
+async def test_the_stamp_is_loggings_format() -> None:
+    stamp = Writer().stamp()
+    date, clock = stamp.split(" ")
+    assert len(date) == 10 and date[4] == date[7] == "-"
+    assert len(clock) == 12 and clock[8] == "," and clock[:8].count(":") == 2
