@@ -29,6 +29,18 @@ _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30,
 _SESSION_BUCKETS = (1, 5, 10, 30, 60, 120, 300, 600, 1200, 1800, 3600, 7200)
 
 
+class _Count:
+    """One counter series as a plain number (what a frame adds to, without a lock)."""
+
+    __slots__ = ("value",)
+
+    def __init__(self) -> None:
+        self.value = 0
+
+    def inc(self, amount: int = 1) -> None:
+        self.value += amount
+
+
 class _Histogram:
     """One histogram series as plain numbers: a bucket count per bound (and +Inf), and the sum."""
 
@@ -72,6 +84,8 @@ class _Requests(Collector):
         self.attempts: dict[tuple[str, str, str], int] = {}          # model, provider key, outcome
         self.cost: dict[str, float] = {}                             # model
         self.tokens: dict[tuple[str, str], int] = {}                 # model, kind
+        self.frames = {"in": _Count(), "out": _Count()}              # realtime, direction
+        self.frame_bytes = {"in": _Count(), "out": _Count()}         # realtime, direction
         self.audio_seconds: dict[tuple[str, str], float] = {}       # model, direction
 
     def histogram(self, series: dict[str, _Histogram], route: str) -> _Histogram:
@@ -101,6 +115,10 @@ class _Requests(Collector):
                        ("model", "provider_key", "outcome"), self.attempts)
         yield _counter("aisix_tokens", "Tokens the upstream reported, by alias and kind.", ("model", "kind"),
                        self.tokens)
+        yield _counter("aisix_realtime_frames", "Realtime frames relayed, from callers (in) and to callers (out).",
+                       ("direction",), {(d, ): c.value for d, c in self.frames.items()})
+        yield _counter("aisix_realtime_frame_bytes", "Realtime frame payload bytes, from callers (in) and to "
+                       "callers (out).", ("direction",), {(d, ): c.value for d, c in self.frame_bytes.items()})
         yield _counter("aisix_cost_usd", "What requests cost by alias, from its pricing.", ("model",),
                        {(m,): v for m, v in list(self.cost.items())})
         yield _counter("aisix_audio_seconds", "Audio measured on the wire by alias: uploads (in) and speech "
@@ -130,14 +148,11 @@ class Metrics:
                                   "process last saw it.", ("model", "provider_key"), registry=r)
         self.sessions_open = Gauge("aisix_realtime_sessions_open", "Realtime sessions open (upgraded, not ended).",
                                    registry=r)
-        self.frames = Counter("aisix_realtime_frames", "Realtime frames relayed, from callers (in) and to callers "
-                              "(out).", ("direction",), registry=r)
-        self.frame_bytes = Counter("aisix_realtime_frame_bytes", "Realtime frame payload bytes, from callers (in) "
-                                   "and to callers (out).", ("direction",), registry=r)
         self.session_seconds = Histogram("aisix_realtime_session_duration_seconds", "Realtime session length, "
                                          "upgrade to close.", buckets=_SESSION_BUCKETS, registry=r)
-        self.frames_in, self.frames_out = self.frames.labels("in"), self.frames.labels("out")
-        self.frame_bytes_in, self.frame_bytes_out = self.frame_bytes.labels("in"), self.frame_bytes.labels("out")
+        # Counted per frame (thousands a second per session at most): plain numbers, as above.
+        self.frames_in, self.frames_out = hot.frames["in"], hot.frames["out"]
+        self.frame_bytes_in, self.frame_bytes_out = hot.frame_bytes["in"], hot.frame_bytes["out"]
         r.register(_LiveCounters(live_counters))
 
     def started(self, route: str) -> None:
