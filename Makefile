@@ -143,7 +143,9 @@ uninstall:
 # Performance (bench/README.md): installs nginx and wrk from Debian's packages when missing, then
 # starts everything it measures on 127.0.0.1, bounded in time (~4 min), and prints ratios against
 # nginx and a bare aiohttp relay with PASS/FAIL per target. BENCH_SECONDS, BENCH_ROUNDS, ... tune it.
-.PHONY: bench bench-tools
+# Then realtime sessions (bench-realtime, ~2 min more) unless BENCH_REALTIME=0.
+BENCH_REALTIME ?= 1
+.PHONY: bench bench-tools bench-realtime
 bench-tools:
 	@missing=""; for t in nginx wrk; do PATH="$$PATH:/usr/sbin:/sbin" command -v $$t >/dev/null || missing="$$missing $$t"; done; \
 	if [ -n "$$missing" ]; then \
@@ -153,6 +155,14 @@ bench-tools:
 
 bench: venv bench-tools
 	$(BIN)/python bench/run.py
+	@if [ "$(BENCH_REALTIME)" = 0 ]; then echo "BENCH_REALTIME=0: realtime sessions not measured"; \
+	else echo "$(BIN)/python bench/realtime.py"; $(BIN)/python bench/realtime.py; fi
+
+# Realtime sessions alone (bench/realtime.py, ~2 min): sessions per core at real-time pace, the p99
+# delay added to a frame and memory per idle session, aisix against a bare aiohttp WebSocket relay.
+# BENCH_RT_SECONDS, BENCH_RT_MAX_SESSIONS, ... tune it (bench/README.md, "Realtime").
+bench-realtime: venv
+	$(BIN)/python bench/realtime.py
 
 # One change's cost: CPU per request of aisix at AB_REF (default HEAD) against this tree and the
 # bare relay, interleaved (bench/README.md, "Measuring one change").
