@@ -41,6 +41,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -179,7 +180,7 @@ def cpu_list(cores: set[int] | None) -> list[str]:
 class Proc:
     """A child process in its own process group (its workers too), stopped by the bench on exit."""
 
-    running: list[Proc] = []
+    running: ClassVar[list[Proc]] = []
 
     def __init__(self, name: str, argv: list[str], cores: set[int] | None, log: Path,
                  env: dict[str, str] | None = None) -> None:
@@ -715,8 +716,9 @@ async def check_upstream_reads_body(port: int) -> None:
 async def probe_metrics(port: int) -> str:
     try:
         c = await asyncio.wait_for(Client(port).connect(), 2)
-    except (OSError, asyncio.TimeoutError):
-        return f"metrics.listen 127.0.0.1:{port} configured, nothing listens there (this aisix does not serve /metrics yet)"
+    except (TimeoutError, OSError):
+        return (f"metrics.listen 127.0.0.1:{port} configured, nothing listens there "
+                "(this aisix does not serve /metrics yet)")
     try:
         c.writer.write(b"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")  # type: ignore[union-attr]
         a = await asyncio.wait_for(c.answer(), 5)
@@ -1287,8 +1289,9 @@ def main() -> int:
               f"{FILE_KIB} KiB transcription {added_cost['transcription'][0]:+.2f} ms median "
               f"({added_cost['transcription'][1]:+.2f} ms p90)")
         noise = med([r.others for rs in runs.values() for t in TARGETS for r in rs[t]])
+        noisy = "" if noise <= NOISY else ": the figures are noisy, run again on a quiet machine"
         print(f"  {'ok  ' if noise <= NOISY else 'WARN'}  other load on the machine during the wrk runs: "
-              f"{noise:.0f}% of a core (median){'' if noise <= NOISY else ': the figures are noisy, run again on a quiet machine'}")
+              f"{noise:.0f}% of a core (median){noisy}")
         print(f"\ntook {time.monotonic() - started:.0f} s")
         failed = sum(not ok for ok, _ in checks)
         return 1 if STRICT and (failed or errors) else 0
