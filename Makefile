@@ -141,9 +141,10 @@ uninstall:
 	@echo "kept $(SYSCONFDIR)/, /var/log/aisix and the user $(AISIX_USER) (userdel $(AISIX_USER) to remove it)"
 
 # Performance (bench/README.md): installs nginx and wrk from Debian's packages when missing, then
-# starts everything it measures on 127.0.0.1, bounded in time (~4 min), and prints ratios against
-# nginx and a bare aiohttp relay with PASS/FAIL per target. BENCH_SECONDS, BENCH_ROUNDS, ... tune it.
-# Then realtime sessions (bench-realtime, ~2 min more) unless BENCH_REALTIME=0.
+# starts everything it measures on 127.0.0.1, bounded in time (~6 min), and prints ratios against
+# tuned nginx, the aiohttp ceiling, a raw Python relay and a bare aiohttp relay with PASS/FAIL per
+# target. BENCH_SECONDS, BENCH_ROUNDS, ... tune it.
+# Then realtime sessions (bench-realtime, ~1-2 min more) unless BENCH_REALTIME=0.
 BENCH_REALTIME ?= 1
 .PHONY: bench bench-tools bench-realtime
 bench-tools:

@@ -20,7 +20,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import run  # noqa: E402  (bench/run.py)
+import run
 
 REF = os.environ.get("AB_REF", "HEAD")
 ROUNDS = run._env_int("AB_ROUNDS", 5)

@@ -38,7 +38,8 @@ async def serve(host: str, port: int, upstream: str) -> None:
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=1000), auto_decompress=False,
                                      timeout=aiohttp.ClientTimeout(total=None)) as app[SESSION]:
         await web.TCPSite(runner, host, port).start()
-        print("bare relay listening on http://%s:%d" % runner.addresses[0][:2], flush=True)
+        address, bound = runner.addresses[0][:2]
+        print(f"bare relay listening on http://{address}:{bound}", flush=True)
         stop = asyncio.Event()
         for sig in (signal.SIGINT, signal.SIGTERM):
             asyncio.get_running_loop().add_signal_handler(sig, stop.set)

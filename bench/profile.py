@@ -22,7 +22,7 @@ import threading
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import run  # noqa: E402  (bench/run.py)
+import run
 
 ROUTE = os.environ.get("PROFILE_ROUTE", "speech")
 SECONDS = run._env_int("PROFILE_SECONDS", 10)

@@ -37,7 +37,8 @@ async def serve(host: str, port: int, chunks: int, pause: float) -> None:
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
     await web.TCPSite(runner, host, port).start()
-    print("stream upstream listening on http://%s:%d" % runner.addresses[0][:2], flush=True)
+    address, bound = runner.addresses[0][:2]
+    print(f"stream upstream listening on http://{address}:{bound}", flush=True)
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         asyncio.get_running_loop().add_signal_handler(sig, stop.set)
