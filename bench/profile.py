@@ -7,7 +7,8 @@ the stack) and the heaviest functions, self and inclusive. Used for the before/a
 docs/design.md ("Performance").
 
 Environment (all optional): PROFILE_ROUTE (speech; or transcription), PROFILE_SECONDS (10),
-PROFILE_TOP (25), PROFILE_RAW (a path: keep py-spy's collapsed stacks there).
+PROFILE_TOP (25), PROFILE_RAW (a path: keep py-spy's collapsed stacks there), PROFILE_NATIVE (1: C
+frames too, with the process stopped at each sample).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import run
 ROUTE = os.environ.get("PROFILE_ROUTE", "speech")
 SECONDS = run._env_int("PROFILE_SECONDS", 10)
 TOP = run._env_int("PROFILE_TOP", 25)
+NATIVE = os.environ.get("PROFILE_NATIVE", "") == "1"
 
 
 def short(filename: str) -> str:
@@ -100,17 +102,19 @@ def main() -> int:
         run.wrk(port, ROUTE, 2)  # warm up
         raw = Path(os.environ.get("PROFILE_RAW") or tmp / "stacks.txt")
         spy_out: list[str] = []
+        # PROFILE_NATIVE=1: C frames too (system calls, the allocator), sampled with the process
+        # stopped, which slows it; the default samples without stopping it, Python frames only.
+        how = ["--native"] if NATIVE else ["--nonblocking"]
         sampler = subprocess.Popen([*run.cpu_list(run.LOAD_CORE), spy, "record", "--format", "raw", "--rate", "250",
-                                    *(["--native"] if os.environ.get("PROFILE_NATIVE") else ["--nonblocking"]), "--duration", str(SECONDS), "--pid", str(proc.pid),
-                                    "--output", str(raw)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                   text=True)
+                                    *how, "--duration", str(SECONDS), "--pid", str(proc.pid), "--output", str(raw)],
+                                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         reader = threading.Thread(target=lambda: spy_out.extend(sampler.stdout or []), daemon=True)
         reader.start()
         r = run.wrk(port, ROUTE, SECONDS, watch=[proc.pid])
         sampler.wait(SECONDS + 30)
         reader.join(5)
         print(f"aisix, {ROUTE}, wrk -t1 -c{run.CONNECTIONS} {SECONDS} s: {r.rps:,.0f} req/s, p99 {r.p99_ms:.2f} ms, "
-              f"errors {r.errors}, aisix CPU {r.cpu:.0f}% of a core; py-spy at 250 Hz (nonblocking)")
+              f"errors {r.errors}, aisix CPU {r.cpu:.0f}% of a core; py-spy at 250 Hz ({how[0][2:]})")
         if sampler.returncode != 0 or not raw.exists():
             print("profile: py-spy failed:\n" + "".join(spy_out[-20:]), file=sys.stderr)
             return 2
