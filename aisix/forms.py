@@ -12,6 +12,7 @@ complete.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 from collections.abc import AsyncIterator, Callable
 
@@ -30,6 +31,7 @@ log = logging.getLogger(__name__)
 _MODEL_ONLY = frozenset({multipart.MODEL})
 _PROMPT = frozenset({multipart.MODEL, "prompt"})
 _SMALL = 16 * 1024  # below this, pieces are joined into one write
+_BATCH, _BATCH_PIECES = 256 * 1024, 64  # a replayed write: at most this many bytes (or pieces), roughly
 # A replay copy up to this stays in memory (within the spools' process-wide budget): most voice
 # clips are smaller, and a temp file costs more per request than the copy itself.
 COPY_IN_MEMORY = 512 * 1024
@@ -94,16 +96,18 @@ class FormBody:
         try:
             self._started = True
             self._check()
+            # What was held before the model, the model value for this target, and what earlier
+            # attempts sent on after it (a failover), in writes of up to _BATCH bytes: pieces kept
+            # in memory are joined into few writes; a temp file is read 256 KiB at a time.
             write: Write = []
-            # one in memory; 256 KiB reads from a temp file
-            for chunk in held.replay() if copy is not None else held.chunks():
-                if write:
+            size = 0
+            for chunk in itertools.chain(held.replay() if copy is not None else held.chunks(), (model_name,),
+                                         copy.replay() if copy is not None else ()):
+                if write and (size >= _BATCH or len(write) >= _BATCH_PIECES):
                     yield write
-                write = [chunk]
-            write.append(model_name)
-            for chunk in copy.replay() if copy is not None else ():  # what earlier attempts sent on
-                yield write
-                write = [chunk]
+                    write, size = [], 0
+                write.append(chunk)
+                size += len(chunk)
             if self._after is not None:  # the first chunk after the model, not sent on yet
                 after, self._after = self._after, None
                 out = _outgoing(after, screen)

@@ -67,10 +67,13 @@ class Inbound:
                 raise errors.request_too_large(limit)
             return first
         data = bytearray(first)
-        if len(data) > limit:
-            raise errors.request_too_large(limit)
-        while chunk := await self.read():
+        del first
+        while len(data) <= limit:
+            chunk = await self.read()
+            if not chunk:
+                return bytes(data)
             data += chunk
-            if len(data) > limit:
-                raise errors.request_too_large(limit)
-        return bytes(data)
+        # Over the cap: the buffer goes now, not with this frame (a traceback keeps the frame,
+        # and the collector may take a while to free it: a flood of 413s would hold them all).
+        del data[:]
+        raise errors.request_too_large(limit)

@@ -154,6 +154,7 @@ class Metrics:
         self.frames_in, self.frames_out = hot.frames["in"], hot.frames["out"]
         self.frame_bytes_in, self.frame_bytes_out = hot.frame_bytes["in"], hot.frame_bytes["out"]
         r.register(_LiveCounters(live_counters))
+        self._cooling: dict[str, dict[str, int]] = {}  # alias -> the marks last set
 
     def started(self, route: str) -> None:
         in_flight = self._hot.in_flight
@@ -213,6 +214,9 @@ class Metrics:
         marks: dict[str, int] = {}
         for i, t in enumerate(targets):
             marks[t.provider_key.name] = max(marks.get(t.provider_key.name, 0), int(i in cooling))
+        if self._cooling.get(model) == marks:  # every request of a routed alias: mostly unchanged
+            return
+        self._cooling[model] = marks
         for name, mark in marks.items():
             self.cooling_down.labels(model, name).set(mark)
 

@@ -8,7 +8,8 @@ docs/design.md ("Performance").
 
 Environment (all optional): PROFILE_ROUTE (speech; or transcription), PROFILE_SECONDS (10),
 PROFILE_TOP (25), PROFILE_RAW (a path: keep py-spy's collapsed stacks there), PROFILE_NATIVE (1: C
-frames too, with the process stopped at each sample).
+frames too, with the process stopped at each sample), PROFILE_ALIAS (failover: the aliases with two
+targets).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ ROUTE = os.environ.get("PROFILE_ROUTE", "speech")
 SECONDS = run._env_int("PROFILE_SECONDS", 10)
 TOP = run._env_int("PROFILE_TOP", 25)
 NATIVE = os.environ.get("PROFILE_NATIVE", "") == "1"
+MODELS = run.MODELS["failover"] if os.environ.get("PROFILE_ALIAS") == "failover" else run.PLAIN_MODELS
 
 
 def short(filename: str) -> str:
@@ -99,7 +101,7 @@ def main() -> int:
                         run.UPSTREAM_BODY.format(port=up, dir=tmp / "upstream"), run.LOAD_CORE, [up])
         config = run.aisix_config(tmp / "aisix", "127.0.0.1:0", up, up, f"127.0.0.1:{run.free_port()}")
         proc, port = run.start_aisix("aisix", config, run.PROXY_CORE)
-        run.wrk(port, ROUTE, 2)  # warm up
+        run.wrk(port, ROUTE, 2, models=MODELS)  # warm up
         raw = Path(os.environ.get("PROFILE_RAW") or tmp / "stacks.txt")
         spy_out: list[str] = []
         # PROFILE_NATIVE=1: C frames too (system calls, the allocator), sampled with the process
@@ -110,7 +112,7 @@ def main() -> int:
                                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         reader = threading.Thread(target=lambda: spy_out.extend(sampler.stdout or []), daemon=True)
         reader.start()
-        r = run.wrk(port, ROUTE, SECONDS, watch=[proc.pid])
+        r = run.wrk(port, ROUTE, SECONDS, watch=[proc.pid], models=MODELS)
         sampler.wait(SECONDS + 30)
         reader.join(5)
         print(f"aisix, {ROUTE}, wrk -t1 -c{run.CONNECTIONS} {SECONDS} s: {r.rps:,.0f} req/s, p99 {r.p99_ms:.2f} ms, "

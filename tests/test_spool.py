@@ -37,3 +37,19 @@ def test_the_process_wide_memory_budget(monkeypatch: pytest.MonkeyPatch) -> None
     for s in spools:
         s.close()
     assert Spool.in_memory == before
+
+
+def test_what_is_held_in_memory_cannot_change_under_it() -> None:
+    """Pieces are kept as written when they cannot change (bytes, a view of bytes it mostly
+    covers) and copied otherwise: the caller's bytearray may be reused after write()."""
+    s = Spool(1 << 20)
+    buf = bytearray(b"x" * 100)
+    whole = bytes(range(256)) * 4
+    s.write(buf)
+    s.write(memoryview(whole)[:900])  # most of an immutable chunk: kept as is
+    s.write(memoryview(whole)[:10])   # a sliver of one: copied, so as not to hold the chunk
+    buf[:] = b"y" * 100
+    assert b"".join(s.replay()) == b"x" * 100 + whole[:900] + whole[:10]
+    assert [type(p) for p in s._head] == [bytes, memoryview, bytes]
+    assert b"".join(s.chunks()) == b"x" * 100 + whole[:900] + whole[:10]
+    assert s.size == 0 and Spool.in_memory == 0
