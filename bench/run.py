@@ -559,8 +559,12 @@ def aisix_config(dir: Path, listen: str, upstream: int, stream: int, metrics: st
 
 
 def start_aisix(name: str, config: Path, cores: set[int]) -> tuple[Proc, int]:
-    """aisix as shipped: the access log on (to stderr, which the bench reads into a file)."""
-    proc = Proc(name, [sys.executable, "-m", "aisix", "serve", "-c", str(config)], cores, config.parent / f"{name}.log")
+    """aisix as shipped: the access log on (to stderr, which the bench reads into a file). Its
+    temporary files (a file-first upload held until its model is read, failover copies) go in
+    the bench's directory, as nginx's temp paths do: the machine's /tmp may be a disk whose
+    writeback throttles a 512 MiB spool, which measures the disk rather than the proxy."""
+    proc = Proc(name, [sys.executable, "-m", "aisix", "serve", "-c", str(config)], cores, config.parent / f"{name}.log",
+                env={"TMPDIR": str(config.parent)})
     m = proc.wait_for(r"aisix listening on http://[^\s:]+:(\d+)")
     return proc, int(m.group(1))
 
