@@ -323,11 +323,13 @@ class Answer:
         conn = self._conn
         writes = body.__aiter__()
         left = length
+        exhausted = False
         try:
             while True:
                 try:
                     pieces = await writes.__anext__()
                 except StopAsyncIteration:
+                    exhausted = True
                     break
                 except asyncio.CancelledError:
                     raise
@@ -357,7 +359,9 @@ class Answer:
         except UpstreamError:
             pass  # lost while waiting to write: the answer's reader says so
         finally:
-            aclose = getattr(writes, "aclose", None)
+            # An iterator run to its end has closed itself (most requests: no await, no context
+            # manager here); one left part-way is closed now.
+            aclose = None if exhausted else getattr(writes, "aclose", None)
             if aclose is not None:
                 with contextlib.suppress(BaseException):
                     await aclose()
