@@ -744,14 +744,23 @@ async def measure_all(st: Stack, started: float) -> int:
 
     common = max(counts("bare", True) & counts("aisix", True), default=0) \
         or max(counts("bare", False) & counts("aisix", False), default=0)
-    per_core = {t: next((s.per_core for s in lad.steps if s.target == t and s.n == common), math.nan)
-                for t in TARGETS}
-    cpu_ratio = run.ratio(per_core["aisix"], per_core["bare"])
     found = all(lad.worst[t] is not None and lad.load_bound[t] is None for t in TARGETS)
     print(f"  aisix/bare relay: {carried_ratio:.2f}x sessions carried"
           f"{'' if found else ' (not both limits found: see above)'}")
-    print(f"  by CPU at {common:,} sessions (sessions x 100% / proxy cpu): bare relay {per_core['bare']:,.0f}, "
-          f"aisix {per_core['aisix']:,.0f} sessions per core: {cpu_ratio:.2f}x")
+    # One 3 s step per target is one sample (its CPU share moved by a fifth between runs here):
+    # the ladder's step and ROUNDS more at that count, interleaved, and the medians.
+    samples = {t: [s.per_core for s in lad.steps if s.target == t and s.n == common] for t in TARGETS}
+    for r in range(ROUNDS if common else 0):
+        for t in (TARGETS if r % 2 else TARGETS[::-1]):
+            s = (await measure([(st.targets[t], common)], st.upstream_pid))[0]
+            run.progress(f"round {r + 1}/{ROUNDS} CPU at {common} sessions, {step_text(s)}")
+            samples[t].append(s.per_core)
+    per_core = {t: run.med(v) if v else math.nan for t, v in samples.items()}
+    cpu_ratio = run.ratio(per_core["aisix"], per_core["bare"])
+    print(f"  by CPU at {common:,} sessions (sessions x 100% / proxy cpu, median of {len(samples['aisix'])} "
+          f"interleaved runs): bare relay {per_core['bare']:,.0f} ({', '.join(f'{x:,.0f}' for x in samples['bare'])}), "
+          f"aisix {per_core['aisix']:,.0f} ({', '.join(f'{x:,.0f}' for x in samples['aisix'])}) sessions per core: "
+          f"{cpu_ratio:.2f}x")
     cap_ratio, cap_how = (carried_ratio, f"sessions carried, {best['aisix']:,} vs {best['bare']:,}") if found \
         else (cpu_ratio, f"by CPU at {common:,} sessions, as the ramp did not find both limits")
 

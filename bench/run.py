@@ -936,6 +936,7 @@ class Upload:
     rss_growth_mib: float | None
     seconds: float
     rss_before_mib: float | None = None
+    sent_s: float = 0.0  # from the first byte sent to the last (the rest: waiting for the answer)
 
 
 async def big_upload(port: int, model_first: bool, pid: int | None, model: str = PLAIN_MODELS[1]) -> Upload:
@@ -962,6 +963,8 @@ async def big_upload(port: int, model_first: bool, pid: int | None, model: str =
                 w.write(view)
                 await w.drain()
             w.write(after)
+            await w.drain()
+            sent = time.perf_counter() - t0
             a = await c.answer()
             elapsed = time.perf_counter() - t0
     finally:
@@ -971,7 +974,7 @@ async def big_upload(port: int, model_first: bool, pid: int | None, model: str =
     growth = None
     if pid is not None:
         growth = (status_kib(pid, "VmHWM") - rss0) / 1024
-    return Upload(size / (1 << 20) / elapsed, growth, elapsed, rss0 / 1024 if pid is not None else None)
+    return Upload(size / (1 << 20) / elapsed, growth, elapsed, rss0 / 1024 if pid is not None else None, sent)
 
 
 UPLOAD_TARGETS = ("direct", "nginx", "aisix", "failover")
@@ -1233,6 +1236,13 @@ def main() -> int:
               f"(aisix's VmRSS before: up to {rss_before:.0f} MiB, after the wrk runs)")
         print("  file first: aisix must hold the file (an unlinked temp file) until it reads the model, "
               "then replays it; nginx streams it on at once")
+        held = ups[("aisix", False)]
+        take, replay = med([u.sent_s for u in held]), med([u.seconds - u.sent_s for u in held])
+        whole = med([u.seconds for u in ups[("nginx", False)]])
+        print(f"  file first, in time: aisix takes the upload in {take:.2f} s, then replays it in {replay:.2f} s "
+              f"(medians); nginx passes it through in {whole:.2f} s. Taking and replaying one after the other, "
+              "each at the pace of the other end, a proxy that must read the model first is bounded by about "
+              "0.5x one that streams at once")
         fo_growth = {mf: max(u.rss_growth_mib or 0.0 for u in ups[("failover", mf)]) for mf in (True, False)}
         print(f"  {'':<13}{'aisix failover':>20}{'failover/nginx':>16}{'failover RSS growth':>21}")
         for mf in (True, False):
