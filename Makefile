@@ -165,6 +165,11 @@ bench: venv bench-tools
 bench-realtime: venv
 	$(BIN)/python bench/realtime.py
 
+# The audio duration probes alone (bench/probes.py, ~1 min): MiB/s per format, fed real ffmpeg files.
+.PHONY: bench-probes
+bench-probes: venv system-tools
+	$(BIN)/python bench/probes.py
+
 # One change's cost: CPU per request of aisix at AB_REF (default HEAD) against this tree and the
 # bare relay, interleaved (bench/README.md, "Measuring one change").
 .PHONY: bench-ab

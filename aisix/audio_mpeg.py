@@ -68,6 +68,10 @@ def _mpeg_frame(b1: int, b2: int) -> tuple[int, int, int]:
 
 # Indexed by (header byte 1 & 0x1F) << 8 | header byte 2, for byte 1 >= 0xE0 (the sync's last bits).
 _MPEG_FRAMES = [_mpeg_frame(0xE0 | (i >> 8), i & 0xFF) for i in range(1 << 13)]
+# The frame walk's tables: for header byte 1 & 0x1F and the sample rate bits of byte 2, the frame
+# length by header byte 2 (0: no frame of that stream).
+_MPEG_LENGTHS = [[_MPEG_FRAMES[(k << 8) | b][0] if b & 0x0C == r else 0 for b in range(256)]
+                 for k in range(32) for r in (0x00, 0x04, 0x08, 0x0C)]
 
 
 def _frame(buf: bytes, at: int) -> tuple[int, int, int, int, int] | None:
@@ -255,28 +259,38 @@ class Mpeg:
                     break
                 samples += 1024 * ((buf[at - length + 6] & 3) + 1)
         else:
-            frames = _MPEG_FRAMES
-            while at + 4 <= n and buf[at] == 0xFF and buf[at + 1] | 1 == key1 and buf[at + 2] & 0x0C == key2:
-                length, spf, _rate = frames[((key1 & 0x1F) << 8) | buf[at + 2]]
-                if not length:
+            # Samples per frame and the sample rate are the stream's (its header bytes 1 and 2 are
+            # the key): only the length changes from frame to frame, with the bit rate or padding.
+            lengths = _MPEG_LENGTHS[(key1 & 0x1F) << 2 | key2 >> 2]
+            spf = _MPEG_FRAMES[((key1 & 0x1F) << 8) | key2 | 0x10][1]
+            count, runs, last = 0, True, n - 4
+            while at <= last and buf[at] == 0xFF and buf[at + 1] | 1 == key1:
+                length = lengths[buf[at + 2]]
+                if not length:  # another sample rate, or no frame at all
                     break
-                # A run of frames with this very header (constant bit rate): the same three bytes
-                # every `length` bytes, checked by slicing rather than one frame at a time.
-                run = (n - at) // length - 1
-                if run > 1:
-                    end = at + length * (run + 1)
-                    head = buf[at:at + 3]
-                    if (buf[at + length:end:length] == head[:1] * run
-                            and buf[at + length + 1:end:length] == head[1:2] * run
-                            and buf[at + length + 2:end:length] == head[2:3] * run):
-                        samples += spf * (run + 1)
-                        at = end
-                        continue
+                if runs:
+                    # A run of frames with this very header (constant bit rate, no padding): the
+                    # same three bytes every `length` bytes, checked by slicing rather than one frame
+                    # at a time. Tried once per chunk and after a run: a padded stream (44.1 kHz
+                    # CBR alternates frame lengths) fails it, and retrying at every frame would
+                    # slice the rest of the chunk each time.
+                    run = (n - at) // length - 1
+                    if run > 1:
+                        end = at + length * (run + 1)
+                        head = buf[at:at + 3]
+                        if (buf[at + length:end:length] == head[:1] * run
+                                and buf[at + length + 1:end:length] == head[1:2] * run
+                                and buf[at + length + 2:end:length] == head[2:3] * run):
+                            count += run + 1
+                            at = end
+                            continue
+                        runs = False
                 at += length
                 if at > n:
                     self._skip, self._pending = at - n, spf
                     break
-                samples += spf
+                count += 1
+            samples = count * spf
         self._samples += samples
         if self._skip:
             return -1
