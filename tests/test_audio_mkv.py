@@ -311,3 +311,47 @@ def test_sniff_claims_matroska_and_webm_only() -> None:
         assert sniff(head) is (fmt in ("webm-opus", "mka-vorbis")), fmt
     assert sniff(live("webm-opus", 0.5)[0][:64])
     assert not sniff(b"\x1a\x45\xdf") and not sniff(b"")
+
+
+def test_a_run_of_blocks_reads_as_one_block_at_a_time() -> None:
+    """SimpleBlocks that lie whole in one chunk are timed in one pass (MatroskaProbe._run); fed in
+    5-byte pieces every block goes the general walk. Both read the same, whatever the blocks: two
+    tracks interleaved, a tick that goes back or repeats, 1-, 2- and 8-byte sizes, a Cluster that
+    ends between blocks and one whose last block runs past its end."""
+    def block(track: int, at: int, frame: int = 40, wide: bool = False) -> bytes:
+        payload = bytes([0x80 | track]) + at.to_bytes(2, "big", signed=True) + b"\x80" + bytes(frame)
+        if wide:
+            return element(b"\xa3", payload)
+        size = len(payload)
+        return b"\xa3" + (bytes([0x80 | size]) if size < 127 else (0x4000 | size).to_bytes(2, "big")) + payload
+
+    def cluster(start: int, blocks: bytes, size: bytes | None = None) -> bytes:
+        body = element(b"\xe7", start.to_bytes(2, "big")) + blocks
+        return CLUSTER + (size if size is not None else b"\x01" + len(body).to_bytes(7, "big")) + body
+
+    one = b"".join(block(1, 20 * k) for k in range(40))
+    cases = {
+        "one track": segment(cluster(1000, one), size=UNKNOWN_8),
+        "8-byte sizes": segment(cluster(1000, b"".join(block(1, 20 * k, wide=True) for k in range(40))),
+                                size=UNKNOWN_8),
+        "large frames": segment(cluster(1000, b"".join(block(1, 20 * k, frame=300) for k in range(20))),
+                                size=UNKNOWN_8),
+        "two tracks": segment(cluster(1000, b"".join(block(1 + k % 2, 10 * k) for k in range(40))),
+                              size=UNKNOWN_8),
+        "ticks back and again": segment(cluster(1000, b"".join(block(1, at) for at in
+                                                               (0, 20, 40, 30, 60, 60, 50, 80, -5, 100))),
+                                        size=UNKNOWN_8),
+        "two clusters": segment(cluster(1000, one), cluster(2000, one[:len(one) // 2]), size=UNKNOWN_8),
+        "unknown-size clusters": segment(cluster(1000, one, UNKNOWN_8), cluster(2000, one, UNKNOWN_8),
+                                         size=UNKNOWN_8),
+        "with Duration": segment(INFO, cluster(1000, one), size=UNKNOWN_8),
+    }
+    past = cluster(1000, one)
+    cut = past[:4] + b"\x01" + (len(past) - 12 - 30).to_bytes(7, "big") + past[12:]  # the last block overruns
+    cases["a block past its cluster"] = segment(cut, size=UNKNOWN_8)
+    for name, data in cases.items():
+        whole = answers([data])
+        assert whole == answers([data[i:i + 5] for i in range(0, len(data), 5)]), name
+        assert whole == answers([data[:len(data) // 3], data[len(data) // 3:]]), name
+    assert answers([cases["one track"]]) == (None, 1.78, pytest.approx(1.8))
+    assert answers([cases["a block past its cluster"]])[2] is None
