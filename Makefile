@@ -148,7 +148,7 @@ uninstall:
 BENCH_REALTIME ?= 1
 .PHONY: bench bench-tools bench-realtime
 bench-tools:
-	@missing=""; for t in nginx wrk; do PATH="$$PATH:/usr/sbin:/sbin" command -v $$t >/dev/null || missing="$$missing $$t"; done; \
+	@missing=""; for t in nginx wrk ffmpeg; do PATH="$$PATH:/usr/sbin:/sbin" command -v $$t >/dev/null || missing="$$missing $$t"; done; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing:$$missing"; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \

@@ -69,7 +69,8 @@ CONNECTIONS = _env_int("BENCH_CONNECTIONS", 64)
 FIRST_BYTE_N = _env_int("BENCH_FIRST_BYTE_REQUESTS", 200)
 UPLOAD_MIB = _env_int("BENCH_UPLOAD_MIB", 512)
 STRICT = os.environ.get("BENCH_STRICT", "") == "1"
-ROUTES = [r.strip() for r in os.environ.get("BENCH_ROUTES", "speech,transcription").split(",") if r.strip()]
+ROUTES = [r.strip() for r in os.environ.get("BENCH_ROUTES", "speech,transcription,transcription-mp3").split(",")
+          if r.strip()]
 
 API_KEY = "sk-bench-caller-0123456789"
 PROVIDER_KEY = "sk-bench-provider-0123456789"
@@ -87,7 +88,11 @@ ROUTE_INFO = {  # name -> (path, wrk script, what is sent)
                       f"{FILE_KIB} KiB multipart upload, model before file, small JSON answer"),
     "translation": ("/v1/audio/translations", "translation.lua",
                     f"{FILE_KIB} KiB multipart upload, model before file, small JSON answer"),
+    "transcription-mp3": ("/v1/audio/transcriptions", "transcription.lua",
+                          f"the same upload, the file {FILE_KIB} KiB of a real MP3 (44.1 kHz, 128 kb/s CBR, "
+                          "ffmpeg): aisix's duration probe walks every frame, as for a real upload"),
 }
+REAL_MP3_PATH = Path("bench.mp3")  # made by ffmpeg in the bench's directory (start_stack)
 TARGETS = ("direct", "nginx", "ceiling", "raw", "bare", "aisix", "failover")
 LABEL = {"direct": "no proxy", "nginx": "nginx tuned", "ceiling": "aiohttp ceiling", "raw": "raw relay",
          "bare": "bare relay", "aisix": "aisix", "failover": "aisix failover"}
@@ -569,8 +574,27 @@ def start_aisix(name: str, config: Path, cores: set[int]) -> tuple[Proc, int]:
     return proc, int(m.group(1))
 
 
+def make_real_mp3(dir: Path) -> Path:
+    """30 s of a tone as a 44.1 kHz, 128 kb/s CBR MP3 (padded frames, the common case): more than
+    FILE_KIB of real frames for the transcription-mp3 route."""
+    tool = find_tool("ffmpeg")
+    if tool is None:
+        raise BenchError("ffmpeg is needed for the transcription-mp3 route (make bench installs it), "
+                         "or leave the route out: BENCH_ROUTES=speech,transcription")
+    out = dir / "bench.mp3"
+    subprocess.run([tool, "-hide_banner", "-loglevel", "error", "-y", "-f", "lavfi", "-i",
+                    "sine=frequency=440:sample_rate=44100:duration=30", "-ac", "2", "-c:a", "libmp3lame",
+                    "-b:a", "128k", str(out)], check=True, timeout=120)
+    if out.stat().st_size < FILE_KIB * 1024:
+        raise BenchError(f"{out} is smaller than {FILE_KIB} KiB")
+    return out
+
+
 def start_stack(tmp: Path) -> Stack:
+    global REAL_MP3_PATH
     st = Stack(tmp)
+    if "transcription-mp3" in ROUTES:
+        REAL_MP3_PATH = make_real_mp3(tmp)
     up, px, px_stream = free_port(), free_port(), free_port()
     root = tmp / "upstream" / "root"
     write_upstream_root(root)
@@ -788,7 +812,8 @@ def wrk(port: int, route: str, seconds: int, threads: int = 1, cores: set[int] |
     cmd = [*cpu_list(cores), tool, f"-t{threads}", f"-c{CONNECTIONS}", f"-d{seconds}s", "--timeout", "5s",
            "--latency", "-s", str(HERE / script), f"http://127.0.0.1:{port}{path}"]
     env = {**os.environ, "BENCH_KEY": API_KEY, "BENCH_TTS_MODEL": models[0],
-           "BENCH_STT_MODEL": models[1], "BENCH_FILE_KIB": str(FILE_KIB)}
+           "BENCH_STT_MODEL": models[1], "BENCH_FILE_KIB": str(FILE_KIB),
+           "BENCH_FILE_PATH": str(REAL_MP3_PATH) if route == "transcription-mp3" else ""}
     usage = Usage(watch or [])
     try:
         out = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 30, env=env,
@@ -1291,7 +1316,8 @@ def main() -> int:
 
         errors = sum(r["errors"] for r in ratios.values())
         checks = []
-        for route, label in (("speech", "speech"), ("transcription", f"{FILE_KIB} KiB transcription")):
+        for route, label in (("speech", "speech"), ("transcription", f"{FILE_KIB} KiB transcription"),
+                             ("transcription-mp3", f"{FILE_KIB} KiB transcription of a real MP3 (probe on)")):
             if route in ratios:
                 r = ratios[route]
                 checks.append((r["rps_bare"] >= MIN_RPS_VS_BARE,
