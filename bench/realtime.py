@@ -33,11 +33,8 @@ import hashlib
 import json
 import math
 import os
-import shutil
-import signal
 import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -621,63 +618,28 @@ def main() -> int:
             return 2
     sys.stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr]
 
-    def stop(signum: int, _frame: object) -> None:
-        print(f"\nbench: stopped by signal {signum}", file=sys.stderr)
-        raise SystemExit(128 + signum)
+    return run.harness("aisix-bench-rt-", budget(), measure_and_report)
 
-    def watchdog(_signum: int, _frame: object) -> None:
-        if watchdog.fired:  # type: ignore[attr-defined]
-            print("\nbench: still not stopped 30 s after the time bound; the reaper cleans up", file=sys.stderr)
-            os._exit(2)
-        watchdog.fired = True  # type: ignore[attr-defined]
-        signal.alarm(30)
-        raise Watchdog(2)
 
-    watchdog.fired = False  # type: ignore[attr-defined]
-
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGHUP, stop)
-    signal.signal(signal.SIGALRM, watchdog)
-    bound = budget()
-    signal.alarm(bound)
-    shm = Path("/dev/shm")
-    base = shm if shm.is_dir() and os.access(shm, os.W_OK) else None
-    tmp = Path(tempfile.mkdtemp(prefix="aisix-bench-rt-", dir=base))
-    run.Reaper.start(tmp)
+def measure_and_report(tmp: Path) -> int:
     started = time.monotonic()
-    try:
-        print(f"aisix realtime benchmark, {time.strftime('%Y-%m-%d %H:%M %Z')}")
-        print(f"machine: {run.machine()}")
-        print(f"software: {versions()}")
-        if run.HAVE_TWO_CORES:
-            print("layout: aisix and the bare ws relay pinned to core 1; the ws upstream and this client "
-                  "(raw asyncio WebSocket, uvloop) on core 0")
-        else:
-            print("layout: fewer than 2 cores available: nothing is pinned, figures are rough")
-        before = run.Usage([])
-        time.sleep(1)
-        _, busy, others = before.done()
-        print(f"load before start: {others:.0f}% of a core in other processes "
-              f"({', '.join(f'core{c} {b:.0f}%' for c, b in sorted(busy.items()))} busy)")
-        run.progress(f"starting the stack in {tmp}")
-        st = start_stack(tmp)
-        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-            return runner.run(measure_all(st, started))
-    except run.BenchError as e:
-        print(f"\nbench: {e}", file=sys.stderr)
-        return 2
-    except Watchdog:
-        print(f"\nbench: stopped after {bound} s (the run's time bound)", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("\nbench: interrupted", file=sys.stderr)
-        return 130
-    finally:
-        signal.alarm(0)
-        run.Proc.stop_all()
-        shutil.rmtree(tmp, ignore_errors=True)
-        run.Reaper.done()
+    print(f"aisix realtime benchmark, {time.strftime('%Y-%m-%d %H:%M %Z')}")
+    print(f"machine: {run.machine()}")
+    print(f"software: {versions()}")
+    if run.HAVE_TWO_CORES:
+        print("layout: aisix and the bare ws relay pinned to core 1; the ws upstream and this client "
+              "(raw asyncio WebSocket, uvloop) on core 0")
+    else:
+        print("layout: fewer than 2 cores available: nothing is pinned, figures are rough")
+    before = run.Usage([])
+    time.sleep(1)
+    _, busy, others = before.done()
+    print(f"load before start: {others:.0f}% of a core in other processes "
+          f"({', '.join(f'core{c} {b:.0f}%' for c, b in sorted(busy.items()))} busy)")
+    run.progress(f"starting the stack in {tmp}")
+    st = start_stack(tmp)
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        return runner.run(measure_all(st, started))
 
 
 def versions() -> str:

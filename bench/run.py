@@ -44,6 +44,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
@@ -128,6 +129,53 @@ class BenchError(Exception):
 
 class Watchdog(BaseException):
     """The whole run took longer than its bound."""
+
+
+def harness(prefix: str, bound: int, body: Callable[[Path], int]) -> int:
+    """A bench's run: body(tmp) with a temp directory (in /dev/shm when it can be), stopped by
+    SIGTERM/SIGHUP, Ctrl-C or its time bound, its setup errors said in one line, and every process
+    it started stopped and its directory removed however it ends (the Reaper too, should this
+    process be killed). The exit code: body's, 2 (an error or the bound), 130 (interrupted)."""
+    def stop(signum: int, _frame: object) -> None:
+        print(f"\nbench: stopped by signal {signum}", file=sys.stderr)
+        raise SystemExit(128 + signum)
+
+    fired = False
+
+    def watchdog(_signum: int, _frame: object) -> None:
+        nonlocal fired
+        if fired:
+            print("\nbench: still not stopped 30 s after the time bound; the reaper cleans up", file=sys.stderr)
+            os._exit(2)
+        fired = True
+        signal.alarm(30)
+        raise Watchdog()
+
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # even when started with SIGINT ignored
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGHUP, stop)
+    signal.signal(signal.SIGALRM, watchdog)
+    signal.alarm(bound)
+    shm = Path("/dev/shm")
+    base = shm if shm.is_dir() and os.access(shm, os.W_OK) else None
+    tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=base))
+    Reaper.start(tmp)
+    try:
+        return body(tmp)
+    except BenchError as e:
+        print(f"\nbench: {e}", file=sys.stderr)
+        return 2
+    except Watchdog:
+        print(f"\nbench: stopped after {bound} s (the run's time bound)", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\nbench: interrupted", file=sys.stderr)
+        return 130
+    finally:
+        signal.alarm(0)
+        Proc.stop_all()
+        shutil.rmtree(tmp, ignore_errors=True)
+        Reaper.done()
 
 
 # -- processes ------------------------------------------------------------------------------------
@@ -1169,17 +1217,6 @@ def main() -> int:
     if HAVE_TWO_CORES:
         os.sched_setaffinity(0, LOAD_CORE)  # this process is a load generator too (first byte, uploads)
 
-    def stop(signum: int, _frame: object) -> None:
-        print(f"\nbench: stopped by signal {signum}", file=sys.stderr)
-        raise SystemExit(128 + signum)
-
-    def watchdog(_signum: int, _frame: object) -> None:
-        raise Watchdog()
-
-    signal.signal(signal.SIGINT, signal.default_int_handler)  # even when started with SIGINT ignored
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGHUP, stop)
-    signal.signal(signal.SIGALRM, watchdog)
     # The run's bound, generous: at the defaults the run takes about 6 minutes on the 2-core VM, this
     # allows about 13.
     budget = (len(ROUTES) * len(TARGETS) * (ROUNDS * SECONDS + WARMUP_SECONDS + 1)  # wrk, every target
@@ -1189,221 +1226,203 @@ def main() -> int:
               + ROUNDS * 2 * len(UPLOAD_TARGETS) * UPLOAD_MIB / 50
               + 10 * (len(TARGETS) + 2)  # starting each process of the stack, and checking it
               + 60)
-    signal.alarm(int(budget))
+    return harness("aisix-bench-", int(budget), measure_and_report)
 
-    shm = Path("/dev/shm")
-    base = shm if shm.is_dir() and os.access(shm, os.W_OK) else None
-    tmp = Path(tempfile.mkdtemp(prefix="aisix-bench-", dir=base))
-    Reaper.start(tmp)
+
+def measure_and_report(tmp: Path) -> int:
     started = time.monotonic()
-    st = None
-    try:
-        print(f"aisix benchmark, {time.strftime('%Y-%m-%d %H:%M %Z')}")
-        print(f"machine: {machine()}")
-        print(f"software: {versions()}")
-        if HAVE_TWO_CORES:
-            print("layout: proxies under test pinned to core 1; wrk, the nginx upstream, the streaming "
-                  "upstream and this client on core 0")
-        else:
-            print("layout: fewer than 2 cores available: nothing is pinned, figures are rough")
-        before = Usage([])
-        time.sleep(1)
-        _, busy, others = before.done()
-        print(f"load before start: {others:.0f}% of a core in other processes "
-              f"({', '.join(f'core{c} {b:.0f}%' for c, b in sorted(busy.items()))} busy)")
-        progress(f"starting the stack in {tmp}")
-        st = start_stack(tmp)
-        asyncio.run(_checks(st))
-        print(f"aisix: auth (api key), aliases, key rate limit rpm 100000000, input guardrail "
-              f"(never matches), usage events to a file; {st.metrics}")
-        print("references: nginx tuned (proxy_buffer_size 72k, client_body_buffer_size 256k, buffered access "
-              "log); aiohttp ceiling (aiohttp and uvloop answering by itself, no upstream); raw relay (asyncio "
-              "Protocols, httptools and uvloop, no framework); bare relay (aiohttp server and ClientSession)")
-        print("aisix failover: aliases tts-failover/whisper-failover, two targets (provider keys bench-fast "
-              "and bench-fast-2, both on the nginx upstream, weight 1 each), retry.max_attempts 2, "
-              "replay_limit_bytes default (256 MiB): uploads are copied to an unlinked temp file as they stream")
+    print(f"aisix benchmark, {time.strftime('%Y-%m-%d %H:%M %Z')}")
+    print(f"machine: {machine()}")
+    print(f"software: {versions()}")
+    if HAVE_TWO_CORES:
+        print("layout: proxies under test pinned to core 1; wrk, the nginx upstream, the streaming "
+              "upstream and this client on core 0")
+    else:
+        print("layout: fewer than 2 cores available: nothing is pinned, figures are rough")
+    before = Usage([])
+    time.sleep(1)
+    _, busy, others = before.done()
+    print(f"load before start: {others:.0f}% of a core in other processes "
+          f"({', '.join(f'core{c} {b:.0f}%' for c, b in sorted(busy.items()))} busy)")
+    progress(f"starting the stack in {tmp}")
+    st = start_stack(tmp)
+    asyncio.run(_checks(st))
+    print(f"aisix: auth (api key), aliases, key rate limit rpm 100000000, input guardrail "
+          f"(never matches), usage events to a file; {st.metrics}")
+    print("references: nginx tuned (proxy_buffer_size 72k, client_body_buffer_size 256k, buffered access "
+          "log); aiohttp ceiling (aiohttp and uvloop answering by itself, no upstream); raw relay (asyncio "
+          "Protocols, httptools and uvloop, no framework); bare relay (aiohttp server and ClientSession)")
+    print("aisix failover: aliases tts-failover/whisper-failover, two targets (provider keys bench-fast "
+          "and bench-fast-2, both on the nginx upstream, weight 1 each), retry.max_attempts 2, "
+          "replay_limit_bytes default (256 MiB): uploads are copied to an unlinked temp file as they stream")
 
-        runs = measure_routes(st)
-        ratios = report_routes(runs)
-        counts = asyncio.run(attempts_by_alias(st.metrics_port))
-        print("\naisix failover: upstream attempts over the wrk runs (aisix_upstream_attempts_total; aborted: "
-              "wrk closed the connection mid-request at the end of a run): "
-              + "; ".join(f"{alias}: {attempts_text(counts.get(alias, {}))}" for alias in MODELS["failover"]))
-        # "aborted": wrk closed the connection mid-request at the end of a run; anything else but 200
-        # would be a failover on an alias whose targets are both healthy
-        healthy_failed = sum(n for alias in MODELS["failover"] for (_, o), n in counts.get(alias, {}).items()
-                             if o not in ("200", "aborted"))
+    runs = measure_routes(st)
+    ratios = report_routes(runs)
+    counts = asyncio.run(attempts_by_alias(st.metrics_port))
+    print("\naisix failover: upstream attempts over the wrk runs (aisix_upstream_attempts_total; aborted: "
+          "wrk closed the connection mid-request at the end of a run): "
+          + "; ".join(f"{alias}: {attempts_text(counts.get(alias, {}))}" for alias in MODELS["failover"]))
+    # "aborted": wrk closed the connection mid-request at the end of a run; anything else but 200
+    # would be a failover on an alias whose targets are both healthy
+    healthy_failed = sum(n for alias in MODELS["failover"] for (_, o), n in counts.get(alias, {}).items()
+                         if o not in ("200", "aborted"))
 
-        progress(f"first byte: {FIRST_BYTE_N} sequential speech requests per target")
-        fb = asyncio.run(first_byte(st))
-        fb_med = {n: med(v) for n, v in fb.items()}
-        added = fb_med["aisix"] - fb_med["nginx"]
-        print(f"\nspeech first byte: streaming upstream ({STREAM_CHUNKS} chunks, first at once, then "
-              f"every {STREAM_PAUSE_MS} ms), {FIRST_BYTE_N} sequential requests per target, alternating")
-        for n in ("nginx", "aisix"):
-            print(f"  {LABEL[n]:<11} median {fb_med[n]:.2f} ms, p90 {quantile(fb[n], 0.9):.2f} ms, "
-                  f"min {min(fb[n]):.2f} ms")
-        print(f"  aisix adds {added:.2f} ms over nginx tuned (median)")
+    progress(f"first byte: {FIRST_BYTE_N} sequential speech requests per target")
+    fb = asyncio.run(first_byte(st))
+    fb_med = {n: med(v) for n, v in fb.items()}
+    added = fb_med["aisix"] - fb_med["nginx"]
+    print(f"\nspeech first byte: streaming upstream ({STREAM_CHUNKS} chunks, first at once, then "
+          f"every {STREAM_PAUSE_MS} ms), {FIRST_BYTE_N} sequential requests per target, alternating")
+    for n in ("nginx", "aisix"):
+        print(f"  {LABEL[n]:<11} median {fb_med[n]:.2f} ms, p90 {quantile(fb[n], 0.9):.2f} ms, "
+              f"min {min(fb[n]):.2f} ms")
+    print(f"  aisix adds {added:.2f} ms over nginx tuned (median)")
 
-        progress(f"big uploads: {UPLOAD_MIB} MiB, both field orders")
-        ups = asyncio.run(measure_uploads(st))
-        mib = {k: med([u.mib_s for u in v]) for k, v in ups.items()}
-        growth = {mf: max(u.rss_growth_mib or 0.0 for u in ups[("aisix", mf)]) for mf in (True, False)}
-        print(f"\nbig upload: {UPLOAD_MIB} MiB multipart transcription with Content-Length, generated while "
-              f"sent; {rounds()}, medians")
-        print(f"  {'':<13}{'no proxy':>14}{'nginx tuned':>12}{'aisix':>12}{'aisix/nginx':>13}{'aisix RSS growth':>18}")
-        for mf in (True, False):
-            print(f"  {'model first' if mf else 'file first':<13}{mib[('direct', mf)]:>8,.0f} MiB/s"
-                  f"{mib[('nginx', mf)]:>6,.0f} MiB/s{mib[('aisix', mf)]:>6,.0f} MiB/s"
-                  f"{ratio(mib[('aisix', mf)], mib[('nginx', mf)]):>12.2f}x{growth[mf]:>13.1f} MiB")
-        rss_before = max(u.rss_before_mib or 0.0 for mf in (True, False) for u in ups[("aisix", mf)])
-        print("  RSS growth: peak VmHWM during the upload minus VmRSS before it, the largest of the rounds "
-              f"(aisix's VmRSS before: up to {rss_before:.0f} MiB, after the wrk runs)")
-        print("  file first: aisix must hold the file (an unlinked temp file) until it reads the model, "
-              "then replays it; nginx streams it on at once")
-        held = ups[("aisix", False)]
-        take, replay = med([u.sent_s for u in held]), med([u.seconds - u.sent_s for u in held])
-        whole = med([u.seconds for u in ups[("nginx", False)]])
-        print(f"  file first, in time: aisix takes the upload in {take:.2f} s, then replays it in {replay:.2f} s "
-              f"(medians); nginx passes it through in {whole:.2f} s. Taking and replaying one after the other, "
-              "each at the pace of the other end, a proxy that must read the model first is bounded by about "
-              "0.5x one that streams at once")
-        fo_growth = {mf: max(u.rss_growth_mib or 0.0 for u in ups[("failover", mf)]) for mf in (True, False)}
-        print(f"  {'':<13}{'aisix failover':>20}{'failover/nginx':>16}{'failover RSS growth':>21}")
-        for mf in (True, False):
-            print(f"  {'model first' if mf else 'file first':<13}{mib[('failover', mf)]:>14,.0f} MiB/s"
-                  f"{ratio(mib[('failover', mf)], mib[('nginx', mf)]):>15.2f}x{fo_growth[mf]:>16.1f} MiB")
-        print("  aisix failover: the same upload through whisper-failover (two healthy targets): what goes "
-              "upstream is also copied to an unlinked temp file, up to retry.replay_limit_bytes (256 MiB), "
-              "then the copy is dropped")
+    progress(f"big uploads: {UPLOAD_MIB} MiB, both field orders")
+    ups = asyncio.run(measure_uploads(st))
+    mib = {k: med([u.mib_s for u in v]) for k, v in ups.items()}
+    growth = {mf: max(u.rss_growth_mib or 0.0 for u in ups[("aisix", mf)]) for mf in (True, False)}
+    print(f"\nbig upload: {UPLOAD_MIB} MiB multipart transcription with Content-Length, generated while "
+          f"sent; {rounds()}, medians")
+    print(f"  {'':<13}{'no proxy':>14}{'nginx tuned':>12}{'aisix':>12}{'aisix/nginx':>13}{'aisix RSS growth':>18}")
+    for mf in (True, False):
+        print(f"  {'model first' if mf else 'file first':<13}{mib[('direct', mf)]:>8,.0f} MiB/s"
+              f"{mib[('nginx', mf)]:>6,.0f} MiB/s{mib[('aisix', mf)]:>6,.0f} MiB/s"
+              f"{ratio(mib[('aisix', mf)], mib[('nginx', mf)]):>12.2f}x{growth[mf]:>13.1f} MiB")
+    rss_before = max(u.rss_before_mib or 0.0 for mf in (True, False) for u in ups[("aisix", mf)])
+    print("  RSS growth: peak VmHWM during the upload minus VmRSS before it, the largest of the rounds "
+          f"(aisix's VmRSS before: up to {rss_before:.0f} MiB, after the wrk runs)")
+    print("  file first: aisix must hold the file (an unlinked temp file) until it reads the model, "
+          "then replays it; nginx streams it on at once")
+    held = ups[("aisix", False)]
+    take, replay = med([u.sent_s for u in held]), med([u.seconds - u.sent_s for u in held])
+    whole = med([u.seconds for u in ups[("nginx", False)]])
+    print(f"  file first, in time: aisix takes the upload in {take:.2f} s, then replays it in {replay:.2f} s "
+          f"(medians); nginx passes it through in {whole:.2f} s. Taking and replaying one after the other, "
+          "each at the pace of the other end, a proxy that must read the model first is bounded by about "
+          "0.5x one that streams at once")
+    fo_growth = {mf: max(u.rss_growth_mib or 0.0 for u in ups[("failover", mf)]) for mf in (True, False)}
+    print(f"  {'':<13}{'aisix failover':>20}{'failover/nginx':>16}{'failover RSS growth':>21}")
+    for mf in (True, False):
+        print(f"  {'model first' if mf else 'file first':<13}{mib[('failover', mf)]:>14,.0f} MiB/s"
+              f"{ratio(mib[('failover', mf)], mib[('nginx', mf)]):>15.2f}x{fo_growth[mf]:>16.1f} MiB")
+    print("  aisix failover: the same upload through whisper-failover (two healthy targets): what goes "
+          "upstream is also copied to an unlinked temp file, up to retry.replay_limit_bytes (256 MiB), "
+          "then the copy is dropped")
 
-        progress(f"failover cost: {FIRST_BYTE_N} sequential requests per alias and route")
-        cost = asyncio.run(failover_cost(st))
-        counts = asyncio.run(attempts_by_alias(st.metrics_port))
-        print(f"\nfailover cost: aisix, {FIRST_BYTE_N} sequential requests per alias, alternating, one keep-alive "
-              "connection each; plain: tts-bench/whisper-bench (bench-fast); after 503: tts-after-503/"
-              "whisper-after-503, priority-0 target bench-down (nginx `return 503` at once), priority-1 "
-              "bench-fast, cooldown off (failures 1000000) so every request fails over")
-        added_cost: dict[str, tuple[float, float]] = {}
-        for route, what in (("speech", "speech, first audio byte"),
-                            ("transcription", f"{FILE_KIB} KiB transcription, whole answer")):
-            plain, failed = cost[("plain", route)], cost[("after 503", route)]
-            added_cost[route] = (med(failed) - med(plain), quantile(failed, 0.9) - quantile(plain, 0.9))
-            print(f"  {what}")
-            for k, v in (("plain", plain), ("after 503", failed)):
-                print(f"    {k:<11} median {med(v):.2f} ms, p90 {quantile(v, 0.9):.2f} ms, min {min(v):.2f} ms")
-            print(f"    a failover adds {added_cost[route][0]:+.2f} ms (median), {added_cost[route][1]:+.2f} ms (p90)")
-        print("  upstream attempts (aisix_upstream_attempts_total): "
-              + "; ".join(f"{alias}: {attempts_text(counts.get(alias, {}))}" for alias in AFTER_503_MODELS))
+    progress(f"failover cost: {FIRST_BYTE_N} sequential requests per alias and route")
+    cost = asyncio.run(failover_cost(st))
+    counts = asyncio.run(attempts_by_alias(st.metrics_port))
+    print(f"\nfailover cost: aisix, {FIRST_BYTE_N} sequential requests per alias, alternating, one keep-alive "
+          "connection each; plain: tts-bench/whisper-bench (bench-fast); after 503: tts-after-503/"
+          "whisper-after-503, priority-0 target bench-down (nginx `return 503` at once), priority-1 "
+          "bench-fast, cooldown off (failures 1000000) so every request fails over")
+    added_cost: dict[str, tuple[float, float]] = {}
+    for route, what in (("speech", "speech, first audio byte"),
+                        ("transcription", f"{FILE_KIB} KiB transcription, whole answer")):
+        plain, failed = cost[("plain", route)], cost[("after 503", route)]
+        added_cost[route] = (med(failed) - med(plain), quantile(failed, 0.9) - quantile(plain, 0.9))
+        print(f"  {what}")
+        for k, v in (("plain", plain), ("after 503", failed)):
+            print(f"    {k:<11} median {med(v):.2f} ms, p90 {quantile(v, 0.9):.2f} ms, min {min(v):.2f} ms")
+        print(f"    a failover adds {added_cost[route][0]:+.2f} ms (median), {added_cost[route][1]:+.2f} ms (p90)")
+    print("  upstream attempts (aisix_upstream_attempts_total): "
+          + "; ".join(f"{alias}: {attempts_text(counts.get(alias, {}))}" for alias in AFTER_503_MODELS))
 
-        progress("one process vs two on one port")
-        pair = measure_pair(st)
-        print(f"\none process vs two on one port (SO_REUSEPORT), speech, wrk -t2 -c{CONNECTIONS}, "
-              "nothing pinned, metrics off")
-        one = med([r.rps for r in pair.one])
-        print(f"  1 process   {one:>9,.0f} req/s  p99 {med([r.p99_ms for r in pair.one]):.2f} ms  "
-              f"errors {sum(r.errors for r in pair.one)}")
-        if pair.two:
-            two = med([r.rps for r in pair.two])
-            print(f"  2 processes {two:>9,.0f} req/s  p99 {med([r.p99_ms for r in pair.two]):.2f} ms  "
-                  f"errors {sum(r.errors for r in pair.two)}  ({ratio(two, one):.2f}x)")
-            split = ", ".join(f"{a:.1f}+{b:.1f}" for a, b in pair.cpu_split)
-            print(f"  CPU seconds per round, process A + B: {split} (both served)")
-        if pair.note:
-            print(f"  NOT MEASURED: {pair.note}")
-        print("  note: 2 cores only, so wrk (and the upstream) compete with the gateways for CPU; "
-              "this shows that two processes share the port, not how they scale")
+    progress("one process vs two on one port")
+    pair = measure_pair(st)
+    print(f"\none process vs two on one port (SO_REUSEPORT), speech, wrk -t2 -c{CONNECTIONS}, "
+          "nothing pinned, metrics off")
+    one = med([r.rps for r in pair.one])
+    print(f"  1 process   {one:>9,.0f} req/s  p99 {med([r.p99_ms for r in pair.one]):.2f} ms  "
+          f"errors {sum(r.errors for r in pair.one)}")
+    if pair.two:
+        two = med([r.rps for r in pair.two])
+        print(f"  2 processes {two:>9,.0f} req/s  p99 {med([r.p99_ms for r in pair.two]):.2f} ms  "
+              f"errors {sum(r.errors for r in pair.two)}  ({ratio(two, one):.2f}x)")
+        split = ", ".join(f"{a:.1f}+{b:.1f}" for a, b in pair.cpu_split)
+        print(f"  CPU seconds per round, process A + B: {split} (both served)")
+    if pair.note:
+        print(f"  NOT MEASURED: {pair.note}")
+    print("  note: 2 cores only, so wrk (and the upstream) compete with the gateways for CPU; "
+          "this shows that two processes share the port, not how they scale")
 
-        errors = sum(r["errors"] for r in ratios.values())
-        checks = []
-        for route, label in (("speech", "speech"), ("transcription", f"{FILE_KIB} KiB transcription"),
-                             ("transcription-mp3", f"{FILE_KIB} KiB transcription of a real MP3 (probe on)")):
-            if route in ratios:
-                r = ratios[route]
-                checks.append((r["rps_bare"] >= MIN_RPS_VS_BARE,
-                               f"{label} req/s >= {MIN_RPS_VS_BARE}x bare relay: {r['rps_bare']:.2f}x"))
-                checks.append((r["p99_bare"] <= MAX_P99_VS_BARE,
-                               f"{label} p99 <= {MAX_P99_VS_BARE}x bare relay's: {r['p99_bare']:.2f}x"))
-        checks.append((added <= MAX_FIRST_BYTE_ADDED_MS,
-                       f"speech first byte <= {MAX_FIRST_BYTE_ADDED_MS:g} ms added over nginx: {added:.2f} ms"))
-        for mf in (True, False):
-            order = "model first" if mf else "file first"
-            up_ratio = ratio(mib[("aisix", mf)], mib[("nginx", mf)])
-            checks.append((up_ratio >= MIN_UPLOAD_VS_NGINX,
-                           f"{UPLOAD_MIB} MiB upload ({order}) >= {MIN_UPLOAD_VS_NGINX}x nginx MiB/s: {up_ratio:.2f}x"))
-            checks.append((growth[mf] <= MAX_RSS_GROWTH_MIB,
-                           f"{UPLOAD_MIB} MiB upload ({order}) RSS growth <= {MAX_RSS_GROWTH_MIB:g} MiB: "
-                           f"{growth[mf]:.1f} MiB"))
-        for route, label in (("speech", "speech"), ("transcription", f"{FILE_KIB} KiB transcription")):
-            if route in ratios:
-                r = ratios[route]
-                checks.append((r["fo_rps_bare"] >= MIN_RPS_VS_BARE,
-                               f"failover alias: {label} req/s >= {MIN_RPS_VS_BARE}x bare relay: "
-                               f"{r['fo_rps_bare']:.2f}x"))
-        for mf in (True, False):
-            order = "model first" if mf else "file first"
-            up_ratio = ratio(mib[("failover", mf)], mib[("nginx", mf)])
-            checks.append((up_ratio >= MIN_UPLOAD_VS_NGINX,
-                           f"failover alias: {UPLOAD_MIB} MiB upload ({order}) >= {MIN_UPLOAD_VS_NGINX}x nginx "
-                           f"MiB/s: {up_ratio:.2f}x"))
-            checks.append((fo_growth[mf] <= MAX_RSS_GROWTH_MIB,
-                           f"failover alias: {UPLOAD_MIB} MiB upload ({order}) RSS growth <= "
-                           f"{MAX_RSS_GROWTH_MIB:g} MiB: {fo_growth[mf]:.1f} MiB"))
-        checks_18 = []
-        for route, label in (("speech", "speech"), ("transcription", f"{FILE_KIB} KiB transcription")):
-            if route in ratios:
-                r = ratios[route]
-                checks_18.append((r["rps_nginx"] >= MIN_RPS_VS_NGINX,
-                                  f"{label} req/s >= {MIN_RPS_VS_NGINX}x nginx tuned: {r['rps_nginx']:.2f}x"))
-                checks_18.append((r["rps_ceiling"] >= MIN_RPS_VS_CEILING,
-                                  f"{label} req/s >= {MIN_RPS_VS_CEILING}x aiohttp ceiling: {r['rps_ceiling']:.2f}x"))
-                checks_18.append((r["p99_nginx"] <= MAX_P99_VS_NGINX,
-                                  f"{label} p99 <= {MAX_P99_VS_NGINX:g}x nginx tuned's: {r['p99_nginx']:.2f}x"))
-        checks_18.append((added <= MAX_FIRST_BYTE_ADDED_MS_18,
-                          f"speech first byte <= {MAX_FIRST_BYTE_ADDED_MS_18:g} ms added over nginx tuned: "
-                          f"{added:.2f} ms"))
-        for mf in (True, False):
-            order = "model first" if mf else "file first"
-            up_ratio = ratio(mib[("aisix", mf)], mib[("nginx", mf)])
-            checks_18.append((up_ratio >= MIN_UPLOAD_VS_NGINX_18 and growth[mf] <= MAX_RSS_GROWTH_MIB,
-                              f"{UPLOAD_MIB} MiB upload ({order}) >= {MIN_UPLOAD_VS_NGINX_18:.1f}x nginx tuned "
-                              f"MiB/s with RSS growth <= {MAX_RSS_GROWTH_MIB:g} MiB: {up_ratio:.2f}x, "
-                              f"{growth[mf]:.1f} MiB"))
-        print("\nsummary")
-        print("  issues 12, 13, 14: against the bare relay (first byte and uploads: against nginx)")
-        for ok, text in checks:
-            print(f"  {verdict(ok)}  {text}")
-        print("  issue 18: against the real limits (tuned nginx, the aiohttp ceiling), plain alias")
-        for ok, text in checks_18:
-            print(f"  {verdict(ok)}  {text}")
-        print(f"  {'ok  ' if errors == 0 else 'WARN'}  errors in the wrk runs: {errors}")
-        print(f"  {'ok  ' if healthy_failed == 0 else 'WARN'}  failed attempts (failovers) through the healthy "
-              f"failover aliases during the wrk runs: {healthy_failed}")
-        print(f"  info  failover cost (a 503, then the next target): speech first byte "
-              f"{added_cost['speech'][0]:+.2f} ms median ({added_cost['speech'][1]:+.2f} ms p90), "
-              f"{FILE_KIB} KiB transcription {added_cost['transcription'][0]:+.2f} ms median "
-              f"({added_cost['transcription'][1]:+.2f} ms p90)")
-        noise = med([r.others for rs in runs.values() for t in TARGETS for r in rs[t]])
-        noisy = "" if noise <= NOISY else ": the figures are noisy, run again on a quiet machine"
-        print(f"  {'ok  ' if noise <= NOISY else 'WARN'}  other load on the machine during the wrk runs: "
-              f"{noise:.0f}% of a core (median){noisy}")
-        print(f"\ntook {time.monotonic() - started:.0f} s")
-        failed = sum(not ok for ok, _ in checks + checks_18)
-        return 1 if STRICT and (failed or errors) else 0
-    except BenchError as e:
-        print(f"\nbench: {e}", file=sys.stderr)
-        return 2
-    except Watchdog:
-        print(f"\nbench: stopped after {budget:.0f} s (the run's time bound)", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("\nbench: interrupted", file=sys.stderr)
-        return 130
-    finally:
-        signal.alarm(0)
-        Proc.stop_all()
-        shutil.rmtree(tmp, ignore_errors=True)
-        Reaper.done()
+    errors = sum(r["errors"] for r in ratios.values())
+    checks = []
+    for route, label in (("speech", "speech"), ("transcription", f"{FILE_KIB} KiB transcription"),
+                         ("transcription-mp3", f"{FILE_KIB} KiB transcription of a real MP3 (probe on)")):
+        if route in ratios:
+            r = ratios[route]
+            checks.append((r["rps_bare"] >= MIN_RPS_VS_BARE,
+                           f"{label} req/s >= {MIN_RPS_VS_BARE}x bare relay: {r['rps_bare']:.2f}x"))
+            checks.append((r["p99_bare"] <= MAX_P99_VS_BARE,
+                           f"{label} p99 <= {MAX_P99_VS_BARE}x bare relay's: {r['p99_bare']:.2f}x"))
+    checks.append((added <= MAX_FIRST_BYTE_ADDED_MS,
+                   f"speech first byte <= {MAX_FIRST_BYTE_ADDED_MS:g} ms added over nginx: {added:.2f} ms"))
+    for mf in (True, False):
+        order = "model first" if mf else "file first"
+        up_ratio = ratio(mib[("aisix", mf)], mib[("nginx", mf)])
+        checks.append((up_ratio >= MIN_UPLOAD_VS_NGINX,
+                       f"{UPLOAD_MIB} MiB upload ({order}) >= {MIN_UPLOAD_VS_NGINX}x nginx MiB/s: {up_ratio:.2f}x"))
+        checks.append((growth[mf] <= MAX_RSS_GROWTH_MIB,
+                       f"{UPLOAD_MIB} MiB upload ({order}) RSS growth <= {MAX_RSS_GROWTH_MIB:g} MiB: "
+                       f"{growth[mf]:.1f} MiB"))
+    for route, label in (("speech", "speech"), ("transcription", f"{FILE_KIB} KiB transcription")):
+        if route in ratios:
+            r = ratios[route]
+            checks.append((r["fo_rps_bare"] >= MIN_RPS_VS_BARE,
+                           f"failover alias: {label} req/s >= {MIN_RPS_VS_BARE}x bare relay: "
+                           f"{r['fo_rps_bare']:.2f}x"))
+    for mf in (True, False):
+        order = "model first" if mf else "file first"
+        up_ratio = ratio(mib[("failover", mf)], mib[("nginx", mf)])
+        checks.append((up_ratio >= MIN_UPLOAD_VS_NGINX,
+                       f"failover alias: {UPLOAD_MIB} MiB upload ({order}) >= {MIN_UPLOAD_VS_NGINX}x nginx "
+                       f"MiB/s: {up_ratio:.2f}x"))
+        checks.append((fo_growth[mf] <= MAX_RSS_GROWTH_MIB,
+                       f"failover alias: {UPLOAD_MIB} MiB upload ({order}) RSS growth <= "
+                       f"{MAX_RSS_GROWTH_MIB:g} MiB: {fo_growth[mf]:.1f} MiB"))
+    checks_18 = []
+    for route, label in (("speech", "speech"), ("transcription", f"{FILE_KIB} KiB transcription")):
+        if route in ratios:
+            r = ratios[route]
+            checks_18.append((r["rps_nginx"] >= MIN_RPS_VS_NGINX,
+                              f"{label} req/s >= {MIN_RPS_VS_NGINX}x nginx tuned: {r['rps_nginx']:.2f}x"))
+            checks_18.append((r["rps_ceiling"] >= MIN_RPS_VS_CEILING,
+                              f"{label} req/s >= {MIN_RPS_VS_CEILING}x aiohttp ceiling: {r['rps_ceiling']:.2f}x"))
+            checks_18.append((r["p99_nginx"] <= MAX_P99_VS_NGINX,
+                              f"{label} p99 <= {MAX_P99_VS_NGINX:g}x nginx tuned's: {r['p99_nginx']:.2f}x"))
+    checks_18.append((added <= MAX_FIRST_BYTE_ADDED_MS_18,
+                      f"speech first byte <= {MAX_FIRST_BYTE_ADDED_MS_18:g} ms added over nginx tuned: "
+                      f"{added:.2f} ms"))
+    for mf in (True, False):
+        order = "model first" if mf else "file first"
+        up_ratio = ratio(mib[("aisix", mf)], mib[("nginx", mf)])
+        checks_18.append((up_ratio >= MIN_UPLOAD_VS_NGINX_18 and growth[mf] <= MAX_RSS_GROWTH_MIB,
+                          f"{UPLOAD_MIB} MiB upload ({order}) >= {MIN_UPLOAD_VS_NGINX_18:.1f}x nginx tuned "
+                          f"MiB/s with RSS growth <= {MAX_RSS_GROWTH_MIB:g} MiB: {up_ratio:.2f}x, "
+                          f"{growth[mf]:.1f} MiB"))
+    print("\nsummary")
+    print("  issues 12, 13, 14: against the bare relay (first byte and uploads: against nginx)")
+    for ok, text in checks:
+        print(f"  {verdict(ok)}  {text}")
+    print("  issue 18: against the real limits (tuned nginx, the aiohttp ceiling), plain alias")
+    for ok, text in checks_18:
+        print(f"  {verdict(ok)}  {text}")
+    print(f"  {'ok  ' if errors == 0 else 'WARN'}  errors in the wrk runs: {errors}")
+    print(f"  {'ok  ' if healthy_failed == 0 else 'WARN'}  failed attempts (failovers) through the healthy "
+          f"failover aliases during the wrk runs: {healthy_failed}")
+    print(f"  info  failover cost (a 503, then the next target): speech first byte "
+          f"{added_cost['speech'][0]:+.2f} ms median ({added_cost['speech'][1]:+.2f} ms p90), "
+          f"{FILE_KIB} KiB transcription {added_cost['transcription'][0]:+.2f} ms median "
+          f"({added_cost['transcription'][1]:+.2f} ms p90)")
+    noise = med([r.others for rs in runs.values() for t in TARGETS for r in rs[t]])
+    noisy = "" if noise <= NOISY else ": the figures are noisy, run again on a quiet machine"
+    print(f"  {'ok  ' if noise <= NOISY else 'WARN'}  other load on the machine during the wrk runs: "
+          f"{noise:.0f}% of a core (median){noisy}")
+    print(f"\ntook {time.monotonic() - started:.0f} s")
+    failed = sum(not ok for ok, _ in checks + checks_18)
+    return 1 if STRICT and (failed or errors) else 0
 
 
 async def _checks(st: Stack) -> None:
