@@ -68,6 +68,28 @@ def _mpeg_frame(b1: int, b2: int) -> tuple[int, int, int]:
 
 # Indexed by (header byte 1 & 0x1F) << 8 | header byte 2, for byte 1 >= 0xE0 (the sync's last bits).
 _MPEG_FRAMES = [_mpeg_frame(0xE0 | (i >> 8), i & 0xFF) for i in range(1 << 13)]
+# A padded CBR stream (44.1 kHz: frames of L and L+1 bytes, as the padding bit says) cannot be
+# checked by slicing; the regex engine walks it instead, about twice as fast as Python: by stream
+# (header bytes 1 and 2 without the padding bit), a pattern for one frame of either length and one
+# for a run of them. A handful of streams in practice; the cache is cleared past 64.
+_PADDED: dict[tuple[int, int], tuple[re.Pattern[bytes], re.Pattern[bytes]] | None] = {}
+
+
+def _padded_patterns(b1: int, b2: int, lengths: list[int]) -> tuple[re.Pattern[bytes], re.Pattern[bytes]] | None:
+    key = (b1, b2)
+    if key not in _PADDED:
+        if len(_PADDED) >= 64:
+            _PADDED.clear()
+        short, long = lengths[b2], lengths[b2 | 0x02]
+        if short < 4 or long < 4:
+            _PADDED[key] = None
+        else:
+            one = (re.escape(bytes((0xFF, b1, b2))) + b".{%d}|" % (short - 3)
+                   + re.escape(bytes((0xFF, b1, b2 | 0x02))) + b".{%d}" % (long - 3))
+            _PADDED[key] = re.compile(one, re.S), re.compile(b"(?:" + one + b")*", re.S)
+    return _PADDED[key]
+
+
 # The frame walk's tables: for header byte 1 & 0x1F and the sample rate bits of byte 2, the frame
 # length by header byte 2 (0: no frame of that stream).
 _MPEG_LENGTHS = [[_MPEG_FRAMES[(k << 8) | b][0] if b & 0x0C == r else 0 for b in range(256)]
@@ -285,6 +307,18 @@ class Mpeg:
                             at = end
                             continue
                         runs = False
+                        # Not one header throughout: frames of this header with or without
+                        # padding, as many as follow whole (the regex engine's parse is the
+                        # walk's: the byte after the sync decides each frame's length).
+                        patterns = _padded_patterns(buf[at + 1], buf[at + 2] & 0xFD, lengths)
+                        if patterns is not None:
+                            one, many = patterns
+                            matched = many.match(buf, at)
+                            stop = matched.end() if matched is not None else at
+                            if stop > at:
+                                count += one.subn(b"", memoryview(buf)[at:stop])[1]
+                                at = stop
+                                continue
                 at += length
                 if at > n:
                     self._skip, self._pending = at - n, spf
