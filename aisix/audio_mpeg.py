@@ -70,22 +70,28 @@ def _mpeg_frame(b1: int, b2: int) -> tuple[int, int, int]:
 _MPEG_FRAMES = [_mpeg_frame(0xE0 | (i >> 8), i & 0xFF) for i in range(1 << 13)]
 # A padded CBR stream (44.1 kHz: frames of L and L+1 bytes, as the padding bit says) cannot be
 # checked by slicing; the regex engine walks it instead, about twice as fast as Python: by stream
-# (header bytes 1 and 2 without the padding bit), a pattern for one frame of either length and one
-# for a run of them. A handful of streams in practice; the cache is cleared past 64.
+# and bit rate (header byte 1 with its CRC bit set, byte 2 without its padding and private bits),
+# a pattern for one frame of either length, the CRC and private bits either way as the walk
+# takes them, and one for a run of them. At most 16 x 64 keys, each compiled once per process:
+# frames that flip those bits cannot make it compile again.
 _PADDED: dict[tuple[int, int], tuple[re.Pattern[bytes], re.Pattern[bytes]] | None] = {}
+_RUN_CHECK = 64  # frames checked by slicing at a time: a stream that breaks often costs no more
 
 
 def _padded_patterns(b1: int, b2: int, lengths: list[int]) -> tuple[re.Pattern[bytes], re.Pattern[bytes]] | None:
-    key = (b1, b2)
+    key = (b1 | 0x01, b2 & 0xFC)
     if key not in _PADDED:
-        if len(_PADDED) >= 64:
-            _PADDED.clear()
-        short, long = lengths[b2], lengths[b2 | 0x02]
+        b1, base = key
+        short, long = lengths[base], lengths[base | 0x02]
         if short < 4 or long < 4:
             _PADDED[key] = None
         else:
-            one = (re.escape(bytes((0xFF, b1, b2))) + b".{%d}|" % (short - 3)
-                   + re.escape(bytes((0xFF, b1, b2 | 0x02))) + b".{%d}" % (long - 3))
+            def either(a: int, b: int) -> bytes:
+                return b"[" + re.escape(bytes((a,))) + re.escape(bytes((b,))) + b"]"
+
+            sync = b"\xff" + either(b1 & 0xFE, b1)
+            one = (sync + either(base, base | 0x01) + b".{%d}|" % (short - 3)
+                   + sync + either(base | 0x02, base | 0x03) + b".{%d}" % (long - 3))
             _PADDED[key] = re.compile(one, re.S), re.compile(b"(?:" + one + b")*", re.S)
     return _PADDED[key]
 
@@ -293,10 +299,10 @@ class Mpeg:
                 if runs:
                     # A run of frames with this very header (constant bit rate, no padding): the
                     # same three bytes every `length` bytes, checked by slicing rather than one frame
-                    # at a time. Tried once per chunk and after a run: a padded stream (44.1 kHz
+                    # at a time, 64 frames a check. Tried once per chunk and after a run: a padded stream (44.1 kHz
                     # CBR alternates frame lengths) fails it, and retrying at every frame would
                     # slice the rest of the chunk each time.
-                    run = (n - at) // length - 1
+                    run = min((n - at) // length - 1, _RUN_CHECK)
                     if run > 1:
                         end = at + length * (run + 1)
                         head = buf[at:at + 3]
@@ -310,7 +316,7 @@ class Mpeg:
                         # Not one header throughout: frames of this header with or without
                         # padding, as many as follow whole (the regex engine's parse is the
                         # walk's: the byte after the sync decides each frame's length).
-                        patterns = _padded_patterns(buf[at + 1], buf[at + 2] & 0xFD, lengths)
+                        patterns = _padded_patterns(buf[at + 1], buf[at + 2], lengths)
                         if patterns is not None:
                             one, many = patterns
                             matched = many.match(buf, at)
