@@ -79,9 +79,8 @@ _RUN_CHECK = 64  # frames checked by slicing at a time: a stream that breaks oft
 
 
 def _padded_patterns(b1: int, b2: int, lengths: list[int]) -> tuple[re.Pattern[bytes], re.Pattern[bytes]] | None:
-    key = (b1 | 0x01, b2 & 0xFC)
+    sync1, base = key = (b1 | 0x01, b2 & 0xFC)
     if key not in _PADDED:
-        b1, base = key
         short, long = lengths[base], lengths[base | 0x02]
         if short < 4 or long < 4:
             _PADDED[key] = None
@@ -89,7 +88,7 @@ def _padded_patterns(b1: int, b2: int, lengths: list[int]) -> tuple[re.Pattern[b
             def either(a: int, b: int) -> bytes:
                 return b"[" + re.escape(bytes((a,))) + re.escape(bytes((b,))) + b"]"
 
-            sync = b"\xff" + either(b1 & 0xFE, b1)
+            sync = b"\xff" + either(sync1 & 0xFE, sync1)
             one = (sync + either(base, base | 0x01) + b".{%d}|" % (short - 3)
                    + sync + either(base | 0x02, base | 0x03) + b".{%d}" % (long - 3))
             _PADDED[key] = re.compile(one, re.S), re.compile(b"(?:" + one + b")*", re.S)
@@ -298,10 +297,10 @@ class Mpeg:
                     break
                 if runs:
                     # A run of frames with this very header (constant bit rate, no padding): the
-                    # same three bytes every `length` bytes, checked by slicing rather than one frame
-                    # at a time, 64 frames a check. Tried once per chunk and after a run: a padded stream (44.1 kHz
-                    # CBR alternates frame lengths) fails it, and retrying at every frame would
-                    # slice the rest of the chunk each time.
+                    # same three bytes every `length` bytes, checked by slicing rather than one
+                    # frame at a time, at most _RUN_CHECK frames a check. Tried once per chunk and
+                    # after a run that held: a padded stream (44.1 kHz CBR alternates frame
+                    # lengths) fails it, and retrying at every frame would slice on each time.
                     run = min((n - at) // length - 1, _RUN_CHECK)
                     if run > 1:
                         end = at + length * (run + 1)
