@@ -69,20 +69,24 @@ def _mpeg_frame(b1: int, b2: int) -> tuple[int, int, int]:
 # Indexed by (header byte 1 & 0x1F) << 8 | header byte 2, for byte 1 >= 0xE0 (the sync's last bits).
 _MPEG_FRAMES = [_mpeg_frame(0xE0 | (i >> 8), i & 0xFF) for i in range(1 << 13)]
 # A padded CBR stream (44.1 kHz: frames of L and L+1 bytes, as the padding bit says) cannot be
-# checked by slicing; the regex engine walks it instead, about twice as fast as Python: by stream
-# and bit rate (header byte 1 with its CRC bit set, byte 2 without its padding and private bits),
-# a pattern for one frame of either length, the CRC and private bits either way as the walk
-# takes them, and one for a run of them. At most 16 x 64 keys, each compiled once per process:
-# frames that flip those bits cannot make it compile again.
-_PADDED: dict[tuple[int, int], tuple[re.Pattern[bytes], re.Pattern[bytes]] | None] = {}
+# checked by slicing; the regex engine walks it instead, several times faster than Python: by
+# stream and bit rate (header byte 1 with its CRC bit set, byte 2 without its padding and private
+# bits), a pattern for a run of frames of either length, the CRC and private bits either way as
+# the walk takes them. Where the match ends is all the count needs: k frames of `short` or `long`
+# (short + d) bytes span from short*k to long*k bytes, and while k < short/d no other k fits the
+# same span, so k is ceil(span / long). A match is capped at that many frames. At most 16 x 64
+# keys, each compiled once per process: frames that flip those bits cannot make it compile again.
+_PADDED: dict[tuple[int, int], tuple[re.Pattern[bytes], int] | None] = {}
 _RUN_CHECK = 64  # frames checked by slicing at a time: a stream that breaks often costs no more
 
 
-def _padded_patterns(b1: int, b2: int, lengths: list[int]) -> tuple[re.Pattern[bytes], re.Pattern[bytes]] | None:
+def _padded_patterns(b1: int, b2: int, lengths: list[int]) -> tuple[re.Pattern[bytes], int] | None:
+    """(a run of this stream's frames, padded or not, capped where its span still tells its count;
+    the padded frame's length), or None when the stream has no padded frames."""
     sync1, base = key = (b1 | 0x01, b2 & 0xFC)
     if key not in _PADDED:
         short, long = lengths[base], lengths[base | 0x02]
-        if short < 4 or long < 4:
+        if short < 4 or long <= short:
             _PADDED[key] = None
         else:
             def either(a: int, b: int) -> bytes:
@@ -91,7 +95,8 @@ def _padded_patterns(b1: int, b2: int, lengths: list[int]) -> tuple[re.Pattern[b
             sync = b"\xff" + either(sync1 & 0xFE, sync1)
             one = (sync + either(base, base | 0x01) + b".{%d}|" % (short - 3)
                    + sync + either(base | 0x02, base | 0x03) + b".{%d}" % (long - 3))
-            _PADDED[key] = re.compile(one, re.S), re.compile(b"(?:" + one + b")*", re.S)
+            most = (short - 1) // (long - short)  # k * d < short for every k up to this
+            _PADDED[key] = re.compile(b"(?:" + one + b"){0,%d}" % most, re.S), long
     return _PADDED[key]
 
 
@@ -317,11 +322,15 @@ class Mpeg:
                         # walk's: the byte after the sync decides each frame's length).
                         patterns = _padded_patterns(buf[at + 1], buf[at + 2], lengths)
                         if patterns is not None:
-                            one, many = patterns
-                            matched = many.match(buf, at)
-                            stop = matched.end() if matched is not None else at
+                            many, long = patterns
+                            stop = at
+                            while True:  # {0,most} always matches; an empty match ends the run
+                                end = many.match(buf, stop).end()  # type: ignore[union-attr]
+                                if end == stop:
+                                    break
+                                count += -(-(end - stop) // long)  # ceil: the one count that fits
+                                stop = end
                             if stop > at:
-                                count += one.subn(b"", memoryview(buf)[at:stop])[1]
                                 at = stop
                                 continue
                 at += length

@@ -249,6 +249,28 @@ def test_without_a_vbr_header_a_vbr_file_is_counted_where_ffprobe_estimates(tmp_
     assert not close_enough(ffprobe_seconds(path), seconds)  # if this fails, ffprobe learned to count
 
 
+@pytest.mark.parametrize(("b1", "b2", "short", "long", "frame_seconds"), [
+    (0xFB, 0x90, 417, 418, 1152 / 44100),  # MPEG-1 layer III, 128 kbit/s at 44.1 kHz: the commonest
+    (0xF3, 0x10, 26, 27, 576 / 22050),  # MPEG-2 layer III, 8 kbit/s at 22.05 kHz: tiny frames
+    (0xFF, 0x10, 32, 36, 384 / 44100),  # MPEG-1 layer I, 32 kbit/s at 44.1 kHz: its padding is 4 bytes
+], ids=["mp3-128k", "mp3-8k", "layer-i"])
+@pytest.mark.parametrize("padding", ["none", "all", "alternate", "random", "one-in-a-run"])
+def test_a_padded_run_is_counted_frame_for_frame(b1: int, b2: int, short: int, long: int, frame_seconds: float,
+                                                 padding: str) -> None:
+    # The walk counts a run of padded and unpadded frames by where it ends (audio_mpeg.py): that
+    # must be the count a frame-by-frame walk gets, for runs far longer than one match may be,
+    # however the padding falls and however the stream is cut.
+    rng = random.Random(padding)
+    frames = 1500
+    pads = {"none": [0] * frames, "all": [1] * frames, "alternate": [i & 1 for i in range(frames)],
+            "random": [rng.getrandbits(1) for _ in range(frames)],
+            "one-in-a-run": [int(i % (short - 1) == 0) for i in range(frames)]}[padding]
+    data = b"".join(bytes((0xFF, b1, b2 | p << 1)) + bytes((long if p else short) - 3) for p in pads)
+    for pieces in splits(data, count=4):
+        _, seconds = feed_checked(pieces)
+        assert seconds is not None and seconds == pytest.approx(frames * frame_seconds, abs=1e-9)
+
+
 def test_a_file_built_of_false_frame_starts_is_given_up_on() -> None:
     # Every 5th byte starts a header that a frame never follows: searching it would cost Python
     # work every few bytes, so after 65,536 such candidates in a row the probe stops looking.
