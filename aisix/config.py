@@ -183,6 +183,7 @@ class ProxySettings:
     drain_grace_ms: int = 5000     # SIGTERM: how long the listener stays up while busy
     keepalive_timeout_ms: int = 30000  # idle keep-alive, and the bound on a slow header phase
     cors: Cors | None = None  # None: no CORS (no preflight route, nothing added to answers)
+    realtime_heartbeat_ms: int = 30000  # ping both sides of a realtime session this often; 0: never
 
 
 @dataclass(frozen=True, slots=True)
@@ -302,7 +303,7 @@ def _load_settings(out: list[str], path: Path, env: Mapping[str, str]) -> tuple[
         return None, None
     proxy = top.section("proxy", ("listen", "request_body_limit_bytes", "json_body_limit_bytes",
                                   "request_id_headers", "drain_timeout_ms", "drain_grace_ms", "keepalive_timeout_ms",
-                                  "cors"))
+                                  "cors", "realtime_heartbeat_ms"))
     listen = _listen(proxy, "listen", "127.0.0.1:3000")
     body_limit = proxy.integer("request_body_limit_bytes", 0, minimum=0)
     json_limit = proxy.integer("json_body_limit_bytes", 1048576)
@@ -310,6 +311,7 @@ def _load_settings(out: list[str], path: Path, env: Mapping[str, str]) -> tuple[
     drain_ms = proxy.integer("drain_timeout_ms", 60000, minimum=0)
     grace_ms = proxy.integer("drain_grace_ms", 5000, minimum=0)
     keepalive_ms = proxy.integer("keepalive_timeout_ms", 30000)
+    heartbeat_ms = proxy.integer("realtime_heartbeat_ms", 30000, minimum=0)
     if id_headers and not all(_TOKEN.fullmatch(h) for h in id_headers):
         proxy.problem("request_id_headers", "must be HTTP header names")
     id_headers = tuple(h.lower() for h in id_headers)
@@ -338,7 +340,7 @@ def _load_settings(out: list[str], path: Path, env: Mapping[str, str]) -> tuple[
     if not top.ok or listen is None or sink is None or backend is None or resources_file is None:
         return None, resources_file
     proxy_settings = ProxySettings(listen, body_limit, json_limit, id_headers, drain_ms, grace_ms, keepalive_ms,
-                                   cors_policy)
+                                   cors_policy, heartbeat_ms)
     return Settings(proxy_settings, UpstreamSettings(**upstream), metrics_listen, sink, backend, spill_dir,
                     resources_file, config_file, bool(probes)), resources_file
 

@@ -17,6 +17,13 @@ previous one was handed to the other, and aiohttp's writer waits for its socket 
 whose queue aiohttp pauses at 128 KiB, and TCP does the rest. Memory per session is bounded by a
 frame each way (``MAX_FRAME``) plus those buffers. Text frames stay bytes (``decode_text=False``);
 only the few client events realtime_frames.py names are parsed.
+
+Every ``proxy.realtime_heartbeat_ms`` both sides are pinged; a side that has not answered the
+previous ping by then, while its pump was free to read the answer, is gone, though its TCP
+connection may look open for many minutes (a laptop closed, a NAT that forgot the flow), and the
+session ends: it must not hold its concurrency slot until a drain. One timer per session, and
+pings and pongs handled in the pumps (``autoping=False``): aiohttp's own heartbeat re-arms a timer
+for every frame received, which cost about 8 % of a core at 400 sessions.
 """
 
 from __future__ import annotations
@@ -51,7 +58,7 @@ CLOSE_TIMEOUT_S = 5.0  # for the peer's answer to a close frame
 KEY_PROTOCOL = "openai-insecure-api-key."
 CALLER, UPSTREAM, GATEWAY = "caller", "upstream", "gateway"  # who ended a session
 NORMAL = frozenset({1000, 1001, 1005})  # close codes that end a session without an error
-_TEXT, _BINARY = WSMsgType.TEXT, WSMsgType.BINARY
+_TEXT, _BINARY, _PING, _PONG = WSMsgType.TEXT, WSMsgType.BINARY, WSMsgType.PING, WSMsgType.PONG
 
 
 async def client(app: web.Application) -> AsyncIterator[None]:
@@ -102,7 +109,7 @@ async def session(request: web.Request) -> web.StreamResponse:
             auth.check_active(key, clock())
             s.key = key
             caller = web.WebSocketResponse(
-                protocols=("realtime",), autoclose=False, autoping=True, max_msg_size=MAX_FRAME,
+                protocols=("realtime",), autoclose=False, autoping=False, max_msg_size=MAX_FRAME,
                 compress=False, timeout=CLOSE_TIMEOUT_S, decode_text=False)
             if not caller.can_prepare(request).ok:
                 raise errors.GatewayError(426, "invalid_request_error", "websocket_required",
@@ -192,6 +199,22 @@ def _sendable(code: int | None, otherwise: int) -> int:
     return code if (1000 <= code <= 1014 and code != 1004) or 3000 <= code <= 4999 else otherwise
 
 
+def _gone(by: str) -> End:
+    """A side whose connection ended without a close frame (it went, or broke the protocol)."""
+    return End(by, None, error_code="client_closed" if by == CALLER else "upstream_aborted")
+
+
+def _silent(by: str) -> End:
+    """A side that did not answer a heartbeat's ping."""
+    return End(by, None, error_code="client_timeout" if by == CALLER else "upstream_timeout")
+
+
+def _retrieved(task: asyncio.Future[None]) -> None:
+    """A ping that could not be sent: the pump reading that side finds out."""
+    if not task.cancelled():
+        task.exception()
+
+
 def _reason(extra: object) -> bytes:
     reason = extra.encode() if isinstance(extra, str) else extra if isinstance(extra, bytes) else b""
     return reason[:123]  # what fits in a close frame
@@ -204,6 +227,7 @@ class Session:
         app = request.app
         self.request, self.ex, self.resources = request, ex, resources
         self.app, self.limiter, self.clock, self.metrics = app, app[LIMITER], app[CLOCK], app[METRICS]
+        self.heartbeat = app[SETTINGS].proxy.realtime_heartbeat_ms / 1000 or None  # seconds between pings
         self.key: ApiKey | None = None
         self.model: Model | None = None  # the session's model: ?model=, else the transcription model
         self.transcription_alias: str | None = None  # the last one a session.update named
@@ -221,7 +245,12 @@ class Session:
         self.pending_bytes = 0
         self.began: float | None = None  # monotonic, at the upgrade
         self.ended: End | None = None  # once the session is closing
-        self._stop: asyncio.Future[int] | None = None
+        self._stop: asyncio.Future[End] | None = None  # an end that comes from outside the pumps
+        # The heartbeat: sides that owe the pong of the last ping, and the pumps waiting in receive()
+        # (a pump stuck handing a frame to the other side cannot read its side's pong).
+        self._owes = {CALLER: False, UPSTREAM: False}
+        self._reading = {CALLER: False, UPSTREAM: False}
+        self._beat: asyncio.TimerHandle | None = None
 
     # -- before the upgrade ------------------------------------------------------------------
 
@@ -288,7 +317,7 @@ class Session:
             headers["OpenAI-Beta"] = beta
         return await self.app[WS_CLIENT].ws_connect(
             _upstream_url(target, self.intent, named), protocols=_forwarded_protocols(self.request),
-            headers=headers, autoclose=False, autoping=True, max_msg_size=MAX_FRAME, compress=0,
+            headers=headers, autoclose=False, autoping=False, max_msg_size=MAX_FRAME, compress=0,
             decode_text=False, timeout=aiohttp.ClientWSTimeout(ws_receive=None, ws_close=CLOSE_TIMEOUT_S))
 
     def upgraded(self, caller: web.WebSocketResponse) -> None:
@@ -311,19 +340,24 @@ class Session:
 
     async def run(self) -> None:
         live = self.app[LIVE]
-        self._stop = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        self._stop = loop.create_future()
         up = asyncio.create_task(self._from_caller())
         down = asyncio.create_task(self._from_upstream())
         live.sessions.add(self)
+        if self.heartbeat:
+            self._beat = loop.call_later(self.heartbeat, self._heartbeat)
         try:
             await asyncio.wait((up, down, self._stop), return_when=asyncio.FIRST_COMPLETED)
         finally:
             live.sessions.discard(self)
+            if self._beat is not None:
+                self._beat.cancel()
             for task in (up, down):
                 task.cancel()
             await asyncio.gather(up, down, return_exceptions=True)
         if self._stop.done():
-            end = End(GATEWAY, self._stop.result(), b"server going away", "shutting_down")
+            end = self._stop.result()
         else:
             first = up if up.done() and not up.cancelled() else down
             end = first.result()
@@ -331,16 +365,38 @@ class Session:
 
     def end(self, code: int) -> None:
         """Close both sides with ``code`` (the drain's deadline)."""
+        self._halt(End(GATEWAY, code, b"server going away", "shutting_down"))
+
+    def _halt(self, end: End) -> None:
         if self._stop is not None and not self._stop.done():
-            self._stop.set_result(code)
+            self._stop.set_result(end)
+
+    def _heartbeat(self) -> None:
+        """A side that still owes the last ping's pong, and was free to read it, is gone; else
+        both are pinged again."""
+        sides = ((CALLER, self.caller), (UPSTREAM, self.upstream))
+        for by, ws in sides:
+            if ws is not None and self._owes[by] and self._reading[by]:
+                self._halt(_silent(by))
+                return
+        for by, ws in sides:
+            if ws is not None and not ws.closed:
+                self._owes[by] = True
+                task = asyncio.ensure_future(ws.ping())
+                task.add_done_callback(_retrieved)
+        assert self.heartbeat is not None
+        self._beat = asyncio.get_running_loop().call_later(self.heartbeat, self._heartbeat)
 
     async def _from_caller(self) -> End:
         caller = self.caller
         assert caller is not None
         frames_in, bytes_in = self.metrics.frames_in, self.metrics.frame_bytes_in
         ex = self.ex
+        reading = self._reading
         while True:
+            reading[CALLER] = True
             msg = await caller.receive()
+            reading[CALLER] = False
             kind = msg.type
             if kind is _TEXT or kind is _BINARY:
                 data: bytes = msg.data
@@ -352,7 +408,7 @@ class Session:
                         data = await self._checked(data, kind)
                     except Refused as exc:
                         if not await self._tell(frames.error_event(exc.code, exc.message, exc.event_id, exc.kind)):
-                            return End(CALLER, None, error_code="client_closed")
+                            return _gone(CALLER)
                         continue
                     except _Ending as stop:
                         return stop.end
@@ -369,11 +425,18 @@ class Session:
                 try:
                     await upstream.send_frame(data, kind)
                 except ConnectionError:
-                    return End(UPSTREAM, None, error_code="upstream_aborted")
+                    return _gone(UPSTREAM)
+            elif kind is _PONG:
+                self._owes[CALLER] = False
+            elif kind is _PING:  # answered here, not by aiohttp (autoping=False: the pongs are the heartbeat's)
+                try:
+                    await caller.pong(msg.data)
+                except ConnectionError:
+                    return _gone(CALLER)
             elif kind is WSMsgType.CLOSE:
                 return End(CALLER, msg.data, _reason(msg.extra))
             else:  # the connection ended without a close frame, or a frame broke the protocol
-                return End(CALLER, None, error_code="client_closed")
+                return _gone(CALLER)
 
     async def _from_upstream(self) -> End:
         await self.connected.wait()
@@ -381,15 +444,18 @@ class Session:
         assert caller is not None and upstream is not None
         frames_out, bytes_out = self.metrics.frames_out, self.metrics.frame_bytes_out
         ex = self.ex
+        reading = self._reading
         while True:
+            reading[UPSTREAM] = True
             msg = await upstream.receive()
+            reading[UPSTREAM] = False
             kind = msg.type
             if kind is _TEXT or kind is _BINARY:
                 data: bytes = msg.data
                 try:
                     await caller.send_frame(data, kind)
                 except ConnectionError:
-                    return End(CALLER, None, error_code="client_closed")
+                    return _gone(CALLER)
                 ex.bytes_out += len(data)
                 frames_out.inc()
                 bytes_out.inc(len(data))
@@ -397,11 +463,18 @@ class Session:
                     end = await self._reported(data)
                     if end is not None:
                         return end
+            elif kind is _PONG:
+                self._owes[UPSTREAM] = False
+            elif kind is _PING:
+                try:
+                    await upstream.pong(msg.data)
+                except ConnectionError:
+                    return _gone(UPSTREAM)
             elif kind is WSMsgType.CLOSE:
                 code = msg.data
                 return End(UPSTREAM, code, _reason(msg.extra), None if code in NORMAL else "upstream_error")
             else:
-                return End(UPSTREAM, None, error_code="upstream_aborted")
+                return _gone(UPSTREAM)
 
     async def _tell(self, event: bytes) -> bool:
         """Send the caller an event of the gateway's own; False when the caller is gone."""
@@ -487,7 +560,7 @@ class Session:
             try:
                 await self.upstream.send_frame(data, kind)
             except ConnectionError:
-                raise _Ending(End(UPSTREAM, None, error_code="upstream_aborted")) from None
+                raise _Ending(_gone(UPSTREAM)) from None
 
     async def _reported(self, data: bytes) -> End | None:
         """Usage and transcripts from a server event: tokens charged now, a transcript checked

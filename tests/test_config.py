@@ -89,6 +89,7 @@ def test_shipped_files_load_with_an_empty_environment() -> None:
     s, r = loaded.settings, loaded.resources
     assert s.proxy.listen == Listen("127.0.0.1", 3000)
     assert s.metrics_listen == Listen("127.0.0.1", 9090)
+    assert s.proxy.realtime_heartbeat_ms == 30000
     assert (str(s.usage_sink), str(s.ratelimit_backend)) == ("stdout", "memory")
     assert s.resources_file == ETC / "resources.yaml"
     assert set(r.models) == {"tts-prod", "whisper-prod", "whisper-live"}
@@ -327,6 +328,8 @@ CONFIG_PROBLEMS = [
      "config.yaml: proxy: field 'cors.allowed_origins': must be '*' or origins as browsers send them"),
     ({"proxy": {"cors": {"allowed_origins": ["*", "https://app.example.com"]}}},
      "config.yaml: proxy: field 'cors.allowed_origins': must be ['*'] alone"),
+    ({"proxy": {"realtime_heartbeat_ms": -1}},
+     "config.yaml: proxy: field 'realtime_heartbeat_ms': must be an integer >= 0, got -1"),
     ({"upstream": {"timeout_ms": "600s"}}, "config.yaml: upstream: field 'timeout_ms': must be a positive integer"),
     ({"upstream": {"max_connections": True}},
      "config.yaml: upstream: field 'max_connections': must be a positive integer, got a boolean"),

@@ -5,6 +5,7 @@ usage events, metrics, reload and drain; and the official openai SDK's realtime 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import base64
 import os
 import random
@@ -322,6 +323,72 @@ async def test_either_side_going_away_closes_the_other(gw: Gateway, rt: FakeReal
         ws._response.connection.transport.abort()  # type: ignore[union-attr]  # gone, no close frame
         await rt.until(lambda ss: ss[0].ended)
         assert rt.session().close_code == 1001
+
+
+HEARTBEAT = {"proxy": {"realtime_heartbeat_ms": 300}}
+
+
+async def test_an_upstream_that_stops_answering_pings_ends_the_session(make_gateway, rt: FakeRealtime) -> None:
+    gw = make_gateway(HEARTBEAT, upstream_base=rt.base_url, **resources(rt))
+    rt.script = Script(read=False)  # the fake's aiohttp answers pings only while it reads
+    async with aiohttp.ClientSession() as s, s.ws_connect(ws_url(gw), headers=bearer()) as ws:
+        rid = ws._response.headers["x-aisix-request-id"]
+        msg = await ws.receive(10)  # this caller answers the gateway's pings meanwhile
+        assert (msg.type, msg.data) == (aiohttp.WSMsgType.CLOSE, 1014)
+    event = gw.event(rid)
+    assert (event["status"], event["error_code"], event["close_code"]) == (101, "upstream_timeout", 1014)
+
+
+async def test_a_caller_that_stops_answering_pings_ends_the_session(make_gateway, rt: FakeRealtime) -> None:
+    gw = make_gateway(HEARTBEAT, upstream_base=rt.base_url, **resources(rt))
+    rt.script = Script(echo=True)
+    async with aiohttp.ClientSession() as s, s.ws_connect(ws_url(gw), headers=bearer(), autoping=False) as ws:
+        rid = ws._response.headers["x-aisix-request-id"]
+        await rt.until(lambda ss: len(ss) == 1 and ss[0].ended)  # this caller never reads: no pong goes back
+    assert rt.session().close_code == 1001  # the upstream is told the caller went
+    event = gw.event(rid)
+    assert (event["status"], event["error_code"]) == (101, "client_timeout")
+
+
+async def test_a_caller_stalled_behind_an_upstream_that_stops_reading_is_not_blamed(
+        make_gateway, rt: FakeRealtime) -> None:
+    # The caller floods an upstream that reads nothing: the gateway's pump from the caller is stuck
+    # handing a frame on, so it cannot read the caller's pongs (nor can this caller answer, busy
+    # sending). Both owe a pong; only the upstream was free to answer, and it is the one blamed.
+    gw = make_gateway(HEARTBEAT, upstream_base=rt.base_url, **resources(rt))
+    rt.script = Script(read=False)
+    async with aiohttp.ClientSession() as s, s.ws_connect(ws_url(gw), headers=bearer()) as ws:
+        rid = ws._response.headers["x-aisix-request-id"]
+
+        async def flood() -> None:
+            with contextlib.suppress(ConnectionError):
+                for _ in range(1024):
+                    await ws.send_bytes(bytes(64 * 1024))
+
+        sending = asyncio.create_task(flood())
+        msg = await ws.receive(20)
+        assert (msg.type, msg.data) == (aiohttp.WSMsgType.CLOSE, 1014)
+        sending.cancel()
+        await asyncio.gather(sending, return_exceptions=True)
+    event = gw.event(rid)
+    assert (event["status"], event["error_code"]) == (101, "upstream_timeout")
+
+
+async def test_a_quiet_session_that_answers_pings_stays_open(make_gateway, rt: FakeRealtime) -> None:
+    gw = make_gateway(HEARTBEAT, upstream_base=rt.base_url, **resources(rt))
+    rt.script = Script(echo=True)
+    async with aiohttp.ClientSession() as s, s.ws_connect(ws_url(gw), headers=bearer(), autoping=False) as ws:
+        for _ in range(4):  # four heartbeats with nothing else said either way
+            msg = await ws.receive(10)
+            assert msg.type == aiohttp.WSMsgType.PING
+            await ws.pong(msg.data)
+        await ws.send_bytes(b"still here")
+        msg = await ws.receive(10)
+        while msg.type == aiohttp.WSMsgType.PING:
+            await ws.pong(msg.data)
+            msg = await ws.receive(10)
+        assert msg.data == b"still here"
+    assert rt.session().frames == [("binary", b"still here")]  # pings never reach the other side
 
 
 async def test_pings_are_answered(gw: Gateway) -> None:
