@@ -8,7 +8,7 @@ The top half is [core]: window math, the plan of what a request touches, and the
 becomes. It takes ``now`` (Unix seconds) and does no I/O. Below it, two stores keep the counts
 behind one small interface, and ``Limiter`` joins them for the pipeline:
 
-- ``MemoryStore``: dicts for one process. A window counter is keyed by scope, name and window
+- ``MemoryStore`` (limits_memory.py): dicts for one process. A window counter is keyed by scope, name and window
   kind and holds only the current window (a new window replaces the old one), so memory is
   bounded by the configured names, whatever the traffic.
 - ``RedisStore`` (limits_redis.py): shared by every instance; one atomic script per admission,
@@ -37,7 +37,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from . import errors, routing
+from . import errors
 from .config import ApiKey, Cooldown, Model, ProviderKey, RateLimit
 from .specs import BackendSpec
 
@@ -159,8 +159,18 @@ def _who(limit: Limit) -> str:
 
 # -- stores --------------------------------------------------------------------------------------
 
+class Immediate(Protocol):
+    """A store's synchronous path, for one that never waits and never fails: the Limiter calls
+    it on every request instead of the coroutines (no coroutine per call)."""
+
+    def admit_now(self, plan: Plan, now: float) -> tuple[list[Limit], list[int]]: ...
+
+    def settle_now(self, plan: Plan, charges: dict[str, int], now: float) -> None: ...
+
+
 class Store(Protocol):
     errors: tuple[type[Exception], ...]  # what it raises when it cannot answer: admit fails open
+    immediate: Immediate | None  # the same store's synchronous path, if it has one
 
     async def admit(self, plan: Plan, slot_id: str, now: float) -> tuple[list[Limit], list[int]]:
         """The limits that refuse the request (nothing counted), or [] once all is counted; and
@@ -181,94 +191,6 @@ class Store(Protocol):
     async def close(self) -> None: ...
 
 
-class MemoryStore:
-    """Counts for one process. Never suspends, so each admission is atomic under asyncio."""
-
-    errors: tuple[type[Exception], ...] = ()  # dicts do not fail
-
-    def __init__(self) -> None:
-        self._windows: dict[str, list[int]] = {}  # Limit.key -> [window_start, count]
-        self._in_flight: dict[str, int] = {}  # Limit.key -> slots held
-        self._cooldowns = routing.Cooldowns()
-
-    def _count(self, limit: Limit, now: float) -> int:
-        if not limit.size:
-            return self._in_flight.get(limit.key, 0)
-        entry = self._windows.get(limit.key)
-        return entry[1] if entry and entry[0] == window_start(now, limit.size) else 0
-
-    def _add(self, limit: Limit, n: int, now: float) -> None:
-        start = window_start(now, limit.size)
-        entry = self._windows.get(limit.key)
-        if entry and entry[0] == start:
-            entry[1] += n
-        else:  # a new window: the old counter is dropped here
-            self._windows[limit.key] = [start, n]
-
-    async def admit(self, plan: Plan, slot_id: str, now: float) -> tuple[list[Limit], list[int]]:
-        return self.admit_now(plan, now)
-
-    async def settle(self, plan: Plan, slot_id: str, charges: dict[str, int], now: float) -> None:
-        self.settle_now(plan, charges, now)
-
-    # The Limiter calls these two directly: no coroutine per call on every request.
-
-    def admit_now(self, plan: Plan, now: float) -> tuple[list[Limit], list[int]]:
-        # One pass that counts and checks (this runs on every request), then one that takes.
-        windows, in_flight = self._windows, self._in_flight
-        counts: list[int] = []
-        starts: list[int] = []
-        blocked: list[Limit] = []
-        for x in plan.limits:
-            if x.size:
-                start = window_start(now, x.size)
-                entry = windows.get(x.key)
-                n = entry[1] if entry is not None and entry[0] == start else 0
-            else:
-                start, n = 0, in_flight.get(x.key, 0)
-            counts.append(n)
-            starts.append(start)
-            if (n > x.limit) if x.unit in CHARGED else (n >= x.limit):  # is_over, inline
-                blocked.append(x)
-        if not blocked:
-            for x, n, start in zip(plan.limits, counts, starts, strict=True):
-                if x.unit == "requests":
-                    if n:  # the entry of this window
-                        windows[x.key][1] = n + 1
-                    else:  # a new window: the old counter is dropped here
-                        windows[x.key] = [start, 1]
-                elif x.unit == "concurrency":
-                    in_flight[x.key] = n + 1
-        return blocked, counts
-
-    def settle_now(self, plan: Plan, charges: dict[str, int], now: float) -> None:
-        for x in plan.concurrency:
-            held = self._in_flight.get(x.key, 0) - 1
-            if held > 0:
-                self._in_flight[x.key] = held
-            else:
-                self._in_flight.pop(x.key, None)
-        for x in plan.charged:
-            amount = charges.get(x.unit)
-            if amount:
-                self._add(x, amount, now)
-
-    async def charge(self, plan: Plan, charges: dict[str, int], now: float) -> list[Limit]:
-        charged = [x for x in plan.charged if charges.get(x.unit)]
-        for x in charged:
-            self._add(x, charges[x.unit], now)
-        return [x for x in charged if is_over(x, self._count(x, now))]
-
-    async def cooling(self, keys: list[str], now: float) -> dict[int, float]:
-        return self._cooldowns.cooling(keys, now)
-
-    async def failed(self, key: str, policy: Cooldown, now: float) -> bool:
-        return self._cooldowns.failed(key, policy, now)
-
-    async def close(self) -> None:
-        pass
-
-
 # -- the limiter ---------------------------------------------------------------------------------
 
 @dataclass(slots=True, eq=False)
@@ -287,7 +209,7 @@ a realtime session also charges tokens as they are reported (charge)."""
 
     def __init__(self, store: Store) -> None:
         self._store = store
-        self._memory = store if isinstance(store, MemoryStore) else None  # never fails, never waits
+        self._memory = store.immediate  # a store that never fails and never waits: called directly
         self._store_errors = store.errors
         self.fail_open_total = 0
         self.settle_errors_total = 0
@@ -300,6 +222,8 @@ a realtime session also charges tokens as they are reported (charge)."""
             from .limits_redis import RedisStore  # here, so that a memory backend never imports redis-py
 
             return cls(RedisStore(backend.url))
+        from .limits_memory import MemoryStore  # it builds on this module's plans and windows
+
         return cls(MemoryStore())
 
     async def admit(self, key: ApiKey, model: Model, now: float) -> Slot | None:

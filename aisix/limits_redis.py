@@ -29,7 +29,7 @@ from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
 from .config import Cooldown
-from .limits import Limit, Plan, is_over, window_start
+from .limits import Immediate, Limit, Plan, is_over, window_start
 
 _MARGIN = 60  # seconds a window counter outlives its window in Redis
 _LEASE = 3600  # seconds a Redis concurrency slot outlives a process that never released it
@@ -87,6 +87,7 @@ class RedisStore:
     it by at most 0.5 s per socket step; then Limiter admits unchecked for ``limits._PAUSE``."""
 
     errors: tuple[type[Exception], ...] = (RedisError, OSError)  # OSError covers asyncio's TimeoutError
+    immediate: Immediate | None = None  # every call is a round trip
 
     def __init__(self, url: str) -> None:
         self._redis = redis.asyncio.Redis.from_url(
