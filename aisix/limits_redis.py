@@ -33,6 +33,10 @@ from .limits import Immediate, Limit, Plan, is_over, window_start
 
 _MARGIN = 60  # seconds a window counter outlives its window in Redis
 _LEASE = 3600  # seconds a Redis concurrency slot outlives a process that never released it
+# Connections to Redis per process. A burst of requests waits for one (a command takes well under
+# a millisecond) instead of opening a connection per request in flight: hundreds of connects at
+# once, each with its 0.5 s timeout, failed open under load, and every instance multiplied them.
+CONNECTIONS = 64
 
 
 # KEYS: one counter per limit. ARGV: now, slot id, its lease end, then per key its kind, limit
@@ -83,15 +87,19 @@ return 1
 
 class RedisStore:
     """Counts shared by every instance through one Redis (not Cluster: a script's keys span
-    scopes). Short timeouts and no retries: a dead Redis stalls the requests already waiting on
-    it by at most 0.5 s per socket step; then Limiter admits unchecked for ``limits._PAUSE``."""
+    scopes). At most ``CONNECTIONS`` connections, short timeouts and no retries: a dead Redis
+    stalls the requests already waiting on it by at most 0.5 s per step (a free connection, the
+    connect, each read or write); then Limiter admits unchecked for ``limits._PAUSE``."""
 
     errors: tuple[type[Exception], ...] = (RedisError, OSError)  # OSError covers asyncio's TimeoutError
     immediate: Immediate | None = None  # every call is a round trip
 
     def __init__(self, url: str) -> None:
-        self._redis = redis.asyncio.Redis.from_url(
-            url, socket_connect_timeout=0.5, socket_timeout=0.5, retry=Retry(NoBackoff(), 0))
+        # The same 0.5 s bound on waiting for a free connection as on each socket step.
+        pool = redis.asyncio.BlockingConnectionPool.from_url(
+            url, max_connections=CONNECTIONS, timeout=0.5, socket_connect_timeout=0.5, socket_timeout=0.5,
+            retry=Retry(NoBackoff(), 0))
+        self._redis = redis.asyncio.Redis(connection_pool=pool)
         self._admit = self._redis.register_script(_ADMIT)
         self._failed = self._redis.register_script(_FAILED)
 
@@ -142,4 +150,4 @@ class RedisStore:
         return bool(started)
 
     async def close(self) -> None:
-        await self._redis.aclose()
+        await self._redis.aclose(close_connection_pool=True)

@@ -14,6 +14,7 @@ from aisix.config import ROUTES, ApiKey, Cooldown, Model, ProviderKey, RateLimit
 from aisix.specs import parse_backend
 from aisix.errors import GatewayError, RateLimited
 from aisix.limits import MONTH, Limit, Limiter, Slot, is_over, plan, rejection, reset_after, window_end, window_start
+from aisix.limits_redis import CONNECTIONS
 from tests.redis_server import RedisServer, free_port, redis_url  # noqa: F401
 
 T0 = 20000 * 86400.0  # a day boundary, so every window starts at T0
@@ -336,6 +337,21 @@ async def test_two_instances_never_admit_past_the_limit_together(
     admitted = await asyncio.gather(*(one(i) for i in range(200)))
     assert sum(admitted) == 50
     assert sum(lim.fail_open_total for lim in shared) == 0
+
+
+async def test_a_burst_shares_a_bounded_pool_of_redis_connections(
+        shared: tuple[Limiter, Limiter], redis_url: str) -> None:  # noqa: F811
+    # 300 admissions at once through one instance: they wait for one of its CONNECTIONS rather
+    # than opening 300 (each a connect that can time out and fail open under load), and all pass.
+    key, m = api_key(), model(rpm=1000)
+    slots = await asyncio.gather(*(shared[0].admit(key, m, T0 + 30) for _ in range(300)))
+    assert len(slots) == 300 and shared[0].fail_open_total == 0
+    r = redis.asyncio.Redis.from_url(redis_url)
+    try:
+        clients = (await r.info("clients"))["connected_clients"]
+    finally:
+        await r.aclose()
+    assert clients <= CONNECTIONS + 1  # this one's own
 
 
 async def test_redis_counters_are_named_by_scope_and_expire(shared: tuple[Limiter, Limiter], redis_url: str) -> None:  # noqa: F811
