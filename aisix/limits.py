@@ -201,6 +201,9 @@ class Slot:
     id: str  # its member in the Redis concurrency ZSETs; "" when it holds no slot
     audio_left: float | None = None  # seconds its audio quotas had left when admitted; None: no quota
     audio_limit: Limit | None = None  # the audio quota with the least left
+    # Each audio quota: (quota, seconds left when admitted, what this process had charged to it then).
+    audio_quotas: tuple[tuple[Limit, float, float], ...] = ()
+    audio_claim: float = 0.0  # seconds of its upload this request has claimed from them so far
 
 
 class Limiter:
@@ -215,6 +218,12 @@ a realtime session also charges tokens as they are reported (charge)."""
         self.settle_errors_total = 0
         self._paused_until = 0.0
         self._warned_at = -math.inf
+        # Audio quotas in this process, by Limit.key: seconds claimed by uploads in flight (known
+        # from their headers, or what has streamed), and seconds charged ever (settle, charge).
+        # Uploads admitted together see the store's count as of their admission; these say what
+        # the others took since, so that they cannot each spend the same remainder.
+        self._audio_claims: dict[str, float] = {}
+        self._audio_charged: dict[str, float] = {}
 
     @classmethod
     def create(cls, backend: BackendSpec) -> Limiter:
@@ -271,18 +280,49 @@ a realtime session also charges tokens as they are reported (charge)."""
         """The admitted slot, with what its audio quotas have left; raises the refusal."""
         if blocked:
             raise rejection(blocked, now)
+        quotas = []
         for x, n in zip(p.limits, counts, strict=True):
             if x.unit == "seconds":
                 left = (x.limit - n) / SCALE["seconds"]
+                quotas.append((x, left, self._audio_charged.get(x.key, 0.0)))
                 if slot.audio_left is None or left < slot.audio_left:
                     slot.audio_left, slot.audio_limit = left, x
+        if quotas:
+            slot.audio_quotas = tuple(quotas)
         return slot
 
     def audio_refusal(self, slot: Slot | None, seconds: float, now: float) -> errors.RateLimited | None:
-        """The 429 for an upload of ``seconds`` that is more than its audio quotas had left."""
-        if slot is None or slot.audio_left is None or slot.audio_limit is None or seconds <= slot.audio_left:
+        """The 429 for an upload of ``seconds`` that is more than its audio quotas have left:
+        what they had when it was admitted, less what other uploads in this process have claimed
+        or been charged since. Otherwise ``seconds`` is its claim (called again as it grows)."""
+        if slot is None or not slot.audio_quotas:
             return None
-        return rejection([slot.audio_limit], now)
+        claims, charged, mine = self._audio_claims, self._audio_charged, slot.audio_claim
+        for x, left, charged_then in slot.audio_quotas:
+            taken = claims.get(x.key, 0.0) - mine + charged.get(x.key, 0.0) - charged_then
+            if seconds > left - taken:
+                return rejection([x], now)
+        if seconds != mine:
+            for x, _, _ in slot.audio_quotas:
+                claims[x.key] = claims.get(x.key, 0.0) + seconds - mine
+            slot.audio_claim = seconds
+        return None
+
+    def _audio_done(self, slot: Slot, p: Plan, audio_seconds: float | None) -> None:
+        """The request's claim is given back, and what it is charged counted as charged here."""
+        claims = self._audio_claims
+        if slot.audio_claim:
+            for x, _, _ in slot.audio_quotas:
+                held = claims.get(x.key, 0.0) - slot.audio_claim
+                if held > 1e-9:
+                    claims[x.key] = held
+                else:
+                    claims.pop(x.key, None)
+            slot.audio_claim = 0.0
+        if audio_seconds:
+            for x in p.charged:
+                if x.unit == "seconds":
+                    self._audio_charged[x.key] = self._audio_charged.get(x.key, 0.0) + audio_seconds
 
     async def admit_provider(self, key: ProviderKey, now: float) -> Slot | None:
         """A slot on the provider key's own limits (its quota), or None when it has none;
@@ -317,6 +357,8 @@ a realtime session also charges tokens as they are reported (charge)."""
         if slot is None or slot.plan is None:
             return
         p, slot.plan = slot.plan, None  # before any await: a second settle finds nothing
+        if slot.audio_quotas:
+            self._audio_done(slot, p, audio_seconds)
         charges = _scaled(tokens, cost_usd, audio_seconds) if p.charged else {}
         if not p.concurrency and not charges:
             return
@@ -339,6 +381,8 @@ a realtime session also charges tokens as they are reported (charge)."""
         charges = _scaled(tokens, cost_usd, audio_seconds)
         if not charges:
             return []
+        if slot.audio_quotas:
+            self._audio_done(slot, slot.plan, audio_seconds)
         try:
             return await self._store.charge(slot.plan, charges, now)
         except Exception as e:  # noqa: BLE001 (a session must not end because the store failed)

@@ -294,6 +294,26 @@ async def test_a_monthly_budget_on_a_model_is_shared_by_keys(limiter: Limiter) -
     assert int(e.headers["Retry-After"]) == window_end(T0 + 5, MONTH) - int(T0 + 5)
 
 
+async def test_uploads_in_flight_together_cannot_spend_the_same_audio_left(limiter: Limiter) -> None:
+    # Admitted together, both see 100 s left; what one claims (its header's length, or what has
+    # streamed) is not there for the other, and a claim becomes a charge at settle.
+    key, m = api_key(audio_seconds_per_hour=100), model()
+    a, b = await limiter.admit(key, m, T0), await limiter.admit(key, m, T0)
+    assert limiter.audio_refusal(a, 60.0, T0) is None
+    e = limiter.audio_refusal(b, 60.0, T0)
+    assert e is not None and e.code == "rate_limit_exceeded" and "Audio quota of 100 seconds" in e.message
+    assert limiter.audio_refusal(b, 40.0, T0) is None  # what a left
+    assert limiter.audio_refusal(a, 61.0, T0) is not None  # a cannot grow into b's claim either
+    await limiter.settle(a, None, T0 + 1, audio_seconds=60.0)
+    assert limiter.audio_refusal(b, 40.0, T0 + 1) is None  # a's claim is now a's charge: the same 40
+    assert limiter.audio_refusal(b, 40.5, T0 + 1) is not None
+    c = await limiter.admit(key, m, T0 + 2)  # sees a's 60 s charged, and b's claim of 40
+    assert c is not None and c.audio_left == 40.0
+    assert limiter.audio_refusal(c, 1.0, T0 + 2) is not None
+    await limiter.settle(b, None, T0 + 3)  # b failed upstream: nothing charged, its claim given back
+    assert limiter.audio_refusal(c, 40.0, T0 + 3) is None
+
+
 async def test_audio_quota_is_charged_and_tells_what_is_left(limiter: Limiter) -> None:
     key, m = api_key(audio_seconds_per_hour=100), model(audio_seconds_per_day=1000)
     slot = await limiter.admit(key, m, T0 + 1)

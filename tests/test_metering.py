@@ -3,7 +3,9 @@ early refusal of an over-long upload (the upstream never gets a complete request
 
 from __future__ import annotations
 
+import asyncio
 import json
+from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
@@ -151,6 +153,45 @@ async def test_an_upload_longer_than_the_quota_has_left_is_429_before_it_is_sent
     assert all(not r.complete for r in fake.received[received:])
     status, _, _ = await upload(gw, make("flac", 30.0).read_bytes(), key="sk-quota-secret")
     assert status == 200  # what is left still takes a shorter one
+
+
+@pytest.mark.parametrize("order", [("model", "file"), ("file", "model")], ids=["model-first", "file-first"])
+async def test_two_uploads_in_flight_cannot_both_spend_what_the_quota_has_left(
+        fake: FakeUpstream, make_gateway: Any, order: tuple[str, str]) -> None:
+    # Both are admitted with 100 s left and each declares 61 s in its header. Their ends are held
+    # back, so both are in flight together: the one whose header is read second is refused
+    # (429, before its request is complete), the other goes through once its end is sent.
+    from tests.audio_files import make
+    from tests.test_transcriptions import form
+
+    key = {"display_name": "quota", "key_hash": hash_key("sk-quota-secret"), "allowed_models": ["*"],
+           "rate_limit": {"audio_seconds_per_hour": 100}}
+    gw = make_gateway(models=whisper(), api_keys=[key])
+    # A field after both: the model part ends (is known) at the delimiter before it.
+    data, ctype = form(*order, model=b"whisper-metered", file=make("flac", 61.0).read_bytes(),
+                       file_name=b"a.flac", fields=[("language", b"en")])
+    cut = len(data) - 5  # inside the closing delimiter: the model and the file's header are sent
+    gate = asyncio.Event()
+
+    async def body() -> AsyncIterator[bytes]:
+        yield data[:cut]
+        await gate.wait()
+        yield data[cut:]
+
+    async def post(s: aiohttp.ClientSession) -> tuple[int, str]:
+        async with s.post(gw.url + "/v1/audio/transcriptions", data=body(),
+                          headers={"Authorization": "Bearer sk-quota-secret", "Content-Type": ctype}) as r:
+            return r.status, (await r.json())["error"]["code"] if r.status != 200 else ""
+
+    async with aiohttp.ClientSession() as s:
+        calls = [asyncio.create_task(post(s)) for _ in range(2)]
+        done, _ = await asyncio.wait(calls, timeout=20, return_when=asyncio.FIRST_COMPLETED)
+        assert len(done) == 1, "neither upload was refused while both were in flight"
+        assert done.pop().result() == (429, "rate_limit_exceeded")
+        gate.set()
+        results = sorted(await asyncio.gather(*calls))
+    assert results == [(200, ""), (429, "rate_limit_exceeded")]
+    assert sum(r.complete for r in fake.received) == 1  # the refused one never reached the upstream whole
 
 
 async def test_a_speech_answer_is_measured_and_priced_per_minute(fake: FakeUpstream, make_gateway: Any,
