@@ -7,11 +7,14 @@ were emitted. Replay reads a file from the start, in batches, and records how fa
 sidecar ``.offset`` file (written and renamed, so a crash leaves the old or the new offset, never
 half of one); a file replayed to its end is deleted. A file whose lock can be taken belongs to no
 living process (one that was killed, or this one before a restart): it is adopted and replayed
-before this process's own, oldest first. A last line without its newline (the process was killed
-while writing it) is skipped and logged: that event never fully reached the disk.
+before this process's own, oldest first. Such files are looked for when the sink starts and
+every minute after (usage.ADOPT_S), so a process that is not restarted does not leave its events
+behind. A last line without its newline (the process was killed while writing it) is skipped and
+logged: that event never fully reached the disk.
 
 Synchronous file I/O on purpose, in the sink's writer task only: appends and reads are page-cache
-operations, and a spill only happens while the backend is down.
+operations, a spill only happens while the backend is down, and the look for others' files is a
+directory listing a minute.
 """
 
 from __future__ import annotations
@@ -41,7 +44,7 @@ class Spill:
     def open(self) -> None:
         """Adopt what dead processes left; this process's own file is made on the first append."""
         self.dir.mkdir(parents=True, exist_ok=True)
-        self._adopt()
+        self.adopt()
 
     @property
     def pending(self) -> bool:
@@ -99,7 +102,8 @@ class Spill:
             self._file, self._own = None, None
         reader.remove()
 
-    def _adopt(self) -> None:
+    def adopt(self) -> None:
+        """Queue the spill files no living process holds (those already queued stay as they are)."""
         found = sorted(self.dir.glob("spill-*.jsonl"), key=lambda p: _started(p))
         for path in found:
             if path == self._own or path in self._queue:

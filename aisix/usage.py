@@ -96,6 +96,7 @@ def rfc3339(ts: float) -> str:
     return f"{_second[1]}.{ms:03d}Z"
 _REDIS_TIMEOUT_S = 2.0
 RETRY_S = 1.0  # while events wait in the spill, how often the sink is tried again
+ADOPT_S = 60.0  # how often a running sink looks for spill files a stopped process left
 LINGER_S = 0.005  # how long the writer lets events gather before a batch, unless LINGER_EVENTS wait
 LINGER_EVENTS = 256
 
@@ -115,6 +116,8 @@ class UsageSink:
         self._closing = False
         self._warned_at = float("-inf")
         self._unwarned = 0
+        self.adopt_every_s = ADOPT_S
+        self._adopt_at = 0.0  # monotonic: when to look for other processes' spill files next
 
     @classmethod
     def create(cls, spec: SinkSpec, queue_size: int = 10000, spill_dir: str | None = None) -> UsageSink:
@@ -175,17 +178,26 @@ class UsageSink:
         """File sink: start a new file at the path (SIGHUP after logrotate). Others: nothing."""
 
     async def _run(self) -> None:
+        self._adopt_at = time.monotonic() + self.adopt_every_s  # start() has just looked
         while True:
             spill = self.spill
+            if spill is not None and time.monotonic() >= self._adopt_at:
+                self._adopt_at = time.monotonic() + self.adopt_every_s
+                try:
+                    spill.adopt()
+                except OSError as exc:
+                    log.warning("usage sink %s: cannot look in the spill directory: %s", self.name,
+                                exc.strerror or exc)
             if spill is not None and spill.pending:
                 await self._replay(spill)
             if not self._queue:
                 if self._closing:
                     return
                 self._wake.clear()
-                if spill is not None and spill.pending:  # try the sink again before long
+                if spill is not None:  # try the sink again before long; look for others' spills
                     with contextlib.suppress(TimeoutError):
-                        async with asyncio.timeout(RETRY_S):
+                        async with asyncio.timeout(RETRY_S if spill.pending else
+                                                   max(0.0, self._adopt_at - time.monotonic())):
                             await self._wake.wait()
                 else:
                     await self._wake.wait()

@@ -101,6 +101,20 @@ def test_a_living_processs_spill_is_not_adopted(tmp_path: Path) -> None:
     other.close()
 
 
+async def test_a_running_sink_adopts_a_spill_left_while_it_runs(tmp_path: Path) -> None:
+    # A process that stopped and is not restarted (scaled down) leaves its spill behind; the ones
+    # still running look for such files every ADOPT_S (here made short), not only when they start.
+    out, spilled = tmp_path / "usage.jsonl", tmp_path / "spill"
+    sink = UsageSink.create(parse_sink(f"file:{out}"), spill_dir=str(spilled))
+    sink.adopt_every_s = 0.05
+    await sink.start()
+    (spilled / "spill-99999-1.jsonl").write_bytes(b'{"n":1}\n{"n":2}\n')  # no process holds its lock
+    await until(lambda: out.exists() and out.read_bytes().count(b"\n") == 2)
+    await sink.close()
+    assert [orjson.loads(line) for line in out.read_bytes().splitlines()] == [{"n": 1}, {"n": 2}]
+    assert not list(spilled.glob("spill-*"))
+
+
 async def test_a_killed_gateways_spill_is_replayed_by_the_next(fake: FakeUpstream, make_gateway, tmp_path: Path,
                                                                redis_server: RedisServer) -> None:  # noqa: F811
     server = redis_server
