@@ -240,16 +240,32 @@ class MatroskaProbe(ItemWalker):
         top = self._last_tick if self._last_tick is not None else tick
         at = -1  # where the latest block kept here starts, -1 if none was
         size = 0
+        head = 0x80 | track if track < 0x80 else -1  # the block's track number, a one-byte vint
+        bound = limit - origin if limit is not None else 1 << 62  # the Cluster's end, in d's offsets
         # An element header of at most 9 bytes, then a block head of _ITEM, all in this chunk.
-        while i + 9 + _ITEM <= n and d[i] == 0xA3:
-            length = _VINT_LENGTH[d[i + 1]]
-            if not length:
-                break
-            all_ones = (1 << 7 * length) - 1
-            j = i + 1 + length
-            block = int.from_bytes(d[i + 1:j], "big") & all_ones
-            if (not 4 <= block < all_ones or d[j] & 0x7F != track or not d[j] & 0x80
-                    or (limit is not None and origin + j + block > limit)):
+        stop = n - 9 - _ITEM
+        while i <= stop and d[i] == 0xA3:
+            # The block's size: one or two bytes in every muxer seen (ffmpeg writes two), read
+            # without a slice; longer ones the general way. All ones is an unknown size.
+            first = d[i + 1]
+            if first & 0x80:
+                block, j = first & 0x7F, i + 2
+                if not 4 <= block < 0x7F:
+                    break
+            elif first & 0x40:
+                block, j = (first & 0x3F) << 8 | d[i + 2], i + 3
+                if not 4 <= block < 0x3FFF:
+                    break
+            else:
+                length = _VINT_LENGTH[first]
+                if not length:
+                    break
+                all_ones = (1 << 7 * length) - 1
+                j = i + 1 + length
+                block = int.from_bytes(d[i + 1:j], "big") & all_ones
+                if not 4 <= block < all_ones:
+                    break
+            if d[j] != head or j + block > bound:
                 break
             t = cluster + ((d[j + 1] << 8 | d[j + 2]) ^ 0x8000) - 0x8000
             if t > top:
@@ -259,7 +275,7 @@ class MatroskaProbe(ItemWalker):
                     before = tick
                 tick, at, size = t, j, block
             i = j + block
-            if i > n or (limit is not None and origin + i >= limit):
+            if i > n or i >= bound:
                 break
         if at >= 0:
             self._last[track] = tick, bytes(d[at:at + min(size, _ITEM)]), before, None, 0
