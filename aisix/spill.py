@@ -54,9 +54,7 @@ class Spill:
         """Keep these events; False when the disk would not take them (they are lost)."""
         try:
             if self._file is None:
-                self._own = self.dir / f"spill-{os.getpid()}-{time.time_ns()}.jsonl"
-                self._file = open(self._own, "ab")  # noqa: SIM115 (held, and locked, for the process's life)
-                fcntl.flock(self._file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+                self._file, self._own = _create(self.dir / f"spill-{os.getpid()}-{time.time_ns()}.jsonl")
             self._file.write(b"\n".join(lines) + b"\n")
             self._file.flush()
         except OSError as exc:
@@ -91,16 +89,16 @@ class Spill:
         self._reader.commit()
 
     def _finish_file(self) -> None:
-        """The file under replay was read to its end."""
+        """The file under replay was read to its end: out of the queue (by its path: an adoption
+        meanwhile may have put another file in front of it) and off the disk."""
         reader, self._reader = self._reader, None
-        path = self._queue.pop(0)
-        if reader is None:
-            return
-        if path == self._own:  # start a new one next time: the old one is done with
+        assert reader is not None
+        self._queue.remove(reader.path)
+        reader.remove()  # unlinked while still locked, by the reader or by this process's own handle
+        if reader.path == self._own:  # start a new one next time: the old one is done with
             assert self._file is not None
             self._file.close()
             self._file, self._own = None, None
-        reader.remove()
 
     def adopt(self) -> None:
         """Queue the spill files no living process holds (those already queued stay as they are)."""
@@ -127,6 +125,22 @@ class Spill:
             self._file = None
 
 
+def _create(path: Path) -> tuple[IO[bytes], Path]:
+    """This process's spill file, locked before it can be seen: made under a name no glob of
+    ``adopt`` matches, locked, then renamed (another process's probe cannot take its lock first)."""
+    temp = path.with_name("." + path.name + ".new")
+    f = open(temp, "ab")  # noqa: SIM115 (held, and locked, for the process's life)
+    try:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        os.replace(temp, path)
+    except OSError:
+        f.close()
+        with contextlib.suppress(OSError):
+            temp.unlink()
+        raise
+    return f, path
+
+
 def _started(path: Path) -> int:
     try:
         return int(path.stem.rsplit("-", 1)[1])
@@ -143,7 +157,13 @@ class _Reader:
         self._own = own
         self._f: IO[bytes] = open(path, "rb")  # noqa: SIM115 (held while the file is replayed)
         if not own:  # an adopted file: held while it is replayed, so only one process does
-            fcntl.flock(self._f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            try:
+                fcntl.flock(self._f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+                if os.fstat(self._f.fileno()).st_nlink == 0:  # replayed and removed by another meanwhile
+                    raise FileNotFoundError(path)
+            except OSError:
+                self._f.close()
+                raise
         try:
             self.committed = int(self._offset_file.read_text())
         except (OSError, ValueError):
@@ -179,10 +199,12 @@ class _Reader:
         os.replace(tmp, self._offset_file)
 
     def remove(self) -> None:
-        self._f.close()
-        for p in (self.path, self._offset_file):
+        # Unlinked before the lock goes with the close: a process that locks it after sees no
+        # file (or one with no links) and no offset, rather than replaying it all again.
+        for p in (self._offset_file, self.path):
             with contextlib.suppress(FileNotFoundError):
                 p.unlink()
+        self._f.close()
 
     def close(self) -> None:
         self._f.close()

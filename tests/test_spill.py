@@ -115,6 +115,30 @@ async def test_a_running_sink_adopts_a_spill_left_while_it_runs(tmp_path: Path) 
     assert not list(spilled.glob("spill-*"))
 
 
+def test_an_adoption_during_a_replay_of_our_own_file_loses_nothing(tmp_path: Path) -> None:
+    # The sink failed mid-replay of this process's own file (the reader stays on it); then the
+    # minute's look adopts a stopped process's file, queued in front. Both are replayed, each
+    # once, and our file is not taken for the other one and deleted while still written to.
+    spill = Spill(str(tmp_path))
+    spill.open()
+    assert spill.append([b'{"own":1}', b'{"own":2}'])
+    assert spill.batch() == [b'{"own":1}', b'{"own":2}']  # not done(): the sink failed
+    (tmp_path / "spill-99999-1.jsonl").write_bytes(b'{"dead":1}\n')
+    spill.adopt()
+    got = []
+    while batch := spill.batch():
+        got += batch
+        spill.done()
+    assert spill.append([b'{"own":3}'])  # a new file of its own, replayed too
+    while batch := spill.batch():
+        got += batch
+        spill.done()
+    assert sorted(orjson.loads(x)["own" if b"own" in x else "dead"] for x in got) == [1, 1, 2, 3]
+    assert got.count(b'{"own":3}') == 1 and got.count(b'{"dead":1}') == 1
+    spill.close()
+    assert not list(tmp_path.iterdir())
+
+
 async def test_a_killed_gateways_spill_is_replayed_by_the_next(fake: FakeUpstream, make_gateway, tmp_path: Path,
                                                                redis_server: RedisServer) -> None:  # noqa: F811
     server = redis_server
