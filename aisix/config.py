@@ -312,6 +312,8 @@ def _load_settings(out: list[str], path: Path, env: Mapping[str, str]) -> tuple[
     grace_ms = proxy.integer("drain_grace_ms", 5000, minimum=0)
     keepalive_ms = proxy.integer("keepalive_timeout_ms", 30000)
     heartbeat_ms = proxy.integer("realtime_heartbeat_ms", 30000, minimum=0)
+    if isinstance(heartbeat_ms, int) and 0 < heartbeat_ms < 100:  # healthy peers could not keep up
+        proxy.problem("realtime_heartbeat_ms", "must be 0 (off) or at least 100")
     if id_headers and not all(_TOKEN.fullmatch(h) for h in id_headers):
         proxy.problem("request_id_headers", "must be HTTP header names")
     id_headers = tuple(h.lower() for h in id_headers)

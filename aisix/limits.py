@@ -264,6 +264,9 @@ a realtime session also charges tokens as they are reported (charge)."""
             self.fail_open_total += 1
             return Slot(None, "")
         slot = Slot(p, secrets.token_hex(8) if p.concurrency else "")
+        # What this process had charged to the audio quotas before the store's counts are read:
+        # a charge that lands while they are read is then counted twice, never missed.
+        before = {x.key: self._audio_charged.get(x.key, 0.0) for x in p.limits if x.unit == "seconds"}
         try:
             if self._memory is not None:
                 blocked, counts = self._memory.admit_now(p, now)
@@ -274,9 +277,10 @@ a realtime session also charges tokens as they are reported (charge)."""
             self._paused_until = now + _PAUSE
             self._warn(now, "rate limit store failed, admitting without checking limits: %s: %s", e)
             return Slot(None, "")  # the script may have run: a slot it took ends with its lease
-        return self._slot(p, slot, blocked, counts, now)
+        return self._slot(p, slot, blocked, counts, now, before)
 
-    def _slot(self, p: Plan, slot: Slot, blocked: list[Limit], counts: list[int], now: float) -> Slot:
+    def _slot(self, p: Plan, slot: Slot, blocked: list[Limit], counts: list[int], now: float,
+              before: dict[str, float] | None = None) -> Slot:
         """The admitted slot, with what its audio quotas have left; raises the refusal."""
         if blocked:
             raise rejection(blocked, now)
@@ -284,7 +288,7 @@ a realtime session also charges tokens as they are reported (charge)."""
         for x, n in zip(p.limits, counts, strict=True):
             if x.unit == "seconds":
                 left = (x.limit - n) / SCALE["seconds"]
-                quotas.append((x, left, self._audio_charged.get(x.key, 0.0)))
+                quotas.append((x, left, (before or self._audio_charged).get(x.key, 0.0)))
                 if slot.audio_left is None or left < slot.audio_left:
                     slot.audio_left, slot.audio_limit = left, x
         if quotas:
@@ -357,12 +361,10 @@ a realtime session also charges tokens as they are reported (charge)."""
         if slot is None or slot.plan is None:
             return
         p, slot.plan = slot.plan, None  # before any await: a second settle finds nothing
-        if slot.audio_quotas:
-            self._audio_done(slot, p, audio_seconds)
         charges = _scaled(tokens, cost_usd, audio_seconds) if p.charged else {}
-        if not p.concurrency and not charges:
-            return
         try:
+            if not p.concurrency and not charges:
+                return
             if self._memory is not None:
                 self._memory.settle_now(p, charges, now)
             else:
@@ -370,25 +372,30 @@ a realtime session also charges tokens as they are reported (charge)."""
         except Exception as e:  # noqa: BLE001 (settle runs in a finally; raising would mask the answer)
             self.settle_errors_total += 1
             self._warn(now, "rate limit store failed to settle a request: %s: %s", e)
+        finally:  # once the store has the charge (or failed, or this task was cancelled meanwhile)
+            if slot.audio_quotas:
+                self._audio_done(slot, p, audio_seconds)
 
     async def charge(self, slot: Slot | None, tokens: int | None, now: float, cost_usd: float | None = None,
                      audio_seconds: float | None = None) -> list[Limit]:
         """Charge these amounts now, keeping the slot (a realtime session's usage as it is
         reported); the windows that are over their limit once charged. Never raises: a store
         error is counted as a lost charge and nothing is said to be over."""
-        if slot is None or slot.plan is None or not slot.plan.charged:
+        p = slot.plan if slot is not None else None
+        if slot is None or p is None or not p.charged:
             return []
         charges = _scaled(tokens, cost_usd, audio_seconds)
         if not charges:
             return []
-        if slot.audio_quotas:
-            self._audio_done(slot, slot.plan, audio_seconds)
         try:
-            return await self._store.charge(slot.plan, charges, now)
+            return await self._store.charge(p, charges, now)
         except Exception as e:  # noqa: BLE001 (a session must not end because the store failed)
             self.settle_errors_total += 1
             self._warn(now, "rate limit store failed to charge tokens: %s: %s", e)
             return []
+        finally:
+            if slot.audio_quotas:
+                self._audio_done(slot, p, audio_seconds)
 
     async def close(self) -> None:
         await self._store.close()

@@ -19,11 +19,12 @@ frame each way (``MAX_FRAME``) plus those buffers. Text frames stay bytes (``dec
 only the few client events realtime_frames.py names are parsed.
 
 Every ``proxy.realtime_heartbeat_ms`` both sides are pinged; a side that has not answered the
-previous ping by then, while its pump was free to read the answer, is gone, though its TCP
-connection may look open for many minutes (a laptop closed, a NAT that forgot the flow), and the
-session ends: it must not hold its concurrency slot until a drain. One timer per session, and
-pings and pongs handled in the pumps (``autoping=False``): aiohttp's own heartbeat re-arms a timer
-for every frame received, which cost about 8 % of a core at 400 sessions.
+previous ping by then, while its pump has been free to read the answer for half an interval, is
+gone, though its TCP connection may look open for many minutes (a laptop closed, a NAT that
+forgot the flow), and the session ends: it must not hold its concurrency slot until a drain. One
+timer per session, and pings and pongs handled in the pumps (``autoping=False``): aiohttp's own
+heartbeat re-arms a timer for every frame received, which cost about 8 % of a core at 400
+sessions.
 """
 
 from __future__ import annotations
@@ -249,7 +250,7 @@ class Session:
         # The heartbeat: sides that owe the pong of the last ping, and the pumps waiting in receive()
         # (a pump stuck handing a frame to the other side cannot read its side's pong).
         self._owes = {CALLER: False, UPSTREAM: False}
-        self._reading = {CALLER: False, UPSTREAM: False}
+        self._reading = {CALLER: 0.0, UPSTREAM: 0.0}  # since when (monotonic), 0.0: not in receive()
         self._beat: asyncio.TimerHandle | None = None
 
     # -- before the upgrade ------------------------------------------------------------------
@@ -372,11 +373,15 @@ class Session:
             self._stop.set_result(end)
 
     def _heartbeat(self) -> None:
-        """A side that still owes the last ping's pong, and was free to read it, is gone; else
+        """A side that still owes the last ping's pong, and whose pump has been free to read it
+        for half an interval at least (not just back from handing on a backlog), is gone; else
         both are pinged again."""
+        assert self.heartbeat is not None
         sides = ((CALLER, self.caller), (UPSTREAM, self.upstream))
+        waited = time.monotonic() - self.heartbeat / 2
         for by, ws in sides:
-            if ws is not None and self._owes[by] and self._reading[by]:
+            since = self._reading[by]
+            if ws is not None and self._owes[by] and 0.0 < since <= waited:
                 self._halt(_silent(by))
                 return
         for by, ws in sides:
@@ -384,7 +389,6 @@ class Session:
                 self._owes[by] = True
                 task = asyncio.ensure_future(ws.ping())
                 task.add_done_callback(_retrieved)
-        assert self.heartbeat is not None
         self._beat = asyncio.get_running_loop().call_later(self.heartbeat, self._heartbeat)
 
     async def _from_caller(self) -> End:
@@ -392,11 +396,11 @@ class Session:
         assert caller is not None
         frames_in, bytes_in = self.metrics.frames_in, self.metrics.frame_bytes_in
         ex = self.ex
-        reading = self._reading
+        reading, monotonic = self._reading, time.monotonic
         while True:
-            reading[CALLER] = True
+            reading[CALLER] = monotonic()
             msg = await caller.receive()
-            reading[CALLER] = False
+            reading[CALLER] = 0.0
             kind = msg.type
             if kind is _TEXT or kind is _BINARY:
                 data: bytes = msg.data
@@ -444,11 +448,11 @@ class Session:
         assert caller is not None and upstream is not None
         frames_out, bytes_out = self.metrics.frames_out, self.metrics.frame_bytes_out
         ex = self.ex
-        reading = self._reading
+        reading, monotonic = self._reading, time.monotonic
         while True:
-            reading[UPSTREAM] = True
+            reading[UPSTREAM] = monotonic()
             msg = await upstream.receive()
-            reading[UPSTREAM] = False
+            reading[UPSTREAM] = 0.0
             kind = msg.type
             if kind is _TEXT or kind is _BINARY:
                 data: bytes = msg.data

@@ -330,6 +330,8 @@ CONFIG_PROBLEMS = [
      "config.yaml: proxy: field 'cors.allowed_origins': must be ['*'] alone"),
     ({"proxy": {"realtime_heartbeat_ms": -1}},
      "config.yaml: proxy: field 'realtime_heartbeat_ms': must be an integer >= 0, got -1"),
+    ({"proxy": {"realtime_heartbeat_ms": 5}},
+     "config.yaml: proxy: field 'realtime_heartbeat_ms': must be 0 (off) or at least 100"),
     ({"upstream": {"timeout_ms": "600s"}}, "config.yaml: upstream: field 'timeout_ms': must be a positive integer"),
     ({"upstream": {"max_connections": True}},
      "config.yaml: upstream: field 'max_connections': must be a positive integer, got a boolean"),
