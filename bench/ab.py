@@ -49,6 +49,8 @@ def main() -> int:
     tree = tmp / "ref"
     subprocess.run(["git", "worktree", "add", "--detach", "-q", str(tree), sha], cwd=run.ROOT, check=True)
     try:
+        if "transcription-mp3" in run.ROUTES:  # the file wrk sends, as bench/run.py makes it
+            run.REAL_MP3_PATH = run.make_real_mp3(tmp)
         up = run.free_port()
         run.write_upstream_root(tmp / "upstream" / "root")
         run.start_nginx("nginx upstream", tmp / "upstream",
