@@ -40,6 +40,9 @@ FORMATS: dict[str, tuple[str, list[str], int, int, str]] = {
     "OGG Vorbis": (".ogg", ["-c:a", "libvorbis", "-q:a", "3"], 44100, 2, "page headers only"),
     "WebM Opus 48k": (".webm", ["-c:a", "libopus", "-b:a", "48k"], 48000, 2, "one block per 20 ms"),
     "M4A AAC 96k, moov last": (".m4a", ["-c:a", "aac", "-b:a", "96k"], 44100, 2, "mdat skipped by its size"),
+    "M4A AAC 96k, fragmented": (".m4a", ["-c:a", "aac", "-b:a", "96k", "-movflags",
+                                         "frag_keyframe+empty_moov+default_base_moof", "-frag_duration", "1000000"],
+                                44100, 2, "a moof per second: its trun read, mdat skipped"),
 }
 
 

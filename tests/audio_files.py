@@ -35,6 +35,10 @@ FORMATS: dict[str, tuple[str, list[str]]] = {
     "m4a-moov-last": (".m4a", ["-c:a", "aac", "-b:a", "96k"]),
     "m4a-moov-first": (".m4a", ["-c:a", "aac", "-b:a", "96k", "-movflags", "+faststart"]),
     "mp4-audio": (".mp4", ["-c:a", "aac", "-b:a", "64k", "-movflags", "+faststart"]),
+    # Fragments, as MediaRecorder in Safari and live muxers write them: an empty moov, then
+    # moof/mdat pairs (about one a second); no mehd.
+    "m4a-fragmented": (".m4a", ["-c:a", "aac", "-b:a", "96k", "-movflags", "frag_keyframe+empty_moov+default_base_moof",
+                                "-frag_duration", "1000000"]),
 }
 
 
