@@ -299,8 +299,8 @@ a realtime session also charges tokens as they are reported (charge)."""
         """The 429 for an upload of ``seconds`` that is more than its audio quotas have left:
         what they had when it was admitted, less what other uploads in this process have claimed
         or been charged since. Otherwise ``seconds`` is its claim (called again as it grows)."""
-        if slot is None or not slot.audio_quotas:
-            return None
+        if slot is None or not slot.audio_quotas or seconds <= slot.audio_claim:
+            return None  # within what it has claimed already (every chunk of a file of unknown length: 0)
         claims, charged, mine = self._audio_claims, self._audio_charged, slot.audio_claim
         for x, left, charged_then in slot.audio_quotas:
             taken = claims.get(x.key, 0.0) - mine + charged.get(x.key, 0.0) - charged_then
