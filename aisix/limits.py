@@ -204,6 +204,7 @@ class Slot:
     # Each audio quota: (quota, seconds left when admitted, what this process had charged to it then).
     audio_quotas: tuple[tuple[Limit, float, float], ...] = ()
     audio_claim: float = 0.0  # seconds of its upload this request has claimed from them so far
+    audio_seen: int = -1  # the Limiter's audio_version when its claim was last checked in full
 
 
 class Limiter:
@@ -224,6 +225,7 @@ a realtime session also charges tokens as they are reported (charge)."""
         # the others took since, so that they cannot each spend the same remainder.
         self._audio_claims: dict[str, float] = {}
         self._audio_charged: dict[str, float] = {}
+        self._audio_version = 0  # moves whenever either of them does
 
     @classmethod
     def create(cls, backend: BackendSpec) -> Limiter:
@@ -299,8 +301,10 @@ a realtime session also charges tokens as they are reported (charge)."""
         """The 429 for an upload of ``seconds`` that is more than its audio quotas have left:
         what they had when it was admitted, less what other uploads in this process have claimed
         or been charged since. Otherwise ``seconds`` is its claim (called again as it grows)."""
-        if slot is None or not slot.audio_quotas or seconds <= slot.audio_claim:
-            return None  # within what it has claimed already (every chunk of a file of unknown length: 0)
+        if slot is None or not slot.audio_quotas:
+            return None
+        if seconds <= slot.audio_claim and slot.audio_seen == self._audio_version:
+            return None  # within its claim, and nobody claimed or was charged since it was checked
         claims, charged, mine = self._audio_claims, self._audio_charged, slot.audio_claim
         for x, left, charged_then in slot.audio_quotas:
             taken = claims.get(x.key, 0.0) - mine + charged.get(x.key, 0.0) - charged_then
@@ -310,11 +314,15 @@ a realtime session also charges tokens as they are reported (charge)."""
             for x, _, _ in slot.audio_quotas:
                 claims[x.key] = claims.get(x.key, 0.0) + seconds - mine
             slot.audio_claim = seconds
+            self._audio_version += 1
+        slot.audio_seen = self._audio_version
         return None
 
     def _audio_done(self, slot: Slot, p: Plan, audio_seconds: float | None) -> None:
         """The request's claim is given back, and what it is charged counted as charged here."""
         claims = self._audio_claims
+        if slot.audio_claim or audio_seconds:
+            self._audio_version += 1
         if slot.audio_claim:
             for x, _, _ in slot.audio_quotas:
                 held = claims.get(x.key, 0.0) - slot.audio_claim

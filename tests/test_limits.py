@@ -314,6 +314,19 @@ async def test_uploads_in_flight_together_cannot_spend_the_same_audio_left(limit
     assert limiter.audio_refusal(c, 40.0, T0 + 3) is None
 
 
+async def test_an_upload_charged_past_its_claim_is_felt_by_uploads_still_in_flight(limiter: Limiter) -> None:
+    # a claimed 60 s but is charged 75 (the upstream reported more): b, within its own claim of
+    # 40, and c, of unknown length so far, are over now, and must hear it on their next chunk.
+    key, m = api_key(audio_seconds_per_hour=100), model()
+    a, b, c = [await limiter.admit(key, m, T0) for _ in range(3)]
+    assert limiter.audio_refusal(a, 60.0, T0) is None
+    assert limiter.audio_refusal(b, 40.0, T0) is None
+    assert limiter.audio_refusal(c, 0.0, T0) is None
+    await limiter.settle(a, None, T0 + 1, audio_seconds=75.0)
+    assert limiter.audio_refusal(b, 40.0, T0 + 1) is not None
+    assert limiter.audio_refusal(c, 0.0, T0 + 1) is not None
+
+
 async def test_audio_quota_is_charged_and_tells_what_is_left(limiter: Limiter) -> None:
     key, m = api_key(audio_seconds_per_hour=100), model(audio_seconds_per_day=1000)
     slot = await limiter.admit(key, m, T0 + 1)
