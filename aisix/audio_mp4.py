@@ -17,11 +17,12 @@ and a few numbers.
   Safari's MediaRecorder and ``ffmpeg -movflags frag_keyframe+empty_moov`` write them):
   ``declared`` only from ``mehd``. The fragments of the first audio track are added up as they
   pass, after a complete ``moov``: each ``traf``'s ``trun`` gives its sample count, and each
-  sample's duration comes from the ``trun`` itself (read entry by entry when it lists them), else
+  sample's duration comes from the ``trun`` itself (read a chunk at a time when it lists them), else
   from the ``tfhd``'s default, else from the track's ``trex``; the sum is over the ``mdhd``
   timescale, as ffprobe counts them. ``at_least`` is that sum so far, and ``end()`` answers it
   when ``mehd`` does not state the length. A ``trun`` whose samples have no duration from any of
-  the three leaves the length unknown (None).
+  the three, or a ``moof`` before the ``moov`` or inside another box (decoders disagree on
+  those), leaves the length unknown (None).
 - Otherwise ``at_least`` is 0.0: knowing how many seconds of ``mdat`` have passed needs the
   sample tables, which may come after it.
 - ``end()``: ``declared``, the fragments' sum, or None (no complete ``moov``: a truncated file or
@@ -35,7 +36,8 @@ its flags say it holds (its sample table included).
 
 from __future__ import annotations
 
-import struct
+import array
+import sys
 
 from .audio import ItemWalker
 
@@ -49,8 +51,9 @@ _ENTER = {b"": {b"moov", b"moof"}, b"moov": {b"trak", b"mvex"}, b"trak": {b"mdia
 _READ = {b"moov": {b"mvhd": 32}, b"trak": {b"tkhd": 36}, b"mdia": {b"mdhd": 32, b"hdlr": 12},
          b"mvex": {b"mehd": 12, b"trex": 16}, b"traf": {b"tfhd": 24, b"trun": 8}}
 _TREX_KEPT = 16  # trex boxes remembered (one per track; a file of more tracks keeps the first)
-# A trun's sample table entry, by its size: the duration, then the fields after it passed over.
-_ENTRY_FORMATS = {size: struct.Struct(">I" + "x" * (size - 4)) for size in (4, 8, 12, 16)}
+# A trun's sample table is read as 32-bit numbers (big-endian in the file) a chunk at a time.
+_U32 = "I" if array.array("I").itemsize == 4 else "L"
+_SWAP = sys.byteorder == "little"
 _TOP = frozenset({b"ftyp", b"moov", b"mdat", b"free", b"skip", b"wide", b"pnot"})
 
 
@@ -164,8 +167,11 @@ class Mp4Probe(ItemWalker):
                 whole = min(entries, (n - i) // entry)
                 if not whole:
                     break
-                table = _ENTRY_FORMATS[entry]
-                self._samples += sum(duration for duration, in table.iter_unpack(d[i:i + whole * entry]))
+                table = array.array(_U32)
+                table.frombytes(d[i:i + whole * entry])
+                if _SWAP:
+                    table.byteswap()
+                self._samples += sum(table[::entry // 4])  # each entry's first field: its duration
                 i += whole * entry
                 self._entries = entries - whole
                 if not self._entries:
@@ -204,6 +210,11 @@ class Mp4Probe(ItemWalker):
             return
         else:
             end = start + size - head
+        if kind == b"moof" and (parent or not self._moov_done):
+            # A fragment before the moov that describes it, or inside another box: decoders
+            # disagree on it (ffmpeg reads a moof wherever it is; one before moov, not at all),
+            # so the fragments' sum is no longer an answer.
+            self._unknown = True
         if parent_end is not None and (end is None or end > parent_end):
             self._dead = True
         elif kind in _ENTER.get(parent, ()) and not (kind == b"moov" and self._moov_done):
@@ -265,7 +276,7 @@ class Mp4Probe(ItemWalker):
             at = 8 + 8 * (flags & 0x01) + 4 * (flags >> 1 & 1)  # base_data_offset, description index
             if flags & 0x08 and len(value) < at + 4:
                 self._dead = True
-            elif self._moov_done and int.from_bytes(value[4:8], "big") == self._audio_track:
+            elif self._fragmented and self._moov_done and int.from_bytes(value[4:8], "big") == self._audio_track:
                 self._traf = self._audio_track  # the audio track's fragment: its trun are counted
                 self._traf_default = int.from_bytes(value[at:at + 4], "big") if flags & 0x08 else None
             return

@@ -133,6 +133,28 @@ def test_fragments_whose_samples_have_no_duration_leave_it_unknown() -> None:
     assert answers([bytes(out)])[2] is None
 
 
+@pytest.mark.parametrize("where", ["before moov", "inside moov", "inside another moof"])
+def test_a_fragment_out_of_place_leaves_the_length_unknown(where: str) -> None:
+    # Decoders disagree on these (ffmpeg reads a moof inside moov or inside another moof, and
+    # none before moov): the fragments' sum is not an answer any more.
+    data = make("m4a-fragmented", 3).read_bytes()
+    top = list(boxes(data))
+    moov = next(x for x in top if x[0] == b"moov")
+    frag = next(x for x in top if x[0] == b"moof")
+    piece = data[frag[1]:frag[3]]
+    if where == "before moov":
+        out = data[:moov[1]] + piece + data[moov[1]:frag[1]] + data[frag[3]:]
+    elif where == "inside moov":
+        out = resized(data[:frag[1]] + data[frag[3]:], (b"moov",), moov[3], piece)
+    else:
+        second = next(x for x in top if x[0] == b"moof" and x[1] > frag[1])
+        cut = data[:second[1]] + data[second[3]:]
+        out = resized(cut, (b"moof",), frag[3], data[second[1]:second[3]])
+    assert answers([data])[2] is not None
+    for pieces in cuts(out, seed=9):
+        assert answers(pieces)[2] is None
+
+
 def test_a_sample_table_that_does_not_fit_its_trun_makes_it_give_up() -> None:
     data = bytearray(make("m4a-fragmented", 3).read_bytes())
     moof = box(bytes(data), b"moof")
