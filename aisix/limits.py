@@ -27,6 +27,7 @@ a lost release is bounded by the lease).
 
 from __future__ import annotations
 
+import asyncio
 import calendar
 import functools
 import logging
@@ -199,12 +200,15 @@ class Slot:
 
     plan: Plan | None
     id: str  # its member in the Redis concurrency ZSETs; "" when it holds no slot
-    audio_left: float | None = None  # seconds its audio quotas had left when admitted; None: no quota
-    audio_limit: Limit | None = None  # the audio quota with the least left
     # Each audio quota: (quota, seconds left when admitted, what this process had charged to it then).
     audio_quotas: tuple[tuple[Limit, float, float], ...] = ()
     audio_claim: float = 0.0  # seconds of its upload this request has claimed from them so far
     audio_seen: int = -1  # the Limiter's audio_version when its claim was last checked in full
+
+    @property
+    def audio_left(self) -> float | None:
+        """Seconds its audio quotas had left when it was admitted (the least); None: no quota."""
+        return min(left for _, left, _ in self.audio_quotas) if self.audio_quotas else None
 
 
 class Limiter:
@@ -291,8 +295,6 @@ a realtime session also charges tokens as they are reported (charge)."""
             if x.unit == "seconds":
                 left = (x.limit - n) / SCALE["seconds"]
                 quotas.append((x, left, (before or self._audio_charged).get(x.key, 0.0)))
-                if slot.audio_left is None or left < slot.audio_left:
-                    slot.audio_left, slot.audio_limit = left, x
         if quotas:
             slot.audio_quotas = tuple(quotas)
         return slot
@@ -383,6 +385,21 @@ a realtime session also charges tokens as they are reported (charge)."""
         finally:  # once the store has the charge (or failed, or this task was cancelled meanwhile)
             if slot.audio_quotas:
                 self._audio_done(slot, p, audio_seconds)
+
+    async def settle_all(self, slots: Sequence[Slot | None], tokens: int | None, now: float,
+                         cost_usd: float | None = None, audio_seconds: float | None = None) -> None:
+        """settle() each slot, in order, even when the task is cancelled during one of them (the
+        caller's leaving cancels a handler in its finally; an unsettled slot is held until its
+        lease in Redis, for good in memory, and an audio claim has no lease): the cancellation is
+        raised once all are settled."""
+        cancelled: asyncio.CancelledError | None = None
+        for slot in slots:
+            try:
+                await self.settle(slot, tokens, now, cost_usd, audio_seconds)
+            except asyncio.CancelledError as exc:
+                cancelled = exc
+        if cancelled is not None:
+            raise cancelled
 
     async def charge(self, slot: Slot | None, tokens: int | None, now: float, cost_usd: float | None = None,
                      audio_seconds: float | None = None) -> list[Limit]:

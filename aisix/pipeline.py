@@ -132,19 +132,11 @@ async def exchange(request: web.Request, route: str, read: Reader) -> web.Stream
         audio = None  # charged to audio quotas only when the upstream did the work
         if ex.billable:
             audio = _audio_in(ex) if route != "speech" else ex.audio_seconds_out
-        # Each step in a finally of the one before: a caller that leaves during an await here (a
-        # Redis store) cancels this task once, and must not cost a slot, an audio claim (which has
-        # no lease), the usage event or the drain's count.
-        try:
-            # Only when there is a slot to settle: most requests hold none of a provider key's.
-            if attempts is not None and attempts.slot is not None:
-                await attempts.release(tokens, ex.cost_usd, audio)
-        finally:
-            try:
-                if slot is not None:
-                    await limiter.settle(slot, tokens, clock(), ex.cost_usd, audio)
-            finally:
-                _finish(app, ex, resources)
+        try:  # the provider key's slot (of the answering attempt), then the key's and model's
+            await limiter.settle_all((attempts.slot if attempts is not None else None, slot), tokens, clock(),
+                                     ex.cost_usd, audio)
+        finally:  # the usage event and the drain's count, even if the caller's leaving cancels that
+            _finish(app, ex, resources)
 
 
 def _audio_check(model: Model, limiter: Limiter, slot: Slot | None,

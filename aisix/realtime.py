@@ -632,30 +632,21 @@ class Session:
     async def finish(self) -> None:
         """Every session ends here exactly once: sockets closed, slots given back, one event."""
         ex, app, clock = self.ex, self.app, self.clock
-        # The caller's transport closing cancels this handler, maybe during an await here: each
-        # step still runs (a slot left unsettled in the memory store would be held for good),
-        # and the cancellation goes on once all are done.
-        cancelled: asyncio.CancelledError | None = None
+        # The caller's transport closing cancels this handler, maybe during an await here: the
+        # slots are settled first (settle_all goes through a cancellation), the record always.
         try:
+            await self.limiter.settle_all((self.slot, self.model_slot, self.provider_slot), None, clock())
             if self.upstream is not None and not self.upstream.closed:  # cancelled, or failed mid-way
                 await asyncio.gather(self.upstream.close(code=1001), return_exceptions=True)
-        except asyncio.CancelledError as exc:
-            cancelled = exc
-        for slot in (self.slot, self.model_slot, self.provider_slot):
-            try:
-                await self.limiter.settle(slot, None, clock())  # tokens were charged as reported
-            except asyncio.CancelledError as exc:
-                cancelled = exc
-        ex.latency_ms = int((time.monotonic() - ex.started) * 1000)
-        app[USAGE].emit(usage.event(ex))
-        seconds = None
-        if self.began is not None:
-            seconds = time.monotonic() - self.began
-            self.metrics.sessions_open.dec()
-        self.metrics.session_finished(ex, ex.model in self.resources.models, seconds)
-        app[LIVE].leave()
-        if cancelled is not None:
-            raise cancelled
+        finally:
+            ex.latency_ms = int((time.monotonic() - ex.started) * 1000)
+            app[USAGE].emit(usage.event(ex))
+            seconds = None
+            if self.began is not None:
+                seconds = time.monotonic() - self.began
+                self.metrics.sessions_open.dec()
+            self.metrics.session_finished(ex, ex.model in self.resources.models, seconds)
+            app[LIVE].leave()
 
 
 class _Ending(Exception):

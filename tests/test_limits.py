@@ -6,6 +6,7 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator
 from types import MappingProxyType
+from typing import Any
 
 import pytest
 import redis.asyncio
@@ -325,6 +326,40 @@ async def test_an_upload_charged_past_its_claim_is_felt_by_uploads_still_in_flig
     await limiter.settle(a, None, T0 + 1, audio_seconds=75.0)
     assert limiter.audio_refusal(b, 40.0, T0 + 1) is not None
     assert limiter.audio_refusal(c, 0.0, T0 + 1) is not None
+
+
+async def test_settle_all_settles_every_slot_through_a_cancellation() -> None:
+    # A store whose settle waits (as Redis does), and a task cancelled while it waits on the
+    # first slot (a caller leaving during a handler's finally): the second slot is settled too,
+    # then the cancellation goes on.
+    from aisix.limits_memory import MemoryStore
+
+    class Waiting(MemoryStore):
+        def __init__(self) -> None:
+            super().__init__()
+            self.immediate = None
+            self.waiting = asyncio.Event()
+
+        async def settle(self, plan: Any, slot_id: str, charges: dict[str, int], now: float) -> None:
+            self.settle_calls += 1
+            if self.settle_calls == 1:  # the first waits, until the task is cancelled
+                self.waiting.set()
+                await asyncio.Event().wait()
+            self.settle_now(plan, charges, now)
+
+        settle_calls = 0
+
+    store = Waiting()
+    lim = Limiter(store)
+    key, m = api_key(), model(concurrency=2)
+    a, b = await lim.admit(key, m, T0), await lim.admit(key, m, T0)
+    task = asyncio.create_task(lim.settle_all((a, b), None, T0))
+    await store.waiting.wait()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert store.settle_calls == 2 and a is not None and b is not None and a.plan is None and b.plan is None
+    await lim.settle(await lim.admit(key, m, T0), None, T0)  # b's slot was given back: room again
 
 
 async def test_audio_quota_is_charged_and_tells_what_is_left(limiter: Limiter) -> None:
