@@ -102,11 +102,11 @@ class Mp4Probe(ItemWalker):
         self._audio: tuple[int | None, tuple[int, int | None] | None] | None = None  # first 'soun' trak
         self._track = 0              # the open trak's track_ID
         self._audio_track = -1       # the first audio track's
-        # Fragments: trex default sample durations by track; the open traf's track (None: not the
-        # audio track's) and its tfhd default; the audio samples' duration so far (media timescale);
+        # Fragments: trex default sample durations by track; whether the open traf is the audio
+        # track's, and its tfhd default; the audio samples' duration so far (media timescale);
         # a trun's sample table being read: entries left, bytes each, then what to skip.
         self._trex: dict[int, int] = {}
-        self._traf: int | None = None
+        self._traf = False
         self._traf_default: int | None = None
         self._samples = 0
         self._entries = 0
@@ -224,8 +224,8 @@ class Mp4Probe(ItemWalker):
             elif kind == b"mvex":
                 self._fragmented = True
             elif kind == b"traf":
-                self._traf, self._traf_default = None, None
-        elif kind in _READ.get(parent, ()) and end is not None and (kind != b"trun" or self._traf is not None):
+                self._traf, self._traf_default = False, None
+        elif kind in _READ.get(parent, ()) and end is not None and (kind != b"trun" or self._traf):
             want = min(end - start, _READ[parent][kind])
             self._rest = end - start - want
             if want:
@@ -277,7 +277,7 @@ class Mp4Probe(ItemWalker):
             if flags & 0x08 and len(value) < at + 4:
                 self._dead = True
             elif self._fragmented and self._moov_done and int.from_bytes(value[4:8], "big") == self._audio_track:
-                self._traf = self._audio_track  # the audio track's fragment: its trun are counted
+                self._traf = True  # the audio track's fragment: its trun are counted
                 self._traf_default = int.from_bytes(value[at:at + 4], "big") if flags & 0x08 else None
             return
         count = int.from_bytes(value[4:8], "big")
@@ -299,7 +299,7 @@ class Mp4Probe(ItemWalker):
 
     def _close(self, kind: bytes) -> None:
         if kind == b"traf":
-            self._traf = None
+            self._traf = False
         elif kind == b"trak":
             if self._handler == b"soun" and self._audio is None:
                 self._audio = self._tkhd, self._media

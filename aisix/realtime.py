@@ -430,12 +430,8 @@ class Session:
                     await upstream.send_frame(data, kind)
                 except ConnectionError:
                     return _gone(UPSTREAM)
-            elif kind is _PONG:
-                self._owes[CALLER] = False
-            elif kind is _PING:  # answered here, not by aiohttp (autoping=False: the pongs are the heartbeat's)
-                try:
-                    await caller.pong(msg.data)
-                except ConnectionError:
+            elif kind is _PONG or kind is _PING:
+                if not await self._control(CALLER, caller, kind, msg.data):
                     return _gone(CALLER)
             elif kind is WSMsgType.CLOSE:
                 return End(CALLER, msg.data, _reason(msg.extra))
@@ -467,18 +463,27 @@ class Session:
                     end = await self._reported(data)
                     if end is not None:
                         return end
-            elif kind is _PONG:
-                self._owes[UPSTREAM] = False
-            elif kind is _PING:
-                try:
-                    await upstream.pong(msg.data)
-                except ConnectionError:
+            elif kind is _PONG or kind is _PING:
+                if not await self._control(UPSTREAM, upstream, kind, msg.data):
                     return _gone(UPSTREAM)
             elif kind is WSMsgType.CLOSE:
                 code = msg.data
                 return End(UPSTREAM, code, _reason(msg.extra), None if code in NORMAL else "upstream_error")
             else:
                 return _gone(UPSTREAM)
+
+    async def _control(self, by: str, ws: web.WebSocketResponse | aiohttp.ClientWebSocketResponse[Literal[False]],
+                       kind: WSMsgType, data: bytes) -> bool:
+        """A ping or pong from one side (autoping=False: the pongs are the heartbeat's): a pong
+        pays what that side owes, a ping is answered; False when that side is gone."""
+        if kind is _PONG:
+            self._owes[by] = False
+            return True
+        try:
+            await ws.pong(data)
+        except ConnectionError:
+            return False
+        return True
 
     async def _tell(self, event: bytes) -> bool:
         """Send the caller an event of the gateway's own; False when the caller is gone."""
