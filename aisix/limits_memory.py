@@ -11,7 +11,8 @@ from __future__ import annotations
 
 from . import routing
 from .config import Cooldown
-from .limits import CHARGED, Immediate, Limit, Plan, is_over, window_start
+from .limits import Immediate
+from .limits_plan import CHARGED, Limit, Plan, is_over, window_start
 
 
 class MemoryStore:

@@ -29,7 +29,8 @@ from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
 from .config import Cooldown
-from .limits import Immediate, Limit, Plan, is_over, window_start
+from .limits import Immediate
+from .limits_plan import Limit, Plan, is_over, window_start
 
 _MARGIN = 60  # seconds a window counter outlives its window in Redis
 _LEASE = 3600  # seconds a Redis concurrency slot outlives a process that never released it

@@ -46,7 +46,8 @@ from . import realtime_frames as frames
 from .config import ApiKey, Guardrail, Model, Resources, Target
 from .exchange import Exchange
 from .keys import CLOCK, EXCHANGE, LIMITER, LIVE, METRICS, REQUEST_ID, SETTINGS, USAGE, WS_CLIENT
-from .limits import Slot, rejection
+from .limits import Slot
+from .limits_plan import rejection
 from .responses import stamp
 from .transcript import Usage
 

@@ -14,7 +14,8 @@ import redis.asyncio
 from aisix.config import ROUTES, ApiKey, Cooldown, Model, ProviderKey, RateLimit, Retry, Target
 from aisix.specs import parse_backend
 from aisix.errors import GatewayError, RateLimited
-from aisix.limits import MONTH, Limit, Limiter, Slot, is_over, plan, rejection, reset_after, window_end, window_start
+from aisix.limits import Limiter, Slot
+from aisix.limits_plan import MONTH, Limit, is_over, plan, rejection, reset_after, window_end, window_start
 from aisix.limits_redis import CONNECTIONS
 from tests.redis_server import RedisServer, free_port, redis_url  # noqa: F401
 
