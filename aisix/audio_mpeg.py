@@ -76,27 +76,41 @@ _MPEG_FRAMES = [_mpeg_frame(0xE0 | (i >> 8), i & 0xFF) for i in range(1 << 13)]
 # (short + d) bytes span from short*k to long*k bytes, and while k < short/d no other k fits the
 # same span, so k is ceil(span / long). A match is capped at that many frames. At most 16 x 64
 # keys, each compiled once per process: frames that flip those bits cannot make it compile again.
-_PADDED: dict[tuple[int, int], tuple[re.Pattern[bytes], int] | None] = {}
+# Beside it, the same run with the header bytes as encoders write them (no CRC, private bit
+# clear) as literals, which the regex engine takes faster than classes (18 against 25 us per
+# 256 KiB); the general pattern goes on from wherever that one stops. Both repeat possessively:
+# the alternatives differ in the padding bit, so there is nothing to backtrack into.
+_PADDED: dict[tuple[int, int], tuple[re.Pattern[bytes], re.Pattern[bytes], int] | None] = {}
 _RUN_CHECK = 64  # frames checked by slicing at a time: a stream that breaks often costs no more
 
 
-def _padded_patterns(b1: int, b2: int, lengths: list[int]) -> tuple[re.Pattern[bytes], int] | None:
-    """(a run of this stream's frames, padded or not, capped where its span still tells its count;
-    the padded frame's length), or None when the stream has no padded frames."""
+def _padded_patterns(b1: int, b2: int,
+                     lengths: list[int]) -> tuple[re.Pattern[bytes], re.Pattern[bytes], int] | None:
+    """(a run of this stream's frames with the header bytes encoders write, a run of them with
+    the CRC and private bits either way, each capped where its span still tells its count; the
+    padded frame's length), or None when the stream has no padded frames."""
     sync1, base = key = (b1 | 0x01, b2 & 0xFC)
     if key not in _PADDED:
         short, long = lengths[base], lengths[base | 0x02]
         if short < 4 or long <= short:
             _PADDED[key] = None
         else:
+            most = (short - 1) // (long - short)  # k * d < short for every k up to this
+
+            def run(sync: bytes, unpadded: bytes, padded: bytes) -> re.Pattern[bytes]:
+                one = sync + unpadded + b".{%d}|" % (short - 3) + sync + padded + b".{%d}" % (long - 3)
+                return re.compile(b"(?:" + one + b"){0,%d}+" % most, re.S)
+
             def either(a: int, b: int) -> bytes:
                 return b"[" + re.escape(bytes((a,))) + re.escape(bytes((b,))) + b"]"
 
-            sync = b"\xff" + either(sync1 & 0xFE, sync1)
-            one = (sync + either(base, base | 0x01) + b".{%d}|" % (short - 3)
-                   + sync + either(base | 0x02, base | 0x03) + b".{%d}" % (long - 3))
-            most = (short - 1) // (long - short)  # k * d < short for every k up to this
-            _PADDED[key] = re.compile(b"(?:" + one + b"){0,%d}" % most, re.S), long
+            def byte(a: int) -> bytes:
+                return re.escape(bytes((a,)))
+
+            plain = run(b"\xff" + byte(sync1), byte(base), byte(base | 0x02))
+            general = run(b"\xff" + either(sync1 & 0xFE, sync1), either(base, base | 0x01),
+                          either(base | 0x02, base | 0x03))
+            _PADDED[key] = plain, general, long
     return _PADDED[key]
 
 
@@ -322,14 +336,15 @@ class Mpeg:
                         # walk's: the byte after the sync decides each frame's length).
                         patterns = _padded_patterns(buf[at + 1], buf[at + 2], lengths)
                         if patterns is not None:
-                            many, long = patterns
+                            plain, general, long = patterns
                             stop = at
-                            while True:  # {0,most} always matches; an empty match ends the run
-                                end = many.match(buf, stop).end()  # type: ignore[union-attr]
-                                if end == stop:
-                                    break
-                                count += -(-(end - stop) // long)  # ceil: the one count that fits
-                                stop = end
+                            for many in (plain, general):
+                                while True:  # {0,most} always matches; an empty match ends the run
+                                    end = many.match(buf, stop).end()  # type: ignore[union-attr]
+                                    if end == stop:
+                                        break
+                                    count += -(-(end - stop) // long)  # ceil: the one count that fits
+                                    stop = end
                             if stop > at:
                                 at = stop
                                 continue

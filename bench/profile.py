@@ -6,7 +6,7 @@ py-spy meanwhile. Prints the share of samples spent in each file (self time: the
 the stack) and the heaviest functions, self and inclusive. Used for the before/after profiles in
 docs/design.md ("Performance").
 
-Environment (all optional): PROFILE_ROUTE (speech; or transcription), PROFILE_SECONDS (10),
+Environment (all optional): PROFILE_ROUTE (speech; or transcription, transcription-mp3), PROFILE_SECONDS (10),
 PROFILE_TOP (25), PROFILE_RAW (a path: keep py-spy's collapsed stacks there), PROFILE_NATIVE (1: C
 frames too, with the process stopped at each sample), PROFILE_ALIAS (failover: the aliases with two
 targets).
@@ -95,6 +95,8 @@ def main() -> int:
     tmp = Path(tempfile.mkdtemp(prefix="aisix-profile-"))
     run.Reaper.start(tmp)
     try:
+        if ROUTE == "transcription-mp3":  # the file wrk sends, as bench/run.py makes it
+            run.REAL_MP3_PATH = run.make_real_mp3(tmp)
         up = run.free_port()
         run.write_upstream_root(tmp / "upstream" / "root")
         run.start_nginx("nginx upstream", tmp / "upstream",
