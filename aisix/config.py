@@ -118,6 +118,17 @@ class Model:
     cooldown: Cooldown
     pricing: Pricing | None = None
     max_audio_seconds: int | None = None  # per upload; longer is 400 audio_too_long
+    # Derived from the targets once, not per request (left out of == and hash()): the names their
+    # failures and cooldowns are kept under, "<alias>|<target id>", which outlive a reload that
+    # keeps the target; and the first choice while none is cooling down: the targets of the lowest
+    # priority.
+    cooldown_keys: tuple[str, ...] = field(init=False, compare=False, repr=False)
+    first_choice: tuple[int, ...] = field(init=False, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        top = min(t.priority for t in self.targets)
+        object.__setattr__(self, "cooldown_keys", tuple(f"{self.alias}|{t.id}" for t in self.targets))
+        object.__setattr__(self, "first_choice", tuple(i for i, t in enumerate(self.targets) if t.priority == top))
 
     @property
     def provider_key(self) -> ProviderKey:

@@ -64,7 +64,7 @@ class Attempts:
         limiter, clock, metrics = app[LIMITER], app[CLOCK], app[METRICS]
         targets = model.targets
         routed = len(targets) > 1  # a choice to make: cooldowns steer it, even with no retry
-        keys = [routing.key(model.alias, t.id) for t in targets] if routed else []
+        keys = model.cooldown_keys
         cooling: dict[int, float] = {}
         if routed:
             if model.retry.max_attempts > 1:

@@ -71,7 +71,7 @@ class Store(Protocol):
     async def charge(self, plan: Plan, charges: dict[str, int], now: float) -> list[Limit]:
         """Charge tokens to the plan's token windows, keeping its slots; the windows now over."""
 
-    async def cooling(self, keys: list[str], now: float) -> dict[int, float]:
+    async def cooling(self, keys: Sequence[str], now: float) -> dict[int, float]:
         """Index in ``keys`` -> when its cooldown ends, for the targets cooling down."""
 
     async def failed(self, key: str, policy: Cooldown, now: float) -> bool:
@@ -233,7 +233,7 @@ a realtime session also charges tokens as they are reported (charge)."""
             return None
         return await self._admit(provider_plan(key.name, key.rate_limit), now)
 
-    async def cooling(self, keys: list[str], now: float) -> dict[int, float]:
+    async def cooling(self, keys: Sequence[str], now: float) -> dict[int, float]:
         """The targets cooling down (index in ``keys`` -> end); none when the store fails."""
         if 0.0 < self._paused_until - now <= _PAUSE:
             return {}

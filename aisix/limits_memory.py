@@ -9,6 +9,8 @@ a coroutine per request. The target cooldowns of routing.py are kept here too.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from . import routing
 from .config import Cooldown
 from .limits import Immediate
@@ -94,7 +96,7 @@ class MemoryStore:
             self._add(x, charges[x.unit], now)
         return [x for x in charged if is_over(x, self._count(x, now))]
 
-    async def cooling(self, keys: list[str], now: float) -> dict[int, float]:
+    async def cooling(self, keys: Sequence[str], now: float) -> dict[int, float]:
         return self._cooldowns.cooling(keys, now)
 
     async def failed(self, key: str, policy: Cooldown, now: float) -> bool:

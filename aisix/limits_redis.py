@@ -22,6 +22,7 @@ the cooldown atomically, one MGET reads every target of an alias.
 from __future__ import annotations
 
 import secrets
+from collections.abc import Sequence
 
 import redis.asyncio
 from redis.asyncio.retry import Retry
@@ -140,7 +141,7 @@ class RedisStore:
             counts = (await pipe.execute())[::2]
         return [x for x, count in zip(charged, counts, strict=True) if is_over(x, int(count))]
 
-    async def cooling(self, keys: list[str], now: float) -> dict[int, float]:
+    async def cooling(self, keys: Sequence[str], now: float) -> dict[int, float]:
         ends = await self._redis.mget([f"aisix:cd:{k}:until" for k in keys])
         return {i: float(end) for i, end in enumerate(ends) if end is not None and float(end) > now}
 

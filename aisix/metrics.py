@@ -155,6 +155,7 @@ class Metrics:
         self.frame_bytes_in, self.frame_bytes_out = hot.frame_bytes["in"], hot.frame_bytes["out"]
         r.register(_LiveCounters(live_counters))
         self._cooling: dict[str, dict[str, int]] = {}  # alias -> the marks last set
+        self._clear: dict[str, Sequence[Target]] = {}  # alias -> its targets, when none was cooling down
 
     def started(self, route: str) -> None:
         in_flight = self._hot.in_flight
@@ -211,10 +212,16 @@ class Metrics:
 
     def cooling(self, model: str, targets: Sequence[Target], cooling: Collection[int]) -> None:
         """The cooldown state of every target of an alias (targets sharing a key share a series)."""
+        if not cooling and self._clear.get(model) is targets:  # every request of a healthy routed alias
+            return
         marks: dict[str, int] = {}
         for i, t in enumerate(targets):
             marks[t.provider_key.name] = max(marks.get(t.provider_key.name, 0), int(i in cooling))
-        if self._cooling.get(model) == marks:  # every request of a routed alias: mostly unchanged
+        if cooling:
+            self._clear.pop(model, None)
+        else:  # these very targets (a reload that changes them sets their series again)
+            self._clear[model] = targets
+        if self._cooling.get(model) == marks:
             return
         self._cooling[model] = marks
         for name, mark in marks.items():

@@ -263,7 +263,7 @@ class Session:
         app, ex, limiter, clock = self.app, self.ex, self.limiter, self.clock
         targets = model.targets
         routed = len(targets) > 1 and model.retry.max_attempts > 1
-        keys = [routing.key(model.alias, t.id) for t in targets] if routed else []
+        keys = model.cooldown_keys
         cooling = await limiter.cooling(keys, clock()) if routed else {}
         tried: set[int] = set()
         refused: set[int] = set()

@@ -16,7 +16,7 @@ process, or Redis for every instance) is limits.py's; this module says what they
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Callable, Collection, Mapping, Sequence
 
 from .config import Cooldown, Model
 
@@ -33,25 +33,23 @@ def choose(model: Model, tried: Collection[int], cooling: Mapping[int, float], r
     targets = model.targets
     if len(targets) == 1:  # the common case: no choice to make
         return None if tried or refused else 0
-    left = [i for i in range(len(targets)) if i not in tried and i not in refused]
-    if not left:
-        return None
-    healthy = [i for i in left if i not in cooling]
-    if not healthy:
-        return min(left, key=lambda i: (cooling[i], i))
-    top = min(targets[i].priority for i in healthy)
-    group = [i for i in healthy if targets[i].priority == top]
+    if tried or refused or cooling:
+        left = [i for i in range(len(targets)) if i not in tried and i not in refused]
+        if not left:
+            return None
+        healthy = [i for i in left if i not in cooling]
+        if not healthy:
+            return min(left, key=lambda i: (cooling[i], i))
+        top = min(targets[i].priority for i in healthy)
+        group: Sequence[int] = [i for i in healthy if targets[i].priority == top]
+    else:  # a first attempt with every target healthy: the usual case, its group known from the config
+        group = model.first_choice
     point = rand() * sum(targets[i].weight for i in group)
     for i in group:
         point -= targets[i].weight
         if point < 0:
             return i
     return group[-1]  # rand() was 1.0 or rounding fell short
-
-
-def key(alias: str, target_id: str) -> str:
-    """The name a target's cooldown is kept under: it outlives a reload that keeps the target."""
-    return f"{alias}|{target_id}"
 
 
 class Cooldowns:
@@ -62,7 +60,7 @@ class Cooldowns:
         self._failures: dict[str, deque[float]] = {}
         self._until: dict[str, float] = {}
 
-    def cooling(self, keys: list[str], now: float) -> dict[int, float]:
+    def cooling(self, keys: Sequence[str], now: float) -> dict[int, float]:
         """Index in ``keys`` -> when its cooldown ends, for those cooling down at ``now``."""
         out = {}
         for i, k in enumerate(keys):

@@ -7,7 +7,8 @@ by the requests served), for the bare relay, aisix at REF (a git worktree) and a
 this tree, interleaved (relay A B, relay A B, ...) so drift hits all alike. Same stack, config and
 pinning as `bench/run.py`, whose helpers it uses.
 
-Environment (all optional): AB_REF (HEAD), AB_ROUNDS (5), AB_SECONDS (4), BENCH_ROUTES.
+Environment (all optional): AB_REF (HEAD), AB_ROUNDS (5), AB_SECONDS (4), BENCH_ROUTES, AB_ALIAS
+(failover: aisix is sent the aliases with two targets, as `make bench`'s "aisix failover").
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ REF = os.environ.get("AB_REF", "HEAD")
 ROUNDS = run._env_int("AB_ROUNDS", 5)
 SECONDS = run._env_int("AB_SECONDS", 4)
 TARGETS = ("bare", "A", "B")
+MODELS = run.MODELS["failover"] if os.environ.get("AB_ALIAS") == "failover" else run.PLAIN_MODELS
 
 
 def start_aisix_at(name: str, tree: Path, config: Path) -> tuple[run.Proc, int]:
@@ -63,16 +65,17 @@ def main() -> int:
             config = run.aisix_config(tmp / name, "127.0.0.1:0", up, up, f"127.0.0.1:{run.free_port()}")
             procs[name], ports[name] = start_aisix_at(name, src, config)
         print(f"A = aisix at {sha} ({REF}), B = this tree; {ROUNDS} rounds x {SECONDS} s, wrk -t1 "
-              f"-c{run.CONNECTIONS}; CPU us per request of the target's process (lower is better)")
+              f"-c{run.CONNECTIONS}, aliases {', '.join(MODELS)}; CPU us per request of the target's process "
+              "(lower is better)")
         for route in run.ROUTES:
             for t in TARGETS:
-                run.wrk(ports[t], route, 1)  # warm up
+                run.wrk(ports[t], route, 1, models=MODELS)  # warm up
             cost: dict[str, list[float]] = {t: [] for t in TARGETS}
             rps: dict[str, list[float]] = {t: [] for t in TARGETS}
             for _ in range(ROUNDS):
                 for t in TARGETS:
                     before = run.cpu_seconds([procs[t].pid])
-                    r = run.wrk(ports[t], route, SECONDS)
+                    r = run.wrk(ports[t], route, SECONDS, models=MODELS)
                     used = run.cpu_seconds([procs[t].pid]) - before
                     if r.errors:
                         raise run.BenchError(f"{t}: {r.errors} errors on {route}")

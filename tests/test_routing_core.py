@@ -50,7 +50,7 @@ def test_cooling_and_refused_targets_are_skipped() -> None:
 def test_cooldown_needs_failures_within_the_window_and_ends() -> None:
     policy = Cooldown(failures=3, window_s=60, cooldown_s=30)
     c = routing.Cooldowns()
-    k = routing.key("m", "p/t0")
+    k = "m|p/t0"
     assert not c.failed(k, policy, 1000.0)
     assert not c.failed(k, policy, 1030.0)
     assert not c.failed(k, policy, 1061.0)  # the first fell out of the window: two within it
@@ -68,3 +68,14 @@ def test_cooldown_memory_is_bounded_by_the_targets() -> None:
     for _ in range(10_000):
         c.failed("m|p/t0", policy, float(next(clock)))
     assert len(c._failures) + len(c._until) <= 1
+
+
+def test_the_first_choice_and_cooldown_keys_are_derived_from_the_targets() -> None:
+    m = Model("m", (Target(KEY, "a", 1, 2, id="p/a"), Target(KEY, "b", 3, 0, id="p/b"),
+                    Target(KEY, "c", 1, 0, id="p/c")), None, None, frozenset({"speech"}), Retry(3, 0), Cooldown())
+    assert m.cooldown_keys == ("m|p/a", "m|p/b", "m|p/c")
+    assert m.first_choice == (1, 2)  # the lowest priority
+    # The first attempt with none cooling down picks from that group by weight, as the general path does.
+    assert [routing.choose(m, set(), {}, set(), lambda r=r: r) for r in (0.0, 0.74, 0.75, 0.99)] == [1, 1, 2, 2]
+    assert routing.choose(m, set(), {1: 99.0}, set(), lambda: 0.0) == 2  # one cooling down: chosen among the rest
+    assert m == Model("m", m.targets, None, None, frozenset({"speech"}), Retry(3, 0), Cooldown())
