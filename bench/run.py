@@ -1058,7 +1058,10 @@ async def measure_uploads(st: Stack) -> dict[tuple[str, bool], list[Upload]]:
     for i in range(ROUNDS):
         for model_first in (True, False):
             line = []
-            for t in UPLOAD_TARGETS:
+            # The two aliases swap places every round: whichever ran right after nginx read less
+            # on a file-first upload, with the same code (bench/README.md, "What the numbers mean").
+            order = UPLOAD_TARGETS if i % 2 == 0 else (*UPLOAD_TARGETS[:2], *reversed(UPLOAD_TARGETS[2:]))
+            for t in order:
                 pid = st.procs["aisix"].pid if t in ("aisix", "failover") else None
                 u = await big_upload(st.ports[t], model_first, pid, MODELS.get(t, PLAIN_MODELS)[1])
                 out.setdefault((t, model_first), []).append(u)
