@@ -78,8 +78,10 @@ _MPEG_FRAMES = [_mpeg_frame(0xE0 | (i >> 8), i & 0xFF) for i in range(1 << 13)]
 # keys, each compiled once per process: frames that flip those bits cannot make it compile again.
 # Beside it, the same run with the header bytes as encoders write them (no CRC, private bit
 # clear) as literals, which the regex engine takes faster than classes (18 against 25 us per
-# 256 KiB); the general pattern goes on from wherever that one stops. Both repeat possessively:
-# the alternatives differ in the padding bit, so there is nothing to backtrack into.
+# 256 KiB); the general pattern goes on from wherever that one stops. The repeats are greedy, not
+# possessive: a possessive repeat would keep no backtracking state, but CPython 3.11.0-3.11.4
+# (Debian 12 ships 3.11.2) end such a match 2 bytes past a part-way failed alternative (gh-106052),
+# which miscounts a run that ends on a cut or foreign frame.
 _PADDED: dict[tuple[int, int], tuple[re.Pattern[bytes], re.Pattern[bytes], int] | None] = {}
 _RUN_CHECK = 64  # frames checked by slicing at a time: a stream that breaks often costs no more
 
@@ -99,7 +101,7 @@ def _padded_patterns(b1: int, b2: int,
 
             def run(sync: bytes, unpadded: bytes, padded: bytes) -> re.Pattern[bytes]:
                 one = sync + unpadded + b".{%d}|" % (short - 3) + sync + padded + b".{%d}" % (long - 3)
-                return re.compile(b"(?:" + one + b"){0,%d}+" % most, re.S)
+                return re.compile(b"(?:" + one + b"){0,%d}" % most, re.S)
 
             def either(a: int, b: int) -> bytes:
                 return b"[" + re.escape(bytes((a,))) + re.escape(bytes((b,))) + b"]"
