@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 
 from aisix import errors
@@ -333,3 +335,90 @@ def test_on_file_gets_exactly_the_file_parts_data_at_any_split(order: tuple[str,
             rw.feed(body[a:b])
         rw.close()
         assert bytes(got) == AUDIO
+
+
+# -- the usual prologue (model part, then the file's head), read whole from the first chunk -------
+
+def _outcome(data: bytes, cuts: list[int], capture: frozenset[str] = frozenset({"model"}),
+             max_head: int = 16 * 1024, max_value: int = 64 * 1024) -> tuple[object, ...]:
+    """What a caller of the rewriter sees: the bytes with the model replaced, the fields, the
+    file bytes on_file got and the state after; or the error, with its message (what went out
+    before an error depends on the cuts, by design: never the whole body)."""
+    rw = Rewriter(B, capture=capture, max_head=max_head, max_value=max_value)
+    file = bytearray()
+    rw.on_file = file.extend
+    out, fields = bytearray(), []
+    try:
+        for a, b in itertools.pairwise([0, *cuts, len(data)]):
+            pieces = rw.feed(data[a:b])
+            for p in pieces:
+                if isinstance(p, Field):
+                    fields.append(p)
+                    out += b"whisper-1" if p.name == "model" else p.value
+                else:
+                    out += p
+        for p in rw.close():
+            out += p
+    except errors.GatewayError as exc:
+        return ("error", exc.status, exc.code, exc.message)
+    return (bytes(out), fields, bytes(file), rw.parts, sorted(rw.seen))
+
+
+USUAL = body(part("model", b"whisper-prod"), part("file", AUDIO, "a.wav", "audio/wav"))
+NEAR_USUAL = {
+    "usual": USUAL,
+    "no filename, no type": body(part("model", b"whisper-prod"), part("file", AUDIO)),
+    "empty model value": body(part("model", b""), part("file", AUDIO, "a.wav")),
+    "value starts with the boundary": body(part("model", b"--" + B + b"x"), part("file", AUDIO, "a.wav")),
+    "value holds a near delimiter": body(part("model", b"a\r\n--" + B[:-1] + b"b"), part("file", AUDIO)),
+    "padding after the delimiter": USUAL.replace(b"whisper-prod\r\n--" + B + b"\r\n",
+                                                 b"whisper-prod\r\n--" + B + b" \t\r\n"),
+    "junk after the delimiter": USUAL.replace(b"whisper-prod\r\n--" + B + b"\r\n",
+                                              b"whisper-prod\r\n--" + B + b"x\r\n"),
+    "two bytes of junk in place of the CRLF": USUAL.replace(b"whisper-prod\r\n--" + B + b"\r\n",
+                                                           b"whisper-prod\r\n--" + B + b"xy"),
+    "a typed model, a bare file": body(part("model", b"m", ctype="text/plain"), part("file", AUDIO)),
+    "closing after the model": body(part("model", b"whisper-prod")),
+    "file data starts with the boundary": body(part("model", b"whisper-prod"), part("file", b"--" + B + AUDIO)),
+    "file data shorter than the boundary": body(part("model", b"whisper-prod"), part("file", b"ab")),
+    "file data empty": body(part("model", b"whisper-prod"), part("file", b"")),
+    "model second": body(part("file", AUDIO, "a.wav"), part("model", b"whisper-prod")),
+    "a field between": body(part("model", b"m"), part("language", b"en"), part("file", AUDIO)),
+    "two models": body(part("model", b"a"), part("model", b"b"), part("file", AUDIO)),
+    "lower-case header": USUAL.replace(b"Content-Disposition", b"content-disposition", 1),
+    "bare LF in the head": USUAL.replace(b'name="model"\r\n\r\n', b'name="model"\n\r\n', 1),
+    "long filename": body(part("model", b"m"), part("file", AUDIO, "f" * 20_000)),
+    "long model value": body(part("model", b"m" * 70_000), part("file", AUDIO)),
+    "no closing delimiter": USUAL[:-len(b"--" + B + b"--\r\n")],
+}
+
+
+@pytest.mark.parametrize("name", NEAR_USUAL)
+def test_the_usual_prologue_reads_as_the_state_machine_reads_it(name: str) -> None:
+    """Whole in the first chunk (the quick read) and with the first byte alone (the state machine
+    only: the quick read needs the whole prologue), every body near the usual shape gives the same
+    bytes, fields, file bytes and state, or the same error; so do other cuts through it."""
+    data = NEAR_USUAL[name]
+    expected = _outcome(data, [1])
+    assert _outcome(data, []) == expected
+    for cut in range(2, min(len(data), 400), 7):
+        assert _outcome(data, [cut]) == expected, f"cut at {cut}"
+    for capture in (frozenset({"model", "prompt"}), frozenset({"model", "file"}), frozenset({"prompt"})):
+        assert _outcome(data, [], capture) == _outcome(data, [1], capture), capture
+    # Head and value caps near what these bodies hold: 90 is under a typed model part's head and
+    # over a bare file part's.
+    for caps in ((90, 64 * 1024), (200, 64 * 1024), (16 * 1024, 4)):
+        assert _outcome(data, [], max_head=caps[0], max_value=caps[1]) == \
+            _outcome(data, [1], max_head=caps[0], max_value=caps[1]), caps
+
+
+def test_the_usual_prologue_is_read_quickly() -> None:
+    """The quick read is taken for what curl and the SDKs send (else the test above compares the
+    state machine with itself): after the first chunk the model and the file's head are behind it,
+    and the file's bytes in that chunk are handed on uncopied."""
+    rw = Rewriter(B)
+    data = USUAL
+    pieces = rw.feed(data)
+    assert rw.parts == 2 and rw.seen == {"model", "file"} and not rw._buf
+    assert pieces[1] == Field("model", b"whisper-prod")
+    assert isinstance(pieces[3], memoryview)  # the file's bytes: a view of the chunk, not a copy
