@@ -295,7 +295,9 @@ class Rewriter:
         at = len(dash) + 2
         if not data.startswith(dash) or data[at - 2:at] != _CRLF:
             return 0
-        head = _PLAIN_HEAD.match(data, at)
+        # Each search bounded by its cap: a large first chunk that is not the usual shape costs
+        # no more than the cap before the state machine takes it.
+        head = _PLAIN_HEAD.match(data, at, at + self._max_head)
         if head is None or head.group(1) != b"model" or data[head.end():head.end() + 2] != _CRLF:
             return 0
         value = head.end() + 2
@@ -303,10 +305,11 @@ class Rewriter:
         # part data that starts with the boundary, the value's cap, the boundary line after it.
         if value > self._max_head or data.startswith(dash, value):
             return 0
-        i = _find(data, delim, value)
+        i = _find(data, delim, value, value + self._max_value + len(delim))
         if i < 0 or i - value > self._max_value or data[i + len(delim):i + len(delim) + 2] != _CRLF:
             return 0
-        head = _PLAIN_HEAD.match(data, i + len(delim) + 2)
+        at = i + len(delim) + 2
+        head = _PLAIN_HEAD.match(data, at, at + self._max_head)
         if head is None or head.group(1) != b"file" or data[head.end():head.end() + 2] != _CRLF:
             return 0
         file = head.end() + 2

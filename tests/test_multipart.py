@@ -378,6 +378,13 @@ NEAR_USUAL = {
     "two bytes of junk in place of the CRLF": USUAL.replace(b"whisper-prod\r\n--" + B + b"\r\n",
                                                            b"whisper-prod\r\n--" + B + b"xy"),
     "a typed model, a bare file": body(part("model", b"m", ctype="text/plain"), part("file", AUDIO)),
+    # A CR then another byte where each CRLF is checked (found by a review: checking the CR alone
+    # passed every body above).
+    "CR then x after the first boundary": USUAL.replace(b"--" + B + b"\r\n", b"--" + B + b"\rx", 1),
+    "CR then x after the delimiter": USUAL.replace(b"whisper-prod\r\n--" + B + b"\r\n",
+                                                   b"whisper-prod\r\n--" + B + b"\rx"),
+    "CR then x ending the model's head": USUAL.replace(b'name="model"\r\n\r\n', b'name="model"\r\n\rx', 1),
+    "CR then x ending the file's head": USUAL.replace(b"audio/wav\r\n\r\n", b"audio/wav\r\n\rx", 1),
     "closing after the model": body(part("model", b"whisper-prod")),
     "file data starts with the boundary": body(part("model", b"whisper-prod"), part("file", b"--" + B + AUDIO)),
     "file data shorter than the boundary": body(part("model", b"whisper-prod"), part("file", b"ab")),
