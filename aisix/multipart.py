@@ -62,6 +62,9 @@ class Field:
 
 
 Piece = bytes | bytearray | memoryview | Field
+# Text fields between the model and the file that Rewriter._prologue reads; more go to the
+# state machine.
+_PROLOGUE_PARTS = 16
 # The most the state machine copies from one feed() at a time. Small, because the usual part
 # heads fit in it and the file bytes after them are better left to _pass (no copy): at 16 KiB the
 # first chunk's file bytes were copied twice and searched by bytes.find (about 13 us of CPU per
@@ -283,8 +286,9 @@ class Rewriter:
                 self._fresh = True
 
     def _prologue(self, out: list[Piece], data: bytes) -> int:
-        """The usual start of a body, whole in its first chunk: a ``model`` part, then the
-        ``file`` part's head, each head as _PLAIN_HEAD reads it. Read here as the state machine
+        """The usual start of a body, whole in its first chunk: a ``model`` part, maybe text
+        fields (the SDKs send ``language``, ``response_format`` ... there), then the ``file``
+        part's head, each head as _PLAIN_HEAD reads it. Read here as the state machine
         would read it (the same pieces, fields, state and checks), at a fraction of its cost;
         where the file's bytes start, or 0 (nothing done) for anything else, which the state
         machine then reads as always."""
@@ -308,20 +312,35 @@ class Rewriter:
         i = _find(data, delim, value, value + self._max_value + len(delim))
         if i < 0 or i - value > self._max_value or data[i + len(delim):i + len(delim) + 2] != _CRLF:
             return 0
-        at = i + len(delim) + 2
-        head = _PLAIN_HEAD.match(data, at, at + self._max_head)
-        if head is None or head.group(1) != b"file" or data[head.end():head.end() + 2] != _CRLF:
+        end, parts = i, 1
+        while True:  # the parts after the model: text fields nobody captures, up to the file's
+            at = i + len(delim) + 2
+            head = _PLAIN_HEAD.match(data, at, at + self._max_head)
+            if head is None or data[head.end():head.end() + 2] != _CRLF:
+                return 0
+            start = head.end() + 2
+            if start - i - 2 > self._max_head or data.startswith(dash, start):
+                return 0
+            parts += 1
+            name = head.group(1)
+            if name == b"file":
+                break
+            if parts > _PROLOGUE_PARTS or name.decode("ascii") in self._capture:  # a prompt, a second model
+                return 0
+            # A field's value (uncaptured: no cap of its own; this search's bound is only a cost's)
+            i = _find(data, delim, start, start + self._max_value + len(delim))
+            if i < 0 or data[i + len(delim):i + len(delim) + 2] != _CRLF:
+                return 0
+        file = start
+        if len(data) - file < len(dash):
             return 0
-        file = head.end() + 2
-        if file - i - 2 > self._max_head or len(data) - file < len(dash) or data.startswith(dash, file):
-            return 0
-        self.parts = 2
+        self.parts = parts
         self.seen.update((MODEL, FILE))
         self._in_file = True
         self._fresh = False
         self._buf.clear()
         self._drop = 0
-        out += (data[:value], Field(MODEL, data[value:i]), data[i:file])
+        out += (data[:value], Field(MODEL, data[value:end]), data[end:file])
         return file
 
     def _pass(self, out: list[Piece], data: bytes | bytearray, start: int) -> int:

@@ -391,6 +391,27 @@ NEAR_USUAL = {
     "file data empty": body(part("model", b"whisper-prod"), part("file", b"")),
     "model second": body(part("file", AUDIO, "a.wav"), part("model", b"whisper-prod")),
     "a field between": body(part("model", b"m"), part("language", b"en"), part("file", AUDIO)),
+    "the Python SDK's order": body(part("model", b"whisper-1"), part("language", b"en"),
+                                   part("response_format", b"json"), part("file", AUDIO, "a.wav", "audio/wav")),
+    "empty fields between": body(part("model", b"m"), part("prompt", b""), part("temperature", b""),
+                                 part("file", AUDIO)),
+    "a prompt between": body(part("model", b"m"), part("prompt", b"say hi"), part("file", AUDIO)),
+    "a field named File": body(part("model", b"m"), part("File", b"x"), part("file", AUDIO)),
+    "a field with a filename between": body(part("model", b"m"), part("notes", b"n", "n.txt"), part("file", AUDIO)),
+    "16 fields between": body(part("model", b"m"), *(part(f"f{k}", b"v") for k in range(14)), part("file", AUDIO)),
+    "17 fields between": body(part("model", b"m"), *(part(f"f{k}", b"v") for k in range(15)), part("file", AUDIO)),
+    "a field value starting with the boundary": body(part("model", b"m"), part("language", b"--" + B),
+                                                     part("file", AUDIO)),
+    "a field value with a near delimiter": body(part("model", b"m"), part("language", b"e\r\n--" + B[:-1] + b"n"),
+                                                part("file", AUDIO)),
+    "a long field value": body(part("model", b"m"), part("prompt", b"p" * 70_000), part("file", AUDIO)),
+    "CR then x after a field's delimiter": body(part("model", b"m"), part("language", b"en"), part("file", AUDIO))
+    .replace(b"en\r\n--" + B + b"\r\n", b"en\r\n--" + B + b"\rx"),
+    "junk after a field's delimiter": body(part("model", b"m"), part("language", b"en"), part("file", AUDIO))
+    .replace(b"en\r\n--" + B + b"\r\n", b"en\r\n--" + B + b"  \r\n"),
+    "closing after a field": body(part("model", b"m"), part("language", b"en")),
+    "a model after a field": body(part("model", b"a"), part("language", b"en"), part("model", b"b"),
+                                  part("file", AUDIO)),
     "two models": body(part("model", b"a"), part("model", b"b"), part("file", AUDIO)),
     "lower-case header": USUAL.replace(b"Content-Disposition", b"content-disposition", 1),
     "bare LF in the head": USUAL.replace(b'name="model"\r\n\r\n', b'name="model"\n\r\n', 1),
@@ -429,3 +450,7 @@ def test_the_usual_prologue_is_read_quickly() -> None:
     assert rw.parts == 2 and rw.seen == {"model", "file"} and not rw._buf
     assert pieces[1] == Field("model", b"whisper-prod")
     assert isinstance(pieces[3], memoryview)  # the file's bytes: a view of the chunk, not a copy
+    rw = Rewriter(B)
+    pieces = rw.feed(NEAR_USUAL["the Python SDK's order"])  # model, language, response_format, file
+    assert rw.parts == 4 and rw.seen == {"model", "file"} and not rw._buf
+    assert pieces[1] == Field("model", b"whisper-1") and isinstance(pieces[3], memoryview)
