@@ -64,7 +64,7 @@ class Field:
 Piece = bytes | bytearray | memoryview | Field
 # Text fields between the model and the file that Rewriter._prologue reads; more go to the
 # state machine.
-_PROLOGUE_PARTS = 16
+_PROLOGUE_FIELDS = 14
 # The most the state machine copies from one feed() at a time. Small, because the usual part
 # heads fit in it and the file bytes after them are better left to _pass (no copy): at 16 KiB the
 # first chunk's file bytes were copied twice and searched by bytes.find (about 13 us of CPU per
@@ -312,7 +312,7 @@ class Rewriter:
         i = _find(data, delim, value, value + self._max_value + len(delim))
         if i < 0 or i - value > self._max_value or data[i + len(delim):i + len(delim) + 2] != _CRLF:
             return 0
-        end, parts = i, 1
+        end, fields = i, 0
         while True:  # the parts after the model: text fields nobody captures, up to the file's
             at = i + len(delim) + 2
             head = _PLAIN_HEAD.match(data, at, at + self._max_head)
@@ -321,11 +321,11 @@ class Rewriter:
             start = head.end() + 2
             if start - i - 2 > self._max_head or data.startswith(dash, start):
                 return 0
-            parts += 1
             name = head.group(1)
             if name == b"file":
                 break
-            if parts > _PROLOGUE_PARTS or name.decode("ascii") in self._capture:  # a prompt, a second model
+            fields += 1
+            if fields > _PROLOGUE_FIELDS or name.decode("ascii") in self._capture:  # a prompt, a second model
                 return 0
             # A field's value (uncaptured: no cap of its own; this search's bound is only a cost's)
             i = _find(data, delim, start, start + self._max_value + len(delim))
@@ -334,7 +334,7 @@ class Rewriter:
         file = start
         if len(data) - file < len(dash):
             return 0
-        self.parts = parts
+        self.parts = fields + 2
         self.seen.update((MODEL, FILE))
         self._in_file = True
         self._fresh = False
