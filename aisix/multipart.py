@@ -296,41 +296,37 @@ class Rewriter:
         dash = delim[2:]
         if MODEL not in self._capture or FILE in self._capture:
             return 0
-        at = len(dash) + 2
+        line, at = 0, len(dash) + 2  # where a part's boundary line starts ("--"), and its head
         if not data.startswith(dash) or data[at - 2:at] != _CRLF:
             return 0
-        # Each search bounded by its cap: a large first chunk that is not the usual shape costs
-        # no more than the cap before the state machine takes it.
-        head = _PLAIN_HEAD.match(data, at, at + self._max_head)
-        if head is None or head.group(1) != b"model" or data[head.end():head.end() + 2] != _CRLF:
-            return 0
-        value = head.end() + 2
-        # The state machine's checks, in its order: the head's cap (from "--" to the blank line),
-        # part data that starts with the boundary, the value's cap, the boundary line after it.
-        if value > self._max_head or data.startswith(dash, value):
-            return 0
-        i = _find(data, delim, value, value + self._max_value + len(delim))
-        if i < 0 or i - value > self._max_value or data[i + len(delim):i + len(delim) + 2] != _CRLF:
-            return 0
-        end, fields = i, 0
-        while True:  # the parts after the model: text fields nobody captures, up to the file's
-            at = i + len(delim) + 2
+        value = end = fields = 0  # the model's value is data[value:end]
+        while True:
+            # Each search stops at its cap, so a large first chunk of another shape costs no more
+            # than the caps before the state machine takes it.
             head = _PLAIN_HEAD.match(data, at, at + self._max_head)
             if head is None or data[head.end():head.end() + 2] != _CRLF:
                 return 0
             start = head.end() + 2
-            if start - i - 2 > self._max_head or data.startswith(dash, start):
+            # The head's cap (from "--" to the blank line), part data starting with the boundary.
+            if start - line > self._max_head or data.startswith(dash, start):
                 return 0
             name = head.group(1)
-            if name == b"file":
+            if not end:  # the first part
+                if name != b"model":
+                    return 0
+            elif name == b"file":
                 break
-            fields += 1
-            if fields > _PROLOGUE_FIELDS or name.decode("ascii") in self._capture:  # a prompt, a second model
-                return 0
-            # A field's value (uncaptured: no cap of its own; this search's bound is only a cost's)
+            else:  # a text field nobody captures (a prompt or a second model: the state machine's)
+                fields += 1
+                if fields > _PROLOGUE_FIELDS or name.decode("ascii") in self._capture:
+                    return 0
+            # Found within max_value of its start: the model value's cap (for a field, a bound only).
             i = _find(data, delim, start, start + self._max_value + len(delim))
             if i < 0 or data[i + len(delim):i + len(delim) + 2] != _CRLF:
                 return 0
+            if not end:
+                value, end = start, i
+            line, at = i + 2, i + len(delim) + 2
         file = start
         if len(data) - file < len(dash):
             return 0

@@ -365,6 +365,8 @@ def _outcome(data: bytes, cuts: list[int], capture: frozenset[str] = frozenset({
 
 
 USUAL = body(part("model", b"whisper-prod"), part("file", AUDIO, "a.wav", "audio/wav"))
+# The usual file part's head block as the cap counts it: from the boundary line's "--" to the blank line.
+FILE_HEAD = len(part("file", b"", "a.wav", "audio/wav")) - 2
 NEAR_USUAL = {
     "usual": USUAL,
     "no filename, no type": body(part("model", b"whisper-prod"), part("file", AUDIO)),
@@ -390,6 +392,7 @@ NEAR_USUAL = {
     "file data shorter than the boundary": body(part("model", b"whisper-prod"), part("file", b"ab")),
     "file data empty": body(part("model", b"whisper-prod"), part("file", b"")),
     "model second": body(part("file", AUDIO, "a.wav"), part("model", b"whisper-prod")),
+    "no model, a field first": body(part("language", b"en"), part("file", AUDIO)),
     "a field between": body(part("model", b"m"), part("language", b"en"), part("file", AUDIO)),
     "the Python SDK's order": body(part("model", b"whisper-1"), part("language", b"en"),
                                    part("response_format", b"json"), part("file", AUDIO, "a.wav", "audio/wav")),
@@ -434,8 +437,9 @@ def test_the_usual_prologue_reads_as_the_state_machine_reads_it(name: str) -> No
     for capture in (frozenset({"model", "prompt"}), frozenset({"model", "file"}), frozenset({"prompt"})):
         assert _outcome(data, [], capture) == _outcome(data, [1], capture), capture
     # Head and value caps near what these bodies hold: 90 is under a typed model part's head and
-    # over a bare file part's.
-    for caps in ((90, 64 * 1024), (200, 64 * 1024), (16 * 1024, 4)):
+    # over a bare file part's; the usual file part's head is FILE_HEAD bytes, a cap at it passes.
+    for caps in ((90, 64 * 1024), (FILE_HEAD - 1, 64 * 1024), (FILE_HEAD, 64 * 1024), (200, 64 * 1024),
+                 (16 * 1024, 4)):
         assert _outcome(data, [], max_head=caps[0], max_value=caps[1]) == \
             _outcome(data, [1], max_head=caps[0], max_value=caps[1]), caps
 
