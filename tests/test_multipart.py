@@ -337,7 +337,7 @@ def test_on_file_gets_exactly_the_file_parts_data_at_any_split(order: tuple[str,
         assert bytes(got) == AUDIO
 
 
-# -- the usual prologue (model part, then the file's head), read whole from the first chunk -------
+# -- the usual prologue (model, text fields, the file's head), read whole from the first chunk ------
 
 def _outcome(data: bytes, cuts: list[int], capture: frozenset[str] = frozenset({"model"}),
              max_head: int = 16 * 1024, max_value: int = 64 * 1024) -> tuple[object, ...]:
