@@ -13,7 +13,7 @@ change every registry in the process.
 from __future__ import annotations
 
 from bisect import bisect_left
-from collections.abc import Callable, Collection, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -22,7 +22,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
-from .config import Target
+from .config import Model, Target
 from .exchange import Exchange
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
@@ -226,6 +226,21 @@ class Metrics:
         self._cooling[model] = marks
         for name, mark in marks.items():
             self.cooling_down.labels(model, name).set(mark)
+
+    def reconfigured(self, models: Mapping[str, Model]) -> None:
+        """After a reload: the cooling-down series of aliases and targets no longer routed are
+        dropped. Left at 1, a removed target would read as cooling down (and alert) until a restart."""
+        for alias, marks in list(self._cooling.items()):
+            model = models.get(alias)
+            routed = model is not None and len(model.targets) > 1
+            keep = {t.provider_key.name for t in model.targets} if model is not None and routed else set()
+            for name in [n for n in marks if n not in keep]:
+                self.cooling_down.remove(alias, name)
+                del marks[name]
+            if not marks:
+                del self._cooling[alias]
+        for alias in [a for a in self._clear if a not in models]:
+            del self._clear[alias]
 
     def limited(self, scope: str) -> None:
         self.rate_limited.labels(scope).inc()

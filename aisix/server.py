@@ -41,6 +41,7 @@ def reload_resources(app: web.Application) -> bool:
         return False
     app[LIVE].resources = resources
     app[POOL].forget_targets()
+    app[METRICS].reconfigured(resources.models)
     app[USAGE].reopen()  # logrotate moved the usage file away, most likely
     log.info("reloaded %s: %d models, %d api keys, %d guardrails", path, len(resources.models),
              len(resources.api_keys), len(resources.guardrails))

@@ -21,6 +21,7 @@ from typing import Any
 import aiohttp
 import openai
 import pytest
+import yaml
 
 from tests.fakes import Behaviour, FakeUpstream
 from tests.gateway import PROVIDER_SECRET, TEAM_A, Gateway, fd_targets
@@ -415,6 +416,37 @@ async def test_a_reload_keeps_cooldowns(fake: FakeUpstream, fake_b: FakeUpstream
     gw.signal(signal.SIGHUP)
     gw.wait_log("reloaded")
     assert attempts((await speech(gw))[2]) == [("fake-b", 200, None)]
+
+
+async def test_a_reload_drops_the_cooling_series_of_a_removed_target(fake: FakeUpstream, fake_b: FakeUpstream,
+                                                                    make_gateway: Any) -> None:
+    """A target taken out of an alias while it cooled down must not read (and alert) as cooling down for good."""
+    gw = make_gateway({"metrics": {"listen": "127.0.0.1:0"}}, provider_keys=[key_b(fake_b.base_url)],
+                      models=models({"failures": 1, "window_s": 60, "cooldown_s": 600}))
+
+    async def cooling() -> set[str]:
+        async with aiohttp.ClientSession() as s, s.get(gw.metrics_url + "/metrics") as r:
+            text = await r.text()
+        return {line for line in text.splitlines() if line.startswith("aisix_target_cooling_down{")}
+
+    fake.behaviour = Behaviour(status=503)
+    assert attempts((await speech(gw))[2]) == [("fake", 503, None), ("fake-b", 200, None)]
+    assert await cooling() == {'aisix_target_cooling_down{model="tts-failover",provider_key="fake"} 1.0',
+                               'aisix_target_cooling_down{model="tts-failover",provider_key="fake-b"} 0.0'}
+    path = gw.dir / "resources.yaml"
+    doc = yaml.safe_load(path.read_text())
+    alias = next(m for m in doc["models"] if m["display_name"] == "tts-failover")
+    alias["targets"] = [t for t in alias["targets"] if t["provider_key"] != "fake"] + [
+        {"provider_key": "fake-b", "model_name": "tts-c"}]
+    path.write_text(yaml.safe_dump(doc))
+    gw.signal(signal.SIGHUP)
+    gw.wait_log("reloaded")
+    assert await cooling() == {'aisix_target_cooling_down{model="tts-failover",provider_key="fake-b"} 0.0'}
+    doc["models"] = [m for m in doc["models"] if m["display_name"] != "tts-failover"]  # the alias itself goes
+    path.write_text(yaml.safe_dump(doc))
+    gw.signal(signal.SIGHUP)
+    gw.wait_log(f"{path}: {len(doc['models'])} models")  # this reload's line, not the first's
+    assert await cooling() == set()
 
 
 async def test_a_caller_leaving_mid_upload_leaves_nothing_open(routed: Gateway, fake: FakeUpstream,
