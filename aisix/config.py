@@ -124,11 +124,17 @@ class Model:
     # priority.
     cooldown_keys: tuple[str, ...] = field(init=False, compare=False, repr=False)
     first_choice: tuple[int, ...] = field(init=False, compare=False, repr=False)
+    # Whether a target's provider key has an audio quota: an upload's length is then checked
+    # against it too, as the key's and the model's are.
+    provider_audio_quotas: bool = field(init=False, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         top = min(t.priority for t in self.targets)
         object.__setattr__(self, "cooldown_keys", tuple(f"{self.alias}|{t.id}" for t in self.targets))
         object.__setattr__(self, "first_choice", tuple(i for i, t in enumerate(self.targets) if t.priority == top))
+        object.__setattr__(self, "provider_audio_quotas", any(
+            r is not None and (r.audio_seconds_per_hour is not None or r.audio_seconds_per_day is not None)
+            for r in (t.provider_key.rate_limit for t in self.targets)))
 
     @property
     def provider_key(self) -> ProviderKey:

@@ -51,12 +51,15 @@ class Replayable(Protocol):
 
 
 class Attempts:
-    __slots__ = ("_app", "_ex", "_model", "answered", "slot")
+    __slots__ = ("_app", "_ex", "_model", "answered", "fits", "slot")
 
     def __init__(self, app: web.Application, ex: Exchange, model: Model) -> None:
         self._app, self._ex, self._model = app, ex, model
         self.slot: Slot | None = None  # the provider key's slot of the attempt under way
         self.answered: Target | None = None  # whose answer the caller gets
+        # An upload's check of a provider key's audio quotas (its slot): the refusal when what is
+        # known of the upload's length is more than they have left. Such a target is passed over.
+        self.fits: Callable[[Slot], errors.RateLimited | None] | None = None
 
     async def send(self, request: web.Request, route: str, body: Replayable, screen: Callable[[str], None],
                    sent: Callable[[Target], None], deadline: Deadline) -> Answer | Buffered:
@@ -93,6 +96,10 @@ class Attempts:
                 if target.provider_key.rate_limit is not None:  # its provider's quota
                     try:
                         slot = await limiter.admit_provider(target.provider_key, clock())
+                        refusal = self.fits(slot) if self.fits is not None and slot is not None else None
+                        if refusal is not None:  # its audio quota cannot take this upload
+                            await limiter.settle(slot, None, clock())
+                            raise refusal
                     except errors.RateLimited as exc:  # this key's quota is spent: another target, if any
                         refused.add(i)
                         last = last if tried else exc

@@ -101,17 +101,20 @@ async def exchange(request: web.Request, route: str, read: Reader) -> web.Stream
             for text in body.texts:
                 screen(text)
             slot = await limiter.admit(key, model, clock())
+            attempts = Attempts(app, ex, model)
             if body.audio is not None:
-                body.check_audio = _audio_check(model, limiter, slot, clock)
+                body.check_audio = _audio_check(model, limiter, slot, attempts, clock)
                 if body.check_audio is not None:  # what a file-first form told already: before any upstream
-                    body.check_audio(body.audio.declared or body.audio.at_least)
+                    body.check_audio(_known_seconds(body.audio))
+                if model.provider_audio_quotas:  # a target whose provider key cannot take it is passed over
+                    probe = body.audio
+                    attempts.fits = lambda s: limiter.audio_refusal(s, _known_seconds(probe), clock())
 
             def sent(target: Target) -> None:
                 """The last request byte is on its way: the upstream has its timeout to answer."""
                 deadline.wait((model.timeout_ms or settings.upstream.timeout_ms) / 1000, UPSTREAM)
                 ex.upstream_sent = time.monotonic()
 
-            attempts = Attempts(app, ex, model)
             answer = await attempts.send(request, route, body, screen, sent, deadline)
             outputs = guardrails.rules_for(resources, model.alias, guardrails.OUTPUT)
             return await relay(request, answer, ex, deadline, idle, outputs)
@@ -139,22 +142,31 @@ async def exchange(request: web.Request, route: str, read: Reader) -> web.Stream
             _finish(app, ex, resources)
 
 
-def _audio_check(model: Model, limiter: Limiter, slot: Slot | None,
+def _audio_check(model: Model, limiter: Limiter, slot: Slot | None, attempts: Attempts,
                  clock: Callable[[], float]) -> Callable[[float], None] | None:
-    """What an upload's audio length is held to (max_audio_seconds, what its audio quotas have
-    left), as a check the form calls as soon as it knows a length; None when nothing limits it."""
+    """What an upload's audio length is held to (max_audio_seconds, what the audio quotas of its
+    key, its model and the provider key of the attempt under way have left), as a check the form
+    calls as soon as it knows a length; None when nothing limits it."""
     limit = model.max_audio_seconds
-    if not limit and (slot is None or slot.audio_left is None):
+    if not limit and (slot is None or slot.audio_left is None) and not model.provider_audio_quotas:
         return None
 
     def check(seconds: float) -> None:
         if limit and seconds > limit:
             raise errors.audio_too_long(seconds, limit)
-        refusal = limiter.audio_refusal(slot, seconds, clock())
-        if refusal is not None:
-            raise refusal
+        now = clock()
+        for held in (slot, attempts.slot):
+            refusal = limiter.audio_refusal(held, seconds, now)
+            if refusal is not None:
+                raise refusal
 
     return check
+
+
+def _known_seconds(audio: Probe) -> float:
+    """An upload's length as far as it is known: its header's, else at least what has passed."""
+    declared = audio.declared
+    return declared if declared is not None else audio.at_least
 
 
 def _audio_in(ex: Exchange) -> float | None:

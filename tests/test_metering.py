@@ -155,6 +155,65 @@ async def test_an_upload_longer_than_the_quota_has_left_is_429_before_it_is_sent
     assert status == 200  # what is left still takes a shorter one
 
 
+def provider_keys(fake: FakeUpstream, quota: int) -> list[dict[str, Any]]:
+    """Two provider keys on the one fake: "fake-quota" with an hourly audio quota, "fake-free" without."""
+    common = {"provider": "openai", "api_base": fake.base_url, "api_key": "sk-provider-secret"}
+    return [{"display_name": "fake-quota", **common, "rate_limit": {"audio_seconds_per_hour": quota}},
+            {"display_name": "fake-free", **common}]
+
+
+@pytest.mark.parametrize("order", [("model", "file"), ("file", "model")], ids=["model-first", "file-first"])
+async def test_a_provider_keys_audio_quota_refuses_an_upload_before_it_is_sent(
+        fake: FakeUpstream, make_gateway: Any, order: tuple[str, str]) -> None:
+    from tests.audio_files import make
+
+    gw = make_gateway(provider_keys=provider_keys(fake, 100),
+                      models=[{"display_name": "whisper-metered", "provider_key": "fake-quota", "model_name": "w"}])
+    status, _, event = await upload(gw, make("flac", 61.0).read_bytes(), order)
+    assert status == 200 and event["audio_seconds_in"] == pytest.approx(61.0, abs=0.05)
+    received = len(fake.received)
+    status, body, event = await upload(gw, make("flac", 45.0).read_bytes(), order)  # 39 s left
+    assert status == 429 and body["error"]["code"] == "rate_limit_exceeded"
+    assert "Audio quota of 100 seconds per hour" in body["error"]["message"]
+    assert "fake-quota" not in body["error"]["message"]  # the provider key's name is the operator's business
+    assert all(not r.complete for r in fake.received[received:])
+    assert "attempts" not in event or all(a["status"] is None for a in event["attempts"])
+    status, _, _ = await upload(gw, make("flac", 30.0).read_bytes(), order)
+    assert status == 200  # what is left still takes a shorter one
+
+
+async def test_a_target_whose_provider_quota_cannot_take_an_upload_is_passed_over(
+        fake: FakeUpstream, make_gateway: Any) -> None:
+    from tests.audio_files import make
+
+    gw = make_gateway(provider_keys=provider_keys(fake, 100), models=[{
+        "display_name": "whisper-metered", "targets": [
+            {"provider_key": "fake-quota", "model_name": "w-quota"},
+            {"provider_key": "fake-free", "model_name": "w-free", "priority": 1}]}])
+    status, _, event = await upload(gw, make("flac", 61.0).read_bytes())
+    assert status == 200 and event["provider_key"] == "fake-quota"
+    status, _, event = await upload(gw, make("flac", 45.0).read_bytes())  # 39 s left on fake-quota
+    assert status == 200 and event["provider_key"] == "fake-free"
+    assert [(a["provider_key"], a["status"]) for a in event["attempts"]] == [("fake-free", 200)]
+    assert b'name="model"\r\n\r\nw-free\r\n' in fake.received[-1].body
+
+
+async def test_a_provider_quota_found_spent_while_streaming_ends_the_upload(
+        fake: FakeUpstream, make_gateway: Any) -> None:
+    """An MP3 without a Xing header tells its length only as it streams: the upload is cut off
+    once it is longer than the provider key's quota has left, and never reaches the upstream whole."""
+    from tests.audio_files import make
+
+    gw = make_gateway(provider_keys=provider_keys(fake, 10),
+                      models=[{"display_name": "whisper-metered", "provider_key": "fake-quota", "model_name": "w"}])
+    received = len(fake.received)
+    status, body, event = await upload(gw, make("mp3-cbr", 60.0).read_bytes())
+    assert status == 429 and body["error"]["code"] == "rate_limit_exceeded"
+    assert "Audio quota of 10 seconds per hour" in body["error"]["message"]
+    assert event["status"] == 429
+    assert all(not r.complete for r in fake.received[received:])
+
+
 @pytest.mark.parametrize("order", [("model", "file"), ("file", "model")], ids=["model-first", "file-first"])
 async def test_two_uploads_in_flight_cannot_both_spend_what_the_quota_has_left(
         fake: FakeUpstream, make_gateway: Any, order: tuple[str, str]) -> None:
