@@ -83,7 +83,9 @@ _MPEG_FRAMES = [_mpeg_frame(0xE0 | (i >> 8), i & 0xFF) for i in range(1 << 13)]
 # (Debian 12 ships 3.11.2) end such a match 2 bytes past a part-way failed alternative (gh-106052),
 # which miscounts a run that ends on a cut or foreign frame.
 _PADDED: dict[tuple[int, int], tuple[re.Pattern[bytes], re.Pattern[bytes], int] | None] = {}
-_RUN_CHECK = 64  # frames checked by slicing at a time: a stream that breaks often costs no more
+# Frames checked by slicing at first, twice as many after each check that held: a stream that
+# breaks often costs no more, and a long run of one header takes few checks.
+_RUN_CHECK = 64
 
 
 def _padded_patterns(b1: int, b2: int,
@@ -360,7 +362,7 @@ class Mpeg:
             # the key): only the length changes from frame to frame, with the bit rate or padding.
             lengths = _MPEG_LENGTHS[(key1 & 0x1F) << 2 | key2 >> 2]
             spf = _MPEG_FRAMES[((key1 & 0x1F) << 8) | key2 | 0x10][1]
-            count, runs, last = 0, True, n - 4
+            count, runs, last, most = 0, True, n - 4, _RUN_CHECK
             while at <= last and buf[at] == 0xFF and buf[at + 1] | 1 == key1:
                 length = lengths[buf[at + 2]]
                 if not length:  # another sample rate, or no frame at all
@@ -368,10 +370,10 @@ class Mpeg:
                 if runs:
                     # A run of frames with this very header (constant bit rate, no padding): the
                     # same three bytes every `length` bytes, checked by slicing rather than one
-                    # frame at a time, at most _RUN_CHECK frames a check. Tried once per chunk and
+                    # frame at a time, _RUN_CHECK frames at first, doubling. Tried once per chunk and
                     # after a run that held: a padded stream (44.1 kHz CBR alternates frame
                     # lengths) fails it, and retrying at every frame would slice on each time.
-                    run = min((n - at) // length - 1, _RUN_CHECK)
+                    run = min((n - at) // length - 1, most)
                     if run > 1:
                         end = at + length * (run + 1)
                         head = buf[at:at + 3]
@@ -380,6 +382,7 @@ class Mpeg:
                                 and buf[at + length + 2:end:length] == head[2:3] * run):
                             count += run + 1
                             at = end
+                            most *= 2
                             continue
                         runs = False
                         # Not one header throughout: frames of this header with or without
