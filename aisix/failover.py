@@ -51,15 +51,15 @@ class Replayable(Protocol):
 
 
 class Attempts:
-    __slots__ = ("_app", "_ex", "_model", "answered", "fits", "slot")
+    __slots__ = ("_app", "_ex", "_model", "answered", "known", "slot")
 
     def __init__(self, app: web.Application, ex: Exchange, model: Model) -> None:
         self._app, self._ex, self._model = app, ex, model
         self.slot: Slot | None = None  # the provider key's slot of the attempt under way
         self.answered: Target | None = None  # whose answer the caller gets
-        # An upload's check of a provider key's audio quotas (its slot): the refusal when what is
-        # known of the upload's length is more than they have left. Such a target is passed over.
-        self.fits: Callable[[Slot], errors.RateLimited | None] | None = None
+        # An upload's length as far as it is known (0 before it is), when a target's provider key
+        # has an audio quota: a key that has less left refuses it, and its target is passed over.
+        self.known: Callable[[], float] | None = None
 
     async def send(self, request: web.Request, route: str, body: Replayable, screen: Callable[[str], None],
                    sent: Callable[[Target], None], deadline: Deadline) -> Answer | Buffered:
@@ -92,21 +92,16 @@ class Attempts:
                     assert last is not None
                     raise last
                 target = targets[i]
-                slot = None
+                if self.slot is not None:  # the last attempt's, given back before this one is admitted (same key?)
+                    await self.release()
                 if target.provider_key.rate_limit is not None:  # its provider's quota
-                    try:
-                        slot = await limiter.admit_provider(target.provider_key, clock())
-                        refusal = self.fits(slot) if self.fits is not None and slot is not None else None
-                        if refusal is not None:  # its audio quota cannot take this upload
-                            await limiter.settle(slot, None, clock())
-                            raise refusal
+                    seconds = self.known() if self.known is not None else 0.0
+                    try:  # held from here on: an exit at any later await settles it
+                        self.slot = await limiter.admit_provider(target.provider_key, clock(), seconds)
                     except errors.RateLimited as exc:  # this key's quota is spent: another target, if any
                         refused.add(i)
                         last = last if tried else exc
                         continue
-                if self.slot is not None:
-                    await self.release()
-                self.slot = slot
                 tried.add(i)
                 answer, failure = await self._attempt(request, route, body, target, screen, sent, deadline)
                 self.answered = target if answer is not None else None

@@ -37,7 +37,7 @@ from typing import Protocol
 
 from . import errors
 from .config import ApiKey, Cooldown, Model, ProviderKey
-from .limits_plan import SCALE, Limit, Plan, plan, provider_plan, rejection
+from .limits_plan import SCALE, Limit, Plan, needing, plan, provider_plan, rejection
 from .specs import BackendSpec
 
 log = logging.getLogger(__name__)
@@ -151,7 +151,7 @@ a realtime session also charges tokens as they are reported (charge)."""
             return None
         return await self._admit(plan("", None, model.alias, model.rate_limit), now)
 
-    async def _admit(self, p: Plan, now: float) -> Slot | None:
+    async def _admit(self, p: Plan, now: float, audio_seconds: float = 0.0) -> Slot | None:
         if not p.limits:
             return None
         if 0.0 < self._paused_until - now <= _PAUSE:  # the store just failed: do not wait on it
@@ -161,16 +161,21 @@ a realtime session also charges tokens as they are reported (charge)."""
         # What this process had charged to the audio quotas before the store's counts are read:
         # a charge that lands while they are read is then counted twice, never missed.
         before = {x.key: self._audio_charged.get(x.key, 0.0) for x in p.limits if x.unit == "seconds"}
+        # A known audio length is admitted against what the audio quotas have left (less what
+        # uploads in flight here claimed): refused so, the request counts nowhere, like any refusal.
+        checked = needing(p, audio_seconds, self._audio_claims) if audio_seconds else p
         try:
             if self._memory is not None:
-                blocked, counts = self._memory.admit_now(p, now)
+                blocked, counts = self._memory.admit_now(checked, now)
             else:
-                blocked, counts = await self._store.admit(p, slot.id, now)
+                blocked, counts = await self._store.admit(checked, slot.id, now)
         except self._store_errors as e:
             self.fail_open_total += 1
             self._paused_until = now + _PAUSE
             self._warn(now, "rate limit store failed, admitting without checking limits: %s: %s", e)
             return Slot(None, "")  # the script may have run: a slot it took ends with its lease
+        if checked is not p:  # the refusal names the quotas as configured
+            blocked = [p.limits[checked.limits.index(x)] for x in blocked]
         return self._slot(p, slot, blocked, counts, now, before)
 
     def _slot(self, p: Plan, slot: Slot, blocked: list[Limit], counts: list[int], now: float,
@@ -226,12 +231,13 @@ a realtime session also charges tokens as they are reported (charge)."""
                 if x.unit == "seconds":
                     self._audio_charged[x.key] = self._audio_charged.get(x.key, 0.0) + audio_seconds
 
-    async def admit_provider(self, key: ProviderKey, now: float) -> Slot | None:
+    async def admit_provider(self, key: ProviderKey, now: float, audio_seconds: float = 0.0) -> Slot | None:
         """A slot on the provider key's own limits (its quota), or None when it has none;
-        raises RateLimited (scope "provider") when they refuse."""
+        raises RateLimited (scope "provider") when they refuse, and when ``audio_seconds`` (what
+        is known of an upload's length) is more than its audio quotas have left."""
         if key.rate_limit is None:
             return None
-        return await self._admit(provider_plan(key.name, key.rate_limit), now)
+        return await self._admit(provider_plan(key.name, key.rate_limit), now, audio_seconds)
 
     async def cooling(self, keys: Sequence[str], now: float) -> dict[int, float]:
         """The targets cooling down (index in ``keys`` -> end); none when the store fails."""

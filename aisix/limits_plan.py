@@ -11,10 +11,11 @@ milliseconds of audio).
 from __future__ import annotations
 
 import calendar
+import dataclasses
 import functools
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from . import errors
@@ -106,6 +107,17 @@ def _plan(limits: tuple[Limit, ...]) -> Plan:
 @functools.lru_cache(maxsize=1024)
 def provider_plan(name: str, rate: RateLimit) -> Plan:
     return _plan(_scope_limits("provider", name, rate))
+
+
+def needing(p: Plan, seconds: float, claimed: Mapping[str, float]) -> Plan:
+    """``p`` with each audio quota lowered by ``seconds`` and what is ``claimed`` from it (by
+    Limit.key): a store that admits it has room for them under the quota as configured. Its
+    limits are in p's order."""
+    if not any(x.unit == "seconds" for x in p.limits):
+        return p
+    scale = SCALE["seconds"]
+    return Plan(tuple(dataclasses.replace(x, limit=x.limit - math.ceil((seconds + claimed.get(x.key, 0.0)) * scale))
+                      if x.unit == "seconds" else x for x in p.limits), p.charged, p.concurrency)
 
 
 def rejection(blocked: Sequence[Limit], now: float) -> errors.RateLimited:

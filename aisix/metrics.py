@@ -156,6 +156,7 @@ class Metrics:
         r.register(_LiveCounters(live_counters))
         self._cooling: dict[str, dict[str, int]] = {}  # alias -> the marks last set
         self._clear: dict[str, Sequence[Target]] = {}  # alias -> its targets, when none was cooling down
+        self._models: Mapping[str, Model] | None = None  # the aliases as of the last reload
 
     def started(self, route: str) -> None:
         in_flight = self._hot.in_flight
@@ -214,6 +215,10 @@ class Metrics:
         """The cooldown state of every target of an alias (targets sharing a key share a series)."""
         if not cooling and self._clear.get(model) is targets:  # every request of a healthy routed alias
             return
+        if self._models is not None:
+            current = self._models.get(model)
+            if current is None or current.targets is not targets:
+                return  # a request admitted before a reload: it must not set again what the reload dropped
         marks: dict[str, int] = {}
         for i, t in enumerate(targets):
             marks[t.provider_key.name] = max(marks.get(t.provider_key.name, 0), int(i in cooling))
@@ -229,7 +234,9 @@ class Metrics:
 
     def reconfigured(self, models: Mapping[str, Model]) -> None:
         """After a reload: the cooling-down series of aliases and targets no longer routed are
-        dropped. Left at 1, a removed target would read as cooling down (and alert) until a restart."""
+        dropped. Left at 1, a removed target would read as cooling down (and alert) until a restart.
+        Requests still under way with the previous aliases set none of them from now on."""
+        self._models = models
         for alias, marks in list(self._cooling.items()):
             model = models.get(alias)
             routed = model is not None and len(model.targets) > 1

@@ -108,7 +108,7 @@ async def exchange(request: web.Request, route: str, read: Reader) -> web.Stream
                     body.check_audio(_known_seconds(body.audio))
                 if model.provider_audio_quotas:  # a target whose provider key cannot take it is passed over
                     probe = body.audio
-                    attempts.fits = lambda s: limiter.audio_refusal(s, _known_seconds(probe), clock())
+                    attempts.known = lambda: _known_seconds(probe)
 
             def sent(target: Target) -> None:
                 """The last request byte is on its way: the upstream has its timeout to answer."""

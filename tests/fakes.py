@@ -68,6 +68,7 @@ class Behaviour:
     read_body: bool = True  # False: answer without reading the request body
     keep_body: bool = True  # False: count the body's bytes (Received.size) but keep none of them
     read_bytes: int | None = None  # read at least this much of the body, then answer (`status`)
+    status_only_for: bytes | None = None  # a form's model value: `status` for it, 200 for any other
 
     def __post_init__(self) -> None:
         assert self.fail in FAIL_MODES, f"unknown fail mode {self.fail!r}"
@@ -234,7 +235,9 @@ class FakeUpstream:
             await self._stopping.wait()
             _abort(request)
             return web.Response()
-        if behaviour.status != 200:
+        failing = behaviour.status != 200 and (
+            behaviour.status_only_for is None or b'name="model"\r\n\r\n' + behaviour.status_only_for + b"\r\n" in body)
+        if failing:
             error = {"message": f"fake upstream error {behaviour.status}", "type": "server_error",
                      "param": None, "code": "fake_error"}
             return web.json_response({"error": error}, status=behaviour.status, headers=headers)

@@ -15,7 +15,8 @@ from aisix.config import ROUTES, ApiKey, Cooldown, Model, ProviderKey, RateLimit
 from aisix.specs import parse_backend
 from aisix.errors import GatewayError, RateLimited
 from aisix.limits import Limiter, Slot
-from aisix.limits_plan import MONTH, Limit, is_over, plan, rejection, reset_after, window_end, window_start
+from aisix.limits_plan import (MONTH, Limit, is_over, needing, plan, provider_plan, rejection, reset_after, window_end,
+                               window_start)
 from aisix.limits_redis import CONNECTIONS
 from tests.redis_server import RedisServer, free_port, redis_url  # noqa: F401
 
@@ -516,3 +517,15 @@ async def test_key_and_model_admitted_apart(limiter: Limiter) -> None:
     await limiter.settle(held, None, T0)
     assert await limiter.admit_key(api_key(), T0) is None
     assert await limiter.admit_model(model(), T0) is None
+
+
+def test_needing_lowers_only_the_audio_quotas_by_the_length_and_the_claims() -> None:
+    p = provider_plan("p", RateLimit(rpm=5, audio_seconds_per_hour=100, audio_seconds_per_day=1000))
+    hour = next(x for x in p.limits if x.field == "audio_seconds_per_hour")
+    checked = needing(p, 30.0004, {hour.key: 20.0})
+    assert [x.key for x in checked.limits] == [x.key for x in p.limits]  # p's order: refusals map back by index
+    assert {x.field: x.limit for x in checked.limits} == {
+        "rpm": 5, "audio_seconds_per_hour": 100_000 - 50_001, "audio_seconds_per_day": 1_000_000 - 30_001}
+    assert checked.charged == p.charged and checked.concurrency == p.concurrency  # settle charges the quota as set
+    no_audio = provider_plan("q", RateLimit(rpm=5))
+    assert needing(no_audio, 30.0, {}) is no_audio

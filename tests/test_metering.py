@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -196,6 +197,66 @@ async def test_a_target_whose_provider_quota_cannot_take_an_upload_is_passed_ove
     assert status == 200 and event["provider_key"] == "fake-free"
     assert [(a["provider_key"], a["status"]) for a in event["attempts"]] == [("fake-free", 200)]
     assert b'name="model"\r\n\r\nw-free\r\n' in fake.received[-1].body
+
+
+async def test_a_target_passed_over_for_its_audio_quota_counts_no_request_on_its_key(
+        fake: FakeUpstream, make_gateway: Any) -> None:
+    """Passed over, like a full window, the request counts nowhere: not in the key's rpm either."""
+    from tests.audio_files import make
+
+    keys = provider_keys(fake, 100)
+    keys[0]["rate_limit"]["rpm"] = 2
+    gw = make_gateway(provider_keys=keys, models=[{
+        "display_name": "whisper-metered", "targets": [
+            {"provider_key": "fake-quota", "model_name": "w-quota"},
+            {"provider_key": "fake-free", "model_name": "w-free", "priority": 1}]}])
+    status, _, event = await upload(gw, make("flac", 61.0).read_bytes())  # fake-quota: 1 request, 61 s
+    assert status == 200 and event["provider_key"] == "fake-quota"
+    status, _, event = await upload(gw, make("flac", 45.0).read_bytes())  # 39 s left: passed over
+    assert status == 200 and event["provider_key"] == "fake-free"
+    status, _, event = await upload(gw, make("flac", 30.0).read_bytes())  # fits, the 2nd request of 2
+    assert status == 200 and event["provider_key"] == "fake-quota", event["attempts"]
+
+
+@pytest.mark.parametrize("backend", ["memory", "redis"])
+async def test_a_target_is_passed_over_and_taken_again_as_its_provider_quota_allows(
+        fake: FakeUpstream, make_gateway: Any, redis_url: str, backend: str) -> None:
+    from tests.audio_files import make
+
+    keys = provider_keys(fake, 100)
+    keys[0]["display_name"] = quota = f"fake-quota-{backend}-{uuid.uuid4().hex[:8]}"  # fresh Redis counters
+    gw = make_gateway({"ratelimit": {"backend": redis_url}} if backend == "redis" else None, provider_keys=keys,
+                      models=[{"display_name": "whisper-metered", "targets": [
+                          {"provider_key": quota, "model_name": "w-quota"},
+                          {"provider_key": "fake-free", "model_name": "w-free", "priority": 1}]}])
+    got = []
+    for seconds in (61.0, 45.0, 30.0, 10.0):  # 61 + 30 = 91 s: then 9 s left, less than 10
+        status, _, event = await upload(gw, make("flac", seconds).read_bytes())
+        got.append((status, event["provider_key"]))
+    assert got == [(200, quota), (200, "fake-free"), (200, quota), (200, "fake-free")]
+
+
+async def test_a_failover_between_two_targets_of_one_quota_key_claims_the_upload_once(
+        make_gateway: Any) -> None:
+    """The first attempt's claim on the key's quota is given back before the second is admitted on
+    the same key: 61 s with 100 s left fits the second target too."""
+    from tests.audio_files import make
+
+    picky = FakeUpstream()  # 503 for the first target's model name, 200 for the other
+    picky.behaviour = Behaviour(status=503, status_only_for=b"w-a")
+    picky.start()
+    try:
+        gw = make_gateway(upstream_base=picky.base_url, provider_keys=[{
+            "display_name": "shared-quota", "provider": "openai", "api_base": picky.base_url,
+            "api_key": "sk-provider-secret", "rate_limit": {"audio_seconds_per_hour": 100}}],
+            models=[{"display_name": "whisper-metered", "targets": [
+                {"provider_key": "shared-quota", "model_name": "w-a"},
+                {"provider_key": "shared-quota", "model_name": "w-b", "priority": 1}]}])
+        status, _, event = await upload(gw, make("flac", 61.0).read_bytes())
+        assert [(a["upstream_model"], a["status"]) for a in event["attempts"]] == [("w-a", 503), ("w-b", 200)]
+        assert status == 200
+    finally:
+        picky.stop()
 
 
 async def test_a_provider_quota_found_spent_while_streaming_ends_the_upload(

@@ -8,12 +8,14 @@ order of attempts is known without relying on chance.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import signal
 import os
 import socket
 import tempfile
+import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -447,6 +449,49 @@ async def test_a_reload_drops_the_cooling_series_of_a_removed_target(fake: FakeU
     gw.signal(signal.SIGHUP)
     gw.wait_log(f"{path}: {len(doc['models'])} models")  # this reload's line, not the first's
     assert await cooling() == set()
+
+
+async def test_a_request_from_before_a_reload_does_not_bring_a_dropped_series_back(
+        fake: FakeUpstream, fake_b: FakeUpstream, make_gateway: Any) -> None:
+    """A request keeps the aliases it arrived with; its attempts after the reload must not set the
+    series of a target the reload took out (nothing would ever drop it again)."""
+    gw = make_gateway({"metrics": {"listen": "127.0.0.1:0"}}, provider_keys=[key_b(fake_b.base_url)],
+                      models=models({"failures": 1, "window_s": 60, "cooldown_s": 600}))
+
+    async def metrics() -> list[str]:
+        async with aiohttp.ClientSession() as s, s.get(gw.metrics_url + "/metrics") as r:
+            return (await r.text()).splitlines()
+
+    gone = 'aisix_target_cooling_down{model="tts-failover",provider_key="fake"} 1.0'
+    fake.behaviour = Behaviour(status=503)
+    assert attempts((await speech(gw))[2]) == [("fake", 503, None), ("fake-b", 200, None)]
+    assert gone in await metrics()
+    body = json.dumps({"model": "tts-failover", "input": "hi", "voice": "alloy"}).encode()
+    host, port = gw.url.removeprefix("http://").rsplit(":", 1)
+    reader, writer = await asyncio.open_connection(host, int(port))
+    writer.write(f"POST /v1/audio/speech HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TEAM_A}\r\n"
+                 f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+                 .encode() + body[:10])
+    await writer.drain()
+    deadline = time.monotonic() + 10
+    while 'aisix_in_flight_requests{route="speech"} 1.0' not in await metrics():  # it has its snapshot
+        assert time.monotonic() < deadline, "the request never reached the gateway"
+    path = gw.dir / "resources.yaml"
+    doc = yaml.safe_load(path.read_text())
+    alias = next(m for m in doc["models"] if m["display_name"] == "tts-failover")
+    alias["targets"] = [t for t in alias["targets"] if t["provider_key"] != "fake"] + [
+        {"provider_key": "fake-b", "model_name": "tts-c"}]
+    path.write_text(yaml.safe_dump(doc))
+    gw.signal(signal.SIGHUP)
+    gw.wait_log("reloaded")
+    assert gone not in await metrics()
+    writer.write(body[10:])  # its alias still has the old targets, "fake" cooling down among them
+    await writer.drain()
+    answer = await reader.read()
+    writer.close()
+    assert answer.startswith(b"HTTP/1.1 200")
+    assert (await speech(gw))[0] == 200
+    assert gone not in await metrics()
 
 
 async def test_a_caller_leaving_mid_upload_leaves_nothing_open(routed: Gateway, fake: FakeUpstream,
