@@ -2,6 +2,11 @@
 HTTP parser refused (a malformed request line or header, a header line over 8190 bytes, more than
 128 headers, ambiguous framing) gets a 400 ``invalid_http_request`` envelope and a request id.
 
+And one repair: aiohttp's C parser, meeting broken framing in a body under way (a chunk size
+that is not hex, a chunk that does not end where it said), forgets that body without telling it,
+so the handler reading it would wait out its idle timeout; here the body is given the parser's
+error, and its reader answers 400 ``invalid_body`` at once, as with aiohttp's Python parser.
+
 Such a request never reaches a route, so the route wrapper (responses.py) cannot answer it:
 aiohttp answers it from ``RequestHandler.handle_error``, in plain text. ``AppRunner`` is
 aiohttp's with that one method overridden on every connection; aiohttp offers no hook for it, so
@@ -11,15 +16,47 @@ aiohttp installed still has what this relies on. What it cannot do is in docs/ap
 
 from __future__ import annotations
 
+from typing import Any
+
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from . import errors
 from .keys import REQUEST_ID
 from .responses import envelope, new_request_id
 
 
+class _BodyErrors:
+    """aiohttp's request parser, which also gives the body under way the error it raises."""
+
+    __slots__ = ("_body", "_parser")
+
+    def __init__(self, parser: Any) -> None:
+        self._parser = parser
+        self._body: Any = None  # the StreamReader of the last request parsed on this connection
+
+    def feed_data(self, data: bytes) -> Any:
+        try:
+            result = self._parser.feed_data(data)
+        except HttpProcessingError as exc:
+            body, self._body = self._body, None
+            if body is not None and not body.is_eof():
+                body.set_exception(exc)
+            raise
+        if result[0]:
+            self._body = result[0][-1][1]
+        return result
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._parser, name)
+
+
 class RequestHandler(web.RequestHandler):
     """One connection; aiohttp's, but for the answer to a request it could not parse."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._parser = _BodyErrors(self._parser)  # type: ignore[assignment]  # feed_data is all it is asked for
 
     def handle_error(
         self, request: web.BaseRequest, status: int = 500, exc: BaseException | None = None,

@@ -148,6 +148,33 @@ def test_curl_does_not_upload_what_is_refused(make_gateway, tmp_path: Path, key:
     assert "Expect: 100-continue" in run.stderr  # curl did ask
 
 
+@pytest.mark.parametrize("path, ctype, first, bad", [
+    ("/v1/audio/speech", "application/json", b'{"model":"tts-prod",', b'zz\r\n"input":"x"}\r\n0\r\n\r\n'),
+    ("/v1/audio/speech", "application/json", b'{"model":"tts-prod",', b'3\r\nabcdef\r\n0\r\n\r\n'),
+    ("/v1/audio/transcriptions", "multipart/form-data; boundary=b",
+     b'--b\r\nContent-Disposition: form-data; name="model"\r\n\r\nwhisper-prod\r\n', b'-1\r\nx\r\n'),
+], ids=["speech-size-not-hex", "speech-chunk-longer-than-said", "form-size-not-hex"])
+async def test_broken_chunk_framing_in_a_body_under_way_is_400_at_once(gateway: Gateway, fake: FakeUpstream,
+                                                                      path: str, ctype: str, first: bytes,
+                                                                      bad: bytes) -> None:
+    """aiohttp's C parser forgets a body whose framing breaks without telling its reader, which
+    then waited out the 60 s idle timeout (408); the body is now given the parser's error."""
+    reader, writer = await asyncio.open_connection(*host_port(gateway))
+    try:
+        writer.write(f"POST {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TEAM_A}\r\nContent-Type: {ctype}\r\n"
+                     "Expect: 100-continue\r\nTransfer-Encoding: chunked\r\n\r\n".encode())
+        assert await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5) == b"HTTP/1.1 100 Continue\r\n\r\n"
+        writer.write(b"%x\r\n" % len(first) + first + b"\r\n")  # the handler is reading the body: then
+        writer.write(bad)
+        answer = await asyncio.wait_for(reader.read(), 5)  # to the connection's end, well before the idle timeout
+    finally:
+        writer.close()
+    headers = envelope_of(answer, b"HTTP/1.1 400 Bad Request", "invalid_body")  # one answer, then the end
+    event = gateway.event(headers[b"x-aisix-request-id"].decode())
+    assert (event["status"], event["error_code"]) == (400, "invalid_body")
+    assert all(not r.complete for r in fake.received)
+
+
 # -- what aiohttp's HTTP parser refuses ----------------------------------------------------------
 
 
