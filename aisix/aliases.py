@@ -29,3 +29,9 @@ def resolve(alias: str, key: ApiKey, models: Mapping[str, Model], route: str) ->
 
 def printable(alias: str) -> str:
     return alias if len(alias) <= _ECHO_LIMIT else alias[:_ECHO_LIMIT] + "…"
+
+
+def recorded(alias: str, models: Mapping[str, Model]) -> str:
+    """The alias as the usage event and the access line record it: a configured one whole, any
+    other cut as an echo is (a caller's megabyte must not make a megabyte line)."""
+    return alias if alias in models else printable(alias)

@@ -88,7 +88,7 @@ async def exchange(request: web.Request, route: str, read: Reader) -> web.Stream
             _check_content_encoding(request)
             inbound = Inbound(request, settings.proxy.request_body_limit_bytes, deadline, idle, ex)
             body = await read(request, inbound, settings, resources)
-            ex.model, ex.input_characters = body.alias, body.characters
+            ex.model, ex.input_characters = aliases.recorded(body.alias, resources.models), body.characters
             model = aliases.resolve(body.alias, key, resources.models, route)
             if len(model.targets) == 1:  # known before any attempt (with several: once one starts)
                 only = model.targets[0]

@@ -120,7 +120,7 @@ async def session(request: web.Request) -> web.StreamResponse:
             alias = request.query.get("model") or None
             s.intent = request.query.get("intent") or None
             if alias is not None:
-                ex.model = alias
+                ex.model = aliases.recorded(alias, resources.models)
                 s.model = aliases.resolve(alias, key, resources.models, ROUTE)
                 s.slot = await app[LIMITER].admit(key, s.model, clock())
                 await s.connect(s.model, named=True)

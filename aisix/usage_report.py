@@ -163,7 +163,7 @@ def as_table(report: Report) -> str:
 
     def cells(group: Iterable[str], t: Totals) -> list[str]:
         v = _values(t)
-        return [*group, str(t.requests), str(t.errors), f"{t.audio_seconds_in / 60:.2f}",
+        return [*map(_shown, group), str(t.requests), str(t.errors), f"{t.audio_seconds_in / 60:.2f}",
                 f"{t.audio_seconds_out / 60:.2f}", str(t.characters), str(t.input_tokens),
                 str(t.output_tokens), "-" if v["cost_usd"] is None else f"{t.cost_usd:.4f}",
                 str(v["unpriced"]) if v["unpriced"] else ""]
@@ -179,6 +179,12 @@ def as_table(report: Report) -> str:
 
     rule = "  ".join("-" * w for w in widths)
     return "\n".join([line(headers), rule, *map(line, body), rule, line(last)]) + "\n"
+
+
+def _shown(value: str) -> str:
+    """A key or model name for the terminal: the caller chose the alias, so a control character
+    (an escape sequence, a line break) is written as its JSON escape, never sent to the terminal."""
+    return value if value.isprintable() else json.dumps(value)[1:-1]
 
 
 def as_csv(report: Report) -> str:

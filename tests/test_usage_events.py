@@ -64,6 +64,24 @@ async def test_rejections(gateway: Gateway, key, path, kw, status, code, api_key
     assert 80 < e["bytes_out"] < 300  # the envelope the caller got
 
 
+@pytest.mark.parametrize("route", ["speech", "transcriptions"])
+async def test_an_unknown_alias_is_recorded_cut_short(gateway: Gateway, route: str) -> None:
+    """The caller chooses the alias: one no model has is recorded as its error message echoes it,
+    128 characters and an ellipsis, not a megabyte in the event and the access line."""
+    alias = "m" * 60_000  # under the form's 64 KiB cap on a model value
+    if route == "speech":
+        rid, status = await request(gateway, "/v1/audio/speech", json={**SPEECH, "model": alias})
+    else:
+        body, ctype = form("model", "file", model=alias.encode())
+        rid, status = await request(gateway, "/v1/audio/transcriptions", data=body, headers={"Content-Type": ctype})
+    assert status == 404
+    event = gateway.event(rid)
+    assert event["model"] == "m" * 128 + "…"
+    line = gateway.wait_log(f"rid={rid}")
+    assert len(line) < 1000, line[:300]
+    assert len(orjson.dumps(event)) < 1000
+
+
 async def test_upstream_error_is_recorded(gateway: Gateway, fake: FakeUpstream) -> None:
     fake.behaviour = Behaviour(status=503)
     rid, status = await request(gateway, "/v1/audio/speech", json=SPEECH)

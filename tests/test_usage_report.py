@@ -343,3 +343,19 @@ async def test_totals_of_a_real_gateway_s_events(make_gateway: Any) -> None:
     assert total["audio_min_out"] == pytest.approx(sum(e.get("audio_seconds_out", 0) for e in events) / 60, abs=1e-4)
     table = aisix_usage(str(gw.usage_file), "--by", "model").stdout
     assert table.splitlines()[-1].split()[:3] == ["TOTAL", str(sent), "2"]
+
+
+def test_a_table_shows_control_characters_escaped() -> None:
+    """The alias is the caller's string: an escape sequence or a line break in it must not reach
+    the operator's terminal (or split a row); CSV and JSON carry it as it was."""
+    report = Report(parse_by("model"))
+    for model in ("\x1b[2J\x1b[31mFAKE-ROW  999\x1b[0m", "whisper\r\nTOTAL 1", "caf\u00e9", "csi\x9b2J"):
+        report.add(ev(model=model))
+    table = usage_report.as_table(report)
+    assert all(c.isprintable() for line in table.splitlines() for c in line)
+    assert len(table.splitlines()) == 2 + 4 + 2  # a header and a rule, one line per model, a rule and the total
+    assert "\\u001b[2J\\u001b[31mFAKE-ROW  999" in table and "whisper\\r\\nTOTAL 1" in table
+    assert "café" in table and "csi\\u009b2J" in table
+    rows = list(csv.reader(io.StringIO(usage_report.as_csv(report))))
+    assert {r[0] for r in rows[1:]} == {"\x1b[2J\x1b[31mFAKE-ROW  999\x1b[0m", "whisper\r\nTOTAL 1", "caf\u00e9",
+                                        "csi\x9b2J"}
