@@ -158,6 +158,12 @@ def unsupported_content_encoding() -> GatewayError:
     return exc
 
 
+def unsupported_transfer_encoding() -> GatewayError:
+    return invalid_request("unsupported_transfer_encoding",
+                           "Request bodies may only be chunked: send them without another Transfer-Encoding.",
+                           status=501)
+
+
 def request_too_large(limit: int) -> GatewayError:
     return invalid_request("request_too_large", f"The request body is over the limit of {limit} bytes.", status=413)
 

@@ -1,6 +1,6 @@
 """The one request pipeline of the audio routes: every stage, in order, in one function.
 
-declared length (413) -> authenticate (401) -> content coding (415) -> read the body up to the
+declared length (413) -> authenticate (401) -> codings (415, 501) -> read the body up to the
 alias (speech: the small JSON; forms: up to the ``model`` part) -> resolve the alias and check
 access (404/403/400) -> input guardrails (422) -> admit (429) -> send upstream, failing over
 between the alias's targets (failover.py) -> relay the answer
@@ -85,7 +85,7 @@ async def exchange(request: web.Request, route: str, read: Reader) -> web.Stream
             key = auth.lookup(request.headers.get(hdrs.AUTHORIZATION), resources.keys_by_hash)
             ex.api_key = key.name
             auth.check_active(key, clock())
-            _check_content_encoding(request)
+            _check_codings(request)
             inbound = Inbound(request, settings.proxy.request_body_limit_bytes, deadline, idle, ex)
             body = await read(request, inbound, settings, resources)
             ex.model, ex.input_characters = aliases.recorded(body.alias, resources.models), body.characters
@@ -218,12 +218,17 @@ def _check_declared_length(request: web.Request, limit: int) -> None:
         raise errors.request_too_large(limit)
 
 
-def _check_content_encoding(request: web.Request) -> None:
+def _check_codings(request: web.Request) -> None:
     """Bodies are read as sent (the server does not decode them): a coded body is refused, since
     the gateway could not forward it with a length it can vouch for (docs/design.md)."""
     for coding in request.headers.getall(hdrs.CONTENT_ENCODING, ()):
         if any(c.strip(" \t").lower() not in ("identity", "") for c in coding.split(",")):
             raise errors.unsupported_content_encoding()
+    # aiohttp frames a body by a final "chunked" whatever comes before it ("gzip, chunked"): a
+    # transfer coding it did not undo would be forwarded as if it were the body (RFC 9112: 501).
+    for coding in request.headers.getall(hdrs.TRANSFER_ENCODING, ()):
+        if any(c.strip(" \t").lower() not in ("chunked", "") for c in coding.split(",")):
+            raise errors.unsupported_transfer_encoding()
 
 
 def route(name: str, read: Reader) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import gzip
+import json
 import socket
 import threading
 from collections.abc import AsyncIterator, Iterator
@@ -24,7 +25,7 @@ from aisix.config import UpstreamSettings
 from aisix.upstream import Pool
 from tests.fakes import FakeUpstream, SocketUpstream
 from tests.gateway import TEAM_A, Gateway
-from tests.test_hostile import END, FORM_TYPE, PASSWORD_RULE, TRANSCRIBE, envelope, post
+from tests.test_hostile import END, FORM_TYPE, PASSWORD_RULE, TRANSCRIBE, envelope, post, raw
 from tests.test_transcriptions import form, no_complete_request_reached
 
 AUTH = {"Authorization": f"Bearer {TEAM_A}"}
@@ -137,6 +138,22 @@ async def test_a_coded_upload_is_refused_before_anything_is_sent(make_gateway, r
             assert r.status == 200
     assert [(line, len(b or b"")) for _, line, b in recorder.requests] == [
         (b"POST /v1/audio/transcriptions HTTP/1.1", len(body) - len(b"whisper-prod") + len(b"whisper-1"))]
+
+
+@pytest.mark.parametrize("coding", ["gzip, chunked", "deflate,chunked", "x-custom, chunked"])
+async def test_a_transfer_coding_besides_chunked_is_refused(gateway: Gateway, fake: FakeUpstream,
+                                                            coding: str) -> None:
+    """aiohttp undoes the final "chunked" only: the rest would reach the upstream as if it were
+    the body. 501, as RFC 9112 says for a transfer coding the server does not understand."""
+    body = gzip.compress(b'{"model":"tts-prod","input":"hi","voice":"alloy"}')
+    answer = await raw(gateway, f"POST /v1/audio/speech HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TEAM_A}\r\n"
+                                f"Content-Type: application/json\r\nTransfer-Encoding: {coding}\r\n"
+                                f"Connection: close\r\n\r\n".encode() + b"%x\r\n" % len(body) + body + b"\r\n0\r\n\r\n")
+    head, _, doc = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 501 Not Implemented"), answer[:200]
+    error = json.loads(doc)["error"]
+    assert (error["type"], error["code"], error["param"]) == ("invalid_request_error", "unsupported_transfer_encoding", None)
+    assert fake.received == []
 
 
 async def test_identity_is_not_a_coding(gateway: Gateway, fake: FakeUpstream) -> None:
