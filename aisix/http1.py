@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
+import traceback
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import cast
@@ -341,7 +342,14 @@ class Answer:
                 except asyncio.CancelledError:
                     raise
                 except BaseException as exc:  # the caller's side of the upload failed
-                    self._give_up(exc)
+                    # Kept for the pipeline without this frame, whose locals hold this answer, and
+                    # without the locals of the ended frames below it: a traceback that still says
+                    # where, and no cycle (exception, frame, answer) left for the rare full
+                    # collection to find (Conn.connection_lost says why that matters).
+                    below = exc.__traceback__.tb_next if exc.__traceback__ is not None else None
+                    if below is not None:
+                        traceback.clear_frames(below)
+                    self._give_up(exc.with_traceback(below))
                     return
                 size = sum(map(len, pieces))
                 if left is None:

@@ -90,14 +90,22 @@ class Pool:
             else:  # the head leaves with the body's first write
                 answer.upload(b"".join(head), body, content_length)
             await answer.head()
-        except UpstreamError:
+        except UpstreamError as lost:
+            # The answer keeps it (its head's future) and the upload's error: neither may keep this
+            # frame, whose locals hold the answer, or they would be a cycle for the rare full
+            # collection to find (http1.Conn.connection_lost says why that matters).
+            lost.__traceback__ = None
             answer.close()
-            if isinstance(answer.body_error, LengthMismatch):
-                log.error("request %s: %s; upstream connection aborted", request_id, answer.body_error)
-                raise errors.internal_error() from None
-            if answer.body_error is not None:
-                raise answer.body_error from None
-            raise errors.upstream_unavailable() from None
+            error, answer.body_error = answer.body_error, None
+            try:
+                if isinstance(error, LengthMismatch):
+                    log.error("request %s: %s; upstream connection aborted", request_id, error)
+                    raise errors.internal_error() from None
+                if error is not None:
+                    raise error from None
+                raise errors.upstream_unavailable() from None
+            finally:
+                del error
         except BaseException:
             answer.close()
             raise

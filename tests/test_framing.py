@@ -16,6 +16,7 @@ import gzip
 import json
 import socket
 import threading
+import traceback
 import weakref
 from collections.abc import AsyncIterator, Iterator
 
@@ -24,6 +25,7 @@ import pytest
 
 from aisix import errors
 from aisix.config import UpstreamSettings
+from aisix.http1 import Answer, Conn
 from aisix.upstream import Pool
 from tests.fakes import Behaviour, FakeUpstream, SocketUpstream
 from tests.gateway import TEAM_A, Gateway
@@ -144,6 +146,39 @@ async def test_an_aborted_upstream_connection_is_freed_without_a_collection(fake
     finally:
         gc.enable()
         await pool.close()
+
+
+async def test_an_upload_refused_mid_way_leaves_nothing_for_the_collector(fake: FakeUpstream) -> None:
+    """The upload's own side fails (a bad form, a quota, the caller gone) before any answer: the
+    error reaches the pipeline with a traceback that says where, and neither it nor the answer's
+    lost head holds the answer or its connection in a cycle for the rare full collection."""
+    async def body() -> AsyncIterator[list[bytes | bytearray | memoryview]]:
+        yield [b"x" * 10]
+        raise ConnectionResetError("the caller left")
+
+    pool = Pool(UpstreamSettings())
+    gc.collect()
+    gc.disable()
+    try:
+        with pytest.raises(ConnectionResetError) as caught:
+            await pool.send(fake.base_url + "/audio/transcriptions", "Authorization: Bearer k", "rid-1",
+                            "application/octet-stream", None, body(), 100)
+        assert 'raise ConnectionResetError("the caller left")' in "".join(traceback.format_tb(caught.value.__traceback__))
+        del caught
+        conns = [weakref.ref(o) for o in gc.get_objects() if isinstance(o, Conn)]
+        for _ in range(1000):  # the aborted connection's connection_lost comes on a later turn of the loop
+            if all(c() is None or c().transport is None for c in conns):  # type: ignore[union-attr]
+                break
+            await asyncio.sleep(0)
+        gc.set_debug(gc.DEBUG_SAVEALL)
+        gc.collect()
+        found = [type(o).__name__ for o in gc.garbage if isinstance(o, Answer | Conn)]
+    finally:
+        gc.set_debug(0)
+        gc.garbage.clear()
+        gc.enable()
+        await pool.close()
+    assert found == []
 
 
 @pytest.mark.parametrize("coding", ["gzip", "deflate", "br", "zstd", "GZIP", "identity, gzip"])
