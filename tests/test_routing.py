@@ -420,6 +420,19 @@ async def test_a_reload_keeps_cooldowns(fake: FakeUpstream, fake_b: FakeUpstream
     assert attempts((await speech(gw))[2]) == [("fake-b", 200, None)]
 
 
+def reload_without_fake(gw: Gateway) -> dict[str, Any]:
+    """Reload tts-failover with target "fake" taken out (another on fake-b instead); the file."""
+    path = gw.dir / "resources.yaml"
+    doc = yaml.safe_load(path.read_text())
+    alias = next(m for m in doc["models"] if m["display_name"] == "tts-failover")
+    alias["targets"] = [t for t in alias["targets"] if t["provider_key"] != "fake"] + [
+        {"provider_key": "fake-b", "model_name": "tts-c"}]
+    path.write_text(yaml.safe_dump(doc))
+    gw.signal(signal.SIGHUP)
+    gw.wait_log("reloaded")
+    return doc
+
+
 async def test_a_reload_drops_the_cooling_series_of_a_removed_target(fake: FakeUpstream, fake_b: FakeUpstream,
                                                                     make_gateway: Any) -> None:
     """A target taken out of an alias while it cooled down must not read (and alert) as cooling down for good."""
@@ -435,16 +448,10 @@ async def test_a_reload_drops_the_cooling_series_of_a_removed_target(fake: FakeU
     assert attempts((await speech(gw))[2]) == [("fake", 503, None), ("fake-b", 200, None)]
     assert await cooling() == {'aisix_target_cooling_down{model="tts-failover",provider_key="fake"} 1.0',
                                'aisix_target_cooling_down{model="tts-failover",provider_key="fake-b"} 0.0'}
-    path = gw.dir / "resources.yaml"
-    doc = yaml.safe_load(path.read_text())
-    alias = next(m for m in doc["models"] if m["display_name"] == "tts-failover")
-    alias["targets"] = [t for t in alias["targets"] if t["provider_key"] != "fake"] + [
-        {"provider_key": "fake-b", "model_name": "tts-c"}]
-    path.write_text(yaml.safe_dump(doc))
-    gw.signal(signal.SIGHUP)
-    gw.wait_log("reloaded")
+    doc = reload_without_fake(gw)
     assert await cooling() == {'aisix_target_cooling_down{model="tts-failover",provider_key="fake-b"} 0.0'}
     doc["models"] = [m for m in doc["models"] if m["display_name"] != "tts-failover"]  # the alias itself goes
+    path = gw.dir / "resources.yaml"
     path.write_text(yaml.safe_dump(doc))
     gw.signal(signal.SIGHUP)
     gw.wait_log(f"{path}: {len(doc['models'])} models")  # this reload's line, not the first's
@@ -476,14 +483,7 @@ async def test_a_request_from_before_a_reload_does_not_bring_a_dropped_series_ba
     deadline = time.monotonic() + 10
     while 'aisix_in_flight_requests{route="speech"} 1.0' not in await metrics():  # it has its snapshot
         assert time.monotonic() < deadline, "the request never reached the gateway"
-    path = gw.dir / "resources.yaml"
-    doc = yaml.safe_load(path.read_text())
-    alias = next(m for m in doc["models"] if m["display_name"] == "tts-failover")
-    alias["targets"] = [t for t in alias["targets"] if t["provider_key"] != "fake"] + [
-        {"provider_key": "fake-b", "model_name": "tts-c"}]
-    path.write_text(yaml.safe_dump(doc))
-    gw.signal(signal.SIGHUP)
-    gw.wait_log("reloaded")
+    reload_without_fake(gw)
     assert gone not in await metrics()
     writer.write(body[10:])  # its alias still has the old targets, "fake" cooling down among them
     await writer.drain()
