@@ -133,6 +133,10 @@ def cancelled(request: web.BaseRequest, elapsed: float) -> None:
     ex = request.get(EXCHANGE)
     if ex is not None:
         logger.log(request, ex.response or _LEFT, ex.latency_ms / 1000)  # as in its usage event
+        # The response holds the request, which holds the exchange: aiohttp lets go of an
+        # answered request's response, not of this one, and the cycle would wait for the rare
+        # full collection (server._steady_gc).
+        ex.response = None
     else:
         logger.log(request, _LEFT, elapsed)
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import logging
+import os
 import socket
 import time
 import uuid
@@ -15,7 +17,8 @@ import orjson
 import pytest
 from aiohttp import web
 
-from aisix import config
+from aisix import config, connection
+from aisix.access_log import AccessLogger, Writer
 from aisix.app import create_app
 from aisix.config import hash_key
 from tests.fakes import Behaviour, FakeUpstream
@@ -115,16 +118,33 @@ class InProcess:
     clock-aligned rate-limit window, without waiting for the wall clock."""
 
     def __init__(self, tmp: Path, upstream_base: str, clock: Callable[[], float], settings: dict,
-                 **resources: Any) -> None:
+                 like_the_server: bool = False, **resources: Any) -> None:
         self._files = Gateway(tmp, upstream_base, settings, **resources)  # writes the config files only
         self._config = config.load(tmp / "config.yaml", {})
         self._clock = clock
+        # The runner as `aisix serve` makes it (a caller's leaving cancels its handler; the access
+        # log's lines, to a pipe nobody reads), rather than aiohttp's defaults.
+        self._like_the_server = like_the_server
         self.usage_file = self._files.usage_file
         self.url = ""
         self._runner: web.AppRunner | None = None
 
+    @property
+    def app(self) -> web.Application:
+        assert self._runner is not None
+        return self._runner.app
+
     async def __aenter__(self) -> InProcess:
-        self._runner = web.AppRunner(create_app(self._config, clock=self._clock), auto_decompress=False)
+        app = create_app(self._config, clock=self._clock)
+        if self._like_the_server:
+            self._sink_r, self._sink_w = os.pipe()
+            os.set_blocking(self._sink_w, False)
+            self._runner = connection.AppRunner(
+                app, handler_cancellation=True, auto_decompress=False,
+                access_log_class=AccessLogger.configured(False, Writer(self._sink_w)),
+                access_log=logging.getLogger("aisix.access"))
+        else:
+            self._runner = web.AppRunner(app, auto_decompress=False)
         await self._runner.setup()
         site = web.TCPSite(self._runner, "127.0.0.1", 0)
         await site.start()
@@ -135,6 +155,9 @@ class InProcess:
     async def __aexit__(self, *exc: object) -> None:
         assert self._runner is not None
         await self._runner.cleanup()  # flushes the usage queue
+        if self._like_the_server:
+            os.close(self._sink_w)
+            os.close(self._sink_r)
 
 
 async def test_two_gateways_share_one_redis_limit(fake: FakeUpstream, redis_url: str, tmp_path: Path) -> None:
