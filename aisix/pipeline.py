@@ -200,7 +200,10 @@ def _failed(request: web.Request, ex: Exchange, exc: BaseException, on_client: b
         log.error("request %s: unhandled error", ex.request_id, exc_info=exc)
     if end.reply is not None:
         ex.bytes_out = len(end.reply.body())  # the envelope is what the caller gets
-        raise end.reply from None
+        try:
+            raise end.reply from None
+        finally:  # this frame's locals must not hold what its traceback holds this frame in
+            del end, exc
     abort(request)  # a short answer must never look complete
     return ex.response or web.Response(status=499)  # nobody reads the latter: the caller left
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import io
 import time
 import types
 from pathlib import Path
@@ -105,6 +106,50 @@ async def test_callers_leaving_leave_nothing_for_the_collector(fake: FakeUpstrea
                 assert app[POOL]._in_use, "the upload never went upstream"
                 writer.transport.abort()  # mid-file
                 await asyncio.wait_for(app[LIVE].idle.wait(), 10)
+            gc.set_debug(gc.DEBUG_SAVEALL)
+            gc.collect()
+            ours = sorted({type(o).__name__ if not isinstance(o, types.FrameType) else o.f_code.co_name
+                           for o in gc.garbage if _ours(o)})
+    finally:
+        gc.set_debug(0)
+        gc.garbage.clear()
+        gc.enable()
+    assert ours == [], " ".join(ours)
+
+
+@pytest.mark.parametrize("ending", ["second-model-part", "failover-speech", "failover-upload", "upstream-error"])
+async def test_other_endings_leave_nothing_for_the_collector(fake: FakeUpstream, tmp_path: Path, ending: str) -> None:
+    """As above, for requests that end otherwise: a form refused mid-stream (a second model
+    part after the file: 400), a failover (the first target answers 503) of speech and of an
+    upload (copied to disk as it goes, then replayed), an upstream error relayed as it came."""
+    from tests.test_transcriptions import form
+
+    targets = [{"provider_key": "fake", "model_name": "w-a"}, {"provider_key": "fake", "model_name": "w-b"}]
+    models = [{"display_name": "whisper-ha", "retry": {"max_attempts": 2}, "cooldown": {"failures": 1_000_000},
+               "targets": [{**targets[0], "priority": 0}, {**targets[1], "priority": 1}]}]
+    fake.behaviour = Behaviour(status=503, status_only_for=b"w-a") if ending.startswith("failover") else \
+        Behaviour(status=500) if ending == "upstream-error" else Behaviour()
+    speech = b'{"model":"whisper-ha","input":"hello","voice":"alloy"}'
+    if ending == "second-model-part":
+        body, ctype = form("model", "file", ("model", b"whisper-prod"), file=bytes(2 * MIB))
+        path, expected = "/v1/audio/transcriptions", 400
+    elif ending in ("failover-upload", "upstream-error"):
+        body, ctype = form("model", "file", model=b"whisper-ha", file=bytes(2 * MIB))
+        path, expected = "/v1/audio/transcriptions", 200 if ending == "failover-upload" else 500
+    else:
+        body, ctype, path, expected = speech, "application/json", "/v1/audio/speech", 200
+    gc.collect()
+    gc.disable()
+    try:
+        async with InProcess(tmp_path, fake.base_url, time.time, {}, like_the_server=True,
+                             models=models) as gw:
+            async with aiohttp.ClientSession() as s:
+                for _ in range(3):
+                    async with s.post(gw.url + path, data=io.BytesIO(body), headers={"Authorization": f"Bearer {TEAM_A}",
+                                                                         "Content-Type": ctype}) as r:
+                        await r.read()
+                        assert r.status == expected
+            await asyncio.wait_for(gw.app[LIVE].idle.wait(), 10)
             gc.set_debug(gc.DEBUG_SAVEALL)
             gc.collect()
             ours = sorted({type(o).__name__ if not isinstance(o, types.FrameType) else o.f_code.co_name
