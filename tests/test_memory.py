@@ -117,10 +117,11 @@ async def test_callers_leaving_leave_nothing_for_the_collector(fake: FakeUpstrea
     assert ours == [], " ".join(ours)
 
 
-@pytest.mark.parametrize("ending", ["second-model-part", "failover-speech", "failover-upload", "upstream-error"])
+@pytest.mark.parametrize("ending", ["second-model-part", "unknown-alias", "failover-speech", "failover-upload",
+                                    "upstream-error"])
 async def test_other_endings_leave_nothing_for_the_collector(fake: FakeUpstream, tmp_path: Path, ending: str) -> None:
     """As above, for requests that end otherwise: a form refused mid-stream (a second model
-    part after the file: 400), a failover (the first target answers 503) of speech and of an
+    part after the file: 400), a refusal before any upstream (404), a failover (the first target answers 503) of speech and of an
     upload (copied to disk as it goes, then replayed), an upstream error relayed as it came."""
     from tests.test_transcriptions import form
 
@@ -136,6 +137,8 @@ async def test_other_endings_leave_nothing_for_the_collector(fake: FakeUpstream,
     elif ending in ("failover-upload", "upstream-error"):
         body, ctype = form("model", "file", model=b"whisper-ha", file=bytes(2 * MIB))
         path, expected = "/v1/audio/transcriptions", 200 if ending == "failover-upload" else 500
+    elif ending == "unknown-alias":
+        body, ctype, path, expected = speech.replace(b"whisper-ha", b"nobody"), "application/json", "/v1/audio/speech", 404
     else:
         body, ctype, path, expected = speech, "application/json", "/v1/audio/speech", 200
     gc.collect()
