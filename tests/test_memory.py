@@ -71,6 +71,18 @@ def _ours(thing: object) -> bool:
     return type(thing).__module__.startswith("aisix.")
 
 
+def _left_for_the_collector() -> list[str]:
+    """Collect now: the names of aisix's objects and frames that were in reference cycles."""
+    gc.set_debug(gc.DEBUG_SAVEALL)
+    try:
+        gc.collect()
+        return sorted({type(o).__name__ if not isinstance(o, types.FrameType) else o.f_code.co_name
+                       for o in gc.garbage if _ours(o)})
+    finally:
+        gc.set_debug(0)
+        gc.garbage.clear()
+
+
 async def test_callers_leaving_leave_nothing_for_the_collector(fake: FakeUpstream, tmp_path: Path) -> None:
     """The gateway collects cyclic garbage rarely (server._steady_gc), so a request whose end left
     a reference cycle held its connections and buffers until then: the RSS grew by 20 MiB over a
@@ -106,13 +118,8 @@ async def test_callers_leaving_leave_nothing_for_the_collector(fake: FakeUpstrea
                 assert app[POOL]._in_use, "the upload never went upstream"
                 writer.transport.abort()  # mid-file
                 await asyncio.wait_for(app[LIVE].idle.wait(), 10)
-            gc.set_debug(gc.DEBUG_SAVEALL)
-            gc.collect()
-            ours = sorted({type(o).__name__ if not isinstance(o, types.FrameType) else o.f_code.co_name
-                           for o in gc.garbage if _ours(o)})
+            ours = _left_for_the_collector()
     finally:
-        gc.set_debug(0)
-        gc.garbage.clear()
         gc.enable()
     assert ours == [], " ".join(ours)
 
@@ -153,12 +160,7 @@ async def test_other_endings_leave_nothing_for_the_collector(fake: FakeUpstream,
                         await r.read()
                         assert r.status == expected
             await asyncio.wait_for(gw.app[LIVE].idle.wait(), 10)
-            gc.set_debug(gc.DEBUG_SAVEALL)
-            gc.collect()
-            ours = sorted({type(o).__name__ if not isinstance(o, types.FrameType) else o.f_code.co_name
-                           for o in gc.garbage if _ours(o)})
+            ours = _left_for_the_collector()
     finally:
-        gc.set_debug(0)
-        gc.garbage.clear()
         gc.enable()
     assert ours == [], " ".join(ours)
