@@ -164,3 +164,34 @@ async def test_other_endings_leave_nothing_for_the_collector(fake: FakeUpstream,
     finally:
         gc.enable()
     assert ours == [], " ".join(ours)
+
+
+@pytest.mark.parametrize("ending", ["caller-closes", "caller-vanishes"])
+async def test_a_realtime_session_leaves_nothing_for_the_collector(tmp_path: Path, ending: str) -> None:
+    """A realtime session, closed by its caller or cut off (the socket aborted), leaves nothing of
+    aisix's for the collector either."""
+    from tests.fake_realtime import FakeRealtime, Script
+    from tests.test_realtime import bearer, next_event, resources
+
+    rt = FakeRealtime().start()
+    rt.script = Script(echo=True)
+    gc.collect()
+    gc.disable()
+    try:
+        async with InProcess(tmp_path, rt.base_url, time.time, {}, like_the_server=True, **resources(rt)) as gw:
+            url = gw.url.replace("http://", "ws://") + "/v1/realtime?model=rt-voice"
+            async with aiohttp.ClientSession() as s:
+                for _ in range(2):
+                    ws = await s.ws_connect(url, headers=bearer())
+                    await ws.send_str('{"type":"response.cancel"}')
+                    assert (await next_event(ws)) == {"type": "response.cancel"}
+                    if ending == "caller-closes":
+                        await ws.close()
+                    else:
+                        ws._response.connection.transport.abort()  # type: ignore[union-attr]
+                    await asyncio.wait_for(gw.app[LIVE].idle.wait(), 15)
+            ours = _left_for_the_collector()
+    finally:
+        gc.enable()
+        rt.stop()
+    assert ours == [], " ".join(ours)
