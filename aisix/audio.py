@@ -48,6 +48,13 @@ class Probe(Protocol):
         ...
 
 
+def known_seconds(probe: Probe) -> float:
+    """A file's length as far as it is known: what its header states, else at least what has
+    passed (what the early refusals hold an upload to)."""
+    declared = probe.declared
+    return declared if declared is not None else probe.at_least
+
+
 class Pcm:
     """Raw samples with no header: OpenAI's speech ``pcm`` is 24 kHz, 16-bit, mono."""
 

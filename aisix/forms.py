@@ -19,7 +19,7 @@ from collections.abc import AsyncIterator, Callable
 from aiohttp import hdrs, web
 
 from . import errors, multipart
-from .audio import Probe
+from .audio import Probe, known_seconds
 from .audio_detect import Detect
 from .config import Resources, Settings, Target
 from .inbound import Inbound
@@ -131,10 +131,8 @@ class FormBody:
                 held.close()
 
     def _check(self) -> None:
-        check, audio = self.check_audio, self.audio
-        if check is not None:
-            declared = audio.declared
-            check(declared if declared is not None else audio.at_least)
+        if self.check_audio is not None:
+            self.check_audio(known_seconds(self.audio))
 
     def audio_seconds(self) -> float | None:
         """The file's duration, once the whole body has been read; None before, or when its

@@ -238,9 +238,9 @@ class Metrics:
         Requests still under way with the previous aliases set none of them from now on."""
         self._models = models
         for alias, marks in list(self._cooling.items()):
-            model = models.get(alias)
-            routed = model is not None and len(model.targets) > 1
-            keep = {t.provider_key.name for t in model.targets} if model is not None and routed else set()
+            model = models.get(alias)  # only aliases with two or more targets have the series
+            routed = model.targets if model is not None and len(model.targets) > 1 else ()
+            keep = {t.provider_key.name for t in routed}
             for name in [n for n in marks if n not in keep]:
                 self.cooling_down.remove(alias, name)
                 del marks[name]

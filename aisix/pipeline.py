@@ -20,7 +20,7 @@ from typing import Protocol
 from aiohttp import hdrs, web
 
 from . import aliases, auth, errors, guardrails, pricing, usage
-from .audio import Probe
+from .audio import Probe, known_seconds
 from .config import Model, Resources, Settings, Target
 from .deadline import CLIENT, UPSTREAM, Deadline
 from .exchange import Exchange
@@ -105,10 +105,10 @@ async def exchange(request: web.Request, route: str, read: Reader) -> web.Stream
             if body.audio is not None:
                 body.check_audio = _audio_check(model, limiter, slot, attempts, clock)
                 if body.check_audio is not None:  # what a file-first form told already: before any upstream
-                    body.check_audio(_known_seconds(body.audio))
+                    body.check_audio(known_seconds(body.audio))
                 if model.provider_audio_quotas:  # a target whose provider key cannot take it is passed over
                     probe = body.audio
-                    attempts.known = lambda: _known_seconds(probe)
+                    attempts.known = lambda: known_seconds(probe)
 
             def sent(target: Target) -> None:
                 """The last request byte is on its way: the upstream has its timeout to answer."""
@@ -161,12 +161,6 @@ def _audio_check(model: Model, limiter: Limiter, slot: Slot | None, attempts: At
                 raise refusal
 
     return check
-
-
-def _known_seconds(audio: Probe) -> float:
-    """An upload's length as far as it is known: its header's, else at least what has passed."""
-    declared = audio.declared
-    return declared if declared is not None else audio.at_least
 
 
 def _audio_in(ex: Exchange) -> float | None:
@@ -224,14 +218,16 @@ def _check_declared_length(request: web.Request, limit: int) -> None:
 def _check_codings(request: web.Request) -> None:
     """Bodies are read as sent (the server does not decode them): a coded body is refused, since
     the gateway could not forward it with a length it can vouch for (docs/design.md)."""
-    for coding in request.headers.getall(hdrs.CONTENT_ENCODING, ()):
-        if any(c.strip(" \t").lower() not in ("identity", "") for c in coding.split(",")):
-            raise errors.unsupported_content_encoding()
     # aiohttp frames a body by a final "chunked" whatever comes before it ("gzip, chunked"): a
     # transfer coding it did not undo would be forwarded as if it were the body (RFC 9112: 501).
-    for coding in request.headers.getall(hdrs.TRANSFER_ENCODING, ()):
-        if any(c.strip(" \t").lower() not in ("chunked", "") for c in coding.split(",")):
-            raise errors.unsupported_transfer_encoding()
+    for header, plain, refusal in _CODINGS:
+        for coding in request.headers.getall(header, ()):
+            if any(c.strip(" \t").lower() not in (plain, "") for c in coding.split(",")):
+                raise refusal()
+
+
+_CODINGS = ((hdrs.CONTENT_ENCODING, "identity", errors.unsupported_content_encoding),
+            (hdrs.TRANSFER_ENCODING, "chunked", errors.unsupported_transfer_encoding))
 
 
 def route(name: str, read: Reader) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
