@@ -1250,8 +1250,9 @@ def measure_and_report(tmp: Path) -> int:
     progress(f"starting the stack in {tmp}")
     st = start_stack(tmp)
     asyncio.run(_checks(st))
-    print(f"aisix: auth (api key), aliases, key rate limit rpm 100000000, input guardrail "
-          f"(never matches), usage events to a file; {st.metrics}")
+    print(f"aisix: auth (api key), aliases, prices (per character, per minute of audio in and out), "
+          f"max_audio_seconds, a key rate limit rpm 100000000 with a budget and an audio quota that never "
+          f"trip, input guardrail (never matches), usage events to a file; {st.metrics}")
     print("references: nginx tuned (proxy_buffer_size 72k, client_body_buffer_size 256k, buffered access "
           "log); aiohttp ceiling (aiohttp and uvloop answering by itself, no upstream); raw relay (asyncio "
           "Protocols, httptools and uvloop, no framework); bare relay (aiohttp server and ClientSession)")
