@@ -4,11 +4,16 @@ Our modules log names, counts and the request id, never a key, a prompt or audio
 request its HTTP parser refused with the offending line and a traceback, at ERROR: that line can
 be an ``Authorization`` header, and a flood of malformed requests would flood the log. The filter
 keeps the fact and the kind of error, at INFO, and drops the bytes.
+
+Whatever a library logs, a caller's key is cut out of the line before it is written: a realtime
+handshake's subprotocols carry a browser's key (``openai-insecure-api-key.<key>``), and aiohttp's
+WebSocket handshake warns with the whole list when none of them is one it serves.
 """
 
 from __future__ import annotations
 
 import logging
+import re
 import sys
 
 from aiohttp.http_exceptions import HttpProcessingError
@@ -26,6 +31,22 @@ class _RefusedRequestFilter(logging.Filter):
         return True
 
 
+# A key in the two forms a caller sends one: a browser's realtime subprotocol and a Bearer token.
+_KEYS = re.compile(r"(openai-insecure-api-key\.|[Bb]earer\s+)[^\s'\",;\])]+")
+
+
+class _RedactKeys(logging.Filter):
+    """On the handler: every record, from any logger, is written with keys cut out."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if "openai-insecure-api-key." in message or "earer" in message:
+            record.msg, record.args = _KEYS.sub(r"\1[redacted]", message), None
+        return True
+
+
 def setup() -> None:
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format=FORMAT)
     logging.getLogger("aiohttp.server").addFilter(_RefusedRequestFilter())
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(_RedactKeys())

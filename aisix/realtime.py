@@ -106,10 +106,16 @@ async def session(request: web.Request) -> web.StreamResponse:
     live.enter()
     try:
         try:
-            key = auth.lookup(_authorization(request), resources.keys_by_hash)
+            offered = _offered(request)
+            key = auth.lookup(_authorization(request, offered), resources.keys_by_hash)
             ex.api_key = key.name
             auth.check_active(key, clock())
             s.key = key
+            if "realtime" not in offered and any(p.startswith(KEY_PROTOCOL) for p in offered):
+                # A browser fails a handshake whose answer chooses none of its subprotocols: refused
+                # here, before an upstream session is opened (and counted) for nothing.
+                raise errors.invalid_request("missing_subprotocol", "A WebSocket that sends its key as a "
+                                             "subprotocol must offer the 'realtime' subprotocol too.")
             caller = web.WebSocketResponse(
                 protocols=("realtime",), autoclose=False, autoping=False, max_msg_size=MAX_FRAME,
                 compress=False, timeout=CLOSE_TIMEOUT_S, decode_text=False)
@@ -160,23 +166,26 @@ async def session(request: web.Request) -> web.StreamResponse:
         await s.finish()
 
 
-def _authorization(request: web.Request) -> str | None:
+def _offered(request: web.Request) -> list[str]:
+    """The subprotocols the caller offered, from every Sec-WebSocket-Protocol line."""
+    return [p for value in request.headers.getall(hdrs.SEC_WEBSOCKET_PROTOCOL, ())
+            for p in (p.strip() for p in value.split(",")) if p]
+
+
+def _authorization(request: web.Request, offered: list[str]) -> str | None:
     """The Authorization header, or the browser form's key subprotocol made into one."""
     header = request.headers.get(hdrs.AUTHORIZATION)
     if header is not None:
         return header
-    for value in request.headers.getall(hdrs.SEC_WEBSOCKET_PROTOCOL, ()):
-        for proto in value.split(","):
-            proto = proto.strip()
-            if proto.startswith(KEY_PROTOCOL):
-                return "Bearer " + proto[len(KEY_PROTOCOL):]
+    for proto in offered:
+        if proto.startswith(KEY_PROTOCOL):
+            return "Bearer " + proto[len(KEY_PROTOCOL):]
     return None
 
 
 def _forwarded_protocols(request: web.Request) -> list[str]:
     """The caller's subprotocols the upstream may see: the beta marker, never the key."""
-    return [p.strip() for value in request.headers.getall(hdrs.SEC_WEBSOCKET_PROTOCOL, ())
-            for p in value.split(",") if p.strip().startswith("openai-beta.")]
+    return [p for p in _offered(request) if p.startswith("openai-beta.")]
 
 
 def _upstream_url(target: Target, intent: str | None, named: bool) -> str:

@@ -527,6 +527,31 @@ async def test_a_malformed_authorization_line_does_not_put_the_key_in_the_log(ma
     assert canary not in gw.log()
 
 
+def test_keys_are_cut_out_of_whatever_a_library_logs(capsys: pytest.CaptureFixture[str]) -> None:
+    # aiohttp's WebSocket handshake warned with a browser's subprotocols, its key among them.
+    import logging
+
+    from aisix import logs
+
+    root = logging.getLogger()
+    before = list(root.handlers)
+    root.handlers.clear()
+    try:
+        logs.setup()
+        logging.getLogger("aiohttp.websocket").warning(
+            "Client protocols %r don't overlap server-known ones %r",
+            ["openai-insecure-api-key.sk-browser-canary", "openai-beta.realtime-v1"], ())
+        logging.getLogger("somelib").warning("sent Authorization: Bearer sk-bearer-canary, got 401")
+        for handler in root.handlers:
+            handler.flush()
+        err = capsys.readouterr().err
+    finally:
+        root.handlers[:] = before
+    assert "canary" not in err
+    assert "openai-insecure-api-key.[redacted]" in err and "Bearer [redacted]" in err
+    assert "openai-beta.realtime-v1" in err  # the rest of the line is kept
+
+
 # -- slow callers -------------------------------------------------------------------------------
 
 

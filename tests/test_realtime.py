@@ -151,6 +151,21 @@ async def test_refusals_are_http_envelopes(gw: Gateway, rt: FakeRealtime, query:
     assert rt.sessions == []
 
 
+async def test_a_browser_key_without_the_realtime_subprotocol_is_refused_and_never_logged(
+        gw: Gateway, rt: FakeRealtime) -> None:
+    # A browser fails a handshake that chooses none of its subprotocols, and aiohttp's handshake
+    # logged the whole list (the key in it) when none was one it serves.
+    headers = {"Connection": "Upgrade", "Upgrade": "websocket", "Sec-WebSocket-Version": "13",
+               "Sec-WebSocket-Key": base64.b64encode(os.urandom(16)).decode(),
+               "Sec-WebSocket-Protocol": f"openai-insecure-api-key.{KEY}, openai-beta.realtime-v1"}
+    async with aiohttp.ClientSession() as s, s.get(ws_url(gw).replace("ws://", "http://"), headers=headers) as r:
+        assert (r.status, (await r.json())["error"]["code"]) == (400, "missing_subprotocol")
+        rid = r.headers["x-aisix-request-id"]
+    assert rt.sessions == []
+    gw.wait_log(f"rid={rid}")  # its access line: whatever the handshake logged came before it
+    assert KEY not in gw.log()
+
+
 async def test_a_get_without_upgrade_is_426(gw: Gateway) -> None:
     status, body = await raw_upgrade(gw, "model=rt-voice", bearer(), upgrade=False)
     assert (status, body["error"]["code"]) == (426, "websocket_required")
