@@ -72,9 +72,22 @@ async def client(app: web.Application) -> AsyncIterator[None]:
     connect = app[SETTINGS].upstream.connect_timeout_ms / 1000
     session = app[WS_CLIENT] = aiohttp.ClientSession(
         connector=aiohttp.TCPConnector(limit=0), cookie_jar=aiohttp.DummyCookieJar(),
-        timeout=aiohttp.ClientTimeout(total=None, sock_connect=connect), auto_decompress=False)
+        timeout=aiohttp.ClientTimeout(total=None, sock_connect=connect), auto_decompress=False,
+        middlewares=(_no_redirects,))
     yield
     await session.close()
+
+
+async def _no_redirects(request: aiohttp.ClientRequest, handler: aiohttp.ClientHandlerType) -> aiohttp.ClientResponse:
+    """A handshake answered with a redirect is refused with that status, as the audio routes'
+    client does: aiohttp would follow it to any host, and drops only ``Authorization`` on the way
+    (an Azure provider key is an ``api-key`` header). ``ws_connect`` has no switch for it."""
+    response = await handler(request)
+    if 300 <= response.status < 400:
+        response.close()
+        raise aiohttp.WSServerHandshakeError(response.request_info, (response,), status=response.status,
+                                             message="redirect not followed", headers=response.headers)
+    return response
 
 
 @dataclass(slots=True)

@@ -26,6 +26,7 @@ class Script:
     """What the fake does in the sessions opened from now on; tests replace ``fake.script`` whole."""
 
     refuse: int | None = None  # answer the handshake with this HTTP status instead of upgrading
+    redirect: str | None = None  # answer a handshake without ?redirected with a 302 to this URL
     on_open: list[Frame] = field(default_factory=list)  # sent as soon as the session is open
     replies: dict[str, list[Frame]] = field(default_factory=dict)  # client event type -> frames sent back
     echo: bool = False  # send every frame back as it came
@@ -132,6 +133,8 @@ class FakeRealtime:
         if script.refuse is not None:
             return web.json_response({"error": {"message": "refused", "type": "server_error", "param": None,
                                                  "code": None}}, status=script.refuse)
+        if script.redirect is not None and "redirected" not in request.query:
+            raise web.HTTPFound(script.redirect)
         protocols = [p.strip() for p in request.headers.get("Sec-WebSocket-Protocol", "").split(",") if p.strip()]
         ws = web.WebSocketResponse(protocols=protocols[:1], autoclose=False, max_msg_size=32 * 1024 * 1024,
                                    compress=False)

@@ -177,6 +177,18 @@ async def test_an_upstream_refusing_the_handshake_is_the_callers_status(gw: Gate
     assert (status, body["error"]["code"]) == (400, "upstream_error")
 
 
+async def test_an_upstream_redirect_is_not_followed(gw: Gateway, rt: FakeRealtime) -> None:
+    # aiohttp follows a handshake's redirect to any host, and drops only Authorization on the way:
+    # an Azure provider key (api-key) went along. The audio routes never follow one either.
+    elsewhere = rt.base_url.replace("127.0.0.1", "localhost")  # another origin, the same fake
+    rt.script = Script(redirect=f"{elsewhere}/realtime?model=gpt-realtime&redirected=1")
+    for alias in ("rt-azure", "rt-voice"):
+        status, body = await raw_upgrade(gw, f"model={alias}", bearer())
+        assert (status, body["error"]["code"]) == (502, "upstream_error")
+        assert "HTTP 302" in body["error"]["message"]
+    assert rt.sessions == []
+
+
 async def test_connect_fails_over_to_the_next_target(gw: Gateway, rt: FakeRealtime) -> None:
     async with aiohttp.ClientSession() as s, s.ws_connect(ws_url(gw, "model=rt-failover"), headers=bearer()) as ws:
         rid = ws._response.headers["x-aisix-request-id"]
