@@ -203,8 +203,11 @@ class Metrics:
             self.session_seconds.observe(seconds)
         if ex.verdict is not None:
             self.guardrail_hits.labels(ex.verdict.guardrail, ex.verdict.action).inc()
-        if ex.usage is not None and model:
-            self._tokens(model, ex)
+        if model:
+            if ex.cost_usd:
+                self._hot.cost[model] = self._hot.cost.get(model, 0.0) + ex.cost_usd
+            if ex.usage is not None:
+                self._tokens(model, ex)
 
     def attempt(self, model: str, provider_key: str, outcome: str) -> None:
         attempts = self._hot.attempts

@@ -30,6 +30,7 @@ sessions.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import random
 import time
@@ -43,7 +44,7 @@ from aiohttp import WSMsgType, hdrs, web
 
 from . import aliases, auth, errors, guardrails, pricing, routing, usage
 from . import realtime_frames as frames
-from .config import ApiKey, Guardrail, Model, Resources, Target
+from .config import ApiKey, Guardrail, Model, Pricing, Resources, Target
 from .exchange import Exchange
 from .keys import CLOCK, EXCHANGE, LIMITER, LIVE, METRICS, REQUEST_ID, SETTINGS, USAGE, WS_CLIENT
 from .limits import Slot
@@ -265,6 +266,12 @@ class Session:
         self.connected = asyncio.Event()
         self.inputs: tuple[Guardrail, ...] = ()
         self.outputs: tuple[Guardrail, ...] = ()
+        # Usage as reported, by what prices it: the session's model (its responses, and transcriptions
+        # by it), and a transcription model of another alias named in session.update, if any.
+        self.spent: Usage | None = None
+        self.transcribed: Usage | None = None
+        self.transcriber: tuple[Model, Target] | None = None
+        self.charged_usd = 0.0  # what the budgets have been charged so far: the cost of the usage above
         self.pending: list[tuple[bytes, WSMsgType]] = []
         self.pending_bytes = 0
         self.began: float | None = None  # monotonic, at the upgrade
@@ -583,6 +590,7 @@ class Session:
         if not same:
             raise Refused("model_not_supported",
                           f"The model '{alias}' cannot be used in this session: it is served by another provider.")
+        self.transcriber = (model, same[0])
         return same[0].model_name
 
     async def _flush_pending(self) -> None:
@@ -604,19 +612,22 @@ class Session:
             verdict = guardrails.check(self.outputs, report.transcript)
             if verdict is not None and ex.verdict is None:
                 ex.verdict = guardrails.Verdict(verdict.guardrail, guardrails.MONITORED)
-        if report.usage is None:
+        used = report.usage
+        if used is None:
             return None
-        ex.usage = frames.add(ex.usage, report.usage)
-        tokens = report.usage.tokens
-        cost = self._cost(report.usage)
-        if cost is not None:
-            ex.cost_usd = (ex.cost_usd or 0.0) + cost
-        if not tokens and not cost:
+        ex.usage = frames.add(ex.usage, used)
+        if report.transcription and self.transcriber is not None:
+            self.transcribed = frames.add(self.transcribed, used)
+        else:
+            self.spent = frames.add(self.spent, used)
+        tokens, cost, seconds = used.tokens, self._cost_since(), used.audio_seconds
+        if not tokens and not cost and not seconds:
             return None
         now = self.clock()
-        over = await self.limiter.charge(self.slot, tokens, now, cost)
-        over += await self.limiter.charge(self.model_slot, tokens, now, cost)
-        await self.limiter.charge(self.provider_slot, tokens, now, cost)  # its quota: not the caller's to hear about
+        over = await self.limiter.charge(self.slot, tokens, now, cost, seconds)
+        over += await self.limiter.charge(self.model_slot, tokens, now, cost, seconds)
+        # The provider key's quota: not the caller's to hear about.
+        await self.limiter.charge(self.provider_slot, tokens, now, cost, seconds)
         if not over:
             return None
         refusal = rejection(over, now)
@@ -624,16 +635,39 @@ class Session:
         await self._tell(frames.error_event(refusal.code, refusal.message, None, refusal.type))
         return End(GATEWAY, 1008, b"rate limit exceeded", refusal.code)
 
-    def _cost(self, used: Usage) -> float | None:
-        """What this usage report costs, from the target's prices or the model's; None unpriced."""
-        model, target = self.model, self.target
-        if model is None:
+    def _cost_since(self) -> float | None:
+        """What the session has cost since the budgets were last charged (its ``cost_usd`` is
+        then the whole); None when it is unpriced."""
+        total = self._cost()
+        if total is None:
             return None
-        prices = (target.pricing if target is not None else None) or model.pricing
-        if prices is None:
-            return None
-        return pricing.cost(prices, pricing.Quantities(
-            input_tokens=used.input_tokens, output_tokens=used.output_tokens, audio_seconds_in=used.audio_seconds))
+        self.ex.cost_usd = total
+        since, self.charged_usd = total - self.charged_usd, total
+        return since
+
+    def _cost(self) -> float | None:
+        """What the usage reported so far costs: the session's model's prices (or its target's)
+        for its own, ``per_request`` once (a session is one request); a transcription model of
+        another alias's prices, without ``per_request``, for what it transcribed."""
+        priced: list[tuple[Pricing, Usage | None]] = []
+        if self.model is not None:
+            prices = _prices(self.model, self.target)
+            if prices is not None:
+                priced.append((prices, self.spent))
+        if self.transcriber is not None and self.transcribed is not None:
+            prices = _prices(*self.transcriber)
+            if prices is not None:
+                priced.append((dataclasses.replace(prices, per_request=None), self.transcribed))
+        total = 0.0
+        for prices, used in priced:
+            # The Realtime API reports what it bills, with each response and transcription: what
+            # a session never reported, it did not use.
+            cost = pricing.cost(prices, pricing.Quantities(
+                input_tokens=used.input_tokens or 0 if used is not None else 0,
+                output_tokens=used.output_tokens or 0 if used is not None else 0,
+                audio_seconds_in=used.audio_seconds or 0.0 if used is not None else 0.0))
+            total += cost or 0.0  # every quantity is known: never None
+        return round(total, 8) if priced else None
 
     async def _close(self, end: End) -> None:
         """Close both sides as ``end`` says: a close frame is relayed with its code and reason; a
@@ -662,8 +696,9 @@ class Session:
         ex, app, clock = self.ex, self.app, self.clock
         # The caller's transport closing cancels this handler, maybe during an await here: the
         # slots are settled first (settle_all goes through a cancellation), the record always.
+        cost = self._cost_since() if self.began is not None else None  # a session never upgraded costs nothing
         try:
-            await self.limiter.settle_all((self.slot, self.model_slot, self.provider_slot), None, clock())
+            await self.limiter.settle_all((self.slot, self.model_slot, self.provider_slot), None, clock(), cost or None)
             if self.upstream is not None and not self.upstream.closed:  # cancelled, or failed mid-way
                 await asyncio.gather(self.upstream.close(code=1001), return_exceptions=True)
         finally:
@@ -683,6 +718,11 @@ class _Ending(Exception):
     def __init__(self, end: End) -> None:
         super().__init__(end.by)
         self.end = end
+
+
+def _prices(model: Model, target: Target | None) -> Pricing | None:
+    """The target's prices, else its model's (as the audio routes price a request)."""
+    return (target.pricing if target is not None else None) or model.pricing
 
 
 def _refusal(status: int) -> errors.GatewayError:

@@ -142,6 +142,7 @@ class ServerReport:
 
     usage: Usage | None = None
     transcript: str | None = None
+    transcription: bool = False  # an input audio transcription's: its usage is the transcription model's
 
 
 def parse_server(frame: bytes) -> ServerReport:
@@ -159,6 +160,7 @@ def parse_server(frame: bytes) -> ServerReport:
     elif kind == "conversation.item.input_audio_transcription.completed":
         out.usage = _usage(_dict(doc, "usage"))
         out.transcript = _text(doc, "transcript")
+        out.transcription = True
     elif isinstance(kind, str) and kind.endswith("transcript.done"):
         out.transcript = _text(doc, "transcript")
     elif isinstance(kind, str) and kind.endswith("text.done"):

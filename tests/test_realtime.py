@@ -574,6 +574,65 @@ async def test_a_budget_spent_mid_session_closes_it_with_1008(make_gateway, rt: 
     assert (status, body["error"]["code"]) == (429, "budget_exceeded")  # spent for the day
 
 
+async def scrape_cost(gw: Gateway, alias: str) -> float:
+    async with aiohttp.ClientSession() as s, s.get(gw.metrics_url + "/metrics") as r:
+        for line in (await r.text()).splitlines():
+            if line.startswith(f'aisix_cost_usd_total{{model="{alias}"}} '):
+                return float(line.rpartition(" ")[2])
+    return 0.0
+
+
+async def test_a_session_costs_per_request_once_and_transcriptions_at_their_models_prices(
+        make_gateway, rt: FakeRealtime) -> None:
+    # A session is one request: per_request once, however many responses it reports (it was
+    # charged per report). Transcription usage is priced by the transcription alias named in
+    # session.update, without its per_request. The budget is charged what the event says, and the
+    # cost metric counts it.
+    res = resources(rt, rate_limit={"cost_usd_per_day": 0.0125})
+    res["models"][0]["pricing"] = {"per_request": 0.01, "per_1m_input_tokens": 4.0, "per_1m_output_tokens": 16.0}
+    res["models"][1]["pricing"] = {"per_request": 5.0, "per_minute_input_audio": 0.006}
+    gw = make_gateway({"metrics": {"listen": "127.0.0.1:0"}}, upstream_base=rt.base_url, **res)
+    done = text({"type": "response.done", "response": {"usage": {"input_tokens": 7, "output_tokens": 3}}})
+    heard = text({"type": "conversation.item.input_audio_transcription.completed", "item_id": "i",
+                  "transcript": "hi", "usage": {"type": "duration", "seconds": 10}})
+    rt.script = Script(replies={"response.create": [done], "session.update": [heard]})
+    update = {"type": "session.update", "session": {"audio": {"input": {"transcription": {"model": "rt-transcribe"}}}}}
+    async with aiohttp.ClientSession() as s, s.ws_connect(ws_url(gw), headers=bearer()) as ws:
+        rid = ws._response.headers["x-aisix-request-id"]
+        await ws.send_str(orjson.dumps(update).decode())
+        assert (await next_event(ws))["type"] == "conversation.item.input_audio_transcription.completed"
+        for _ in range(10):
+            await ws.send_str('{"type":"response.create"}')
+            assert (await next_event(ws))["type"] == "response.done"
+    # 0.01 + 70 input tokens at 4/M + 30 output at 16/M + 10 s at 0.006/min
+    expected = round(0.01 + 70 * 4 / 1e6 + 30 * 16 / 1e6 + 10 / 60 * 0.006, 8)
+    event = gw.event(rid)
+    assert event["cost_usd"] == expected
+    assert await scrape_cost(gw, "rt-voice") == pytest.approx(expected)
+    async with aiohttp.ClientSession() as s, s.ws_connect(ws_url(gw), headers=bearer()) as ws:
+        rid = ws._response.headers["x-aisix-request-id"]  # 0.01176 of 0.0125: admitted
+    assert gw.event(rid)["cost_usd"] == 0.01  # no usage reported: the request's price alone
+    status, body = await raw_upgrade(gw, "model=rt-voice", bearer())
+    assert (status, body["error"]["code"]) == (429, "budget_exceeded")  # the budget had both: 0.02176
+
+
+async def test_reported_audio_is_charged_to_the_audio_quota(make_gateway, rt: FakeRealtime) -> None:
+    gw = make_gateway(upstream_base=rt.base_url, **resources(rt, rate_limit={"audio_seconds_per_hour": 10}))
+    rt.script = Script(on_open=[text({"type": "conversation.item.input_audio_transcription.completed",
+                                      "item_id": "i", "transcript": "hi", "usage": {"type": "duration", "seconds": 12}})])
+    async with aiohttp.ClientSession() as s, s.ws_connect(ws_url(gw), headers=bearer()) as ws:
+        rid = ws._response.headers["x-aisix-request-id"]
+        assert (await next_event(ws))["type"] == "conversation.item.input_audio_transcription.completed"
+        error = await next_event(ws)
+        assert (error["type"], error["error"]["code"]) == ("error", "rate_limit_exceeded")
+        assert "Audio quota of 10 seconds per hour" in error["error"]["message"]
+        msg = await ws.receive(10)
+        assert (msg.type, msg.data) == (aiohttp.WSMsgType.CLOSE, 1008)
+    assert gw.event(rid)["audio_seconds"] == 12
+    status, body = await raw_upgrade(gw, "model=rt-voice", bearer())
+    assert (status, body["error"]["code"]) == (429, "rate_limit_exceeded")
+
+
 async def test_a_token_limit_spent_mid_session_closes_it_with_1008(make_gateway, rt: FakeRealtime) -> None:
     gw = make_gateway(upstream_base=rt.base_url, **resources(rt, rate_limit={"tpm": 25}))
     rt.script = Script(on_open=usage_frames())
