@@ -543,8 +543,10 @@ class Session:
             raise
 
     async def _screened(self, event: frames.ClientEvent) -> bytes:
-        if event.alias is not None:
-            event.rewrite(await self._transcription_model(event.alias))
+        for named in event.transcription_models:  # each one: a second must not pass unchecked
+            named.rewrite(await self._transcription_model(_model_value(named)))
+        if event.session_model is not None:
+            event.session_model.rewrite(self._session_model(_model_value(event.session_model)))
         verdict = None
         for text in event.texts:
             verdict = guardrails.check(self.inputs, text) or verdict
@@ -592,6 +594,15 @@ class Session:
                           f"The model '{alias}' cannot be used in this session: it is served by another provider.")
         self.transcriber = (model, same[0])
         return same[0].model_name
+
+    def _session_model(self, name: str) -> str:
+        """The upstream model name for a session.update's ``session.model``: the session's own
+        alias (or that name already), since a session cannot move to another model."""
+        model, target = self.model, self.target
+        if model is not None and target is not None and name in (model.alias, target.model_name):
+            return target.model_name
+        raise Refused("model_not_supported", f"This session's model cannot be changed to '{name[:128]}': "
+                      "open another session with ?model=<alias>.")
 
     async def _flush_pending(self) -> None:
         assert self.upstream is not None
@@ -718,6 +729,14 @@ class _Ending(Exception):
     def __init__(self, end: End) -> None:
         super().__init__(end.by)
         self.end = end
+
+
+def _model_value(named: frames.Named) -> str:
+    """The alias a client event names; a model that is not a string is refused as the audio
+    routes refuse one."""
+    if named.value is None:
+        raise Refused("missing_model", "The model must be a string.")
+    return named.value
 
 
 def _prices(model: Model, target: Target | None) -> Pricing | None:

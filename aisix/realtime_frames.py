@@ -11,7 +11,7 @@ checks as one event and reach the upstream as another.
 from __future__ import annotations
 
 import secrets
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -53,19 +53,26 @@ def reports(frame: bytes) -> bool:
 
 
 @dataclass(slots=True)
+class Named:
+    """A model a client event names: the value as sent (an alias, to be checked), and where the
+    upstream model name goes in its place; ``value`` None when the field is not a string."""
+
+    value: str | None
+    _holder: dict[str, Any]
+
+    def rewrite(self, model_name: str) -> None:
+        self._holder["model"] = model_name
+
+
+@dataclass(slots=True)
 class ClientEvent:
-    """A parsed client event: its type, the transcription alias it names, the texts to screen."""
+    """A parsed client event: its type, the models it names, the texts to screen."""
 
     doc: dict[str, Any]
     type: str
-    alias: str | None  # the transcription model alias it names, if any
+    transcription_models: list[Named]  # every place a session.update names one, in order
+    session_model: Named | None  # session.update's session.model: the session's own
     texts: list[str]
-    _set_model: Callable[[str], None] | None
-
-    def rewrite(self, model_name: str) -> None:
-        """Put the upstream model name where the alias was."""
-        assert self._set_model is not None
-        self._set_model(model_name)
 
     def encode(self) -> bytes:
         return orjson.dumps(self.doc)
@@ -86,16 +93,19 @@ def parse_client(frame: bytes) -> ClientEvent | None:
         return None
     kind = doc.get("type")
     kind = kind if isinstance(kind, str) else ""
-    alias, setter, texts = None, None, []
+    models: list[Named] = []
+    session_model = None
+    texts: list[str] = []
     if kind in (SESSION_UPDATE, TRANSCRIPTION_SESSION_UPDATE):
         session = _dict(doc, "session")
         if session is not None:
             texts += _strings(session, "instructions")
+            if kind == SESSION_UPDATE and "model" in session:
+                session_model = _named(session)
             for holder in _transcription_configs(session):
                 texts += _strings(holder, "prompt")
-                model = holder.get("model")
-                if isinstance(model, str) and alias is None:
-                    alias, setter = model, _setter(holder)
+                if "model" in holder:
+                    models.append(_named(holder))
     elif kind == ITEM_CREATE:
         item = _dict(doc, "item")
         for part in item.get("content", ()) if item is not None else ():
@@ -105,7 +115,7 @@ def parse_client(frame: bytes) -> ClientEvent | None:
         response = _dict(doc, "response")
         if response is not None:
             texts += _strings(response, "instructions")
-    return ClientEvent(doc, kind, alias, texts, setter)
+    return ClientEvent(doc, kind, models, session_model, texts)
 
 
 def _transcription_configs(session: dict[str, Any]) -> Iterator[dict[str, Any]]:
@@ -119,11 +129,9 @@ def _transcription_configs(session: dict[str, Any]) -> Iterator[dict[str, Any]]:
             yield holder
 
 
-def _setter(holder: dict[str, Any]) -> Callable[[str], None]:
-    def put(value: str) -> None:
-        holder["model"] = value
-
-    return put
+def _named(holder: dict[str, Any]) -> Named:
+    value = holder["model"]
+    return Named(value if isinstance(value, str) else None, holder)
 
 
 def _dict(doc: dict[str, Any] | None, key: str) -> dict[str, Any] | None:

@@ -267,6 +267,52 @@ async def test_transcription_model_inside_a_model_session(gw: Gateway, rt: FakeR
     assert up.events()[0]["session"]["audio"]["input"]["transcription"]["model"] == "gpt-4o-transcribe"
 
 
+@pytest.mark.parametrize("second", ["gpt-4o-transcribe", "rt-voice", 7])
+async def test_every_transcription_model_a_frame_names_is_checked(gw: Gateway, rt: FakeRealtime,
+                                                                 second: object) -> None:
+    # Only the first place a frame named a model was rewritten: a raw upstream name (or an alias
+    # the key may not use) in the second went upstream as sent, round allowed_models.
+    update = {"type": "session.update", "event_id": "evt_2", "session": {
+        "audio": {"input": {"transcription": {"model": "rt-transcribe"}}},
+        "input_audio_transcription": {"model": second}}}
+    async with aiohttp.ClientSession() as s, \
+            s.ws_connect(ws_url(gw, "intent=transcription"), headers=bearer(NARROW)) as ws:
+        await ws.send_str(orjson.dumps(update).decode())
+        error = await next_event(ws)
+        assert (error["type"], error["error"]["event_id"]) == ("error", "evt_2")
+        assert error["error"]["code"] == ("missing_model" if second == 7 else
+                                          "model_not_found" if second == "gpt-4o-transcribe" else "model_not_allowed")
+        update["session"]["input_audio_transcription"]["model"] = "rt-transcribe"  # type: ignore[index]
+        await ws.send_str(orjson.dumps(update).decode())
+        up = (await rt.until(lambda ss: len(ss) >= 1 and len(ss[-1].frames) == 1))[-1]
+    sent = up.events()[0]["session"]
+    assert sent["audio"]["input"]["transcription"]["model"] == sent["input_audio_transcription"]["model"] == \
+        "gpt-4o-transcribe"
+
+
+@pytest.mark.parametrize(("named", "code"), [("rt-voice", None), ("gpt-realtime", None),
+                                             ("rt-elsewhere", "model_not_supported"),
+                                             ("gpt-4o-transcribe", "model_not_supported"),
+                                             (None, "missing_model")])
+async def test_the_sessions_own_model_cannot_be_changed_by_session_update(
+        gw: Gateway, rt: FakeRealtime, named: str | None, code: str | None) -> None:
+    # session.model went upstream unchecked: a caller could move its session to another model
+    # (its price, its access) if the provider honoured it.
+    update = {"type": "session.update", "event_id": "evt_3", "session": {"type": "realtime", "model": named}}
+    async with aiohttp.ClientSession() as s, s.ws_connect(ws_url(gw), headers=bearer()) as ws:
+        await ws.send_str(orjson.dumps(update).decode())
+        if code is not None:
+            error = await next_event(ws)
+            assert (error["type"], error["error"]["code"], error["error"]["event_id"]) == ("error", code, "evt_3")
+        await ws.send_str('{"type":"response.cancel"}')
+        up = (await rt.until(lambda ss: len(ss) == 1 and len(ss[0].frames) >= 1 and ss[0].frames[-1][1].endswith(
+            b'"response.cancel"}')))[0]
+    sent = up.events()
+    if code is None:
+        assert sent[0]["session"] == {"type": "realtime", "model": "gpt-realtime"}
+    assert sent[-1] == {"type": "response.cancel"} and len(sent) == (1 if code else 2)
+
+
 async def test_an_escaped_event_type_is_still_checked(gw: Gateway, rt: FakeRealtime) -> None:
     frame = b'{"type":"session\\u002eupdate","session":{"audio":{"input":{"transcription":{"model":"nope"}}}}}'
     async with aiohttp.ClientSession() as s, s.ws_connect(ws_url(gw), headers=bearer()) as ws:
@@ -775,8 +821,9 @@ def test_which_client_frames_are_read(frame: bytes, read: bool) -> None:
 def test_a_duplicated_key_goes_upstream_as_checked() -> None:
     event = frames.parse_client(b'{"type":"response.cancel","type":"session.update","session":'
                                 b'{"audio":{"input":{"transcription":{"model":"a"}}}}}')
-    assert event is not None and (event.type, event.alias) == ("session.update", "a")
-    event.rewrite("m")
+    assert event is not None and event.type == "session.update"
+    assert [n.value for n in event.transcription_models] == ["a"]
+    event.transcription_models[0].rewrite("m")
     assert orjson.loads(event.encode()) == {"type": "session.update", "session": {
         "audio": {"input": {"transcription": {"model": "m"}}}}}
 
