@@ -34,13 +34,13 @@ import dataclasses
 import logging
 import random
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from typing import Literal
 from urllib.parse import quote
 
 import aiohttp
-from aiohttp import WSMsgType, hdrs, web
+from aiohttp import WebSocketError, WSMsgType, hdrs, web
 
 from . import aliases, auth, errors, guardrails, pricing, routing, usage
 from . import realtime_frames as frames
@@ -56,11 +56,14 @@ log = logging.getLogger(__name__)
 
 ROUTE = "realtime"
 MAX_FRAME = 16 * 1024 * 1024  # a frame either way; the Realtime API's largest (an audio append) is 15 MiB
+# (aiohttp's max_msg_size refuses a message of that size itself: it is given MAX_FRAME + 1)
 PENDING_LIMIT = 1024 * 1024  # frame bytes held while a transcription session has no upstream yet
 CLOSE_TIMEOUT_S = 5.0  # for the peer's answer to a close frame
 KEY_PROTOCOL = "openai-insecure-api-key."
 CALLER, UPSTREAM, GATEWAY = "caller", "upstream", "gateway"  # who ended a session
 NORMAL = frozenset({1000, 1001, 1005})  # close codes that end a session without an error
+NO_STATUS = 1005  # a close frame without a code (a browser's ws.close()); aiohttp reports it as 0
+BROKE_PROTOCOL = frozenset({1002, 1007, 1009})  # what aiohttp closes a caller with for a bad frame
 _TEXT, _BINARY, _PING, _PONG = WSMsgType.TEXT, WSMsgType.BINARY, WSMsgType.PING, WSMsgType.PONG
 
 
@@ -99,6 +102,21 @@ class End:
     code: int | None
     reason: bytes = b""
     error_code: str | None = None
+    upstream_code: int | None = None  # the code the upstream is told, when not the one above
+
+
+class _Caller(web.WebSocketResponse):
+    """The caller's side, remembering the code of the first close sent to it. aiohttp closes a
+    caller whose frame broke the protocol (1009 over MAX_FRAME, 1002) from inside ``receive()``,
+    and the connection usually ends (cancelling the handler) before that frame's ERROR reaches
+    the pump: the code is how the record tells that from a caller that left."""
+
+    first_close: int | None = None
+
+    async def close(self, *, code: int = 1000, message: bytes = b"", drain: bool = True) -> bool:
+        if self.first_close is None:
+            self.first_close = code
+        return await super().close(code=code, message=message, drain=drain)
 
 
 class Refused(Exception):
@@ -130,10 +148,12 @@ async def session(request: web.Request) -> web.StreamResponse:
                 # here, before an upstream session is opened (and counted) for nothing.
                 raise errors.invalid_request("missing_subprotocol", "A WebSocket that sends its key as a "
                                              "subprotocol must offer the 'realtime' subprotocol too.")
-            caller = web.WebSocketResponse(
-                protocols=("realtime",), autoclose=False, autoping=False, max_msg_size=MAX_FRAME,
+            caller = _Caller(
+                protocols=("realtime",), autoclose=False, autoping=False, max_msg_size=MAX_FRAME + 1,
                 compress=False, timeout=CLOSE_TIMEOUT_S, decode_text=False)
-            if not caller.can_prepare(request).ok:
+            # HEAD and HTTP/1.0 cannot upgrade (RFC 6455 wants a GET of HTTP/1.1), whatever
+            # aiohttp's check lets through.
+            if request.method != "GET" or request.version < (1, 1) or not caller.can_prepare(request).ok:
                 raise errors.GatewayError(426, "invalid_request_error", "websocket_required",
                                           "GET /v1/realtime must be a WebSocket upgrade.",
                                           headers={"Upgrade": "websocket"})
@@ -142,6 +162,7 @@ async def session(request: web.Request) -> web.StreamResponse:
             if alias is not None:
                 ex.model = aliases.recorded(alias, resources.models)
                 s.model = aliases.resolve(alias, key, resources.models, ROUTE)
+                s.known(s.model)
                 s.slot = await app[LIMITER].admit(key, s.model, clock())
                 await s.connect(s.model, named=True)
             elif s.intent == "transcription":
@@ -161,7 +182,11 @@ async def session(request: web.Request) -> web.StreamResponse:
         return caller
     except asyncio.CancelledError:  # the caller left (handler_cancellation), unless it was closing
         if s.ended is None:
-            ex.status, ex.error_code = ex.status or 499, ex.error_code or "client_closed"
+            broke = s.caller.first_close if s.caller is not None else None
+            if broke in BROKE_PROTOCOL:  # aiohttp closed it for a bad frame; its close ended the connection
+                ex.close_code, ex.error_code = broke, "client_protocol_error"
+            else:
+                ex.status, ex.error_code = ex.status or 499, ex.error_code or "client_closed"
         raise
     except ConnectionError:  # the caller left during the upgrade
         ex.status, ex.error_code = ex.status or 499, "client_closed"
@@ -261,7 +286,7 @@ class Session:
         self.slot: Slot | None = None  # key (and model) limits
         self.model_slot: Slot | None = None  # the transcription model's limits, when it is the session's
         self.provider_slot: Slot | None = None
-        self.caller: web.WebSocketResponse | None = None
+        self.caller: _Caller | None = None
         self.upstream: aiohttp.ClientWebSocketResponse[Literal[False]] | None = None
         self.connected = asyncio.Event()
         self.inputs: tuple[Guardrail, ...] = ()
@@ -284,6 +309,13 @@ class Session:
         self._beat: asyncio.TimerHandle | None = None
 
     # -- before the upgrade ------------------------------------------------------------------
+
+    def known(self, model: Model) -> None:
+        """An alias with one target names its upstream model and provider key before any attempt
+        (as on the audio routes); with several, the attempt that connects does."""
+        if len(model.targets) == 1:
+            only = model.targets[0]
+            self.ex.upstream_model, self.ex.provider_key = only.model_name, only.provider_key.name
 
     async def connect(self, model: Model, named: bool) -> None:
         """Open the upstream WebSocket to one of the model's targets, failing over on connect
@@ -316,10 +348,16 @@ class Session:
             try:
                 async with asyncio.timeout(timeout):
                     self.upstream = await self._open(target, named)
+            except asyncio.CancelledError:  # the caller left during the handshake: the attempt is recorded
+                ex.attempts.append({"provider_key": target.provider_key.name, "upstream_model": target.model_name,
+                                    "status": None, "error": None, "ms": int((time.monotonic() - began) * 1000)})
+                self.metrics.attempt(model.alias, target.provider_key.name, "aborted")
+                self.provider_slot = slot  # given back with the others, whatever cancels finish()
+                raise
             except aiohttp.WSServerHandshakeError as exc:
                 status = exc.status if exc.status != 101 else None
                 failure = routing.RESET if status is None else None
-                last = errors.upstream_unavailable() if status is None else _refusal(status)
+                last = errors.upstream_unavailable() if status is None else _refusal(status, exc.headers)
             except TimeoutError:
                 failure, last = routing.TIMEOUT, errors.upstream_timeout()
             except (aiohttp.ClientError, OSError):
@@ -348,10 +386,10 @@ class Session:
             headers["OpenAI-Beta"] = beta
         return await self.app[WS_CLIENT].ws_connect(
             _upstream_url(target, self.intent, named), protocols=_forwarded_protocols(self.request),
-            headers=headers, autoclose=False, autoping=False, max_msg_size=MAX_FRAME, compress=0,
+            headers=headers, autoclose=False, autoping=False, max_msg_size=MAX_FRAME + 1, compress=0,
             decode_text=False, timeout=aiohttp.ClientWSTimeout(ws_receive=None, ws_close=CLOSE_TIMEOUT_S))
 
-    def upgraded(self, caller: web.WebSocketResponse) -> None:
+    def upgraded(self, caller: _Caller) -> None:
         self.caller, self.began = caller, time.monotonic()
         self.ex.status, self.ex.stream = 101, True
         self.metrics.sessions_open.inc()
@@ -464,8 +502,12 @@ class Session:
                 if not await self._control(CALLER, caller, kind, msg.data):
                     return _gone(CALLER)
             elif kind is WSMsgType.CLOSE:
-                return End(CALLER, msg.data, _reason(msg.extra))
-            else:  # the connection ended without a close frame, or a frame broke the protocol
+                return End(CALLER, msg.data or NO_STATUS, _reason(msg.extra))
+            elif kind is WSMsgType.ERROR and isinstance(msg.data, WebSocketError):
+                # A frame that broke the protocol (over MAX_FRAME, a reserved close code): aiohttp
+                # has closed the caller with the code that says why; the upstream is told 1001.
+                return End(CALLER, msg.data.code, error_code="client_protocol_error", upstream_code=1001)
+            else:  # the connection ended without a close frame
                 return _gone(CALLER)
 
     async def _from_upstream(self) -> End:
@@ -497,7 +539,7 @@ class Session:
                 if not await self._control(UPSTREAM, upstream, kind, msg.data):
                     return _gone(UPSTREAM)
             elif kind is WSMsgType.CLOSE:
-                code = msg.data
+                code = msg.data or NO_STATUS
                 return End(UPSTREAM, code, _reason(msg.extra), None if code in NORMAL else "upstream_error")
             else:
                 return _gone(UPSTREAM)
@@ -544,7 +586,7 @@ class Session:
 
     async def _screened(self, event: frames.ClientEvent) -> bytes:
         for named in event.transcription_models:  # each one: a second must not pass unchecked
-            named.rewrite(await self._transcription_model(_model_value(named)))
+            named.rewrite(await self._transcription_model(_model_value(named), event.event_id))
         if event.session_model is not None:
             event.session_model.rewrite(self._session_model(_model_value(event.session_model)))
         verdict = None
@@ -560,7 +602,7 @@ class Session:
                 raise Refused(blocked.code, blocked.message)
         return event.encode()
 
-    async def _transcription_model(self, alias: str) -> str:
+    async def _transcription_model(self, alias: str, event_id: str | None) -> str:
         """The upstream model name for a transcription alias named in session.update; in a
         session that has no upstream yet, that model's target is connected to."""
         assert self.key is not None
@@ -576,10 +618,11 @@ class Session:
                 raise Refused(exc.code, exc.message, "rate_limit_error") from None
             self.ex.model = alias
             self.model = model
+            self.known(model)
             try:
                 await self.connect(model, named=False)
             except errors.GatewayError as exc:
-                await self._tell(frames.error_event(exc.code, exc.message, None, exc.type))
+                await self._tell(frames.error_event(exc.code, exc.message, event_id, exc.type))
                 raise _Ending(End(GATEWAY, 1014, b"upstream unavailable", exc.code)) from None
             await self._flush_pending()
         assert self.target is not None
@@ -691,6 +734,7 @@ class Session:
             to_caller = to_upstream = _sendable(end.code, 1014)
         else:
             to_caller = to_upstream = end.code or 1011
+        to_upstream = end.upstream_code or to_upstream
         ex.close_code = end.code if end.by == CALLER and end.code is not None else to_caller
         if end.error_code is not None:
             ex.error_code = end.error_code
@@ -744,8 +788,11 @@ def _prices(model: Model, target: Target | None) -> Pricing | None:
     return (target.pricing if target is not None else None) or model.pricing
 
 
-def _refusal(status: int) -> errors.GatewayError:
-    """The caller's answer when the upstream refused the WebSocket handshake with ``status``."""
+def _refusal(status: int, headers: Mapping[str, str] | None) -> errors.GatewayError:
+    """The caller's answer when the upstream refused the WebSocket handshake with ``status``;
+    its ``Retry-After`` is passed on, as the audio routes relay an upstream's answer."""
+    retry = headers.get(hdrs.RETRY_AFTER) if headers is not None else None
     return errors.GatewayError(status if 400 <= status < 600 else 502, "upstream_error", "upstream_error",
-                               f"The upstream provider refused the session (HTTP {status}).")
+                               f"The upstream provider refused the session (HTTP {status}).",
+                               headers={hdrs.RETRY_AFTER: retry} if retry else None)
 

@@ -26,11 +26,13 @@ class Script:
     """What the fake does in the sessions opened from now on; tests replace ``fake.script`` whole."""
 
     refuse: int | None = None  # answer the handshake with this HTTP status instead of upgrading
+    retry_after: str | None = None  # the refusal's Retry-After
     redirect: str | None = None  # answer a handshake without ?redirected with a 302 to this URL
     on_open: list[Frame] = field(default_factory=list)  # sent as soon as the session is open
     replies: dict[str, list[Frame]] = field(default_factory=dict)  # client event type -> frames sent back
     echo: bool = False  # send every frame back as it came
-    close_after_open: int | None = None  # close with this code once on_open is sent
+    close_after_open: int | None = None  # close with this code once on_open is sent (0: a close frame without one)
+    hold_handshake: bool = False  # answer no handshake (until the fake stops or the caller leaves)
     abort_after_open: bool = False  # drop the connection once on_open is sent
     flood: tuple[int, int] | None = None  # (frames, bytes each): binary frames sent as fast as allowed
     read: bool = True  # False: read nothing from the gateway until ``resume_reading()``
@@ -59,6 +61,7 @@ class FakeRealtime:
     def __init__(self) -> None:
         self.script = Script()
         self.sessions: list[Session] = []
+        self.handshakes = 0  # handshakes that reached the fake, answered or not
         self.base_url = ""
         self._cond = threading.Condition()
         self._ready = threading.Event()
@@ -84,6 +87,7 @@ class FakeRealtime:
         self.script = Script()
         with self._cond:
             self.sessions.clear()
+            self.handshakes = 0
         self.resume_reading()
 
     def resume_reading(self) -> None:
@@ -130,9 +134,16 @@ class FakeRealtime:
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
         script = self.script
+        with self._cond:
+            self.handshakes += 1
+            self._cond.notify_all()
+        if script.hold_handshake:
+            assert self._stopping is not None
+            await self._stopping.wait()
         if script.refuse is not None:
             return web.json_response({"error": {"message": "refused", "type": "server_error", "param": None,
-                                                 "code": None}}, status=script.refuse)
+                                                 "code": None}}, status=script.refuse,
+                                     headers={"Retry-After": script.retry_after} if script.retry_after else None)
         if script.redirect is not None and "redirected" not in request.query:
             raise web.HTTPFound(script.redirect)
         protocols = [p.strip() for p in request.headers.get("Sec-WebSocket-Protocol", "").split(",") if p.strip()]
@@ -149,7 +160,10 @@ class FakeRealtime:
         try:
             for kind, data in script.on_open:
                 await (ws.send_str(data.decode()) if kind == "text" else ws.send_bytes(data))
-            if script.close_after_open is not None:
+            if script.close_after_open == 0:
+                await ws.send_frame(b"", WSMsgType.CLOSE)
+                await ws.receive()  # the gateway's answer to it
+            elif script.close_after_open is not None:
                 await ws.close(code=script.close_after_open, message=b"scripted")
             elif script.abort_after_open:
                 assert request.transport is not None

@@ -171,6 +171,30 @@ async def test_a_get_without_upgrade_is_426(gw: Gateway) -> None:
     assert (status, body["error"]["code"]) == (426, "websocket_required")
 
 
+@pytest.mark.parametrize("request_line", [b"HEAD /v1/realtime?model=rt-voice HTTP/1.1",
+                                          b"GET /v1/realtime?model=rt-voice HTTP/1.0"])
+async def test_head_and_http_1_0_cannot_upgrade(gw: Gateway, rt: FakeRealtime, request_line: bytes) -> None:
+    # aiohttp's check let both through: a 101, and an upstream session opened for it.
+    host, port = gw.url.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    writer.write(request_line + b"\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n"
+                 b"Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: " + base64.b64encode(os.urandom(16)) +
+                 b"\r\nAuthorization: Bearer " + KEY.encode() + b"\r\n\r\n")
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+    writer.close()
+    assert head.split(b" ")[1] == b"426"
+    assert rt.handshakes == 0 and rt.sessions == []
+
+
+async def test_an_upstream_429_passes_its_retry_after_on(gw: Gateway, rt: FakeRealtime) -> None:
+    rt.script = Script(refuse=429, retry_after="7")
+    async with aiohttp.ClientSession() as s, s.get(ws_url(gw).replace("ws://", "http://"), headers={
+            **bearer(), "Connection": "Upgrade", "Upgrade": "websocket", "Sec-WebSocket-Version": "13",
+            "Sec-WebSocket-Key": base64.b64encode(os.urandom(16)).decode()}) as r:
+        assert (r.status, r.headers.get("Retry-After")) == (429, "7")
+        assert (await r.json())["error"]["code"] == "upstream_error"
+
+
 async def test_an_upstream_refusing_the_handshake_is_the_callers_status(gw: Gateway, rt: FakeRealtime) -> None:
     rt.script = Script(refuse=400)
     status, body = await raw_upgrade(gw, "model=rt-voice", bearer())
@@ -187,6 +211,44 @@ async def test_an_upstream_redirect_is_not_followed(gw: Gateway, rt: FakeRealtim
         assert (status, body["error"]["code"]) == (502, "upstream_error")
         assert "HTTP 302" in body["error"]["message"]
     assert rt.sessions == []
+
+
+async def test_a_refused_one_target_session_names_its_upstream_model(gw: Gateway, rt: FakeRealtime) -> None:
+    # As on the audio routes: an alias with one target names it once resolved, not only once connected.
+    rt.script = Script(refuse=401)
+    async with aiohttp.ClientSession() as s, s.get(ws_url(gw).replace("ws://", "http://"), headers={
+            **bearer(), "Connection": "Upgrade", "Upgrade": "websocket", "Sec-WebSocket-Version": "13",
+            "Sec-WebSocket-Key": base64.b64encode(os.urandom(16)).decode()}) as r:
+        assert r.status == 401
+        rid = r.headers["x-aisix-request-id"]
+    event = gw.event(rid)
+    assert (event["upstream_model"], event["provider_key"]) == ("gpt-realtime", "fake")
+
+
+async def test_a_caller_leaving_during_the_upstream_handshake_is_recorded_and_frees_the_provider_slot(
+        make_gateway, rt: FakeRealtime) -> None:
+    res = resources(rt)
+    res["provider_keys"].append({"display_name": "narrow", "provider": "openai", "api_base": rt.base_url,
+                                 "api_key": "narrow-secret", "rate_limit": {"concurrency": 1}})
+    res["models"].append({"display_name": "rt-narrow-key", "provider_key": "narrow", "model_name": "gpt-n",
+                          "routes": ["realtime"]})
+    gw = make_gateway({"metrics": {"listen": "127.0.0.1:0"}}, upstream_base=rt.base_url, **res)
+    rt.script = Script(hold_handshake=True)
+    async with aiohttp.ClientSession() as s:
+        leaving = asyncio.create_task(s.ws_connect(ws_url(gw, "model=rt-narrow-key"), headers=bearer()))
+        await rt.until(lambda _: rt.handshakes == 1)
+        leaving.cancel()  # the caller goes while the upstream has not answered
+        with contextlib.suppress(asyncio.CancelledError):
+            await leaving
+    event = gw.events(1)[-1]
+    assert (event["status"], event["error_code"]) == (499, "client_closed")
+    assert [(a["provider_key"], a["status"], a["error"]) for a in event["attempts"]] == [("narrow", None, None)]
+    async with aiohttp.ClientSession() as s, s.get(gw.metrics_url + "/metrics") as r:
+        assert 'aisix_upstream_attempts_total{model="rt-narrow-key",outcome="aborted",provider_key="narrow"} 1.0' \
+            in await r.text()
+    rt.script = Script()
+    async with aiohttp.ClientSession() as s, s.ws_connect(ws_url(gw, "model=rt-narrow-key"), headers=bearer()):
+        pass  # the provider key's one slot was given back
 
 
 async def test_connect_fails_over_to_the_next_target(gw: Gateway, rt: FakeRealtime) -> None:
@@ -366,6 +428,26 @@ async def test_a_thousand_frames_each_way_in_order_byte_for_byte(gw: Gateway, rt
     event = gw.event(rid)
     assert event["bytes_in"] == sum(len(d) for _, d in upstream)
     assert event["bytes_out"] == sum(len(d) for _, d in downstream)
+
+
+async def test_a_transcription_upstream_that_cannot_be_opened_ends_the_session(make_gateway, rt: FakeRealtime) -> None:
+    res = resources(rt)
+    res["models"].append({"display_name": "rt-deadscribe", "provider_key": "dead", "model_name": "gpt-4o-transcribe",
+                          "routes": ["realtime"]})
+    gw = make_gateway(upstream_base=rt.base_url, **res)
+    update = {"type": "session.update", "event_id": "evt_9",
+              "session": {"audio": {"input": {"transcription": {"model": "rt-deadscribe"}}}}}
+    async with aiohttp.ClientSession() as s, \
+            s.ws_connect(ws_url(gw, "intent=transcription"), headers=bearer()) as ws:
+        rid = ws._response.headers["x-aisix-request-id"]
+        await ws.send_str(orjson.dumps(update).decode())
+        error = await next_event(ws)
+        assert (error["type"], error["error"]["code"], error["error"]["event_id"]) == (
+            "error", "upstream_unavailable", "evt_9")
+        msg = await ws.receive(10)
+        assert (msg.type, msg.data) == (aiohttp.WSMsgType.CLOSE, 1014)
+    event = gw.event(rid)
+    assert (event["status"], event["error_code"], event["close_code"]) == (101, "upstream_unavailable", 1014)
 
 
 async def test_close_codes_are_relayed_both_ways(gw: Gateway, rt: FakeRealtime) -> None:
@@ -697,6 +779,47 @@ async def test_a_token_limit_spent_mid_session_closes_it_with_1008(make_gateway,
     assert (event["error_code"], event["close_code"], event["total_tokens"]) == ("rate_limit_exceeded", 1008, 40)
     status, _ = await raw_upgrade(gw, "model=rt-voice", bearer())
     assert status == 429  # the window is spent
+
+
+async def test_a_close_frame_without_a_code_is_a_normal_close_both_ways(gw: Gateway, rt: FakeRealtime) -> None:
+    # What a browser's ws.close() sends; aiohttp reads it as code 0, which went on as 1001 (the
+    # caller) or as an upstream error (1014).
+    rt.script = Script(echo=True)
+    async with aiohttp.ClientSession() as s, s.ws_connect(ws_url(gw), headers=bearer(), autoclose=False) as ws:
+        rid = ws._response.headers["x-aisix-request-id"]
+        await ws.send_frame(b"", aiohttp.WSMsgType.CLOSE)
+        msg = await ws.receive(10)
+        assert (msg.type, msg.data) == (aiohttp.WSMsgType.CLOSE, 1000)
+    await rt.until(lambda ss: ss[0].ended)
+    assert rt.session().close_code == 1000
+    event = gw.event(rid)
+    assert (event["close_code"], event["error_code"]) == (1005, None)
+    rt.reset()
+    rt.script = Script(close_after_open=0)
+    async with aiohttp.ClientSession() as s, s.ws_connect(ws_url(gw), headers=bearer(), autoclose=False) as ws:
+        rid = ws._response.headers["x-aisix-request-id"]
+        msg = await ws.receive(10)
+        assert (msg.type, msg.data) == (aiohttp.WSMsgType.CLOSE, 1000)
+    event = gw.event(rid)
+    assert (event["close_code"], event["error_code"]) == (1000, None)
+
+
+async def test_a_frame_of_16_mib_passes_and_a_larger_one_ends_the_session(gw: Gateway, rt: FakeRealtime) -> None:
+    rt.script = Script(echo=True)
+    async with aiohttp.ClientSession() as s, s.ws_connect(ws_url(gw), headers=bearer(),
+                                                          max_msg_size=32 * 1024 * 1024) as ws:
+        rid = ws._response.headers["x-aisix-request-id"]
+        await ws.send_bytes(bytes(16 * 1024 * 1024))
+        msg = await ws.receive(30)
+        assert (msg.type, len(msg.data)) == (aiohttp.WSMsgType.BINARY, 16 * 1024 * 1024)
+        with contextlib.suppress(ConnectionError):  # refused from its header: the rest may not be taken
+            await ws.send_bytes(bytes(16 * 1024 * 1024 + 1))
+        msg = await ws.receive(30)
+        assert (msg.type, msg.data) == (aiohttp.WSMsgType.CLOSE, 1009)
+    await rt.until(lambda ss: ss[0].ended)
+    assert rt.session().close_code == 1001  # the upstream is told the caller is going away
+    event = gw.event(rid)
+    assert (event["close_code"], event["error_code"]) == (1009, "client_protocol_error")
 
 
 async def test_metrics_count_sessions_frames_and_bytes(gw: Gateway, rt: FakeRealtime) -> None:
