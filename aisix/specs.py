@@ -46,7 +46,7 @@ def parse_sink(text: str) -> SinkSpec:
     if text.startswith(("redis://", "rediss://")):
         name = redact(text)
         try:
-            url = urlsplit(text)
+            url = _split_redis(text)
             query = parse_qs(url.query, strict_parsing=bool(url.query))
             unknown = set(query) - {"stream", "maxlen"}
             if unknown:
@@ -68,7 +68,7 @@ def parse_backend(text: str) -> BackendSpec:
         return BackendSpec("memory")
     if text.startswith(("redis://", "rediss://")):
         try:
-            url = urlsplit(text)
+            url = _split_redis(text)
             if url.query:
                 raise ValueError("takes no options")
             _redis_url(url)
@@ -76,6 +76,16 @@ def parse_backend(text: str) -> BackendSpec:
             raise ValueError(f"{redact(text)!r}: {exc}") from None
         return BackendSpec("redis", text)
     raise ValueError("must be 'memory' or 'redis://host:port/db'")
+
+
+def _split_redis(text: str) -> SplitResult:
+    """The URL's parts; a password whose '/', '?', '#' or '@' is not percent-encoded is refused
+    before any part is named in a message (the parser would have cut it into the path, query or
+    fragment, and a message about those would quote it)."""
+    url = urlsplit(text)
+    if "@" in url.path or "@" in url.query or "@" in url.fragment:
+        raise ValueError("a password's '/', '?', '#' and '@' must be percent-encoded (%2F, %3F, %23, %40)")
+    return url
 
 
 def _redis_url(url: SplitResult) -> None:
@@ -88,9 +98,10 @@ def _redis_url(url: SplitResult) -> None:
 
 
 def redact(spec: str) -> str:
-    """The spec without userinfo: a Redis password must not reach a message or a log line."""
+    """The spec without userinfo: a Redis password must not reach a message or a log line.
+    Everything up to the last '@' goes: a password may hold an unescaped '/', '?', '#' or '@'
+    (an '@' in the query hides more than it needs to, never less)."""
     scheme, sep, rest = spec.partition("://")
-    where, q, query = rest.partition("?")  # a password may hold an unescaped '/', never a '?'
-    if not sep or "@" not in where:
+    if not sep or "@" not in rest:
         return spec
-    return f"{scheme}://***@{where.rpartition('@')[2]}{q}{query}"
+    return f"{scheme}://***@{rest.rpartition('@')[2]}"

@@ -477,6 +477,15 @@ def test_secrets_never_appear_in_errors(tmp_path: Path) -> None:
     assert_no_secret(info.value)
 
 
+@pytest.mark.parametrize("password", ["Pa55?w0rdXYZ", "Pa55#w0rdXYZ", "Pa/55@w0rdXYZ", "Pa55?x@w0rdXYZ"])
+@pytest.mark.parametrize(("section", "field"), [("usage", "sink"), ("ratelimit", "backend")])
+def test_a_redis_password_never_appears_in_an_error(tmp_path: Path, password: str, section: str,
+                                                    field: str) -> None:
+    # A '?' in it made the redaction look for the userinfo in the part before it: printed whole.
+    found = problems(write(tmp_path, settings={section: {field: f"redis://:{password}@127.0.0.1:6379/0?x=1"}}))
+    assert found and not any(password in p or "w0rdXYZ" in p for p in found), found
+
+
 def test_secret_on_a_yaml_syntax_error_line_is_not_quoted(tmp_path: Path) -> None:
     text = f'provider_keys:\n  - display_name: x\n    api_key: "{LITERAL}\n    provider: [\n'
     with pytest.raises(ConfigError) as info:
