@@ -13,7 +13,8 @@ disk, or ``usage.spill_dir: null``), when the queue is full, or when ``close`` r
 A Redis sink writes each event with a marker keyed by the event's hash, so an event replayed
 after a write that half-landed reaches the stream once. The sink owns an event dict once
 emitted: it is encoded later, in the writer. File and stdout writes are synchronous in the
-writer task (page cache; a stdout pipe nobody reads would stall the loop).
+writer task (page cache); stdout from a thread (StdoutSink: a stdout nobody reads must not
+stall the loop).
 """
 
 from __future__ import annotations
@@ -23,7 +24,9 @@ import contextlib
 import hashlib
 import logging
 import os
+import queue
 import sys
+import threading
 import time
 from collections import deque
 from typing import IO, TYPE_CHECKING, Any
@@ -277,11 +280,94 @@ class UsageSink:
         pass
 
 
+class _Stalled(Exception):
+    """stdout has not taken the last batch yet: this one waits in the spill."""
+
+
 class StdoutSink(UsageSink):
+    """JSON lines on stdout, written from a thread of their own: a stdout nobody reads (a pipe
+    whose reader stopped, a stalled journal) blocks that thread, never the event loop, the
+    requests or a drain. A batch stdout has not taken within ``STALL_S`` goes on in that thread
+    and is written, once, when stdout is read again; later batches wait in the spill meanwhile
+    and are replayed after it, in order."""
+
+    STALL_S = 1.0
+
+    def __init__(self, name: str, queue_size: int = 10000) -> None:
+        super().__init__(name, queue_size)
+        self._jobs: queue.SimpleQueue[tuple[bytes, asyncio.Future[None]] | None] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._writing: asyncio.Future[None] | None = None  # a batch stdout has not taken yet
+        self._writing_lines = 0
+
     async def _write(self, lines: list[bytes]) -> None:
-        out = sys.stdout.buffer            # looked up per batch: stdout may have been replaced
-        out.write(b"\n".join(lines) + b"\n")
-        out.flush()
+        if not self._done_writing():
+            raise _Stalled("stdout is not being read")
+        if self._thread is None:  # a daemon: one blocked at exit does not hold the process
+            self._thread = threading.Thread(target=self._writer, name="aisix-usage-stdout", daemon=True)
+            self._thread.start()
+        writing = asyncio.get_running_loop().create_future()
+        self._jobs.put((b"\n".join(lines) + b"\n", writing))
+        done, _ = await asyncio.wait({writing}, timeout=self.STALL_S)
+        if done:
+            writing.result()  # an error: the batch goes to the spill
+            return
+        self._writing, self._writing_lines = writing, len(lines)
+        log.warning("usage sink stdout: not being read; %d events are written when it is, later ones "
+                    "wait in the spill", len(lines))
+
+    def _done_writing(self) -> bool:
+        """Whether the batch stdout was slow to take has been written (or failed: counted lost)."""
+        writing = self._writing
+        if writing is None:
+            return True
+        if not writing.done():
+            return False
+        self._writing = None
+        if writing.exception() is not None:
+            self._lost(self._writing_lines, f"stdout failed: {writing.exception()}")
+        return True
+
+    def _writer(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            data, writing = job
+            try:
+                _put(data)
+            except BaseException as exc:  # noqa: BLE001 (told to the loop, which decides)
+                _settle(writing, exc)
+            else:
+                _settle(writing, None)
+
+    async def _release(self) -> None:
+        if not self._done_writing():
+            log.warning("usage sink stdout: %d events were still waiting for stdout to be read at stop",
+                        self._writing_lines)
+        self._jobs.put(None)
+
+
+def _put(data: bytes) -> None:
+    """Write it all to stdout, below Python's buffer when stdout is a file descriptor (a thread
+    blocked in a buffered flush at exit would hold the buffer's lock against the interpreter's
+    own flush)."""
+    out = sys.stdout  # looked up per batch: stdout may have been replaced
+    try:
+        fd = out.fileno()
+    except (AttributeError, OSError, ValueError):  # io.UnsupportedOperation is both
+        out.buffer.write(data)
+        out.buffer.flush()
+        return
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
+def _settle(writing: asyncio.Future[None], exc: BaseException | None) -> None:
+    """From the writer thread: the batch's outcome, on the loop's thread."""
+    def settle() -> None:
+        if not writing.done():
+            writing.set_result(None) if exc is None else writing.set_exception(exc)
+    with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits any more
+        writing.get_loop().call_soon_threadsafe(settle)
 
 
 class FileSink(UsageSink):

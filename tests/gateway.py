@@ -74,6 +74,7 @@ class Gateway:
         self.metrics_url = ""
         self.args: list[str] = []
         self.env: dict[str, str] = {}
+        self.stdout: int | None = None  # a file descriptor for the process's stdout; None: /dev/null
         self.proc: subprocess.Popen[str] | None = None
         self._drain = threading.Thread()
 
@@ -81,7 +82,8 @@ class Gateway:
         Gateway.started.append(self)
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "aisix", "serve", "-c", str(self.dir / "config.yaml"), *self.args],
-            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+            cwd=ROOT, stdout=subprocess.DEVNULL if self.stdout is None else self.stdout, stderr=subprocess.PIPE,
+            text=True,
             env={**os.environ, "PYTHONUNBUFFERED": "1", **self.env},
         )
         found = threading.Event()

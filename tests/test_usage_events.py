@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
+import os
 import signal
+import threading
 import time
 import uuid
+from pathlib import Path
 
 import aiohttp
 import orjson
@@ -149,3 +153,48 @@ async def test_logrotate_then_sighup_reopens_the_usage_file(make_gateway, fake: 
     second, _ = await request(gw, "/v1/audio/speech", json=SPEECH)
     assert gw.event(second)["status"] == 200  # read from the new file at the original path
     assert [orjson.loads(line)["request_id"] for line in rotated.read_bytes().splitlines()] == [first]
+
+
+async def test_a_stdout_nobody_reads_stalls_no_request_and_loses_no_event(fake: FakeUpstream, tmp_path: Path) -> None:
+    # The default sink: a journal that stalls, a pipe whose reader stopped. Its write blocked the
+    # event loop once the pipe was full (~130 events): requests, /livez and SIGTERM all hung.
+    read_end, write_end = os.pipe()
+    gw = Gateway(tmp_path, fake.base_url, {"usage": {"sink": "stdout", "spill_dir": str(tmp_path / "spill")}})
+    gw.stdout = write_end
+    gw.start()
+    os.close(write_end)
+    got = bytearray()
+    all_in = threading.Event()
+    wanted = 400
+
+    def read() -> None:
+        while chunk := os.read(read_end, 65536):
+            got.extend(chunk)
+            if got.count(b"\n") >= wanted:
+                all_in.set()
+
+    reader = threading.Thread(target=read)
+    try:
+        sent = []
+        async with aiohttp.ClientSession() as s:
+            for _ in range(wanted):  # ~500 bytes an event: four times what the pipe holds
+                rid = uuid.uuid4().hex
+                async with s.post(gw.url + "/v1/audio/speech", json=SPEECH, headers={
+                        "Authorization": f"Bearer {TEAM_A}", "x-aisix-request-id": rid},
+                        timeout=aiohttp.ClientTimeout(total=10)) as r:
+                    assert r.status == 200
+                    await r.read()
+                sent.append(rid)
+            async with s.get(gw.url + "/livez", timeout=aiohttp.ClientTimeout(total=5)) as r:
+                assert r.status == 200
+        reader.start()  # stdout is read again: the stalled batch, then the spill, then the rest
+
+        assert await asyncio.to_thread(all_in.wait, 10)  # the spill is replayed within a second of it
+        assert gw.stop() == 0
+        reader.join(10)
+        ids = [orjson.loads(line)["request_id"] for line in bytes(got).splitlines()]
+        assert sorted(ids) == sorted(sent) and len(ids) == len(set(ids))  # each once
+    finally:
+        gw.stop()
+        reader.join(10)
+        os.close(read_end)
