@@ -11,14 +11,15 @@ Lines are built once, as one string, and written by a buffered ``Writer``: one `
 64 KiB of lines, at most a second after the first of them, and at once on a drain and at exit.
 A stdlib ``logging`` call per request cost a tenth of the process under load (a record, a
 formatter, a handler lock and a write each); nginx's ``access_log ... buffer=64k flush=1s`` is
-the same trade.
+the same trade. The writes are made by the stderr thread (background.py), with the log's other
+lines: a stderr nobody reads (a stalled journal) holds no request, and past ``BACKLOG`` bytes
+waiting for it, lines are dropped and counted in a line written once it reads again.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
-import os
 import re
 import time
 from typing import cast
@@ -26,6 +27,7 @@ from typing import cast
 from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
 
+from .background import STDERR, Background
 from .keys import CALLER, EXCHANGE, REQUEST_ID
 
 PROBES = frozenset(("/livez", "/readyz"))
@@ -34,13 +36,15 @@ _LEFT = web.Response(status=499)  # the answer of a caller that left before it h
 
 
 class Writer:
-    """Access lines, buffered, to a file descriptor (stderr: the journal under systemd)."""
+    """Access lines, buffered, to stderr (the journal under systemd) or another ``Background``."""
 
     LIMIT = 64 * 1024  # characters waiting that make a write at once
     INTERVAL = 1.0     # seconds a line may wait at most
+    BACKLOG = 4 * 1024 * 1024  # bytes waiting for the output past which lines are dropped
 
-    def __init__(self, fd: int = 2) -> None:
-        self.fd = fd
+    def __init__(self, out: Background | None = None) -> None:
+        self.out = out if out is not None else STDERR
+        self.dropped = 0  # lines dropped while the output was not read, not yet told
         self._lines: list[str] = []
         self._size = 0
         self._timer: asyncio.TimerHandle | None = None
@@ -70,14 +74,23 @@ class Writer:
             self._timer = None
         if not self._lines:
             return
-        data = memoryview("".join(self._lines).encode("utf-8", "backslashreplace"))
-        self._lines.clear()
+        lines = self._lines
+        data = "".join(lines).encode("utf-8", "backslashreplace")
         self._size = 0
-        try:
-            while data:
-                data = data[os.write(self.fd, data):]
-        except OSError:  # stderr closed or gone: the lines are lost, the requests are not
-            pass
+        if self.out.pending + len(data) > self.BACKLOG:  # not read for a while: these are lost
+            self.dropped += len(lines)
+            lines.clear()
+            return
+        lines.clear()
+        if self.dropped:
+            data = (f"{self.stamp()} WARNING aisix.access: {self.dropped} access log lines dropped "
+                    "while stderr was not read\n").encode() + data
+            self.dropped = 0
+        self.out.put(data)  # an error writing (stderr closed) loses the lines, never a request
+
+    def wait(self, timeout: float) -> bool:
+        """Wait for what was flushed to be written, at most ``timeout`` s (a stop; tests)."""
+        return self.out.wait(timeout)
 
 
 class AccessLogger(AbstractAccessLogger):

@@ -12,11 +12,13 @@ WebSocket handshake warns with the whole list when none of them is one it serves
 
 from __future__ import annotations
 
+import atexit
 import logging
 import re
-import sys
 
 from aiohttp.http_exceptions import HttpProcessingError
+
+from .background import STDERR
 
 FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
@@ -45,8 +47,26 @@ class _RedactKeys(logging.Filter):
         return True
 
 
+class _ToStderr(logging.Handler):
+    """Records formatted here, written by the stderr thread (background.py) with the access log:
+    a stderr nobody reads holds no request. Past ``BACKLOG`` bytes waiting, records are dropped."""
+
+    BACKLOG = 4 * 1024 * 1024
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            line = self.format(record) + "\n"
+        except Exception:  # noqa: BLE001 (logging's own contract: a bad record must not raise)
+            self.handleError(record)
+            return
+        if STDERR.pending < self.BACKLOG:
+            STDERR.put(line.encode("utf-8", "backslashreplace"))
+
+
 def setup() -> None:
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format=FORMAT)
+    handler = _ToStderr()
+    handler.setFormatter(logging.Formatter(FORMAT))
+    handler.addFilter(_RedactKeys())
+    logging.basicConfig(level=logging.INFO, handlers=[handler])
     logging.getLogger("aiohttp.server").addFilter(_RefusedRequestFilter())
-    for handler in logging.getLogger().handlers:
-        handler.addFilter(_RedactKeys())
+    atexit.register(STDERR.wait, 2.0)  # the last lines ("aisix stopped") before the thread goes

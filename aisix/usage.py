@@ -24,15 +24,14 @@ import contextlib
 import hashlib
 import logging
 import os
-import queue
 import sys
-import threading
 import time
 from collections import deque
-from typing import IO, TYPE_CHECKING, Any
+from typing import IO, TYPE_CHECKING, Any, BinaryIO
 
 import orjson
 
+from .background import Background
 from .exchange import Exchange
 from .specs import SinkSpec
 from .spill import Spill
@@ -285,29 +284,24 @@ class _Stalled(Exception):
 
 
 class StdoutSink(UsageSink):
-    """JSON lines on stdout, written from a thread of their own: a stdout nobody reads (a pipe
-    whose reader stopped, a stalled journal) blocks that thread, never the event loop, the
-    requests or a drain. A batch stdout has not taken within ``STALL_S`` goes on in that thread
-    and is written, once, when stdout is read again; later batches wait in the spill meanwhile
-    and are replayed after it, in order."""
+    """JSON lines on stdout, written from a thread (background.py): a stdout nobody reads (a pipe
+    whose reader stopped, a stalled journal) holds no request, probe or drain. A batch stdout has
+    not taken within ``STALL_S`` is written, once, when it is read again; later batches wait in
+    the spill meanwhile and are replayed after it, in order."""
 
     STALL_S = 1.0
 
     def __init__(self, name: str, queue_size: int = 10000) -> None:
         super().__init__(name, queue_size)
-        self._jobs: queue.SimpleQueue[tuple[bytes, asyncio.Future[None]] | None] = queue.SimpleQueue()
-        self._thread: threading.Thread | None = None
+        self._out = Background("aisix-usage-stdout", _stdout)
         self._writing: asyncio.Future[None] | None = None  # a batch stdout has not taken yet
         self._writing_lines = 0
 
     async def _write(self, lines: list[bytes]) -> None:
         if not self._done_writing():
             raise _Stalled("stdout is not being read")
-        if self._thread is None:  # a daemon: one blocked at exit does not hold the process
-            self._thread = threading.Thread(target=self._writer, name="aisix-usage-stdout", daemon=True)
-            self._thread.start()
         writing = asyncio.get_running_loop().create_future()
-        self._jobs.put((b"\n".join(lines) + b"\n", writing))
+        self._out.put(b"\n".join(lines) + b"\n", lambda exc: _settle(writing, exc))
         done, _ = await asyncio.wait({writing}, timeout=self.STALL_S)
         if done:
             writing.result()  # an error: the batch goes to the spill
@@ -328,37 +322,20 @@ class StdoutSink(UsageSink):
             self._lost(self._writing_lines, f"stdout failed: {writing.exception()}")
         return True
 
-    def _writer(self) -> None:
-        while (job := self._jobs.get()) is not None:
-            data, writing = job
-            try:
-                _put(data)
-            except BaseException as exc:  # noqa: BLE001 (told to the loop, which decides)
-                _settle(writing, exc)
-            else:
-                _settle(writing, None)
-
     async def _release(self) -> None:
         if not self._done_writing():
             log.warning("usage sink stdout: %d events were still waiting for stdout to be read at stop",
                         self._writing_lines)
-        self._jobs.put(None)
 
 
-def _put(data: bytes) -> None:
-    """Write it all to stdout, below Python's buffer when stdout is a file descriptor (a thread
-    blocked in a buffered flush at exit would hold the buffer's lock against the interpreter's
-    own flush)."""
-    out = sys.stdout  # looked up per batch: stdout may have been replaced
+def _stdout() -> int | BinaryIO:
+    """stdout's file descriptor, looked up per batch (it may have been replaced); its binary
+    buffer when it has none (a test's capture)."""
+    out = sys.stdout
     try:
-        fd = out.fileno()
+        return out.fileno()
     except (AttributeError, OSError, ValueError):  # io.UnsupportedOperation is both
-        out.buffer.write(data)
-        out.buffer.flush()
-        return
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view):]
+        return out.buffer
 
 
 def _settle(writing: asyncio.Future[None], exc: BaseException | None) -> None:
@@ -366,6 +343,7 @@ def _settle(writing: asyncio.Future[None], exc: BaseException | None) -> None:
     def settle() -> None:
         if not writing.done():
             writing.set_result(None) if exc is None else writing.set_exception(exc)
+
     with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits any more
         writing.get_loop().call_soon_threadsafe(settle)
 

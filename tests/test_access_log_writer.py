@@ -7,6 +7,7 @@ import asyncio
 import os
 
 from aisix.access_log import Writer
+from aisix.background import Background
 
 
 def pipe() -> tuple[int, int]:
@@ -25,13 +26,15 @@ def drain(fd: int) -> bytes:
 async def test_lines_wait_for_size_or_time_and_a_flush_writes_them_all() -> None:
     r, w = pipe()
     try:
-        writer = Writer(w)
+        writer = Writer(Background("test-stderr", lambda: w))
         writer.add("one\n")
         writer.add("two\n")
         assert drain(r) == b""  # buffered: no write per line
         writer.flush()
+        assert writer.wait(5)
         assert drain(r) == b"one\ntwo\n"
         writer.flush()  # nothing waiting: nothing written
+        assert writer.wait(5)
         assert drain(r) == b""
     finally:
         os.close(r)
@@ -41,12 +44,13 @@ async def test_lines_wait_for_size_or_time_and_a_flush_writes_them_all() -> None
 async def test_a_full_buffer_is_written_at_once() -> None:
     r, w = pipe()
     try:
-        writer = Writer(w)
+        writer = Writer(Background("test-stderr", lambda: w))
         line = "x" * 1023 + "\n"
         for _ in range(Writer.LIMIT // len(line) - 1):
             writer.add(line)
         assert drain(r) == b""
         writer.add(line)  # reaches the limit
+        assert writer.wait(5)
         written = b""
         while chunk := drain(r):  # the pipe may return it in pieces
             written += chunk
@@ -60,7 +64,7 @@ async def test_a_line_is_written_within_the_interval() -> None:
     r, w = pipe()
     loop = asyncio.get_running_loop()
     try:
-        writer = Writer(w)
+        writer = Writer(Background("test-stderr", lambda: w))
         writer.INTERVAL = 0.05  # type: ignore[misc] (the test's own, shorter)
         readable = asyncio.Event()
         loop.add_reader(r, readable.set)

@@ -19,6 +19,7 @@ from aiohttp import web
 
 from aisix import config, connection
 from aisix.access_log import AccessLogger, Writer
+from aisix.background import Background
 from aisix.app import create_app
 from aisix.config import hash_key
 from tests.fakes import Behaviour, FakeUpstream
@@ -139,9 +140,10 @@ class InProcess:
         if self._like_the_server:
             self._sink_r, self._sink_w = os.pipe()
             os.set_blocking(self._sink_w, False)
+            sink = self._sink_w
             self._runner = connection.AppRunner(
                 app, handler_cancellation=True, auto_decompress=False,
-                access_log_class=AccessLogger.configured(False, Writer(self._sink_w)),
+                access_log_class=AccessLogger.configured(False, Writer(Background("test-stderr", lambda: sink))),
                 access_log=logging.getLogger("aisix.access"))
         else:
             self._runner = web.AppRunner(app, auto_decompress=False)

@@ -198,3 +198,49 @@ async def test_a_stdout_nobody_reads_stalls_no_request_and_loses_no_event(fake: 
         gw.stop()
         reader.join(10)
         os.close(read_end)
+
+
+async def test_a_stderr_nobody_reads_stalls_no_request(fake: FakeUpstream, tmp_path: Path) -> None:
+    # The log and the access log go to stderr, the journal under systemd: their writes blocked the
+    # event loop once a pipe nobody read was full, as stdout's did.
+    import re
+    import subprocess
+    import sys
+
+    from tests.gateway import ROOT
+
+    gw = Gateway(tmp_path, fake.base_url)  # writes the config; started here, its stderr a pipe
+    read_end, write_end = os.pipe()
+    proc = subprocess.Popen([sys.executable, "-m", "aisix", "serve", "-c", str(tmp_path / "config.yaml")],
+                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=write_end)
+    os.close(write_end)
+    got = bytearray()
+    try:
+        while not (m := re.search(rb"aisix listening on (http://\S+)", got)):
+            chunk = await asyncio.to_thread(os.read, read_end, 65536)
+            assert chunk, bytes(got)
+            got.extend(chunk)
+        url = m.group(1).decode()
+        sent = []
+        async with aiohttp.ClientSession() as s:  # stderr is not read from here on
+            for _ in range(600):  # ~250 bytes an access line: twice what the pipe holds
+                rid = uuid.uuid4().hex
+                async with s.post(url + "/v1/audio/speech", json=SPEECH, headers={
+                        "Authorization": f"Bearer {TEAM_A}", "x-aisix-request-id": rid},
+                        timeout=aiohttp.ClientTimeout(total=10)) as r:
+                    assert r.status == 200
+                    await r.read()
+                sent.append(rid)
+            async with s.get(url + "/livez", timeout=aiohttp.ClientTimeout(total=5)) as r:
+                assert r.status == 200
+        proc.send_signal(signal.SIGTERM)
+        while chunk := await asyncio.to_thread(os.read, read_end, 65536):  # read again: all of it comes
+            got.extend(chunk)
+        assert await asyncio.to_thread(proc.wait, 15) == 0
+        log = bytes(got).decode()
+        assert all(f"rid={rid}" in log for rid in sent) and "aisix stopped" in log
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        os.close(read_end)

@@ -1,0 +1,75 @@
+"""Writes to stdout and stderr from a thread: a reader that stops never stalls the event loop.
+
+Under systemd both go to the journal, through a socket that fills when the journal stalls; from a
+terminal or a pipe, through whatever reads them. A blocking write on the event loop's thread then
+holds every request, the health probes and the drain (found by running the gateway with a stdout
+pipe nobody read). ``Background`` is one daemon thread that writes what it is given, in order,
+with plain blocking writes below Python's buffers: a thread blocked at exit holds no lock the
+interpreter needs, and being a daemon it does not hold the process either. Callers decide what a
+slow reader costs: the usage sink's batches wait in the spill, log lines are dropped past a bound.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import threading
+from collections.abc import Callable
+from typing import BinaryIO
+
+Done = Callable[[BaseException | None], None]  # called on the writer thread once the bytes are written
+
+
+class Background:
+    """One thread writing bytes, in the order given, to what ``target`` returns at each write (a
+    file descriptor, or a binary file when there is none: a test's captured stdout)."""
+
+    def __init__(self, name: str, target: Callable[[], int | BinaryIO]) -> None:
+        self.name = name
+        self._target = target
+        self._jobs: queue.SimpleQueue[tuple[bytes, Done | None]] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+        self._idle = threading.Condition(self._lock)
+        self.pending = 0  # bytes given and not yet written (or failed)
+
+    def put(self, data: bytes, done: Done | None = None) -> None:
+        with self._lock:
+            self.pending += len(data)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)
+                self._thread.start()
+        self._jobs.put((data, done))
+
+    def wait(self, timeout: float) -> bool:
+        """Wait until everything given is written, at most ``timeout`` s; whether it was."""
+        with self._lock:
+            return self._idle.wait_for(lambda: self.pending == 0, timeout)
+
+    def _run(self) -> None:
+        while True:
+            data, done = self._jobs.get()
+            error: BaseException | None = None
+            try:
+                _write(self._target(), data)
+            except Exception as exc:  # noqa: BLE001 (told to whoever waits; the thread goes on)
+                error = exc
+            with self._lock:
+                self.pending -= len(data)
+                if self.pending == 0:
+                    self._idle.notify_all()
+            if done is not None:
+                done(error)
+
+
+def _write(target: int | BinaryIO, data: bytes) -> None:
+    if isinstance(target, int):
+        view = memoryview(data)
+        while view:
+            view = view[os.write(target, view):]
+    else:
+        target.write(data)
+        target.flush()
+
+
+STDERR = Background("aisix-stderr", lambda: 2)  # the log's lines and the access log's, in one order
