@@ -55,7 +55,7 @@ def _parser() -> argparse.ArgumentParser:
         description="Reads usage events (JSON lines, as the file sink writes them; '-' is stdin, "
                     "a name ending .gz is read through gzip) and prints requests, errors, audio "
                     "minutes, characters, tokens and cost per group (docs/operations.md, "
-                    "\"Reading usage\"). Malformed lines are skipped and counted on stderr.")
+                    "\"Summing them: aisix usage\"). Malformed lines are skipped and counted on stderr.")
     usage.add_argument("files", nargs="+", metavar="FILE", help="usage.jsonl, rotated copies, or -")
     usage.add_argument("--by", default="key", type=_by, metavar="key|model|day|A,B",
                        help="group by one of key, model, day, or a pair such as key,model "

@@ -4,7 +4,7 @@
 group and nothing of the events, so a file of any size costs memory in proportion to its groups.
 Reading the file and printing are the CLI's (aisix/__main__.py).
 
-What is counted (docs/operations.md, "Reading usage: aisix usage"):
+What is counted (docs/operations.md, "Summing them: `aisix usage`"):
 
 - an **error** is an event whose status is 400 or more, or that has an ``error_code``: a speech
   stream cut after its 200 (``upstream_aborted``, ``client_timeout``) failed though its status
@@ -62,10 +62,14 @@ def parse_since(text: str) -> datetime:
     try:
         if len(text) == 10:
             return datetime.combine(date.fromisoformat(text), datetime.min.time(), UTC)
-        when = datetime.fromisoformat(text)
-    except ValueError:
+        when = _utc(datetime.fromisoformat(text))
+    except (ValueError, OverflowError):  # out of range once in UTC: 0001-01-01T00:00:00+01:00
         raise ValueError(f"--since wants a date (2026-12-01) or an RFC 3339 time "
                          f"(2026-12-01T08:00:00Z), got {text!r}") from None
+    return when
+
+
+def _utc(when: datetime) -> datetime:
     return when.replace(tzinfo=UTC) if when.tzinfo is None else when.astimezone(UTC)
 
 
@@ -109,10 +113,9 @@ class Report:
         if not isinstance(ts, str) or not isinstance(status, int) or isinstance(status, bool):
             return False
         try:
-            when = datetime.fromisoformat(ts)
-        except ValueError:
+            when = _utc(datetime.fromisoformat(ts))
+        except (ValueError, OverflowError):  # not a time, or one out of range once in UTC
             return False
-        when = when.replace(tzinfo=UTC) if when.tzinfo is None else when.astimezone(UTC)
         if self.since is not None and when < self.since:
             self.before_since += 1
             return True

@@ -127,7 +127,7 @@ def test_by_refuses(text: str) -> None:
         parse_by(text)
 
 
-@pytest.mark.parametrize("text", ["yesterday", "2026-13-01", "12/01/2026", ""])
+@pytest.mark.parametrize("text", ["yesterday", "2026-13-01", "12/01/2026", "", "0001-01-01T00:00:00+01:00"])
 def test_since_refuses(text: str) -> None:
     with pytest.raises(ValueError, match="--since wants"):
         parse_since(text)
@@ -232,14 +232,15 @@ def test_cli_reads_a_file_stdin_and_gzip_alike(tmp_path: Path) -> None:
 def test_cli_skips_malformed_lines_and_a_partial_last_line(tmp_path: Path) -> None:
     path = tmp_path / "usage.jsonl"
     good = jsonl(EVENTS[:3])
-    path.write_bytes(good + b"not json\n" + b"[1, 2]\n" + b"\xff\xfe\n" + b"\n" + jsonl(EVENTS[3:])
+    out_of_range = b'{"ts": "0001-01-01T00:00:00+01:00", "status": 200}\n'  # a year 0 in UTC: it crashed
+    path.write_bytes(good + b"not json\n" + b"[1, 2]\n" + b"\xff\xfe\n" + b"\n" + out_of_range + jsonl(EVENTS[3:])
                      + b'{"ts": "2026-12-02T09:00:00.000Z", "sta')
     done = aisix_usage(str(path), "--by", "day", "--format", "csv")
     assert done.returncode == 0
     assert sum(int(row["requests"]) for row in csv.DictReader(io.StringIO(done.stdout))) == 8
     assert done.stderr.splitlines() == [
         "aisix usage: skipped an incomplete last line in 1 file(s) (an event still being written?)",
-        f"aisix usage: skipped 4 malformed line(s), not usage events (the first at {path}:4)",
+        f"aisix usage: skipped 5 malformed line(s), not usage events (the first at {path}:4)",
     ]
 
 
