@@ -33,6 +33,7 @@ from .keys import CALLER, EXCHANGE, REQUEST_ID
 PROBES = frozenset(("/livez", "/readyz"))
 _BARE = re.compile(r"[!#-~]+")  # printable ASCII but space and '"': written as is, else quoted
 _LEFT = web.Response(status=499)  # the answer of a caller that left before it had one; never sent
+_CUT = web.Response(status=503)  # of a request the drain's deadline cut before its answer; never sent
 
 
 class Writer:
@@ -145,7 +146,8 @@ def cancelled(request: web.BaseRequest, elapsed: float) -> None:
         return
     ex = request.get(EXCHANGE)
     if ex is not None:
-        logger.log(request, ex.response or _LEFT, ex.latency_ms / 1000)  # as in its usage event
+        cut = ex.error_code == "shutting_down"
+        logger.log(request, ex.response or (_CUT if cut else _LEFT), ex.latency_ms / 1000)  # as its usage event
         # The response holds the request, which holds the exchange: aiohttp lets go of an
         # answered request's response, not of this one, and the cycle would wait for the rare
         # full collection (server._steady_gc).

@@ -23,6 +23,7 @@ class Live:
 
     resources: Resources
     draining: bool = False
+    cutting: bool = False                   # the drain's deadline passed: what still runs is being cut
     in_flight: int = 0                      # audio exchanges and realtime sessions under way
     sessions: set[Session] = field(default_factory=set)  # the realtime sessions open
     idle: asyncio.Event = field(default_factory=asyncio.Event)  # set when in_flight drops to 0

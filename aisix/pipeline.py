@@ -119,7 +119,11 @@ async def exchange(request: web.Request, route: str, read: Reader) -> web.Stream
             outputs = guardrails.rules_for(resources, model.alias, guardrails.OUTPUT)
             return await relay(request, answer, ex, deadline, idle, outputs)
     except asyncio.CancelledError:  # the caller left while we waited (handler_cancellation)
-        ex.status, ex.error_code = 499, "client_closed"
+        if live.cutting:  # no: the drain's deadline cut it (the runner's cleanup cancels what is left)
+            ex.status = ex.response.status if ex.response is not None else 503
+            ex.error_code = "shutting_down"
+        else:
+            ex.status, ex.error_code = 499, "client_closed"
         raise
     except BaseException as exc:
         return _failed(request, ex, exc, deadline is None or deadline.waiting_on == CLIENT)

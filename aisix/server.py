@@ -202,6 +202,7 @@ async def _drain(app: web.Application, site: web.TCPSite, grace: float, deadline
         log.info("stopped accepting: %d requests in flight", live.in_flight)
     if live.in_flight and not await _idle_within(live, end - loop.time()):
         log.warning("drain deadline reached with %d requests in flight: closing them", live.in_flight)
+        live.cutting = True  # their records say shutting_down, not that their callers left
         if live.sessions:
             # Realtime sessions are told why (1001, going away); their handlers then finish and
             # write their usage events, given the few seconds a close handshake takes.
@@ -209,7 +210,10 @@ async def _drain(app: web.Application, site: web.TCPSite, grace: float, deadline
             for session in list(live.sessions):
                 session.end(1001)
             await _idle_within(live, SESSION_CLOSE_S)
-    log.info("drained")
+    if live.in_flight:
+        log.info("drain over: cutting %d requests", live.in_flight)
+    else:
+        log.info("drained")
 
 
 async def _idle_within(live: Live, seconds: float) -> bool:

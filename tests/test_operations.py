@@ -3,10 +3,12 @@ log: test_access_log.py)."""
 
 from __future__ import annotations
 
+import asyncio
 import shutil
 import signal
 import subprocess
 import uuid
+from collections.abc import AsyncIterator
 
 import aiohttp
 import pytest
@@ -20,6 +22,7 @@ from tests.test_transcriptions import form
 
 SPEECH = {"model": "tts-prod", "input": "Hello there", "voice": "alloy"}
 AUTH = {"Authorization": f"Bearer {TEAM_A}"}
+UPLOAD, UPLOAD_TYPE = form("model", "file")
 
 
 RECEIVED: list[int] = []  # body bytes of every answer post() read, for the bytes_total check
@@ -162,16 +165,35 @@ async def test_sigterm_drains_then_exits_zero(make_gateway, fake: FakeUpstream) 
 
 
 async def test_drain_deadline_cuts_what_is_left(make_gateway, fake: FakeUpstream) -> None:
+    # Cut by the gateway's stop, not left by their callers: the records say so (they said 499
+    # client_closed, which bills and blames the caller for the gateway's own stop).
     gw = make_gateway({"proxy": {"drain_timeout_ms": 300}})
     fake.behaviour = Behaviour(speech_chunks=40, chunk_delay=0.25)
+    answering, uploading = uuid.uuid4().hex, uuid.uuid4().hex
+    gate = asyncio.Event()
+
+    async def slow_upload() -> AsyncIterator[bytes]:
+        yield UPLOAD[:100]
+        await gate.wait()  # the rest never comes before the cut
+
     async with aiohttp.ClientSession() as s:
-        async with s.post(gw.url + "/v1/audio/speech", json=SPEECH, headers=AUTH) as r:
+        upload = asyncio.create_task(s.post(gw.url + "/v1/audio/transcriptions", data=slow_upload(), headers={
+            **AUTH, "x-aisix-request-id": uploading, "Content-Type": UPLOAD_TYPE}))
+        async with s.post(gw.url + "/v1/audio/speech", json=SPEECH, headers={**AUTH, "x-aisix-request-id": answering}) as r:
             await r.content.readany()
             gw.signal(signal.SIGTERM)
             with pytest.raises(aiohttp.ClientPayloadError):
                 await r.read()
+        with pytest.raises(aiohttp.ClientError):
+            await upload
+        gate.set()
     assert gw.wait(30) == 0
-    assert "drain deadline reached with 1 requests in flight" in gw.log()
+    log = gw.log()
+    assert "drain deadline reached with 2 requests in flight" in log and "drain over: cutting 2 requests" in log
+    assert "drained" not in log
+    assert (gw.event(answering, timeout=1)["status"], gw.event(answering)["error_code"]) == (200, "shutting_down")
+    assert (gw.event(uploading)["status"], gw.event(uploading)["error_code"]) == (503, "shutting_down")
+    assert f'" 503 rid={uploading}' in log  # its access line
 
 
 async def test_a_busy_drain_stops_accepting_after_the_grace(make_gateway, fake: FakeUpstream) -> None:
