@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+import json
+
 import socket
 from typing import Any
 
@@ -135,6 +138,24 @@ async def test_unrouted_requests_get_the_envelope_and_our_headers(gateway: Gatew
     assert headers.get("Allow") == allow
     lower = {name.lower(): value for name, value in headers.items()}
     assert (lower["server"], lower["x-aisix-request-id"], lower["x-request-id"]) == ("aisix", "unrouted-1", "unrouted-1")
+
+
+@pytest.mark.parametrize("request_line", [b"GET /v1/models%0a HTTP/1.1", b"GET /nope%0d%0aX HTTP/1.1",
+                                          b"OPTIONS * HTTP/1.1", b"CONNECT example.com:443 HTTP/1.1"])
+async def test_targets_no_route_pattern_can_match_get_the_envelope_too(gateway: Gateway, request_line: bytes) -> None:
+    # They got aiohttp's plain-text 404 (with its version in Server), no envelope, no request id.
+    host, port = gateway.url.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    try:
+        writer.write(request_line + b"\r\nHost: x\r\nConnection: close\r\n\r\n")
+        answer = await asyncio.wait_for(reader.read(), 10)
+    finally:
+        writer.close()
+    head, _, body = answer.partition(b"\r\n\r\n")
+    lines = head.decode().lower().split("\r\n")
+    assert lines[0].startswith("http/1.1 404")
+    assert "server: aisix" in lines and any(line.startswith("x-aisix-request-id: ") for line in lines)
+    assert json.loads(body)["error"]["code"] == "not_found"
 
 
 async def test_body_limit(make_gateway, fake: FakeUpstream) -> None:
