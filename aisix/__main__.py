@@ -96,10 +96,38 @@ def _validate(args: argparse.Namespace) -> int:
     loaded = _load(args.config)
     if loaded is None:
         return 1
+    problems = _start_problems(loaded)
+    if problems:
+        for problem in problems:
+            print(f"{loaded.settings.config_file}: {problem}", file=sys.stderr)
+        return 1
     r = loaded.resources
     print(f"ok: {loaded.settings.config_file}: {len(r.provider_keys)} provider keys, "
           f"{len(r.models)} models, {len(r.api_keys)} api keys, {len(r.guardrails)} guardrails")
     return 0
+
+
+def _start_problems(loaded: config.Config) -> list[str]:
+    """What serve would refuse at start beyond the files themselves: a listen host that does not
+    resolve, a file sink's missing directory. Not a port in use: the instance being checked
+    before a reload holds its own."""
+    import os
+    import socket
+
+    settings, problems = loaded.settings, []
+    for field, listen in (("proxy.listen", settings.proxy.listen), ("metrics.listen", settings.metrics_listen)):
+        if listen is None:
+            continue
+        try:
+            socket.getaddrinfo(listen.host, listen.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        except (OSError, UnicodeError) as exc:
+            problems.append(f"{field}: {listen.host!r} does not resolve ({getattr(exc, 'strerror', None) or exc})")
+    sink = settings.usage_sink
+    if sink.kind == "file":
+        folder = os.path.dirname(os.path.abspath(sink.target))  # as the sink opens it
+        if not os.path.isdir(folder):
+            problems.append(f"usage.sink: directory {folder} does not exist")
+    return problems
 
 
 def _serve(args: argparse.Namespace) -> int:

@@ -157,10 +157,11 @@ async def _serve(config: Config, access_log: bool) -> None:
             # before it joins the proxy port, instead of answering half of someone else's scrapes.
             metrics_runner = web.AppRunner(metrics_app(app[METRICS]), access_log=None)
             await metrics_runner.setup()
-            await _listen(metrics_runner, settings.metrics_listen, "aisix metrics listening on", reuse_port=False)
+            await _listen(metrics_runner, settings.metrics_listen, "metrics.listen", "aisix metrics listening on",
+                          reuse_port=False)
         # reuse_port: several processes (one per core) serve one port; the kernel spreads
         # connections between them.
-        site = await _listen(runner, settings.proxy.listen, "aisix listening on", reuse_port=True)
+        site = await _listen(runner, settings.proxy.listen, "proxy.listen", "aisix listening on", reuse_port=True)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -180,9 +181,12 @@ async def _serve(config: Config, access_log: bool) -> None:
         log.info("aisix stopped")
 
 
-async def _listen(runner: web.AppRunner, listen: Listen, what: str, reuse_port: bool) -> web.TCPSite:
+async def _listen(runner: web.AppRunner, listen: Listen, field: str, what: str, reuse_port: bool) -> web.TCPSite:
     site = web.TCPSite(runner, listen.host, listen.port, reuse_port=reuse_port)
-    await site.start()
+    try:
+        await site.start()
+    except OSError as exc:  # a host that does not resolve or is not this machine's, a port in use
+        raise OSError(f"{field} {listen.host}:{listen.port}: {exc.strerror or exc}") from None
     for address in runner.addresses:  # the real port when 0 was asked for
         host, port = address[:2]
         log.info("%s http://%s:%d", what, host, port)

@@ -44,6 +44,29 @@ def test_a_broken_copy_is_refused(tmp_path: Path, command: str) -> None:
     ]
 
 
+@pytest.mark.parametrize("command", ["validate", "serve"])
+def test_what_only_a_start_finds_is_found_by_validate_and_named_by_serve(tmp_path: Path, command: str) -> None:
+    # validate said ok to a listen host that does not resolve and to a file sink in a missing
+    # directory; serve then failed with "Name or service not known", naming no field.
+    shutil.copytree(CONFIG.parent, tmp_path, dirs_exist_ok=True)
+    settings = (tmp_path / "config.yaml").read_text()
+    assert 'listen: "127.0.0.1:3000"' in settings
+    (tmp_path / "config.yaml").write_text(settings.replace('listen: "127.0.0.1:3000"', 'listen: "no-such-host.invalid:3000"')
+                                          .replace('sink: "stdout"', f'sink: "file:{tmp_path}/missing/usage.jsonl"')
+                                          .replace('listen: "127.0.0.1:${AISIX_METRICS_PORT:-9090}"', "listen: null"))
+    result = aisix(command, "-c", str(tmp_path / "config.yaml"))
+    assert result.returncode == 1 and result.stdout == ""
+    if command == "validate":
+        assert [line.split(" (")[0] for line in result.stderr.splitlines()] == [
+            f"{tmp_path}/config.yaml: proxy.listen: 'no-such-host.invalid' does not resolve",
+            f"{tmp_path}/config.yaml: usage.sink: directory {tmp_path}/missing does not exist"]
+    else:  # serve opens the sink first, then listens: fixed sink, it names the listener
+        (tmp_path / "missing").mkdir()
+        result = aisix(command, "-c", str(tmp_path / "config.yaml"))
+        assert result.returncode == 1
+        assert "cannot start: proxy.listen no-such-host.invalid:3000: " in result.stderr
+
+
 def test_validate_a_missing_file() -> None:
     result = aisix("validate", "-c", "/nonexistent/config.yaml")
     assert result.returncode == 1
