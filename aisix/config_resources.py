@@ -84,6 +84,8 @@ def _provider_key(r: Reader, name: str) -> ProviderKey | None:
     rate_limit = _rate_limit(r)
     if base is not None and not _http_url(base):
         r.problem("api_base", "must be an http:// or https:// URL with a host, no query or fragment")
+    elif base is not None and "@" in urlsplit(base).netloc:  # never sent: the key goes in api_key
+        r.problem("api_base", "must not hold credentials (user:password@); the provider's key goes in api_key")
     if secret is not None and not (secret.isascii() and secret.isprintable()):
         r.problem("api_key", "must be printable ASCII (it goes into a header)")
     if provider == "azure" and version is None:

@@ -33,7 +33,17 @@ def got(value: object) -> str:
         return f"got {value}"
     kinds = {str: "a string", list: "a list", dict: "a mapping", float: "a number",
              dt.datetime: "a timestamp", dt.date: "a date", type(None): "null"}
+    if isinstance(value, str) and _numeric(value):  # 6e-3: YAML 1.1 wants a '.' in a float
+        return "got a string that reads as a number (YAML takes 6e-3 as text: write 0.006 or 6.0e-3)"
     return "got " + kinds.get(type(value), type(value).__name__)
+
+
+def _numeric(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
 
 
 def add_problem(out: list[str], file: str, resource: str, key: str | None, message: str) -> None:

@@ -197,8 +197,15 @@ def as_csv(report: Report) -> str:
     writer = csv.writer(out, lineterminator="\n")
     writer.writerow([*report.by, *COLUMNS])
     for group, t in report.rows():
-        writer.writerow([*group, *("" if v is None else v for v in _values(t).values())])
+        writer.writerow([*(_cell(name) for name in group), *("" if v is None else v for v in _values(t).values())])
     return out.getvalue()
+
+
+def _cell(name: str) -> str:
+    """A key or model name for a spreadsheet: the caller chose the alias, and a cell starting with
+    = + - @ (or a tab or carriage return) is a formula there (=HYPERLINK(...)): it gets a leading
+    quote, the usual guard, which a spreadsheet shows and a script can strip."""
+    return "'" + name if name[:1] in ("=", "+", "-", "@", "\t", "\r") else name
 
 
 def as_json(report: Report) -> str:

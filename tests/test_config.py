@@ -186,6 +186,11 @@ RESOURCE_PROBLEMS = [
      "resources.yaml: provider_keys[openai-main]: field 'api_base': must be an http:// or https:// URL"),
     ({"provider_keys.0.api_base": "http://localhost:99999/v1"},
      "resources.yaml: provider_keys[openai-main]: field 'api_base': must be an http:// or https:// URL"),
+    ({"provider_keys.0.api_base": "https://user:pw@api.openai.com/v1"},  # they were dropped, silently
+     "resources.yaml: provider_keys[openai-main]: field 'api_base': must not hold credentials"),
+    ({"models.0.pricing": {"per_minute_input_audio": "6e-3"}},
+     "resources.yaml: models[tts-prod]: field 'pricing.per_minute_input_audio': must be a number >= 0 (USD), "
+     "got a string that reads as a number (YAML takes 6e-3 as text: write 0.006 or 6.0e-3)"),
     ({"provider_keys.0.provider": 1},
      "resources.yaml: provider_keys[openai-main]: field 'provider': must be a string, got 1"),
     ({"provider_keys.0.provider": "opnai"},

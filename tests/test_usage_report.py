@@ -346,6 +346,15 @@ async def test_totals_of_a_real_gateway_s_events(make_gateway: Any) -> None:
     assert table.splitlines()[-1].split()[:3] == ["TOTAL", str(sent), "2"]
 
 
+def test_csv_keeps_a_callers_alias_from_running_as_a_formula() -> None:
+    report = Report(parse_by("model"))
+    for model in ("=HYPERLINK(\"http://evil\",\"x\")", "+1", "-2+3", "@SUM(A1)", "\tx", "whisper-1"):
+        report.add(ev(model=model))
+    rows = list(csv.reader(io.StringIO(usage_report.as_csv(report))))
+    assert {r[0] for r in rows[1:]} == {"'=HYPERLINK(\"http://evil\",\"x\")", "'+1", "'-2+3", "'@SUM(A1)", "'\tx",
+                                        "whisper-1"}
+
+
 def test_a_table_shows_control_characters_escaped() -> None:
     """The alias is the caller's string: an escape sequence or a line break in it must not reach
     the operator's terminal (or split a row); CSV and JSON carry it as it was."""
