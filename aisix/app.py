@@ -7,10 +7,8 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
-from typing import cast
 
 from aiohttp import web
-from aiohttp.web_urldispatcher import UrlMappingMatchInfo
 
 from . import endpoints, forms, inbound, pipeline, realtime, responses, speech, upstream
 from .config import Config
@@ -25,7 +23,7 @@ log = logging.getLogger(__name__)
 
 def create_app(config: Config, clock: Callable[[], float] = time.time) -> web.Application:
     # client_max_size does not cover streamed reads: the pipeline counts body bytes itself.
-    app = web.Application(router=_Router())
+    app = web.Application()
     app[SETTINGS] = config.settings
     app[LIVE] = Live(config.resources)
     app[CLOCK] = clock
@@ -71,26 +69,10 @@ def create_app(config: Config, clock: Callable[[], float] = time.time) -> web.Ap
     for path, allowed in methods.items():
         if cors is not None and path.startswith("/v1/"):  # browsers' preflights; else OPTIONS is 405
             app.router.add_route("OPTIONS", path, responses.preflight(allowed, cors))
-    # last: 404 and 405
-    router = cast(_Router, app.router)
-    router.fallback = app.router.add_route("*", "/{path:.*}", responses.unrouted(methods),
-                                           expect_handler=inbound.expect)
+    # last: 404 and 405; [\s\S], not '.': a path with a decoded newline (/v1/models%0a) got
+    # aiohttp's own plain-text 404 (its version in Server, no request id, no envelope)
+    app.router.add_route("*", "/{path:[\\s\\S]*}", responses.unrouted(methods), expect_handler=inbound.expect)
     return app
-
-
-class _Router(web.UrlDispatcher):
-    """aiohttp's router, whose catch-all route also takes the targets no path pattern can match:
-    a path with a decoded newline (``/v1/models%0a``), ``OPTIONS *``, ``CONNECT host:443``. They
-    got aiohttp's own plain-text 404, with no envelope, no request id and its version."""
-
-    fallback: web.AbstractRoute | None = None
-
-    async def resolve(self, request: web.Request) -> UrlMappingMatchInfo:
-        match = await super().resolve(request)
-        exc = match.http_exception
-        if exc is not None and exc.status == 404 and self.fallback is not None:
-            return UrlMappingMatchInfo({"path": request.path}, self.fallback)
-        return match
 
 
 async def _usage_sink(app: web.Application) -> AsyncIterator[None]:
