@@ -52,11 +52,21 @@ class _BodyErrors:
 
 
 class RequestHandler(web.RequestHandler):
-    """One connection; aiohttp's, but for the answer to a request it could not parse."""
+    """One connection; aiohttp's, but for the answer to a request it could not parse, and
+    ``peer_gone``: whether the caller's end of it went first. A handler cancelled then was
+    cancelled because its caller left; one cancelled while it is False, by the server's stop
+    (aiohttp cancels a handler before it closes the connection, and a connection lost before it
+    cancels)."""
+
+    peer_gone = False
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._parser = _BodyErrors(self._parser)  # type: ignore[assignment]  # feed_data is all it is asked for
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        self.peer_gone = True
+        super().connection_lost(exc)
 
     def handle_error(
         self, request: web.BaseRequest, status: int = 500, exc: BaseException | None = None,

@@ -119,7 +119,9 @@ async def exchange(request: web.Request, route: str, read: Reader) -> web.Stream
             outputs = guardrails.rules_for(resources, model.alias, guardrails.OUTPUT)
             return await relay(request, answer, ex, deadline, idle, outputs)
     except asyncio.CancelledError:  # the caller left while we waited (handler_cancellation)
-        if live.cutting:  # no: the drain's deadline cut it (the runner's cleanup cancels what is left)
+        # Unless the drain's deadline cut it: the runner's cleanup cancels what is left before it
+        # closes the connections (connection.RequestHandler.peer_gone).
+        if live.cutting and not getattr(request.protocol, "peer_gone", False):
             ex.status = ex.response.status if ex.response is not None else 503
             ex.error_code = "shutting_down"
         else:

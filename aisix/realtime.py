@@ -136,6 +136,7 @@ async def session(request: web.Request) -> web.StreamResponse:
     ex = request[EXCHANGE] = Exchange(ROUTE, request[REQUEST_ID], clock(), time.monotonic())
     s = Session(request, ex, resources)
     live.enter()
+    live.sessions.add(s)  # the drain's deadline ends it, relaying or not
     try:
         try:
             offered = _offered(request)
@@ -185,6 +186,8 @@ async def session(request: web.Request) -> web.StreamResponse:
             broke = s.caller.first_close if s.caller is not None else None
             if broke in BROKE_PROTOCOL:  # aiohttp closed it for a bad frame; its close ended the connection
                 ex.close_code, ex.error_code = broke, "client_protocol_error"
+            elif s.cut:  # the drain's deadline, during its upstream handshake
+                ex.status, ex.error_code = ex.status or 503, "shutting_down"
             else:
                 ex.status, ex.error_code = ex.status or 499, ex.error_code or "client_closed"
         raise
@@ -294,13 +297,14 @@ class Session:
         # Usage as reported, by what prices it: the session's model (its responses, and transcriptions
         # by it), and a transcription model of another alias named in session.update, if any.
         self.spent: Usage | None = None
-        self.transcribed: Usage | None = None
-        self.transcriber: tuple[Model, Target] | None = None
+        self.transcriber: tuple[Model, Target] | None = None  # another alias's model, when named
+        self.transcribed_usd = 0.0  # their transcriptions, each at the prices when reported
         self.charged_usd = 0.0  # what the budgets have been charged so far: the cost of the usage above
         self.pending: list[tuple[bytes, WSMsgType]] = []
         self.pending_bytes = 0
         self.began: float | None = None  # monotonic, at the upgrade
         self.ended: End | None = None  # once the session is closing
+        self.cut = False  # the drain's deadline came before it was relaying
         self._stop: asyncio.Future[End] | None = None  # an end that comes from outside the pumps
         # The heartbeat: sides that owe the pong of the last ping, and the pumps waiting in receive()
         # (a pump stuck handing a frame to the other side cannot read its side's pong).
@@ -396,30 +400,31 @@ class Session:
         self._rules()
 
     def _rules(self) -> None:
-        """The guardrails of the session's model and of its transcription model, if another."""
-        names = {m for m in (self.ex.model, self.transcription_alias) if m is not None and m in self.resources.models}
+        self.inputs, self.outputs = self._rules_with(self.transcription_alias)
+
+    def _rules_with(self, transcription_alias: str | None) -> tuple[tuple[Guardrail, ...], tuple[Guardrail, ...]]:
+        """The (input, output) guardrails of the session's model and of this transcription
+        model, if another."""
+        names = {m for m in (self.ex.model, transcription_alias) if m is not None and m in self.resources.models}
         inputs: list[Guardrail] = []
         outputs: list[Guardrail] = []
         for alias in sorted(names):
             inputs += [g for g in guardrails.rules_for(self.resources, alias, guardrails.INPUT) if g not in inputs]
             outputs += [g for g in guardrails.rules_for(self.resources, alias, guardrails.OUTPUT) if g not in outputs]
-        self.inputs, self.outputs = tuple(inputs), tuple(outputs)
+        return tuple(inputs), tuple(outputs)
 
     # -- the relay ---------------------------------------------------------------------------
 
     async def run(self) -> None:
-        live = self.app[LIVE]
         loop = asyncio.get_running_loop()
         self._stop = loop.create_future()
         up = asyncio.create_task(self._from_caller())
         down = asyncio.create_task(self._from_upstream())
-        live.sessions.add(self)
         if self.heartbeat:
             self._beat = loop.call_later(self.heartbeat, self._heartbeat)
         try:
             await asyncio.wait((up, down, self._stop), return_when=asyncio.FIRST_COMPLETED)
         finally:
-            live.sessions.discard(self)
             if self._beat is not None:
                 self._beat.cancel()
             for task in (up, down):
@@ -433,7 +438,12 @@ class Session:
         await self._close(end)
 
     def end(self, code: int) -> None:
-        """Close both sides with ``code`` (the drain's deadline)."""
+        """Close both sides with ``code`` (the drain's deadline); a session not relaying yet (in
+        its upstream handshake) is cut there."""
+        if self._stop is None:
+            self.cut = True
+            self.request.task.cancel()
+            return
         self._halt(End(GATEWAY, code, b"server going away", "shutting_down"))
 
     def _halt(self, end: End) -> None:
@@ -585,13 +595,20 @@ class Session:
             raise
 
     async def _screened(self, event: frames.ClientEvent) -> bytes:
+        """The frame to send on, checked; raises Refused. What it changes (the transcription
+        model's guardrails and prices) holds only once the whole frame has passed."""
+        last: tuple[str, Model, Target] | None = None
         for named in event.transcription_models:  # each one: a second must not pass unchecked
-            named.rewrite(await self._transcription_model(_model_value(named), event.event_id))
+            alias = _model_value(named)
+            model, target = await self._transcription_model(alias, event.event_id)
+            named.rewrite(target.model_name)
+            last = (alias, model, target)
         if event.session_model is not None:
             event.session_model.rewrite(self._session_model(_model_value(event.session_model)))
+        inputs, outputs = self._rules_with(last[0]) if last is not None else (self.inputs, self.outputs)
         verdict = None
         for text in event.texts:
-            verdict = guardrails.check(self.inputs, text) or verdict
+            verdict = guardrails.check(inputs, text) or verdict
             if verdict is not None and verdict.action == guardrails.BLOCKED:
                 break
         if verdict is not None:
@@ -600,11 +617,16 @@ class Session:
             if verdict.action == guardrails.BLOCKED:
                 blocked = errors.GuardrailBlocked(verdict.guardrail)
                 raise Refused(blocked.code, blocked.message)
+        if last is not None:
+            alias, model, target = last
+            self.transcription_alias, self.inputs, self.outputs = alias, inputs, outputs
+            self.transcriber = None if model is self.model else (model, target)  # priced as the session's own
         return event.encode()
 
-    async def _transcription_model(self, alias: str, event_id: str | None) -> str:
-        """The upstream model name for a transcription alias named in session.update; in a
-        session that has no upstream yet, that model's target is connected to."""
+    async def _transcription_model(self, alias: str, event_id: str | None) -> tuple[Model, Target]:
+        """The model of a transcription alias named in session.update and the target (on the
+        session's provider key) whose upstream model name goes in its place; in a session that has
+        no upstream yet, that model's target is connected to."""
         assert self.key is not None
         try:
             model = aliases.resolve(alias, self.key, self.resources.models, ROUTE)
@@ -626,17 +648,13 @@ class Session:
                 raise _Ending(End(GATEWAY, 1014, b"upstream unavailable", exc.code)) from None
             await self._flush_pending()
         assert self.target is not None
-        if alias != self.transcription_alias:
-            self.transcription_alias = alias
-            self._rules()
         if model is self.model:
-            return self.target.model_name
+            return model, self.target
         same = [t for t in model.targets if t.provider_key is self.target.provider_key]
         if not same:
             raise Refused("model_not_supported",
                           f"The model '{alias}' cannot be used in this session: it is served by another provider.")
-        self.transcriber = (model, same[0])
-        return same[0].model_name
+        return model, same[0]
 
     def _session_model(self, name: str) -> str:
         """The upstream model name for a session.update's ``session.model``: the session's own
@@ -671,7 +689,7 @@ class Session:
             return None
         ex.usage = frames.add(ex.usage, used)
         if report.transcription and self.transcriber is not None:
-            self.transcribed = frames.add(self.transcribed, used)
+            self._transcribed(*self.transcriber, used)
         else:
             self.spent = frames.add(self.spent, used)
         tokens, cost, seconds = used.tokens, self._cost_since(), used.audio_seconds
@@ -703,25 +721,19 @@ class Session:
         """What the usage reported so far costs: the session's model's prices (or its target's)
         for its own, ``per_request`` once (a session is one request); a transcription model of
         another alias's prices, without ``per_request``, for what it transcribed."""
-        priced: list[tuple[Pricing, Usage | None]] = []
-        if self.model is not None:
-            prices = _prices(self.model, self.target)
-            if prices is not None:
-                priced.append((prices, self.spent))
-        if self.transcriber is not None and self.transcribed is not None:
-            prices = _prices(*self.transcriber)
-            if prices is not None:
-                priced.append((dataclasses.replace(prices, per_request=None), self.transcribed))
-        total = 0.0
-        for prices, used in priced:
-            # The Realtime API reports what it bills, with each response and transcription: what
-            # a session never reported, it did not use.
-            cost = pricing.cost(prices, pricing.Quantities(
-                input_tokens=used.input_tokens or 0 if used is not None else 0,
-                output_tokens=used.output_tokens or 0 if used is not None else 0,
-                audio_seconds_in=used.audio_seconds or 0.0 if used is not None else 0.0))
-            total += cost or 0.0  # every quantity is known: never None
-        return round(total, 8) if priced else None
+        prices = _prices(self.model, self.target) if self.model is not None else None
+        own = _priced(prices, self.spent) if prices is not None else None
+        if own is None and not self.transcribed_usd:
+            return None
+        return round((own or 0.0) + self.transcribed_usd, 8)
+
+    def _transcribed(self, model: Model, target: Target, used: Usage) -> None:
+        """A transcription by another alias's model, priced now at its prices (a later alias
+        does not re-price it), without its per_request (the session is the one request)."""
+        prices = _prices(model, target)
+        if prices is not None:
+            cost = _priced(dataclasses.replace(prices, per_request=None), used)
+            self.transcribed_usd += cost
 
     async def _close(self, end: End) -> None:
         """Close both sides as ``end`` says: a close frame is relayed with its code and reason; a
@@ -751,7 +763,9 @@ class Session:
         ex, app, clock = self.ex, self.app, self.clock
         # The caller's transport closing cancels this handler, maybe during an await here: the
         # slots are settled first (settle_all goes through a cancellation), the record always.
-        cost = self._cost_since() if self.began is not None else None  # a session never upgraded costs nothing
+        # A session that never reached an upstream (refused before the upgrade, or a transcription
+        # session whose upstream could not be opened) costs nothing.
+        cost = self._cost_since() if self.target is not None else None
         try:
             await self.limiter.settle_all((self.slot, self.model_slot, self.provider_slot), None, clock(), cost or None)
             if self.upstream is not None and not self.upstream.closed:  # cancelled, or failed mid-way
@@ -764,6 +778,7 @@ class Session:
                 seconds = time.monotonic() - self.began
                 self.metrics.sessions_open.dec()
             self.metrics.session_finished(ex, ex.model in self.resources.models, seconds)
+            app[LIVE].sessions.discard(self)
             app[LIVE].leave()
 
 
@@ -786,6 +801,15 @@ def _model_value(named: frames.Named) -> str:
 def _prices(model: Model, target: Target | None) -> Pricing | None:
     """The target's prices, else its model's (as the audio routes price a request)."""
     return (target.pricing if target is not None else None) or model.pricing
+
+
+def _priced(prices: Pricing, used: Usage | None) -> float:
+    """What ``used`` costs. The Realtime API reports what it bills, with each response and
+    transcription: a quantity a session never reported, it did not use (so never None)."""
+    return pricing.cost(prices, pricing.Quantities(
+        input_tokens=used.input_tokens or 0 if used is not None else 0,
+        output_tokens=used.output_tokens or 0 if used is not None else 0,
+        audio_seconds_in=used.audio_seconds or 0.0 if used is not None else 0.0)) or 0.0
 
 
 def _refusal(status: int, headers: Mapping[str, str] | None) -> errors.GatewayError:

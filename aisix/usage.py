@@ -169,6 +169,10 @@ class UsageSink:
         if self._queue:
             self._lost(len(self._queue), "not written before close timed out")
             self._queue.clear()
+        # Handed to a writer that never finished: kept for the next start.
+        unconfirmed = self._unconfirmed()
+        if unconfirmed and (self.spill is None or not self.spill.append(unconfirmed)):
+            self._lost(len(unconfirmed), "still being written at stop")
         if self.spill is not None:
             if self.spill.pending:
                 log.warning("usage sink %s: events left in the spill at %s, replayed at the next start",
@@ -275,6 +279,10 @@ class UsageSink:
     async def _write(self, lines: list[bytes]) -> None:
         raise NotImplementedError
 
+    def _unconfirmed(self) -> list[bytes]:
+        """At close: lines counted as written whose write has not ended (no longer counted)."""
+        return []
+
     async def _release(self) -> None:
         pass
 
@@ -295,7 +303,7 @@ class StdoutSink(UsageSink):
         super().__init__(name, queue_size)
         self._out = Background("aisix-usage-stdout", _stdout)
         self._writing: asyncio.Future[None] | None = None  # a batch stdout has not taken yet
-        self._writing_lines = 0
+        self._writing_lines: list[bytes] = []
 
     async def _write(self, lines: list[bytes]) -> None:
         if not self._done_writing():
@@ -306,26 +314,34 @@ class StdoutSink(UsageSink):
         if done:
             writing.result()  # an error: the batch goes to the spill
             return
-        self._writing, self._writing_lines = writing, len(lines)
+        # Counted as written (by the writer, or done() for a replayed batch): if it never ends,
+        # close takes it back (_unconfirmed) into the spill.
+        self._writing, self._writing_lines = writing, lines
         log.warning("usage sink stdout: not being read; %d events are written when it is, later ones "
                     "wait in the spill", len(lines))
 
     def _done_writing(self) -> bool:
-        """Whether the batch stdout was slow to take has been written (or failed: counted lost)."""
+        """Whether the batch stdout was slow to take has been written (or failed: spilled again)."""
         writing = self._writing
         if writing is None:
             return True
         if not writing.done():
             return False
-        self._writing = None
+        self._writing, lines, self._writing_lines = None, self._writing_lines, []
         if writing.exception() is not None:
-            self._lost(self._writing_lines, f"stdout failed: {writing.exception()}")
+            self.written_total -= len(lines)
+            if self.spill is None or not self.spill.append(lines):
+                self._lost(len(lines), f"stdout failed: {writing.exception()}")
         return True
 
-    async def _release(self) -> None:
-        if not self._done_writing():
-            log.warning("usage sink stdout: %d events were still waiting for stdout to be read at stop",
-                        self._writing_lines)
+    def _unconfirmed(self) -> list[bytes]:
+        if self._done_writing():
+            return []
+        lines, self._writing, self._writing_lines = self._writing_lines, None, []
+        self.written_total -= len(lines)
+        log.warning("usage sink stdout: %d events still waiting for stdout to be read at stop: kept in "
+                    "the spill (stdout may yet get them too)", len(lines))
+        return lines
 
 
 def _stdout() -> int | BinaryIO:

@@ -210,3 +210,24 @@ async def test_a_busy_drain_stops_accepting_after_the_grace(make_gateway, fake: 
             audio = await r.read()
     assert len(audio) == 4 * 4800  # what was in flight still finished
     assert gw.wait(30) == 0
+
+
+async def test_a_caller_that_leaves_while_the_drain_cuts_is_recorded_as_leaving(make_gateway, fake: FakeUpstream) -> None:
+    # live.cutting is set when the drain's deadline passes, but the cut itself is the runner's
+    # cleanup, which first waits shutdown_timeout (1 s; plus SESSION_CLOSE_S, 5 s, when realtime
+    # sessions are open) for handlers to finish. A caller that closes its connection in that
+    # window is cancelled by aiohttp as any caller that leaves, and is recorded shutting_down:
+    # the gateway's stop is blamed for (and the record loses) the caller's own leaving.
+    gw = make_gateway({"proxy": {"drain_timeout_ms": 300}})
+    fake.behaviour = Behaviour(speech_chunks=40, chunk_delay=0.25)
+    rid = uuid.uuid4().hex
+    async with aiohttp.ClientSession() as s:
+        r = await s.post(gw.url + "/v1/audio/speech", json=SPEECH,
+                         headers={**AUTH, "x-aisix-request-id": rid})
+        await r.content.readany()
+        gw.signal(signal.SIGTERM)
+        gw.wait_log("drain over: cutting 1 requests")  # the deadline passed; nothing cut yet
+        r.close()  # the caller leaves on its own (closes its connection)
+    assert gw.wait(30) == 0
+    event = gw.event(rid, timeout=1)
+    assert event["error_code"] == "client_closed", event

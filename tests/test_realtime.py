@@ -958,3 +958,118 @@ def test_server_usage_is_read_as_reported() -> None:
     assert (report.usage, report.transcript) == (None, "hi")
     assert frames.parse_server(b"not json").usage is None
 
+
+# -- cost of transcriptions by other aliases; the drain during a handshake (review of session 9) ----
+
+def _priced(fake: FakeRealtime) -> dict:
+    res = resources(fake)
+    res["models"][0]["pricing"] = {"per_minute_input_audio": 0.6}      # rt-voice, the session's model
+    res["models"][1]["pricing"] = {"per_minute_input_audio": 6.0}      # rt-transcribe
+    res["models"].append({"display_name": "rt-transcribe-2", "provider_key": "fake",
+                          "model_name": "gpt-4o-mini-transcribe", "routes": ["realtime"],
+                          "pricing": {"per_minute_input_audio": 60.0}})
+    return res
+
+
+def _update(alias: str) -> str:
+    return orjson.dumps({"type": "session.update", "event_id": f"e-{alias}", "session": {
+        "audio": {"input": {"transcription": {"model": alias}}}}}).decode()
+
+
+HEARD_A_MINUTE = text({"type": "conversation.item.input_audio_transcription.completed", "item_id": "i",
+                       "transcript": "hi", "usage": {"type": "duration", "seconds": 60}})
+
+
+async def _session_cost(gw: Gateway, fake: FakeRealtime, aliases: list[str]) -> float:
+    fake.script = Script(replies={"session.update": [HEARD_A_MINUTE]})  # a minute transcribed after each
+    async with aiohttp.ClientSession() as s, s.ws_connect(ws_url(gw), headers=bearer()) as ws:
+        rid = ws._response.headers["x-aisix-request-id"]
+        for alias in aliases:
+            await ws.send_str(_update(alias))
+            assert (await next_event(ws))["type"] == "conversation.item.input_audio_transcription.completed"
+    return gw.event(rid)["cost_usd"]
+
+
+async def test_a_second_transcription_alias_does_not_reprice_the_first_ones_transcriptions(
+        make_gateway, rt: FakeRealtime) -> None:
+    # api.md 18: "a transcription alias of another model named in session.update prices the
+    # transcriptions reported AFTER it". The session keeps one `transcribed` total and prices all
+    # of it at the latest alias's prices: a minute at 6/min then a minute at 60/min costs 120.
+    gw = make_gateway(upstream_base=rt.base_url, **_priced(rt))
+    assert await _session_cost(gw, rt, ["rt-transcribe", "rt-transcribe-2"]) == 66.0
+
+
+async def test_naming_the_sessions_own_model_again_prices_later_transcriptions_at_its_prices(
+        make_gateway, rt: FakeRealtime) -> None:
+    # api.md 18: transcriptions are priced by "the session model's prices ... when the transcription
+    # model is the session's own". Once another alias was named, naming the session's own model
+    # again leaves Session.transcriber set: the later minute (and the earlier one) cost 6/min.
+    gw = make_gateway(upstream_base=rt.base_url, **_priced(rt))
+    assert await _session_cost(gw, rt, ["rt-transcribe", "rt-voice"]) == 6.6
+
+
+async def test_a_transcription_session_whose_upstream_never_opened_costs_nothing(
+        make_gateway, rt: FakeRealtime) -> None:
+    # api.md 10: "Only a request the upstream answered with a 2xx has a cost ... no answer at all has
+    # no cost_usd"; 18: "a session refused before the upgrade costs nothing". A transcription session
+    # is upgraded before its upstream is opened: when session.update's model cannot be reached
+    # (upstream_unavailable, 1014) finish() still prices it at per_request and charges the budget.
+    res = resources(rt, rate_limit={"cost_usd_per_day": 1.0})
+    res["models"].append({"display_name": "rt-deadscribe", "provider_key": "dead", "model_name": "gpt-4o-transcribe",
+                          "routes": ["realtime"], "pricing": {"per_request": 2.0}})
+    gw = make_gateway(upstream_base=rt.base_url, **res)
+    update = {"type": "session.update", "event_id": "evt_9",
+              "session": {"audio": {"input": {"transcription": {"model": "rt-deadscribe"}}}}}
+    async with aiohttp.ClientSession() as s, \
+            s.ws_connect(ws_url(gw, "intent=transcription"), headers=bearer()) as ws:
+        rid = ws._response.headers["x-aisix-request-id"]
+        await ws.send_str(orjson.dumps(update).decode())
+        assert (await next_event(ws))["error"]["code"] == "upstream_unavailable"
+        msg = await ws.receive(10)
+        assert (msg.type, msg.data) == (aiohttp.WSMsgType.CLOSE, 1014)
+    event = gw.event(rid)
+    assert event["error_code"] == "upstream_unavailable"
+    assert "cost_usd" not in event, event
+
+
+async def test_a_refused_session_update_does_not_change_how_transcriptions_are_priced(
+        make_gateway, rt: FakeRealtime) -> None:
+    # _screened rewrites (and so records: Session.transcriber, transcription_alias and the rules)
+    # every transcription model before the guardrails and the session.model check run. A frame
+    # they then refuse is never forwarded, so the upstream still transcribes with what it had,
+    # yet the gateway now prices every transcription at the refused frame's alias's prices.
+    gw = make_gateway(upstream_base=rt.base_url, **_priced(rt))
+    rt.script = Script(replies={"response.create": [HEARD_A_MINUTE]})
+    refused = {"type": "session.update", "event_id": "e1", "session": {
+        "instructions": "tell me the password",  # blocked by the no-passwords input guardrail
+        "audio": {"input": {"transcription": {"model": "rt-transcribe-2"}}}}}
+    async with aiohttp.ClientSession() as s, s.ws_connect(ws_url(gw), headers=bearer()) as ws:
+        rid = ws._response.headers["x-aisix-request-id"]
+        await ws.send_str(orjson.dumps(refused).decode())
+        error = await next_event(ws)
+        assert (error["type"], error["error"]["code"]) == ("error", "guardrail_blocked")
+        await ws.send_str('{"type":"response.create"}')
+        assert (await next_event(ws))["type"] == "conversation.item.input_audio_transcription.completed"
+    up = rt.session()
+    assert [e["type"] for e in up.events()] == ["response.create"]  # the refused frame never went on
+    assert gw.event(rid)["cost_usd"] == 0.6  # a minute at the session model's 0.6/min; it says 60.0
+
+
+async def test_a_realtime_handshake_the_drain_cuts_is_recorded_as_shutting_down(make_gateway, rt: FakeRealtime) -> None:
+    # api.md 15: "whatever still runs then is cut: its usage event and access line say error_code
+    # shutting_down ... (not 499: the caller did not leave)". pipeline.exchange checks live.cutting;
+    # realtime.session's CancelledError branch does not: a session whose upstream handshake is
+    # still under way at the deadline (it is not in live.sessions yet, so session.end() misses it)
+    # is recorded 499 client_closed.
+    gw = make_gateway({"proxy": {"drain_timeout_ms": 300}}, upstream_base=rt.base_url, **resources(rt))
+    rt.script = Script(hold_handshake=True)
+    async with aiohttp.ClientSession() as s:
+        waiting = asyncio.create_task(s.ws_connect(ws_url(gw), headers=bearer()))
+        await rt.until(lambda _: rt.handshakes == 1)
+        gw.signal(signal.SIGTERM)
+        with contextlib.suppress(aiohttp.ClientError):
+            await asyncio.wait_for(waiting, 30)
+    assert gw.wait(30) == 0
+    assert "closing 1 realtime sessions with 1001" in gw.log()
+    event = gw.events(1)[-1]
+    assert (event["status"], event["error_code"]) == (503, "shutting_down"), event
