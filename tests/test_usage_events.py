@@ -176,18 +176,9 @@ async def test_a_stdout_nobody_reads_stalls_no_request_and_loses_no_event(fake: 
 
     reader = threading.Thread(target=read)
     try:
-        sent = []
-        async with aiohttp.ClientSession() as s:
-            for _ in range(wanted):  # ~500 bytes an event: four times what the pipe holds
-                rid = uuid.uuid4().hex
-                async with s.post(gw.url + "/v1/audio/speech", json=SPEECH, headers={
-                        "Authorization": f"Bearer {TEAM_A}", "x-aisix-request-id": rid},
-                        timeout=aiohttp.ClientTimeout(total=10)) as r:
-                    assert r.status == 200
-                    await r.read()
-                sent.append(rid)
-            async with s.get(gw.url + "/livez", timeout=aiohttp.ClientTimeout(total=5)) as r:
-                assert r.status == 200
+        sent = await spoken(gw.url, wanted)  # ~500 bytes an event: four times what the pipe holds
+        async with aiohttp.ClientSession() as s, s.get(gw.url + "/livez", timeout=aiohttp.ClientTimeout(total=5)) as r:
+            assert r.status == 200
         reader.start()  # stdout is read again: the stalled batch, then the spill, then the rest
 
         assert await asyncio.to_thread(all_in.wait, 10)  # the spill is replayed within a second of it
@@ -222,18 +213,9 @@ async def test_a_stderr_nobody_reads_stalls_no_request(fake: FakeUpstream, tmp_p
             assert chunk, bytes(got)
             got.extend(chunk)
         url = m.group(1).decode()
-        sent = []
-        async with aiohttp.ClientSession() as s:  # stderr is not read from here on
-            for _ in range(600):  # ~250 bytes an access line: twice what the pipe holds
-                rid = uuid.uuid4().hex
-                async with s.post(url + "/v1/audio/speech", json=SPEECH, headers={
-                        "Authorization": f"Bearer {TEAM_A}", "x-aisix-request-id": rid},
-                        timeout=aiohttp.ClientTimeout(total=10)) as r:
-                    assert r.status == 200
-                    await r.read()
-                sent.append(rid)
-            async with s.get(url + "/livez", timeout=aiohttp.ClientTimeout(total=5)) as r:
-                assert r.status == 200
+        sent = await spoken(url, 600)  # stderr is not read from here on; ~250 bytes an access line: twice the pipe
+        async with aiohttp.ClientSession() as s, s.get(url + "/livez", timeout=aiohttp.ClientTimeout(total=5)) as r:
+            assert r.status == 200
         proc.send_signal(signal.SIGTERM)
         while chunk := await asyncio.to_thread(os.read, read_end, 65536):  # read again: all of it comes
             got.extend(chunk)
@@ -273,16 +255,7 @@ async def test_a_stdout_batch_still_in_flight_at_stop_is_not_lost_uncounted(fake
     os.close(write_end)
     got = bytearray()
     try:
-        sent = []
-        async with aiohttp.ClientSession() as s:
-            for _ in range(300):  # ~450 bytes an event: twice what the pipe holds
-                rid = uuid.uuid4().hex
-                async with s.post(gw.url + "/v1/audio/speech", json=SPEECH, headers={
-                        "Authorization": f"Bearer {TEAM_A}", "x-aisix-request-id": rid},
-                        timeout=aiohttp.ClientTimeout(total=10)) as r:
-                    assert r.status == 200
-                    await r.read()
-                sent.append(rid)
+        sent = await spoken(gw.url, 300)  # ~450 bytes an event: twice what the pipe holds
         gw.wait_log("usage sink stdout: not being read")
         assert gw.stop() == 0
         summary = gw.wait_log("usage events:")
@@ -314,3 +287,18 @@ async def test_a_stdout_batch_still_in_flight_at_stop_is_not_lost_uncounted(fake
     # Every event reached stdout (now or replayed), or was counted as dropped.
     assert len(missing) <= dropped, (f"{len(missing)} events lost, {dropped} counted as dropped; "
                                      f"the first gateway said: {summary.strip()}")
+
+
+async def spoken(url: str, n: int) -> list[str]:
+    """n speech requests one after the other, each answered 200 within 10 s; their request ids."""
+    sent = []
+    async with aiohttp.ClientSession() as s:
+        for _ in range(n):
+            rid = uuid.uuid4().hex
+            async with s.post(url + "/v1/audio/speech", json=SPEECH, headers={
+                    "Authorization": f"Bearer {TEAM_A}", "x-aisix-request-id": rid},
+                    timeout=aiohttp.ClientTimeout(total=10)) as r:
+                assert r.status == 200
+                await r.read()
+            sent.append(rid)
+    return sent
