@@ -38,12 +38,11 @@ def got(value: object) -> str:
     return "got " + kinds.get(type(value), type(value).__name__)
 
 
+_NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")  # what YAML 1.2 reads as a number (not nan, inf, 1_000)
+
+
 def _numeric(text: str) -> bool:
-    try:
-        float(text)
-    except ValueError:
-        return False
-    return True
+    return _NUMBER.fullmatch(text.strip()) is not None
 
 
 def add_problem(out: list[str], file: str, resource: str, key: str | None, message: str) -> None:

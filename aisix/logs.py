@@ -5,7 +5,7 @@ request its HTTP parser refused with the offending line and a traceback, at ERRO
 be an ``Authorization`` header, and a flood of malformed requests would flood the log. The filter
 keeps the fact and the kind of error, at INFO, and drops the bytes.
 
-Whatever a library logs, a caller's key is cut out of the line before it is written: a realtime
+Whatever a library logs, a caller's key is cut out of the line (its traceback included) before it is written: a realtime
 handshake's subprotocols carry a browser's key (``openai-insecure-api-key.<key>``), and aiohttp's
 WebSocket handshake warns with the whole list when none of them is one it serves.
 """
@@ -34,39 +34,45 @@ class _RefusedRequestFilter(logging.Filter):
 
 
 # A key in the two forms a caller sends one: a browser's realtime subprotocol and a Bearer token.
-_KEYS = re.compile(r"(openai-insecure-api-key\.|[Bb]earer\s+)[^\s'\",;\])]+")
+_KEYS = re.compile(r"(openai-insecure-api-key\.|bearer\s+)[^\s'\",;\])]+", re.IGNORECASE)
 
 
-class _RedactKeys(logging.Filter):
-    """On the handler: every record, from any logger, is written with keys cut out."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        message = record.getMessage()
-        if "openai-insecure-api-key." in message or "earer" in message:
-            record.msg, record.args = _KEYS.sub(r"\1[redacted]", message), None
-        return True
+def redact(line: str) -> str:
+    """The line with every key cut out (what follows the marker, up to a quote, space or comma)."""
+    lowered = line.lower()
+    if "openai-insecure-api-key." in lowered or "bearer" in lowered:
+        return _KEYS.sub(r"\1[redacted]", line)
+    return line
 
 
 class _ToStderr(logging.Handler):
-    """Records formatted here, written by the stderr thread (background.py) with the access log:
-    a stderr nobody reads holds no request. Past ``BACKLOG`` bytes waiting, records are dropped."""
+    """Records formatted here, keys cut out of the whole line (a traceback's text included), and
+    written by the stderr thread (background.py) with the access log: a stderr nobody reads
+    holds no request. Past ``BACKLOG`` bytes waiting, records are dropped, and counted in a line
+    written once it reads again."""
 
     BACKLOG = 4 * 1024 * 1024
+    dropped = 0
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
-            line = self.format(record) + "\n"
+            line = redact(self.format(record)) + "\n"
         except Exception:  # noqa: BLE001 (logging's own contract: a bad record must not raise)
             self.handleError(record)
             return
-        if STDERR.pending < self.BACKLOG:
-            STDERR.put(line.encode("utf-8", "backslashreplace"))
+        if STDERR.pending >= self.BACKLOG:
+            self.dropped += 1
+            return
+        if self.dropped:
+            told = f"{self.dropped} log lines dropped while stderr was not read"
+            line = f"{record.asctime} WARNING aisix.logs: {told}\n{line}"  # asctime: set by format()
+            self.dropped = 0
+        STDERR.put(line.encode("utf-8", "backslashreplace"))
 
 
 def setup() -> None:
     handler = _ToStderr()
     handler.setFormatter(logging.Formatter(FORMAT))
-    handler.addFilter(_RedactKeys())
     logging.basicConfig(level=logging.INFO, handlers=[handler])
     logging.getLogger("aiohttp.server").addFilter(_RefusedRequestFilter())
     atexit.register(STDERR.wait, 2.0)  # the last lines ("aisix stopped") before the thread goes

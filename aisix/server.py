@@ -151,6 +151,7 @@ async def _serve(config: Config, access_log: bool) -> None:
     _steady_gc()
     collector = Collector(asyncio.get_running_loop())
     metrics_runner = None
+    started = False
     try:
         if settings.metrics_listen is not None:
             # First, and never shared: an instance that was given another's metrics port fails
@@ -162,6 +163,7 @@ async def _serve(config: Config, access_log: bool) -> None:
         # reuse_port: several processes (one per core) serve one port; the kernel spreads
         # connections between them.
         site = await _listen(runner, settings.proxy.listen, "proxy.listen", "aisix listening on", reuse_port=True)
+        started = True
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -178,7 +180,8 @@ async def _serve(config: Config, access_log: bool) -> None:
         lines.flush()  # before "aisix stopped": the drained requests' lines come first
         if metrics_runner is not None:
             await metrics_runner.cleanup()
-        log.info("aisix stopped")
+        if started:  # else serve() says why it could not start, last
+            log.info("aisix stopped")
 
 
 async def _listen(runner: web.AppRunner, listen: Listen, field: str, what: str, reuse_port: bool) -> web.TCPSite:

@@ -65,6 +65,7 @@ def test_what_only_a_start_finds_is_found_by_validate_and_named_by_serve(tmp_pat
         result = aisix(command, "-c", str(tmp_path / "config.yaml"))
         assert result.returncode == 1
         assert "cannot start: proxy.listen no-such-host.invalid:3000: " in result.stderr
+        assert "aisix stopped" not in result.stderr  # it never started (it was said before the reason)
 
 
 def test_validate_a_missing_file() -> None:

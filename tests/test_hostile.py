@@ -542,6 +542,10 @@ def test_keys_are_cut_out_of_whatever_a_library_logs(capfd: pytest.CaptureFixtur
             "Client protocols %r don't overlap server-known ones %r",
             ["openai-insecure-api-key.sk-browser-canary", "openai-beta.realtime-v1"], ())
         logging.getLogger("somelib").warning("sent Authorization: Bearer sk-bearer-canary, got 401")
+        try:
+            raise RuntimeError("AUTHORIZATION: BEARER sk-traceback-canary")
+        except RuntimeError:
+            logging.getLogger("somelib").exception("failed")  # the key in the traceback's text
         from aisix.background import STDERR
 
         assert STDERR.wait(5)
