@@ -176,7 +176,7 @@ def _audio_in(ex: Exchange) -> float | None:
 
 
 def _cost(ex: Exchange, model: Model, target: Target | None) -> float | None:
-    prices = (target.pricing if target is not None else None) or model.pricing
+    prices = pricing.prices_of(model, target)
     if prices is None:
         return None
     u = ex.usage

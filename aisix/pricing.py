@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .config import Pricing
+from .config import Model, Pricing, Target
 
 
 @dataclass(slots=True)  # not frozen: a frozen dataclass's __init__ sets each field through object.__setattr__
@@ -34,3 +34,9 @@ def cost(p: Pricing, q: Quantities) -> float | None:
             return None
         total += price * quantity / per
     return round(total, 8)
+
+
+def prices_of(model: Model, target: Target | None) -> Pricing | None:
+    """What prices a request: the target that answered it, else its model (targets that differ
+    in price say so; the model's are the rest's)."""
+    return (target.pricing if target is not None else None) or model.pricing

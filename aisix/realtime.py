@@ -30,7 +30,6 @@ sessions.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 import random
 import time
@@ -44,13 +43,13 @@ from aiohttp import WebSocketError, WSMsgType, hdrs, web
 
 from . import aliases, auth, errors, guardrails, pricing, routing, usage
 from . import realtime_frames as frames
-from .config import ApiKey, Guardrail, Model, Pricing, Resources, Target
+from .config import ApiKey, Guardrail, Model, Resources, Target
 from .exchange import Exchange
 from .keys import CLOCK, EXCHANGE, LIMITER, LIVE, METRICS, REQUEST_ID, SETTINGS, USAGE, WS_CLIENT
 from .limits import Slot
 from .limits_plan import rejection
+from .realtime_cost import Tally
 from .responses import stamp
-from .transcript import Usage
 
 log = logging.getLogger(__name__)
 
@@ -294,12 +293,7 @@ class Session:
         self.connected = asyncio.Event()
         self.inputs: tuple[Guardrail, ...] = ()
         self.outputs: tuple[Guardrail, ...] = ()
-        # Usage as reported, by what prices it: the session's model (its responses, and transcriptions
-        # by it), and a transcription model of another alias named in session.update, if any.
-        self.spent: Usage | None = None
-        self.transcriber: tuple[Model, Target] | None = None  # another alias's model, when named
-        self.transcribed_usd = 0.0  # their transcriptions, each at the prices when reported
-        self.charged_usd = 0.0  # what the budgets have been charged so far: the cost of the usage above
+        self.tally = Tally()  # what the reported usage costs (realtime_cost.py)
         self.pending: list[tuple[bytes, WSMsgType]] = []
         self.pending_bytes = 0
         self.began: float | None = None  # monotonic, at the upgrade
@@ -372,6 +366,7 @@ class Session:
             self.metrics.attempt(model.alias, target.provider_key.name, failure or str(status or 101))
             if self.upstream is not None:
                 self.target, self.provider_slot = target, slot
+                self.tally.priced_by(pricing.prices_of(model, target))
                 ex.upstream_model, ex.provider_key = target.model_name, target.provider_key.name
                 self.connected.set()
                 return
@@ -620,7 +615,7 @@ class Session:
         if last is not None:
             alias, model, target = last
             self.transcription_alias, self.inputs, self.outputs = alias, inputs, outputs
-            self.transcriber = None if model is self.model else (model, target)  # priced as the session's own
+            self.tally.transcribed_by(pricing.prices_of(model, target), own=model is self.model)
         return event.encode()
 
     async def _transcription_model(self, alias: str, event_id: str | None) -> tuple[Model, Target]:
@@ -688,10 +683,7 @@ class Session:
         if used is None:
             return None
         ex.usage = frames.add(ex.usage, used)
-        if report.transcription and self.transcriber is not None:
-            self._transcribed(*self.transcriber, used)
-        else:
-            self.spent = frames.add(self.spent, used)
+        self.tally.add(used, report.transcription)
         tokens, cost, seconds = used.tokens, self._cost_since(), used.audio_seconds
         if not tokens and not cost and not seconds:
             return None
@@ -708,32 +700,12 @@ class Session:
         return End(GATEWAY, 1008, b"rate limit exceeded", refusal.code)
 
     def _cost_since(self) -> float | None:
-        """What the session has cost since the budgets were last charged (its ``cost_usd`` is
-        then the whole); None when it is unpriced."""
-        total = self._cost()
-        if total is None:
-            return None
-        self.ex.cost_usd = total
-        since, self.charged_usd = total - self.charged_usd, total
+        """What the session has cost since the budgets were last charged; its ``cost_usd`` is
+        then the whole."""
+        since = self.tally.since()
+        if since is not None:
+            self.ex.cost_usd = self.tally.total
         return since
-
-    def _cost(self) -> float | None:
-        """What the usage reported so far costs: the session's model's prices (or its target's)
-        for its own, ``per_request`` once (a session is one request); a transcription model of
-        another alias's prices, without ``per_request``, for what it transcribed."""
-        prices = _prices(self.model, self.target) if self.model is not None else None
-        own = _priced(prices, self.spent) if prices is not None else None
-        if own is None and not self.transcribed_usd:
-            return None
-        return round((own or 0.0) + self.transcribed_usd, 8)
-
-    def _transcribed(self, model: Model, target: Target, used: Usage) -> None:
-        """A transcription by another alias's model, priced now at its prices (a later alias
-        does not re-price it), without its per_request (the session is the one request)."""
-        prices = _prices(model, target)
-        if prices is not None:
-            cost = _priced(dataclasses.replace(prices, per_request=None), used)
-            self.transcribed_usd += cost
 
     async def _close(self, end: End) -> None:
         """Close both sides as ``end`` says: a close frame is relayed with its code and reason; a
@@ -796,20 +768,6 @@ def _model_value(named: frames.Named) -> str:
     if named.value is None:
         raise Refused("missing_model", "The model must be a string.")
     return named.value
-
-
-def _prices(model: Model, target: Target | None) -> Pricing | None:
-    """The target's prices, else its model's (as the audio routes price a request)."""
-    return (target.pricing if target is not None else None) or model.pricing
-
-
-def _priced(prices: Pricing, used: Usage | None) -> float:
-    """What ``used`` costs. The Realtime API reports what it bills, with each response and
-    transcription: a quantity a session never reported, it did not use (so never None)."""
-    return pricing.cost(prices, pricing.Quantities(
-        input_tokens=used.input_tokens or 0 if used is not None else 0,
-        output_tokens=used.output_tokens or 0 if used is not None else 0,
-        audio_seconds_in=used.audio_seconds or 0.0 if used is not None else 0.0)) or 0.0
 
 
 def _refusal(status: int, headers: Mapping[str, str] | None) -> errors.GatewayError:

@@ -956,6 +956,30 @@ def test_a_duplicated_key_goes_upstream_as_checked() -> None:
         "audio": {"input": {"transcription": {"model": "m"}}}}}
 
 
+def test_a_sessions_cost_is_per_request_once_and_each_transcription_at_its_models_prices() -> None:
+    from aisix.config import Pricing
+    from aisix.realtime_cost import Tally
+    from aisix.transcript import Usage
+
+    own = Pricing(per_request=0.01, per_1m_input_tokens=4.0, per_1m_output_tokens=16.0)
+    tally = Tally()
+    assert tally.since() is None and tally.total is None  # no prices yet: unpriced
+    tally.priced_by(own)
+    assert tally.since() == 0.01 and tally.total == 0.01  # a session that reported nothing
+    tally.add(Usage(input_tokens=1_000_000), transcription=False)
+    assert tally.since() == pytest.approx(4.0) and tally.total == 4.01  # per_request not again
+    tally.transcribed_by(Pricing(per_request=9.0, per_minute_input_audio=6.0), own=False)
+    tally.add(Usage(audio_seconds=60.0), transcription=True)  # at 6/min, without its per_request
+    tally.transcribed_by(Pricing(per_minute_input_audio=60.0), own=False)
+    tally.add(Usage(audio_seconds=60.0), transcription=True)  # at 60/min; the first is not re-priced
+    tally.transcribed_by(None, own=False)
+    tally.add(Usage(audio_seconds=60.0), transcription=True)  # an unpriced alias: free
+    tally.transcribed_by(own, own=True)
+    tally.add(Usage(input_tokens=500_000), transcription=True)  # the session's own model again
+    assert tally.since() == pytest.approx(66.0 + 2.0) and tally.total == 4.01 + 68.0
+    assert tally.since() == 0.0
+
+
 def test_server_usage_is_read_as_reported() -> None:
     report = frames.parse_server(b'{"type":"response.done","response":{"usage":{"total_tokens":9}}}')
     assert report.usage is not None and report.usage.tokens == 9
