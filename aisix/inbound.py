@@ -62,7 +62,10 @@ class Inbound:
 
     async def read_all(self, limit: int) -> bytes:
         first = await self.read()
-        if self._content.is_eof():  # the whole body came in one chunk: the usual small JSON
+        # The whole body came in one chunk (the usual small JSON): nothing buffered is left and
+        # no more will come. Not is_eof(), which says only that the end has arrived: a body that
+        # came in two pieces before the first read was cut to its first (a 400 invalid_json).
+        if self._content.at_eof():
             if len(first) > limit:
                 raise errors.request_too_large(limit)
             return first

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 
 import aiohttp
+import orjson
 import pytest
 
 from aisix.devupstream import MP3_FRAME
@@ -126,3 +128,29 @@ async def test_a_utf8_bom_is_accepted_and_not_sent_on(gateway: Gateway, fake: Fa
             assert r.status == 200, await r.text()
     sent = fake.wait_received()[0].body
     assert sent.startswith(b"{") and json.loads(sent) == {**BODY, "model": "gpt-4o-mini-tts"}
+
+
+async def test_a_body_buffered_in_pieces_before_the_first_read_is_read_whole() -> None:
+    # Under load the handler can first read a body that has already arrived whole, in more than
+    # one piece (a client that writes its head and its body apart). read_all took "the end has
+    # arrived" for "this first piece is all of it" and cut the JSON short: a 400 invalid_json that
+    # came and went with the machine's load. A real StreamReader, fed as aiohttp's parser feeds it.
+    from aiohttp.base_protocol import BaseProtocol
+    from aiohttp.test_utils import make_mocked_request
+
+    from aisix.deadline import Deadline
+    from aisix.exchange import Exchange
+    from aisix.inbound import Inbound
+
+    loop = asyncio.get_running_loop()
+    body = orjson.dumps({"model": "tts-prod", "input": "x" * 70_000, "voice": "alloy"})
+    content = aiohttp.StreamReader(BaseProtocol(loop), 2**16, loop=loop)
+    for start in range(0, len(body), 30_000):
+        content.feed_data(body[start:start + 30_000])
+    content.feed_eof()
+    request = make_mocked_request("POST", "/v1/audio/speech", headers={"Content-Type": "application/json"},
+                                  payload=content)
+    task = asyncio.current_task()
+    assert task is not None
+    inbound = Inbound(request, 0, Deadline(loop, task), 10.0, Exchange("speech", "rid", 0.0, 0.0))
+    assert await inbound.read_all(1 << 20) == body
