@@ -12,8 +12,8 @@ Lines are built once, as one string, and written by a buffered ``Writer``: one `
 A stdlib ``logging`` call per request cost a tenth of the process under load (a record, a
 formatter, a handler lock and a write each); nginx's ``access_log ... buffer=64k flush=1s`` is
 the same trade. The writes are made by the stderr thread (background.py), with the log's other
-lines: a stderr nobody reads (a stalled journal) holds no request, and past ``BACKLOG`` bytes
-waiting for it, lines are dropped and counted in a line written once it reads again.
+lines: a stderr nobody reads (a stalled journal) holds no request, and past the bytes that may
+wait for it, lines are dropped and counted in a line written once it reads again.
 """
 
 from __future__ import annotations
@@ -41,11 +41,8 @@ class Writer:
 
     LIMIT = 64 * 1024  # characters waiting that make a write at once
     INTERVAL = 1.0     # seconds a line may wait at most
-    BACKLOG = 4 * 1024 * 1024  # bytes waiting for the output past which lines are dropped
-
     def __init__(self, out: Background | None = None) -> None:
         self.out = out if out is not None else STDERR
-        self.dropped = 0  # lines dropped while the output was not read, not yet told
         self._lines: list[str] = []
         self._size = 0
         self._timer: asyncio.TimerHandle | None = None
@@ -78,16 +75,10 @@ class Writer:
         lines = self._lines
         data = "".join(lines).encode("utf-8", "backslashreplace")
         self._size = 0
-        if self.out.pending + len(data) > self.BACKLOG:  # not read for a while: these are lost
-            self.dropped += len(lines)
-            lines.clear()
-            return
+        # Dropped past its limit while stderr is not read; an error writing (stderr closed) loses
+        # the lines, never a request.
+        self.out.offer(data, len(lines))
         lines.clear()
-        if self.dropped:
-            data = (f"{self.stamp()} WARNING aisix.access: {self.dropped} access log lines dropped "
-                    "while stderr was not read\n").encode() + data
-            self.dropped = 0
-        self.out.put(data)  # an error writing (stderr closed) loses the lines, never a request
 
     def wait(self, timeout: float) -> bool:
         """Wait for what was flushed to be written, at most ``timeout`` s (a stop; tests)."""

@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import queue
 import threading
+import time
 from collections.abc import Callable
 from typing import BinaryIO
 
@@ -24,9 +25,13 @@ class Background:
     """One thread writing bytes, in the order given, to what ``target`` returns at each write (a
     file descriptor, or a binary file when there is none: a test's captured stdout)."""
 
-    def __init__(self, name: str, target: Callable[[], int | BinaryIO]) -> None:
+    def __init__(self, name: str, target: Callable[[], int | BinaryIO], limit: int | None = None,
+                 notice: Callable[[int], bytes] | None = None) -> None:
         self.name = name
         self._target = target
+        self._limit = limit  # offer(): bytes waiting past which lines are dropped
+        self._notice = notice  # offer(): the line that says how many were, once some is taken again
+        self.dropped = 0  # lines offer() dropped and has not told of yet
         self._jobs: queue.SimpleQueue[tuple[bytes, Done | None]] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
@@ -40,6 +45,17 @@ class Background:
                 self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)
                 self._thread.start()
         self._jobs.put((data, done))
+
+    def offer(self, data: bytes, lines: int = 1) -> None:
+        """put() ``lines`` lines, unless more than ``limit`` bytes already wait for a reader that
+        stopped: then they are dropped, and counted in a line written ahead of the next taken."""
+        if self._limit is not None and self.pending + len(data) > self._limit:
+            self.dropped += lines
+            return
+        if self.dropped and self._notice is not None:
+            data = self._notice(self.dropped) + data
+        self.dropped = 0
+        self.put(data)
 
     def wait(self, timeout: float) -> bool:
         """Wait until everything given is written, at most ``timeout`` s; whether it was."""
@@ -72,4 +88,13 @@ def _write(target: int | BinaryIO, data: bytes) -> None:
         target.flush()
 
 
-STDERR = Background("aisix-stderr", lambda: 2)  # the log's lines and the access log's, in one order
+def _dropped(n: int) -> bytes:
+    """A line in the log's own format (logs.FORMAT) telling how many lines were dropped."""
+    now = time.time()
+    stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(now))
+    told = f"{n} log lines dropped while stderr was not read"
+    return f"{stamp},{int(now % 1 * 1000):03d} WARNING aisix: {told}\n".encode()
+
+
+# The log's lines and the access log's, in one order; 4 MiB may wait for a stderr nobody reads.
+STDERR = Background("aisix-stderr", lambda: 2, limit=4 * 1024 * 1024, notice=_dropped)

@@ -48,11 +48,7 @@ def redact(line: str) -> str:
 class _ToStderr(logging.Handler):
     """Records formatted here, keys cut out of the whole line (a traceback's text included), and
     written by the stderr thread (background.py) with the access log: a stderr nobody reads
-    holds no request. Past ``BACKLOG`` bytes waiting, records are dropped, and counted in a line
-    written once it reads again."""
-
-    BACKLOG = 4 * 1024 * 1024
-    dropped = 0
+    holds no request (past what may wait for it, lines are dropped and counted)."""
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
@@ -60,14 +56,7 @@ class _ToStderr(logging.Handler):
         except Exception:  # noqa: BLE001 (logging's own contract: a bad record must not raise)
             self.handleError(record)
             return
-        if STDERR.pending >= self.BACKLOG:
-            self.dropped += 1
-            return
-        if self.dropped:
-            told = f"{self.dropped} log lines dropped while stderr was not read"
-            line = f"{record.asctime} WARNING aisix.logs: {told}\n{line}"  # asctime: set by format()
-            self.dropped = 0
-        STDERR.put(line.encode("utf-8", "backslashreplace"))
+        STDERR.offer(line.encode("utf-8", "backslashreplace"))
 
 
 def setup() -> None:

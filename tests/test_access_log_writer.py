@@ -84,3 +84,26 @@ async def test_the_stamp_is_loggings_format() -> None:
     date, clock = stamp.split(" ")
     assert len(date) == 10 and date[4] == date[7] == "-"
     assert len(clock) == 12 and clock[8] == "," and clock[:8].count(":") == 2
+
+
+def test_lines_past_what_may_wait_for_a_stopped_reader_are_dropped_and_told() -> None:
+    # A pipe nobody reads: the writer thread blocks in the first write (more than the pipe holds),
+    # what is offered past the limit meanwhile is dropped, and the next line taken says how many.
+    r, w = os.pipe()
+    try:
+        out = Background("test-stderr", lambda: w, limit=100_000, notice=lambda n: b"%d dropped\n" % n)
+        first = b"a" * 70_000 + b"\n"  # more than the pipe holds: the thread waits for a reader
+        out.offer(first)
+        out.offer(b"b" * 40_000 + b"\n", 3)  # 110,002 bytes would wait: dropped
+        out.offer(b"c\n")  # 70,003 would wait: taken, the count of the dropped ahead of it
+        got = b""
+        while len(got) < len(first) + len(b"3 dropped\nc\n"):
+            got += os.read(r, 1 << 20)
+        assert out.wait(5)
+        out.offer(b"ok\n")
+        assert out.wait(5)
+        got += os.read(r, 1 << 20)
+        assert got == first + b"3 dropped\nc\nok\n"  # told once
+    finally:
+        os.close(r)
+        os.close(w)
