@@ -480,6 +480,8 @@ class Session:
                 ex.bytes_in += len(data)
                 frames_in.inc()
                 bytes_in.inc(len(data))
+                if kind is _TEXT and not frames.valid_text(data):  # the caller's fault, not the upstream's
+                    return End(CALLER, 1007, b"invalid UTF-8 in a text frame", "client_protocol_error", 1001)
                 if frames.needs_reading(data, kind is _BINARY):
                     try:
                         data = await self._checked(data, kind)

@@ -45,6 +45,18 @@ def needs_reading(frame: bytes, binary: bool = False) -> bool:
             or _find(frame, checked2) >= 0)
 
 
+def valid_text(frame: bytes) -> bool:
+    """Whether a text frame's payload is UTF-8, as RFC 6455 requires (frames stay bytes, unread by
+    aiohttp): checked in C, ASCII (JSON with base64 audio, nearly every frame) without a decode."""
+    if frame.isascii():
+        return True
+    try:
+        frame.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
 def reports(frame: bytes) -> bool:
     """Whether a server text frame may report usage or a transcript."""
     done, completed, transcript, text = _REPORTED  # as in needs_reading

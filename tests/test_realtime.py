@@ -5,8 +5,8 @@ usage events, metrics, reload and drain; and the official openai SDK's realtime 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import base64
+import contextlib
 import os
 import random
 import signal
@@ -752,7 +752,8 @@ async def test_a_session_costs_per_request_once_and_transcriptions_at_their_mode
 async def test_reported_audio_is_charged_to_the_audio_quota(make_gateway, rt: FakeRealtime) -> None:
     gw = make_gateway(upstream_base=rt.base_url, **resources(rt, rate_limit={"audio_seconds_per_hour": 10}))
     rt.script = Script(on_open=[text({"type": "conversation.item.input_audio_transcription.completed",
-                                      "item_id": "i", "transcript": "hi", "usage": {"type": "duration", "seconds": 12}})])
+                                      "item_id": "i", "transcript": "hi",
+                                      "usage": {"type": "duration", "seconds": 12}})])
     async with aiohttp.ClientSession() as s, s.ws_connect(ws_url(gw), headers=bearer()) as ws:
         rid = ws._response.headers["x-aisix-request-id"]
         assert (await next_event(ws))["type"] == "conversation.item.input_audio_transcription.completed"
@@ -825,6 +826,26 @@ async def test_a_frame_of_16_mib_passes_and_a_larger_one_ends_the_session(gw: Ga
     assert rt.session().close_code == 1001  # the upstream is told the caller is going away
     event = gw.event(rid)
     assert (event["close_code"], event["error_code"]) == (1009, "client_protocol_error")
+
+
+async def test_a_text_frame_that_is_not_utf8_closes_the_caller_1007(gw: Gateway, rt: FakeRealtime) -> None:
+    # RFC 6455: a text frame must be UTF-8. Forwarded, it made the upstream close 1007 and the
+    # session was recorded as an upstream error; the caller broke the protocol.
+    rt.script = Script(echo=True)
+    async with aiohttp.ClientSession() as s, s.ws_connect(ws_url(gw), headers=bearer()) as ws:
+        rid = ws._response.headers["x-aisix-request-id"]
+        await ws.send_str('{"type": "response.create", "note": "caf\u00e9"}')  # UTF-8 beyond ASCII passes
+        msg = await ws.receive(10)
+        assert msg.type == aiohttp.WSMsgType.TEXT and "caf\u00e9" in msg.data
+        await ws.send_frame(b'{"type": "response.create", "note": "caf\xe9"}', aiohttp.WSMsgType.TEXT)
+        msg = await ws.receive(10)
+        assert (msg.type, msg.data) == (aiohttp.WSMsgType.CLOSE, 1007)
+    await rt.until(lambda ss: ss[0].ended)
+    session = rt.session()
+    assert session.close_code == 1001
+    assert len(session.frames) == 1  # the bad frame never reached the upstream
+    event = gw.event(rid)
+    assert (event["close_code"], event["error_code"]) == (1007, "client_protocol_error")
 
 
 async def test_metrics_count_sessions_frames_and_bytes(gw: Gateway, rt: FakeRealtime) -> None:
