@@ -34,14 +34,25 @@ class _RefusedRequestFilter(logging.Filter):
 
 
 # A key in the two forms a caller sends one: a browser's realtime subprotocol and a Bearer token.
-_KEYS = re.compile(r"(openai-insecure-api-key\.|bearer\s+)[^\s'\",;\])]+", re.IGNORECASE)
+# A caller's key is any string without a space (auth.lookup): quotes, commas, ';', ')' and ']'
+# included, so where it ends depends on what holds it. Right after a quote (a repr, as aiohttp's
+# WebSocket warning writes the subprotocols): at that quote unescaped. A subprotocol outside
+# quotes (a header's list): at a comma. A Bearer token outside quotes: at a space.
+_KEYS = re.compile(r"""(?<=')(openai-insecure-api-key\.|bearer\s+)(?:\\.|[^'\\\s])+
+                     | (?<=")(openai-insecure-api-key\.|bearer\s+)(?:\\.|[^"\\\s])+
+                     | (openai-insecure-api-key\.)[^\s,]+
+                     | (bearer\s+)\S+""", re.IGNORECASE | re.VERBOSE)
+
+
+def _cut(m: re.Match[str]) -> str:
+    return next(marker for marker in m.groups() if marker) + "[redacted]"
 
 
 def redact(line: str) -> str:
-    """The line with every key cut out (what follows the marker, up to a quote, space or comma)."""
+    """The line with every key cut out (what follows the marker, up to where the key ends)."""
     lowered = line.lower()
     if "openai-insecure-api-key." in lowered or "bearer" in lowered:
-        return _KEYS.sub(r"\1[redacted]", line)
+        return _KEYS.sub(_cut, line)
     return line
 
 

@@ -557,6 +557,24 @@ def test_keys_are_cut_out_of_whatever_a_library_logs(capfd: pytest.CaptureFixtur
     assert "openai-beta.realtime-v1" in err  # the rest of the line is kept
 
 
+@pytest.mark.parametrize("line", [
+    # A caller's key is any string without a space (auth.lookup): the redaction stopped at the
+    # first quote, comma, ';', ')' or ']' in it and wrote the rest.
+    f"""Client protocols {["openai-insecure-api-key.zz'q-canary", "realtime"]!r} don't overlap""",
+    f"""Client protocols {['openai-insecure-api-key.zz"dq-canary', "realtime"]!r} don't overlap""",
+    "upstream said no to Authorization: Bearer zz,comma-canary",
+    "headers: " + repr({"Authorization": "Bearer zz'q\"both-canary"}),  # '...' with \' in it
+    "header value: Bearer zz;semi)paren]bracket-canary",
+    "Sec-WebSocket-Protocol: realtime, openai-insecure-api-key.zz;)]'\"-canary, openai-beta.realtime-v1",
+])
+def test_keys_with_quotes_or_punctuation_are_cut_out_whole(line: str) -> None:
+    from aisix import logs
+
+    cut = logs.redact(line)
+    assert "canary" not in cut, cut
+    assert "[redacted]" in cut
+
+
 # -- slow callers -------------------------------------------------------------------------------
 
 

@@ -166,6 +166,36 @@ async def test_a_browser_key_without_the_realtime_subprotocol_is_refused_and_nev
     assert KEY not in gw.log()
 
 
+async def test_a_browser_key_with_a_quote_in_it_is_cut_out_of_the_handshakes_warning(
+        rt: FakeRealtime, tmp_path) -> None:
+    # The key subprotocol on a Sec-WebSocket-Protocol line of its own, "realtime" on a second:
+    # the gateway reads every line (and accepts the key), aiohttp's handshake only the first, and
+    # warns that it does not overlap, with the list's repr. A key is any string without a space
+    # (header tokens allow "'"): with a quote in it, the repr is double-quoted, and the redaction
+    # stopped at the quote, writing the rest of the key.
+    from multidict import CIMultiDict
+
+    quoted = "zz'" + os.urandom(8).hex() + "-quoted-canary"
+    doc = resources(rt)
+    doc["api_keys"].append({"display_name": "quoted", "key_hash": hash_key(quoted), "allowed_models": ["rt-*"]})
+    g = Gateway(tmp_path, rt.base_url, **doc).start()
+    try:
+        headers = CIMultiDict([
+            ("Connection", "Upgrade"), ("Upgrade", "websocket"), ("Sec-WebSocket-Version", "13"),
+            ("Sec-WebSocket-Key", base64.b64encode(os.urandom(16)).decode()),
+            ("Sec-WebSocket-Protocol", f"openai-insecure-api-key.{quoted}"),
+            ("Sec-WebSocket-Protocol", "realtime")])
+        async with aiohttp.ClientSession() as s, s.get(f"{g.url}/v1/realtime", headers=headers) as r:
+            assert (r.status, (await r.json())["error"]["code"]) == (400, "missing_model")  # past the key
+            rid = r.headers["x-aisix-request-id"]
+        g.wait_log(f"rid={rid}")  # its access line, after whatever the handshake logged
+        log = g.log()
+        assert "openai-insecure-api-key.[redacted]" in log  # the warning was written
+        assert "quoted-canary" not in log
+    finally:
+        g.stop()
+
+
 async def test_a_get_without_upgrade_is_426(gw: Gateway) -> None:
     status, body = await raw_upgrade(gw, "model=rt-voice", bearer(), upgrade=False)
     assert (status, body["error"]["code"]) == (426, "websocket_required")
