@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import queue
+import select
 import threading
 import time
 from collections.abc import Callable
@@ -21,30 +22,64 @@ from typing import BinaryIO
 Done = Callable[[BaseException | None], None]  # called on the writer thread once the bytes are written
 
 
+class TakenBack(Exception):
+    """The job's rest was taken back (``Background.take_back``) before it was written."""
+
+
+class Job:
+    """Bytes given to the thread: how many of them it has written, and whether to stop."""
+
+    __slots__ = ("data", "done", "written", "taken_back")
+
+    def __init__(self, data: bytes, done: Done | None) -> None:
+        self.data, self.done = data, done
+        self.written = 0
+        self.taken_back = False
+
+
+_POLL_MS = 100  # whole_lines: how often a write waiting for a reader looks whether it was taken back
+
+
 class Background:
     """One thread writing bytes, in the order given, to what ``target`` returns at each write (a
-    file descriptor, or a binary file when there is none: a test's captured stdout)."""
+    file descriptor, or a binary file when there is none: a test's captured stdout).
+
+    ``whole_lines`` (the usage sink's stdout): a file descriptor is written in pieces of whole
+    lines of at most PIPE_BUF bytes, each once poll says it is writable. A piece that size is
+    written whole or not at all on a pipe, so a reader that stops never holds half a line, and
+    what has been written is known: ``take_back`` stops a job and says how much of it was."""
 
     def __init__(self, name: str, target: Callable[[], int | BinaryIO], limit: int | None = None,
-                 notice: Callable[[int], bytes] | None = None) -> None:
+                 notice: Callable[[int], bytes] | None = None, whole_lines: bool = False) -> None:
         self.name = name
         self._target = target
+        self._whole_lines = whole_lines
+        self._piece = threading.Lock()  # whole_lines: held while a piece is written
         self._limit = limit  # offer(): bytes waiting past which lines are dropped
         self._notice = notice  # offer(): the line that says how many were, once some is taken again
         self.dropped = 0  # lines offer() dropped and has not told of yet
-        self._jobs: queue.SimpleQueue[tuple[bytes, Done | None]] = queue.SimpleQueue()
+        self._jobs: queue.SimpleQueue[Job] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
         self._idle = threading.Condition(self._lock)
         self.pending = 0  # bytes given and not yet written (or failed)
 
-    def put(self, data: bytes, done: Done | None = None) -> None:
+    def put(self, data: bytes, done: Done | None = None) -> Job:
+        job = Job(data, done)
         with self._lock:
             self.pending += len(data)
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)
                 self._thread.start()
-        self._jobs.put((data, done))
+        self._jobs.put(job)
+        return job
+
+    def take_back(self, job: Job) -> int:
+        """Write no more of ``job``; how many of its bytes were written (whole lines, on a pipe,
+        with ``whole_lines``; a file object's job is all or nothing)."""
+        with self._piece:
+            job.taken_back = True
+            return job.written
 
     def offer(self, data: bytes, lines: int = 1) -> None:
         """put() ``lines`` lines, unless more than ``limit`` bytes already wait for a reader that
@@ -64,18 +99,43 @@ class Background:
 
     def _run(self) -> None:
         while True:
-            data, done = self._jobs.get()
+            job = self._jobs.get()
             error: BaseException | None = None
             try:
-                _write(self._target(), data)
+                target = self._target()
+                if self._whole_lines and isinstance(target, int):
+                    self._write_lines(target, job)
+                else:
+                    _write(target, job.data)
+                    job.written = len(job.data)
             except Exception as exc:  # noqa: BLE001 (told to whoever waits; the thread goes on)
                 error = exc
             with self._lock:
-                self.pending -= len(data)
+                self.pending -= len(job.data)
                 if self.pending == 0:
                     self._idle.notify_all()
-            if done is not None:
-                done(error)
+            if job.done is not None:
+                job.done(error)
+
+    def _write_lines(self, fd: int, job: Job) -> None:
+        data, view = job.data, memoryview(job.data)
+        poller = select.poll()
+        poller.register(fd, select.POLLOUT)
+        while job.written < len(data):
+            end = min(job.written + select.PIPE_BUF, len(data))
+            if end < len(data):
+                cut = data.rfind(b"\n", job.written, end)
+                if cut >= 0:  # else a line longer than PIPE_BUF: in pieces
+                    end = cut + 1
+            while not poller.poll(_POLL_MS):  # a reader that stopped: taken back meanwhile?
+                if job.taken_back:
+                    raise TakenBack()
+            # Written under the lock take_back waits on: after POLLOUT a piece this size does not
+            # wait for the reader, and what take_back reads is what the reader will have.
+            with self._piece:
+                if job.taken_back:
+                    raise TakenBack()
+                job.written += os.write(fd, view[job.written:end])
 
 
 def _write(target: int | BinaryIO, data: bytes) -> None:

@@ -31,7 +31,7 @@ from typing import IO, TYPE_CHECKING, Any, BinaryIO
 
 import orjson
 
-from .background import Background
+from .background import Background, Job
 from .exchange import Exchange
 from .specs import SinkSpec
 from .spill import Spill
@@ -301,22 +301,34 @@ class StdoutSink(UsageSink):
 
     def __init__(self, name: str, queue_size: int = 10000) -> None:
         super().__init__(name, queue_size)
-        self._out = Background("aisix-usage-stdout", _stdout)
+        self._out = Background("aisix-usage-stdout", _stdout, whole_lines=True)
         self._writing: asyncio.Future[None] | None = None  # a batch stdout has not taken yet
         self._writing_lines: list[bytes] = []
+        self._job: Job | None = None  # its bytes, and how many of them stdout took
 
     async def _write(self, lines: list[bytes]) -> None:
         if not self._done_writing():
             raise _Stalled("stdout is not being read")
         writing = asyncio.get_running_loop().create_future()
-        self._out.put(b"\n".join(lines) + b"\n", lambda exc: _settle(writing, exc))
-        done, _ = await asyncio.wait({writing}, timeout=self.STALL_S)
+        job = self._out.put(b"\n".join(lines) + b"\n", lambda exc: _settle(writing, exc))
+        try:
+            done, _ = await asyncio.wait({writing}, timeout=self.STALL_S)
+        except asyncio.CancelledError:  # close() ran out of time: the writer spills what is left
+            writing.cancel()
+            took = job.data.count(b"\n", 0, self._out.take_back(job))
+            del lines[:took]
+            self.written_total += took
+            raise
         if done:
+            if writing.exception() is not None and job.written:  # what stdout took is not spilled
+                took = job.data.count(b"\n", 0, job.written)
+                del lines[:took]
+                self.written_total += took
             writing.result()  # an error: the batch goes to the spill
             return
         # Counted as written (by the writer, or done() for a replayed batch): if it never ends,
-        # close takes it back (_unconfirmed) into the spill.
-        self._writing, self._writing_lines = writing, lines
+        # close takes back (_unconfirmed) into the spill the lines stdout has not taken.
+        self._writing, self._writing_lines, self._job = writing, lines, job
         log.warning("usage sink stdout: not being read; %d events are written when it is, later ones "
                     "wait in the spill", len(lines))
 
@@ -327,8 +339,11 @@ class StdoutSink(UsageSink):
             return True
         if not writing.done():
             return False
-        self._writing, lines, self._writing_lines = None, self._writing_lines, []
+        self._writing, lines, self._writing_lines, job = None, self._writing_lines, [], self._job
+        self._job = None
         if writing.exception() is not None:
+            assert job is not None
+            lines = lines[job.data.count(b"\n", 0, job.written):]  # stdout took the others
             self.written_total -= len(lines)
             if self.spill is None or not self.spill.append(lines):
                 self._lost(len(lines), f"stdout failed: {writing.exception()}")
@@ -337,10 +352,17 @@ class StdoutSink(UsageSink):
     def _unconfirmed(self) -> list[bytes]:
         if self._done_writing():
             return []
-        lines, self._writing, self._writing_lines = self._writing_lines, None, []
-        self.written_total -= len(lines)
-        log.warning("usage sink stdout: %d events still waiting for stdout to be read at stop: kept in "
-                    "the spill (stdout may yet get them too)", len(lines))
+        writing, job, lines = self._writing, self._job, self._writing_lines
+        assert writing is not None and job is not None
+        writing.cancel()  # nobody waits for it: the thread's TakenBack is not an error to log
+        self._writing, self._writing_lines, self._job = None, [], None
+        # The thread writes no more of it: the lines stdout has not taken go to the spill, and
+        # never reach stdout from this process (nor half of one: whole_lines).
+        lines = lines[job.data.count(b"\n", 0, self._out.take_back(job)):]
+        if lines:
+            self.written_total -= len(lines)
+            log.warning("usage sink stdout: %d events still waiting for stdout to be read at stop: kept "
+                        "in the spill", len(lines))
         return lines
 
 

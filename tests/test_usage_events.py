@@ -302,3 +302,74 @@ async def spoken(url: str, n: int) -> list[str]:
                 await r.read()
             sent.append(rid)
     return sent
+
+
+async def test_a_stop_during_a_stall_leaves_no_half_line_for_the_replay_to_join(
+        fake: FakeUpstream, tmp_path: Path) -> None:
+    # `while :; do aisix serve; done | consumer`: one pipe across restarts, its reader stalled.
+    # A batch stdout took only part of (a write larger than PIPE_BUF is not atomic on a pipe)
+    # ended in half a line when the gateway stopped; the whole batch went to the spill, and the
+    # next start's replay was written straight after that half line: the consumer saw one line
+    # made of two events, and lost the replayed one. The batch's lines stdout did take whole were
+    # replayed too.
+    spill = tmp_path / "spill"
+    read_end, write_end = os.pipe()
+    sent: list[str] = []
+    first, second = tmp_path / "first", tmp_path / "second"
+    first.mkdir()
+    second.mkdir()
+    gw = Gateway(first, fake.base_url, {"usage": {"sink": "stdout", "spill_dir": str(spill)}})
+    gw.stdout = write_end
+    gw.start()
+    got = bytearray()
+    reader = threading.Thread(target=lambda: got.extend(_read_all(read_end)))
+    try:
+        while "usage sink stdout: not being read" not in gw.log():  # bursts: batches of many events
+            assert len(sent) < 4000, "stdout never stalled"
+            sent += await burst(gw.url, 64)
+        sent += await burst(gw.url, 64)  # behind the stalled batch: spilled
+        assert gw.stop() == 0
+        reader.start()  # the consumer reads again, before the next start
+        gw2 = Gateway(second, fake.base_url, {"usage": {"sink": "stdout", "spill_dir": str(spill)}})
+        gw2.stdout = write_end
+        try:
+            gw2.start()
+            gw2.wait_log("events replayed from the spill")
+            assert gw2.stop() == 0
+        finally:
+            gw2.stop()
+    finally:
+        gw.stop()
+        os.close(write_end)
+        if reader.ident is None:
+            reader.start()
+        reader.join(10)
+        os.close(read_end)
+    lines = bytes(got).splitlines()
+    bad = [line[:120] for line in lines if line and _ids(line) == []]
+    ids = _ids(bytes(got))
+    assert bad == [], bad
+    assert set(ids) == set(sent), f"{len(set(sent) - set(ids))} events lost"
+    assert len(ids) == len(sent), f"{len(ids) - len(set(ids))} events written twice"
+
+
+def _read_all(fd: int) -> bytes:
+    out = bytearray()
+    while chunk := os.read(fd, 65536):
+        out.extend(chunk)
+    return bytes(out)
+
+
+async def burst(url: str, n: int) -> list[str]:
+    """n speech requests at once (their events reach the sink together: one batch); their ids."""
+    async def one(s: aiohttp.ClientSession) -> str:
+        rid = uuid.uuid4().hex
+        async with s.post(url + "/v1/audio/speech", json=SPEECH, headers={
+                "Authorization": f"Bearer {TEAM_A}", "x-aisix-request-id": rid},
+                timeout=aiohttp.ClientTimeout(total=10)) as r:
+            assert r.status == 200
+            await r.read()
+        return rid
+
+    async with aiohttp.ClientSession() as s:
+        return list(await asyncio.gather(*(one(s) for _ in range(n))))
