@@ -79,6 +79,7 @@ class Attempts:
         ex.attempts = []
         last: BaseException | None = None  # the last failure without an answer
         kept: tuple[Target, Buffered] | None = None  # the last failed answer, read whole
+        answer: Answer | None = None
         try:
             while True:
                 i = None
@@ -118,6 +119,12 @@ class Attempts:
                     buffered = await _read_whole(answer, app[SETTINGS].upstream.stream_idle_timeout_ms / 1000)
                     kept = (target, buffered) if buffered is not None else kept
         except BaseException:
+            # The request ended (the caller left, its deadline) while an answer it was failing
+            # over from was still held (its cooldown recorded, its body read): that answer's
+            # connection is aborted and its slot given back, or nothing ever would. (A no-op for
+            # an answer read whole already.)
+            if answer is not None:
+                answer.close()
             if self.slot is not None:
                 await self.release()
             raise

@@ -87,11 +87,10 @@ class Conn(asyncio.Protocol):
                 self._unanswered += len(data)
                 if self._unanswered > MAX_HEAD:
                     raise UpstreamError("the upstream's answer head is too large")
-        except _Unasked:  # the answer is whole; what came after it must not meet the next request
-            self.abort()
-        except Exception:  # llhttp's errors, and ours (heads too large)
-            answer._fail(UpstreamError("the upstream's answer is not valid HTTP/1.1"))
-            self.abort()
+        except Exception:  # llhttp's errors, and ours (heads too large, _Unasked), which llhttp wraps in its own
+            if not answer.complete:  # a whole answer stays whole: only what came after it is refused
+                answer._fail(UpstreamError("the upstream's answer is not valid HTTP/1.1"))
+            self.abort()  # what came after it must not meet the next request
 
     def eof_received(self) -> bool:
         return False  # close the connection
@@ -124,6 +123,13 @@ class Conn(asyncio.Protocol):
             await self._drain
         if self.closed:
             raise UpstreamError("the upstream closed the connection")
+
+    @property
+    def usable(self) -> bool:
+        """Neither closed nor closing: a connection whose close waits on a flush (the upstream
+        hung up with some of an upload unread) is as good as gone, though not lost yet."""
+        transport = self.transport
+        return not self.closed and transport is not None and not transport.is_closing()
 
     @property
     def paused(self) -> bool:
@@ -180,6 +186,8 @@ class Conn(asyncio.Protocol):
 
     def on_headers_complete(self) -> None:
         status = self._parser.get_status_code()
+        if not 100 <= status <= 599:  # llhttp takes any three digits; RFC 9110 (15) only these
+            raise UpstreamError("the upstream's answer status is not an HTTP status")
         if 100 <= status < 200:  # 100 Continue, 103 Early Hints: the answer is still to come
             self._interim = True
             return
@@ -267,7 +275,8 @@ class Answer:
         sent = writer is None or (writer.done() and not writer.cancelled() and self.body_error is None)
         if writer is not None and not writer.done():
             writer.cancel()
-        self._done(self._conn, self.complete and self._keep_alive and sent and self._error is None)
+        whole = self.complete and self._keep_alive and self._error is None
+        self._done(self._conn, whole and sent and self._conn.usable)
 
     def close(self) -> None:
         """Give up on this answer: the connection is aborted."""

@@ -145,7 +145,7 @@ class Pool:
         now = self._loop.time()
         while idle:
             conn = idle.pop()  # the most recently used: the least likely to be closed
-            if not conn.closed and now - conn.idle_since < KEEPALIVE_S:
+            if conn.usable and now - conn.idle_since < KEEPALIVE_S:
                 self._in_use += 1
                 return conn
             conn.abort()
@@ -171,7 +171,7 @@ class Pool:
                 now = self._loop.time()
                 while idle:
                     conn = idle.pop()  # the most recently used: the least likely to be closed
-                    if not conn.closed and now - conn.idle_since < KEEPALIVE_S:
+                    if conn.usable and now - conn.idle_since < KEEPALIVE_S:
                         return conn
                     conn.abort()
             return await self._connect(origin)
@@ -234,7 +234,7 @@ class Pool:
     def _done(self, conn: Conn, reusable: bool) -> None:
         """A request is over: its connection goes back to the pool or is aborted; its slot is
         handed to the next waiting request or freed."""
-        if reusable and not conn.closed and not self._closed:
+        if reusable and conn.usable and not self._closed:
             conn.answer = None
             conn.idle_since = self._loop.time()
             self._idle.setdefault(conn.origin, []).append(conn)
@@ -254,7 +254,7 @@ class Pool:
         loop = self._loop
         now = loop.time()
         for origin, conns in list(self._idle.items()):
-            keep = [c for c in conns if not c.closed and now - c.idle_since < KEEPALIVE_S]
+            keep = [c for c in conns if c.usable and now - c.idle_since < KEEPALIVE_S]
             for c in conns:
                 if c not in keep:
                     c.abort()

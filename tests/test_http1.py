@@ -139,3 +139,20 @@ async def test_an_unread_body_pauses_the_socket_past_the_high_water_mark() -> No
     assert transport.reading
     conn.data_received(b"x")
     assert await answer.read() == b"x" and await answer.read() == b""
+
+
+@pytest.mark.parametrize("extra", [b"HTTP/1.1 200 OK\r\n", b"garbage"], ids=["another-answer", "garbage"])
+@pytest.mark.parametrize("raw", [LENGTH, CHUNKED, LENGTH.replace(b"OK\r\n", b"OK\r\nConnection: close\r\n", 1)],
+                         ids=["content-length", "chunked", "connection-close"])
+async def test_bytes_after_a_complete_answer_in_the_same_read_leave_that_answer_whole(raw: bytes, extra: bytes) -> None:
+    """What follows an answer's end aborts the connection; the answer itself ended where its
+    framing said and reads whole, as when those bytes come in a later read. (llhttp wraps an
+    error raised in a callback in its own: the answer was failed instead, and its caller got a
+    cut-short answer.)"""
+    conn, transport, answer, ends = connection()
+    conn.data_received(raw + extra)
+    await answer.head()
+    assert transport.aborted
+    assert await body_of(answer) == b"hello world"
+    answer.release()
+    assert ends == [False]

@@ -8,6 +8,8 @@ counting connections and the requests each one carried.
 from __future__ import annotations
 
 import asyncio
+import io
+import json
 import socket
 import ssl
 import struct
@@ -234,6 +236,21 @@ async def test_an_answer_head_that_never_ends_is_a_502_at_once(make_gateway, scr
             assert r.status == 502 and (await r.json())["error"]["code"] == "upstream_unavailable"
 
 
+@pytest.mark.parametrize("status", [b"000", b"099", b"600", b"999"])
+async def test_a_status_outside_100_to_599_is_a_502(make_gateway, scripted: list[Scripted], status: bytes) -> None:
+    """llhttp reads any three digits as a status; RFC 9110 (15) says only 100-599 are. Relayed,
+    000 and 099 went out as a status line no client reads ("HTTP/1.1 0 "), recorded as a
+    success with no error and, below 300, billed; 600 and 999 went out as they came."""
+    up = Scripted(lambda n: b"HTTP/1.1 " + status + b" X\r\nContent-Type: application/json\r\n"
+                            b"Content-Length: 2\r\n\r\n{}")
+    scripted.append(up)
+    gw = make_gateway(upstream_base=up.base_url)
+    async with aiohttp.ClientSession() as s:
+        async with s.post(gw.url + "/v1/audio/speech", json=SPEECH, headers={**AUTH, "x-aisix-request-id": "odd"}) as r:
+            assert r.status == 502 and (await r.json())["error"]["code"] == "upstream_unavailable"
+    assert (gw.event("odd")["status"], gw.event("odd")["error_code"]) == (502, "upstream_unavailable")
+
+
 async def test_max_connections_caps_the_requests_in_flight_upstream(make_gateway, scripted: list[Scripted]) -> None:
     """Four callers at once, a cap of two: the upstream holds each answer until a second request
     is there with it, so two do run together, and never three."""
@@ -292,3 +309,104 @@ async def test_a_slot_comes_back_whatever_ends_the_request(make_gateway, scripte
         async with asyncio.timeout(10):  # a slot lost for good would hang here
             assert await post() == (200, b"answer-1")  # the queued one never reached the upstream
     assert len(up.requests) == 2
+
+
+async def test_a_caller_leaving_while_a_failed_answer_is_read_gives_its_slot_back(
+        make_gateway, fake: FakeUpstream, scripted: list[Scripted]) -> None:
+    """On an alias with two targets, the first answers 503 (an attempt to fail over from) and
+    then holds its body: the gateway reads it whole before trying the second. A caller that
+    leaves meanwhile must take that answer's connection down with it (aborted, its slot back):
+    with one connection allowed, a slot kept by a request nobody waits for would hang every
+    later request for good."""
+    up = Scripted(lambda n: b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+                            b"Transfer-Encoding: chunked\r\n\r\n" if n == 0 else audio(b"answer-%d" % n))
+    scripted.append(up)
+    gw = make_gateway(
+        {"upstream": {"max_connections": 1}, "metrics": {"listen": "127.0.0.1:0"}},
+        provider_keys=[{"display_name": "held", "provider": "openai", "api_base": up.base_url,
+                        "api_key": "sk-provider-held"}],
+        models=[{"display_name": "tts-two", "routes": ["speech"], "cooldown": {"failures": 1000000},
+                 "targets": [{"provider_key": "held", "model_name": "tts-a"},
+                             {"provider_key": "fake", "model_name": "tts-b", "priority": 1}]}])
+    async with aiohttp.ClientSession() as s:
+        async def post() -> tuple[int, bytes]:
+            async with s.post(gw.url + "/v1/audio/speech", json={**SPEECH, "model": "tts-two"}, headers=AUTH) as r:
+                return r.status, await r.read()
+
+        first = asyncio.ensure_future(post())
+        deadline = time.monotonic() + 10
+        while True:  # the gateway has the 503's head: it is reading its body (polling its own count, bounded)
+            families, _ = await scrape(gw)
+            if value(families.get("aisix_upstream_attempts", []), "aisix_upstream_attempts_total", outcome="503"):
+                break
+            assert time.monotonic() < deadline, "the first attempt never got its answer head"
+        first.cancel()  # the caller leaves
+        await asyncio.gather(first, return_exceptions=True)
+        async with asyncio.timeout(10):  # a slot kept for good would hang here
+            assert await post() == (200, b"answer-1")
+    assert [c for c, _ in up.requests] == [1, 2]  # the held connection was not reused
+
+
+class AnswersEarlyThenHangsUp(SocketUpstream):
+    """The first request: its head is read, not its body; a whole 413 comes back at once (no
+    `Connection: close`), then a FIN, and nothing more is read until stop(). Later connections:
+    a request read whole, an audio answer."""
+
+    def __init__(self) -> None:
+        super().__init__(rcvbuf=4096)
+        self.answered = threading.Event()  # the first connection's 413 and FIN are out
+        self.requests: list[int] = []  # the connection each whole request came on
+        self._hold = threading.Event()
+
+    def stop(self) -> None:
+        self._hold.set()
+        super().stop()
+
+    def _serve(self, conn: socket.socket, number: int) -> None:
+        conn.settimeout(30)
+        f = conn.makefile("rb")
+        try:
+            if number == 1:
+                while f.readline() not in (b"\r\n", b""):
+                    pass
+                error = b'{"error":{"message":"too large","type":"invalid_request_error","param":null,"code":null}}'
+                conn.sendall(b"HTTP/1.1 413 Payload Too Large\r\nContent-Type: application/json\r\n"
+                             b"Content-Length: %d\r\n\r\n%s" % (len(error), error))
+                conn.shutdown(socket.SHUT_WR)
+                self.answered.set()
+                self._hold.wait(30)  # the rest of the body is never read
+                return
+            while f.readline():
+                headers = {}
+                while (h := f.readline()) not in (b"\r\n", b""):
+                    name, _, value = h.decode("latin-1").partition(":")
+                    headers[name.strip().lower()] = value.strip()
+                _read_body(f, headers)
+                self.requests.append(number)
+                conn.sendall(audio(b"answer"))
+        except OSError:
+            pass
+        finally:
+            conn.close()
+
+
+async def test_a_connection_the_upstream_hung_up_is_not_handed_to_the_next_request(make_gateway) -> None:
+    """An early answer (a whole 413, no `Connection: close`) then a FIN, while most of a large
+    speech body still waits in the gateway's send buffer: the connection is closing (its close
+    waits for a flush that never comes). It must not go back to the pool: the next request,
+    handed it, would fail without a byte sent (502) instead of getting a new connection."""
+    up = AnswersEarlyThenHangsUp()
+    try:
+        gw = make_gateway({"proxy": {"json_body_limit_bytes": 16 * 1024 * 1024}}, upstream_base=up.base_url)
+        async with aiohttp.ClientSession() as s:
+            big = json.dumps({**SPEECH, "input": "x" * (8 * 1024 * 1024)}).encode()
+            async with s.post(gw.url + "/v1/audio/speech", data=io.BytesIO(big),
+                              headers={**AUTH, "Content-Type": "application/json"}) as r:
+                assert r.status == 413
+                await r.read()
+            assert await asyncio.get_running_loop().run_in_executor(None, up.answered.wait, 10)
+            async with s.post(gw.url + "/v1/audio/speech", json=SPEECH, headers=AUTH) as r:
+                assert (r.status, await r.read()) == (200, b"answer")
+        assert up.requests == [2]
+    finally:
+        up.stop()
