@@ -78,7 +78,7 @@ class Attempts:
         refused: set[int] = set()
         ex.attempts = []
         last: BaseException | None = None  # the last failure without an answer
-        kept: tuple[Target, Buffered] | None = None  # the last failed answer, read whole
+        kept: tuple[Target, Buffered, int | None] | None = None  # the last failed answer, read whole, its ttfb
         answer: Answer | None = None
         try:
             while True:
@@ -88,6 +88,7 @@ class Attempts:
                 if i is None:  # nothing left to try: the last answer as it came, or the last failure
                     if kept is not None:
                         ex.upstream_model, ex.provider_key = kept[0].model_name, kept[0].provider_key.name
+                        ex.upstream_ttfb_ms = kept[2]  # that answer's own, not a later attempt's
                         self.answered = kept[0]
                         return kept[1]
                     assert last is not None
@@ -117,7 +118,10 @@ class Attempts:
                     return answer  # the last attempt: relayed as it comes
                 else:
                     buffered = await _read_whole(answer, app[SETTINGS].upstream.stream_idle_timeout_ms / 1000)
-                    kept = (target, buffered) if buffered is not None else kept
+                    if buffered is not None:
+                        kept = (target, buffered, ex.upstream_ttfb_ms)
+                    else:  # dropped: as if that attempt had got no answer
+                        last = errors.upstream_unavailable()
         except BaseException:
             # The request ended (the caller left, its deadline) while an answer it was failing
             # over from was still held (its cooldown recorded, its body read): that answer's
@@ -143,6 +147,7 @@ class Attempts:
         """One attempt: its answer (whatever the status), or how it failed without one."""
         ex = self._ex
         ex.upstream_model, ex.provider_key = target.model_name, target.provider_key.name
+        ex.upstream_sent = ex.upstream_ttfb_ms = None  # this attempt's own: set by ``sent``, and at its answer
         begun = time.monotonic()
         data, length = body.outbound(target, screen, lambda: sent(target))
         answer: Answer | None = None
@@ -152,6 +157,7 @@ class Attempts:
                 answer = await self._app[POOL].send(
                     target.urls[route], target.provider_key.auth_header, ex.request_id, body.content_type,
                     request.headers.get(hdrs.ACCEPT), data, length)
+            ex.upstream_ttfb_ms = _ttfb_ms(ex)
         except errors.UpstreamFailed as exc:
             failure = exc
         except TimeoutError:
@@ -174,6 +180,13 @@ class Attempts:
         slot, self.slot = self.slot, None
         await self._app[LIMITER].settle(slot, tokens, self._app[CLOCK](), cost_usd, audio_seconds)
 
+
+
+def _ttfb_ms(ex: Exchange) -> int | None:
+    """From the attempt's last request byte to its answer's head: None when the answer came before
+    the whole request had gone (``sent`` not called yet)."""
+    sent = ex.upstream_sent
+    return None if sent is None else int((time.monotonic() - sent) * 1000)
 
 
 class Buffered:

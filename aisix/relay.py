@@ -9,8 +9,6 @@ any of it is released (streaming gives way to the check for those requests only)
 
 from __future__ import annotations
 
-import time
-
 from aiohttp import HttpVersion11, web
 
 from . import errors, guardrails
@@ -33,8 +31,6 @@ async def relay(
     request: web.Request, upstream: Answer | Buffered, ex: Exchange, deadline: Deadline, idle: float,
     output_rules: tuple[Guardrail, ...] = (),
 ) -> web.StreamResponse:
-    if ex.upstream_sent is not None:
-        ex.upstream_ttfb_ms = int((time.monotonic() - ex.upstream_sent) * 1000)
     up = upstream.headers
     content_type = up.get("Content-Type", "")
     ok = ex.billable = upstream.status < 300

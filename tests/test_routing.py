@@ -25,7 +25,7 @@ import openai
 import pytest
 import yaml
 
-from tests.fakes import Behaviour, FakeUpstream
+from tests.fakes import Behaviour, FakeUpstream, SocketUpstream
 from tests.gateway import PROVIDER_SECRET, TEAM_A, Gateway, fd_targets
 from tests.test_transcriptions import form
 
@@ -530,3 +530,81 @@ async def test_a_provider_keys_budget_steers_traffic(fake: FakeUpstream, fake_b:
     gw = make_gateway(provider_keys=[budgeted, key_b(fake_b.base_url)], models=steered)
     keys = [(await speech(gw, "tts-budget"))[2]["provider_key"] for _ in range(3)]
     assert keys == ["fake-budget", "fake-budget", "fake-b"]  # 1.20 spent on that key after two
+
+
+# -- what an operator's trial of a two-provider alias found -----------------------------------------
+
+
+class LargeErrorUpstream(SocketUpstream):
+    """Answers every request with a 503 whose JSON body is larger than the 64 KiB a failed
+    answer may be kept in (failover.BUFFER_LIMIT): the gateway drops it, "as if that attempt had
+    got no answer"."""
+
+    BODY = json.dumps({"error": {"message": "overloaded " + "x" * 100_000, "type": "server_error",
+                                 "param": None, "code": "overloaded"}}).encode()
+
+    def _serve(self, conn: socket.socket, number: int) -> None:
+        try:
+            conn.settimeout(30)
+            f = conn.makefile("rb")
+            f.readline()
+            length = 0
+            while (line := f.readline()) not in (b"\r\n", b""):
+                name, _, value = line.decode("latin-1").partition(":")
+                if name.strip().lower() == "content-length":
+                    length = int(value)
+            f.read(length)
+            conn.sendall(b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+                         b"Content-Length: %d\r\n\r\n" % len(self.BODY) + self.BODY)
+            conn.recv(1)  # until the gateway closes it
+        except OSError:
+            pass
+        finally:
+            conn.close()
+
+
+async def test_a_dropped_large_answer_then_a_full_provider_key_is_not_an_internal_error(
+        fake: FakeUpstream, make_gateway: Any) -> None:
+    """The first target answers 503 with more than 64 KiB (dropped, as if no answer came); the
+    second target's provider key is at its own limit, so it is skipped. The caller must get the
+    envelope of that failure (502 upstream_unavailable), not 500 internal_error from a gateway
+    assertion, and the log must not say "unhandled error"."""
+    big = LargeErrorUpstream()
+    try:
+        keys = [{"display_name": "big", "provider": "openai", "api_base": big.base_url, "api_key": PROVIDER_SECRET},
+                {"display_name": "limited", "provider": "openai", "api_base": fake.base_url,
+                 "api_key": PROVIDER_SECRET, "rate_limit": {"rpd": 1}}]
+        models = [
+            {"display_name": "tts-limited-only", "provider_key": "limited", "model_name": "tts-b"},
+            {"display_name": "tts-pair", "routes": ["speech"], "targets": [
+                {"provider_key": "big", "model_name": "tts-a"},
+                {"provider_key": "limited", "model_name": "tts-b", "priority": 1}]},
+        ]
+        gw = make_gateway(provider_keys=keys, models=models)
+        status, _, _ = await speech(gw, "tts-limited-only")  # takes the limited key's one request today
+        assert status == 200
+        status, body, event = await speech(gw, "tts-pair")
+        assert status == 502, (status, body)
+        assert json.loads(body)["error"]["code"] == "upstream_unavailable"
+        assert [(a["provider_key"], a["status"]) for a in event["attempts"]] == [("big", 503)]
+        assert "unhandled error" not in gw.log()
+    finally:
+        big.stop()
+
+
+async def test_the_ttfb_of_a_kept_answer_is_its_own_attempts(fake: FakeUpstream, fake_b: FakeUpstream,
+                                                              make_gateway: Any) -> None:
+    """The first target answers 503 at once; the second says nothing and times out (300 ms); the
+    caller gets the first answer. Its upstream_ttfb_ms (and the aisix_upstream_ttfb_seconds
+    observation) is the time that upstream took to answer, not the later attempt's timeout."""
+    gw = make_gateway(provider_keys=[key_b(fake_b.base_url)], models=[
+        {"display_name": "tts-pair", "routes": ["speech"], "timeout": 300, "cooldown": {"failures": 1000000},
+         "targets": [{"provider_key": "fake", "model_name": "tts-a"},
+                     {"provider_key": "fake-b", "model_name": "tts-b", "priority": 1}]}])
+    fake.behaviour = Behaviour(status=503)
+    fake_b.behaviour = Behaviour(fail="stall_headers")
+    status, body, event = await speech(gw, "tts-pair")
+    assert status == 503 and json.loads(body)["error"]["code"] == "fake_error"
+    assert attempts(event) == [("fake", 503, None), ("fake-b", None, "timeout")]
+    assert event["attempts"][1]["ms"] >= 250
+    assert event["upstream_ttfb_ms"] <= event["attempts"][0]["ms"] + 50, event
