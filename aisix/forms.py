@@ -18,7 +18,7 @@ from collections.abc import AsyncIterator, Callable
 
 from aiohttp import hdrs, web
 
-from . import errors, multipart
+from . import aliases, errors, multipart
 from .audio import Probe, known_seconds
 from .audio_detect import Detect
 from .config import Resources, Settings, Target
@@ -187,6 +187,9 @@ async def read(request: web.Request, inbound: Inbound, settings: Settings, resou
                 raise errors.missing_model()
     except BaseException:
         held.close()
+        if rw.model:  # read in the chunk whose end then failed the form (no file): still the caller's alias
+            alias = rw.model.decode("utf-8", "replace")
+            inbound.exchange.model = aliases.recorded(alias, resources.models)
         raise
 
 

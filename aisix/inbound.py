@@ -36,6 +36,10 @@ class Inbound:
         self._idle = idle
         self._ex = ex
 
+    @property
+    def exchange(self) -> Exchange:
+        return self._ex
+
     async def read(self) -> bytes:
         """The next chunk; b"" at the end of the body. A caller that leaves is a ConnectionError."""
         self._deadline.wait(self._idle, CLIENT)

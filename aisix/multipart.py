@@ -148,6 +148,7 @@ class Rewriter:
     __slots__ = (
         "_delim", "_buf", "_state", "_drop", "_max_head", "_max_value",
         "_capture", "_current", "_value", "_scanned", "_fresh", "_last", "_in_file", "seen", "parts", "on_file",
+        "model",
     )
 
     def __init__(
@@ -174,6 +175,9 @@ class Rewriter:
         self.seen: set[str] = set()  # captured names and "file", as met
         self.parts = 0
         self._in_file = False  # the part being read is the file
+        # The model value once its part ended, kept even when the same chunk then ends the form
+        # with an error (no file): the caller's alias is still recorded.
+        self.model: bytes | None = None
         # Given the file part's data as it is known to be data (never a delimiter's bytes), in
         # order, without a copy: a memoryview of the caller's chunk or a piece of the buffer.
         self.on_file: Callable[[bytes | bytearray | memoryview], None] | None = None
@@ -336,7 +340,9 @@ class Rewriter:
         self._fresh = False
         self._buf.clear()
         self._drop = 0
-        out += (data[:value], Field(MODEL, data[value:end]), data[end:file])
+        field = Field(MODEL, bytes(data[value:end]))
+        self.model = field.value
+        out += (data[:value], field, data[end:file])
         return file
 
     def _pass(self, out: list[Piece], data: bytes | bytearray, start: int) -> int:
@@ -412,7 +418,10 @@ class Rewriter:
     def _end_part(self, out: list[Piece]) -> None:
         self._in_file = False
         if self._current is not None:
-            out.append(Field(self._current, bytes(self._value)))
+            field = Field(self._current, bytes(self._value))
+            if field.name == MODEL:
+                self.model = field.value
+            out.append(field)
             self._current = None
             self._value.clear()
 

@@ -153,3 +153,22 @@ async def test_an_early_upstream_answer_is_relayed(gateway: Gateway, fake: FakeU
                           headers={**AUTH, "Content-Type": ctype}) as r:
             assert r.status == 400
             assert r.headers["x-upstream-request-id"] == "req_fake"
+
+
+@pytest.mark.parametrize("alias", ["whisper-prod", "no-such-alias"])
+async def test_a_form_without_a_file_still_records_the_alias_it_sent(gateway: Gateway, alias: str) -> None:
+    """A small form whose `model` part came but no `file` (curl -F model=... alone, one chunk): the
+    caller gets 400 missing_file, and the usage event and access line name the alias it sent
+    (`model` is recorded "once the alias was read"), so errors can be
+    summed per alias (`aisix usage --by model`)."""
+    boundary = "aliasonlyboundary"
+    body = (f'--{boundary}\r\nContent-Disposition: form-data; name="model"\r\n\r\n{alias}\r\n'
+            f'--{boundary}--\r\n').encode()
+    async with aiohttp.ClientSession() as s, s.post(gateway.url + "/v1/audio/transcriptions", data=body, headers={
+            "Authorization": f"Bearer {TEAM_A}", "Content-Type": f"multipart/form-data; boundary={boundary}"}) as r:
+        answer = await r.json()
+        rid = r.headers["x-aisix-request-id"]
+    assert (r.status, answer["error"]["code"]) == (400, "missing_file")
+    event = gateway.event(rid)
+    assert event.get("model") == alias, event
+    assert f"model={alias} " in gateway.wait_log(f"rid={rid}")
