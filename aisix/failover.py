@@ -35,8 +35,10 @@ class Replayable(Protocol):
     def outbound(self, target: Target, screen: Callable[[str], None],
                  sent: Callable[[], None]) -> tuple[bytes | Body, int | None]:
         """The body for this target and its length (None: chunked). ``screen`` is called on
-        every text field still to come; ``sent`` once the last byte has gone. Called again for
-        another target after a failover, while ``replayable()``."""
+        every text field still to come; ``sent`` once the last byte of a streamed body has gone
+        (bytes leave with the head in one write, and the pool calls it then: after the connect,
+        which has its own timeout). Called again for another target after a failover, while
+        ``replayable()``."""
         ...
 
     def keep(self, limit: int) -> None:
@@ -149,14 +151,17 @@ class Attempts:
         ex.upstream_model, ex.provider_key = target.model_name, target.provider_key.name
         ex.upstream_sent = ex.upstream_ttfb_ms = None  # this attempt's own: set by ``sent``, and at its answer
         begun = time.monotonic()
-        data, length = body.outbound(target, screen, lambda: sent(target))
+        def on_sent() -> None:
+            sent(target)
+
+        data, length = body.outbound(target, screen, on_sent)
         answer: Answer | None = None
         failure: errors.UpstreamFailed | None = None
         try:
             with deadline.scope():  # the attempt's own: a timeout here can fail over
                 answer = await self._app[POOL].send(
                     target.urls[route], target.provider_key.auth_header, ex.request_id, body.content_type,
-                    request.headers.get(hdrs.ACCEPT), data, length)
+                    request.headers.get(hdrs.ACCEPT), data, length, on_sent if isinstance(data, bytes) else None)
             ex.upstream_ttfb_ms = _ttfb_ms(ex)
         except errors.UpstreamFailed as exc:
             failure = exc

@@ -53,8 +53,7 @@ class SpeechBody:
             body = json.dumps(doc, ensure_ascii=False, separators=(",", ":")).encode()
         else:
             body = orjson.dumps(doc)
-        sent()  # it leaves with its head in one write
-        return body, len(body)
+        return body, len(body)  # bytes: it leaves with its head in one write, and the pool calls sent()
 
     def keep(self, limit: int) -> None:
         pass  # the document is kept anyway: a few KiB

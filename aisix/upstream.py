@@ -25,6 +25,7 @@ import collections
 import logging
 import socket
 import ssl
+from collections.abc import Callable
 from dataclasses import dataclass
 from urllib.parse import quote, urlsplit
 
@@ -66,11 +67,13 @@ class Pool:
     # -- requests ---------------------------------------------------------------------------------
 
     async def send(self, url: str, auth_header: str, request_id: str, content_type: str,
-                   accept: str | None, body: bytes | Body, content_length: int | None) -> Answer:
-        """POST the request and return once the answer's headers are in. A streamed body (an
-        upload) goes out from its own task: the upstream may answer before it has read it all.
-        An error raised by the body's iterator (a 400 for a bad upload, a 408, a 499) comes out
-        of here as itself when no answer has started."""
+                   accept: str | None, body: bytes | Body, content_length: int | None,
+                   sent: Callable[[], None] | None = None) -> Answer:
+        """POST the request and return once the answer's headers are in. A bytes body leaves with
+        the head in one write, once a connection is had, and ``sent`` is called then. A streamed
+        body (an upload) goes out from its own task: the upstream may answer before it has read it
+        all. An error raised by the body's iterator (a 400 for a bad upload, a 408, a 499) comes
+        out of here as itself when no answer has started."""
         target = self._target(url, auth_header)
         head = [target.prefix, b"Content-Type: ", _field(content_type), b"\r\nx-aisix-request-id: ",
                 request_id.encode("ascii")]
@@ -87,6 +90,8 @@ class Pool:
         try:
             if isinstance(body, bytes):
                 conn.send(b"".join(head))
+                if sent is not None:
+                    sent()
             else:  # the head leaves with the body's first write
                 answer.upload(b"".join(head), body, content_length)
             await answer.head()

@@ -608,3 +608,30 @@ async def test_the_ttfb_of_a_kept_answer_is_its_own_attempts(fake: FakeUpstream,
     assert attempts(event) == [("fake", 503, None), ("fake-b", None, "timeout")]
     assert event["attempts"][1]["ms"] >= 250
     assert event["upstream_ttfb_ms"] <= event["attempts"][0]["ms"] + 50, event
+
+
+async def test_a_speech_request_is_timed_from_its_last_byte_not_from_before_the_connect(
+        fake: FakeUpstream, make_gateway: Any) -> None:
+    """A target whose listener takes no more connections (its accept queue full: the kernel drops
+    the SYN) is a connect failure, held to connect_timeout_ms, as for an upload. Speech called
+    `sent` before the connection was had: the alias's `timeout` (shorter here) ran during the
+    connect and recorded it as `timeout`, and a connect that did succeed counted in the ttfb."""
+    full = socket.socket()
+    full.bind(("127.0.0.1", 0))
+    full.listen(0)
+    queued = socket.create_connection(full.getsockname())  # fills the queue: nobody accepts
+    try:
+        keys = [{"display_name": "full", "provider": "openai", "api_key": PROVIDER_SECRET,
+                 "api_base": f"http://127.0.0.1:{full.getsockname()[1]}/v1"}]
+        models = [{"display_name": "tts-full", "routes": ["speech"], "timeout": 200, "targets": [
+            {"provider_key": "full", "model_name": "tts-a"}, {"provider_key": "fake", "model_name": "tts-b",
+                                                              "priority": 1}]}]
+        gw = make_gateway({"upstream": {"connect_timeout_ms": 1000}}, provider_keys=keys, models=models)
+        status, _, event = await speech(gw, "tts-full")
+        assert status == 200
+        assert attempts(event) == [("full", None, "connect"), ("fake", 200, None)]
+        assert event["attempts"][0]["ms"] >= 900
+        assert event["upstream_ttfb_ms"] <= event["attempts"][1]["ms"]
+    finally:
+        queued.close()
+        full.close()
