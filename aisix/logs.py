@@ -15,6 +15,7 @@ from __future__ import annotations
 import atexit
 import logging
 import re
+import sys
 
 from aiohttp.http_exceptions import HttpProcessingError
 
@@ -68,6 +69,14 @@ class _ToStderr(logging.Handler):
             self.handleError(record)
             return
         STDERR.offer(line.encode("utf-8", "backslashreplace"))
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        """A record that could not be formatted (a library's arguments that do not fit its
+        format): said in a line of its own, without them. logging's own handleError printed the
+        message and its arguments to stderr as they were, keys and all, past this thread."""
+        error = sys.exc_info()[0]
+        STDERR.offer(f"ERROR {record.name}: a log record could not be formatted "
+                     f"({error.__name__ if error else 'unknown error'})\n".encode("utf-8", "backslashreplace"))
 
 
 def setup() -> None:

@@ -542,6 +542,9 @@ def test_keys_are_cut_out_of_whatever_a_library_logs(capfd: pytest.CaptureFixtur
             "Client protocols %r don't overlap server-known ones %r",
             ["openai-insecure-api-key.sk-browser-canary", "openai-beta.realtime-v1"], ())
         logging.getLogger("somelib").warning("sent Authorization: Bearer sk-bearer-canary, got 401")
+        # A library's broken log call (its arguments do not fit its format): logging's own
+        # handleError printed the message and the arguments to stderr as they were.
+        logging.getLogger("somelib").warning("status %d", "Authorization: Bearer sk-broken-canary")
         try:
             raise RuntimeError("AUTHORIZATION: BEARER sk-traceback-canary")
         except RuntimeError:
@@ -553,6 +556,7 @@ def test_keys_are_cut_out_of_whatever_a_library_logs(capfd: pytest.CaptureFixtur
     finally:
         root.handlers[:] = before
     assert "canary" not in err
+    assert "somelib: a log record could not be formatted (TypeError)" in err
     assert "openai-insecure-api-key.[redacted]" in err and "Bearer [redacted]" in err
     assert "openai-beta.realtime-v1" in err  # the rest of the line is kept
 
