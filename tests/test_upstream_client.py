@@ -251,6 +251,19 @@ async def test_a_status_outside_100_to_599_is_a_502(make_gateway, scripted: list
     assert (gw.event("odd")["status"], gw.event("odd")["error_code"]) == (502, "upstream_unavailable")
 
 
+@pytest.mark.parametrize("codings", [b"gzip, chunked", b"chunked, gzip", b"identity"])
+async def test_an_answer_with_a_transfer_coding_besides_chunked_is_a_502(make_gateway, scripted: list[Scripted],
+                                                                         codings: bytes) -> None:
+    """The gateway asks for none (Accept-Encoding: identity) and cannot undo one: "gzip, chunked"
+    went to the caller as gzip bytes it was never told of, the connection kept for the next."""
+    up = Scripted(lambda n: b"HTTP/1.1 200 OK\r\nContent-Type: audio/mpeg\r\nTransfer-Encoding: " + codings
+                  + b"\r\n\r\n5\r\nhello\r\n0\r\n\r\n")
+    scripted.append(up)
+    gw = make_gateway(upstream_base=up.base_url)
+    [(status, body, _)] = await speech(gw)
+    assert status == 502 and b"upstream_unavailable" in body
+
+
 async def test_max_connections_caps_the_requests_in_flight_upstream(make_gateway, scripted: list[Scripted]) -> None:
     """Four callers at once, a cap of two: the upstream holds each answer until a second request
     is there with it, so two do run together, and never three."""
