@@ -30,6 +30,7 @@ from typing import IO
 log = logging.getLogger(__name__)
 
 BATCH_BYTES = 256 * 1024  # replayed per write to the sink
+_FIRSTS = 1_000_000  # names (in ns) before a process's own file left for Spill.append_first
 
 
 class Spill:
@@ -40,6 +41,7 @@ class Spill:
         self._file: IO[bytes] | None = None
         self._queue: list[Path] = []  # files to replay, oldest first; this process's own last
         self._reader: _Reader | None = None
+        self._firsts = 0  # files made by append_first
 
     def open(self) -> None:
         """Adopt what dead processes left; this process's own file is made on the first append."""
@@ -63,6 +65,25 @@ class Spill:
         self.spilled_total += len(lines)
         if self._own is not None and self._own not in self._queue:
             self._queue.append(self._own)
+        return True
+
+    def append_first(self, lines: list[bytes]) -> bool:
+        """Keep events older than all this process's spill holds (a batch handed to the sink before
+        those were spilled, taken back after all): a file of their own, named to sort, and so be
+        replayed, after earlier such files and before this process's own. Without one, append()."""
+        if self._own is None:
+            return self.append(lines)
+        self._firsts += 1
+        started = _started(self._own) - _FIRSTS + self._firsts  # a millisecond before it, in order
+        try:
+            f, path = _create(self._own.with_name(f"spill-{os.getpid()}-{started}.jsonl"))
+            with f:  # its lock goes with it: adopted and replayed like a stopped process's file
+                f.write(b"\n".join(lines) + b"\n")
+        except OSError as exc:
+            log.error("usage spill %s: cannot write %d events: %s", self.dir, len(lines), exc.strerror or exc)
+            return False
+        self.spilled_total += len(lines)
+        self._queue.insert(self._queue.index(self._own) if self._own in self._queue else len(self._queue), path)
         return True
 
     def batch(self) -> list[bytes]:

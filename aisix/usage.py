@@ -171,7 +171,7 @@ class UsageSink:
             self._queue.clear()
         # Handed to a writer that never finished: kept for the next start.
         unconfirmed = self._unconfirmed()
-        if unconfirmed and (self.spill is None or not self.spill.append(unconfirmed)):
+        if unconfirmed and (self.spill is None or not self.spill.append_first(unconfirmed)):
             self._lost(len(unconfirmed), "still being written at stop")
         if self.spill is not None:
             if self.spill.pending:
@@ -345,7 +345,7 @@ class StdoutSink(UsageSink):
             assert job is not None
             lines = lines[job.data.count(b"\n", 0, job.written):]  # stdout took the others
             self.written_total -= len(lines)
-            if self.spill is None or not self.spill.append(lines):
+            if self.spill is None or not self.spill.append_first(lines):  # older than what was spilled since
                 self._lost(len(lines), f"stdout failed: {writing.exception()}")
         return True
 

@@ -86,6 +86,28 @@ def test_a_replay_that_fails_sends_the_same_batch_again(tmp_path: Path) -> None:
     assert spill.batch() == [] and not spill.pending
 
 
+def test_a_batch_taken_back_at_stop_is_replayed_before_what_was_spilled_after_it(tmp_path: Path) -> None:
+    # A stdout batch that never finished was put in the spill at stop after the batches spilled
+    # behind it: the next start replayed the newer events first.
+    (tmp_path / "spill-1-1.jsonl").write_bytes(b'{"n":0}\n')  # a stopped process's, older still
+    spill = Spill(str(tmp_path))
+    spill.open()
+    assert spill.append([b'{"n":3}', b'{"n":4}'])
+    assert spill.append_first([b'{"n":1}', b'{"n":2}'])
+    assert spill.append_first([b'{"n":2.5}'])  # a later one: after it, still before the rest
+    assert spill.spilled_total == 5
+    spill.close()
+    later = Spill(str(tmp_path))
+    later.open()
+    got = []
+    while batch := later.batch():
+        got += batch
+        later.done()
+    later.close()
+    assert [orjson.loads(x)["n"] for x in got] == [0, 1, 2, 2.5, 3, 4]
+    assert not list(tmp_path.glob("spill-*"))
+
+
 def test_a_living_processs_spill_is_not_adopted(tmp_path: Path) -> None:
     mine = Spill(str(tmp_path))
     mine.open()
