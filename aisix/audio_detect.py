@@ -85,6 +85,16 @@ class Detect:
         return probe
 
 
+_MEDIA_OF_FORMAT = {"mp3": "audio/mpeg", "wav": "audio/wav", "flac": "audio/flac", "opus": "audio/ogg",
+                    "aac": "audio/aac", "pcm": "audio/pcm"}
+
+
+def for_format(response_format: str) -> Probe:
+    """The probe for speech audio in this ``response_format`` (an answer of events says no
+    Content-Type for it)."""
+    return for_answer(_MEDIA_OF_FORMAT.get(response_format.lower(), ""))
+
+
 def for_answer(content_type: str) -> Probe:
     """The probe for a speech answer of this Content-Type."""
     media = content_type.partition(";")[0].strip().lower()

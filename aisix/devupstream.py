@@ -2,7 +2,8 @@
 
 Speech answers are real silence in the asked `response_format` (mp3, opus, aac, flac, wav, pcm;
 aisix/devaudio.py makes them in Python), as long as the input text would take to say (60 ms a
-character, 0.5 to 30 s, divided by `speed`), streamed in chunks the way a TTS provider streams.
+character, 0.5 to 30 s, divided by `speed`), streamed in chunks the way a TTS provider streams, or
+as events with `stream_format: "sse"` (base64 pieces, then the tokens).
 Transcriptions and translations never decode the upload: the text names the file and its size,
 and the duration they report is the upload's as the gateway's own probes read it
 (aisix/audio_detect.py), else its size at this upstream's MP3 bit rate, so the speech it made
@@ -96,8 +97,13 @@ async def speech(request: web.Request) -> web.StreamResponse:
     if isinstance(speed, bool) or not isinstance(speed, int | float) or not MIN_SPEED <= speed <= MAX_SPEED:
         return envelope(400, f"speed must be a number from {MIN_SPEED} to {MAX_SPEED}.", param="speed")
 
+    stream_format = body.get("stream_format", "audio")
+    if stream_format not in ("audio", "sse"):
+        return envelope(400, f"Invalid stream_format {stream_format!r}: audio or sse.", param="stream_format")
     seconds = speech_seconds(body["input"], speed)
     content_type, audio = devaudio.silence(fmt, seconds)
+    if stream_format == "sse":
+        return await speech_events(request, audio, seconds, body["input"])
     response = web.StreamResponse(headers={"Content-Type": content_type})
     response.enable_chunked_encoding()
     await response.prepare(request)
@@ -105,6 +111,25 @@ async def speech(request: web.Request) -> web.StreamResponse:
         if index:
             await asyncio.sleep(CHUNK_PAUSE)
         await response.write(chunk)
+    await response.write_eof()
+    return response
+
+
+async def speech_events(request: web.Request, audio: bytes, seconds: float, text: str) -> web.StreamResponse:
+    """stream_format "sse": the audio in base64 pieces (speech.audio.delta), then the usage
+    (speech.audio.done; tokens as gpt-4o-mini-tts counts them, roughly: a token per four characters
+    in, about 21 audio tokens a second out)."""
+    response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+    await response.prepare(request)
+    for index, chunk in enumerate(chunks(audio, seconds)):
+        if index:
+            await asyncio.sleep(CHUNK_PAUSE)
+        event = {"type": "speech.audio.delta", "audio": base64.b64encode(chunk).decode("ascii")}
+        await response.write(f"data: {json.dumps(event)}\n\n".encode())
+    tokens_in, tokens_out = max(1, len(text) // 4), max(1, round(seconds * 21))
+    done = {"type": "speech.audio.done", "usage": {"input_tokens": tokens_in, "output_tokens": tokens_out,
+                                                   "total_tokens": tokens_in + tokens_out}}
+    await response.write(f"data: {json.dumps(done)}\n\n".encode())
     await response.write_eof()
     return response
 

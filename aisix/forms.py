@@ -78,6 +78,8 @@ class FormBody:
     def replayable(self) -> bool:
         return self._copy is not None or not self._started
 
+    answer_format = None  # a transcript, not audio
+
     def outbound(self, target: Target, screen: Callable[[str], None],
                  sent: Callable[[], None]) -> tuple[Body, int | None]:
         """The body as writes, and its length: the caller's Content-Length adjusted by the size

@@ -56,6 +56,12 @@ class RequestBody(Replayable, Protocol):
         """Uploads: the probe the file part's bytes are fed to."""
         ...
 
+    @property
+    def answer_format(self) -> str | None:
+        """Speech: the audio format asked for (``response_format``), as an answer of events carries
+        it; None for forms."""
+        ...
+
     check_audio: Callable[[float], None] | None
 
     def audio_seconds(self) -> float | None: ...
@@ -117,7 +123,7 @@ async def exchange(request: web.Request, route: str, read: Reader) -> web.Stream
 
             answer = await attempts.send(request, route, body, screen, sent, deadline)
             outputs = guardrails.rules_for(resources, model.alias, guardrails.OUTPUT)
-            return await relay(request, answer, ex, deadline, idle, outputs)
+            return await relay(request, answer, ex, deadline, idle, outputs, body.answer_format)
     except asyncio.CancelledError:  # the caller left while we waited (handler_cancellation)
         # Unless the drain's deadline cut it: the runner's cleanup cancels what is left before it
         # closes the connections (connection.RequestHandler.peer_gone).

@@ -13,13 +13,14 @@ from aiohttp import HttpVersion11, web
 
 from . import errors, guardrails
 from .audio import Probe
-from .audio_detect import for_answer
+from .audio_detect import for_answer, for_format
 from .config import Guardrail
 from .deadline import CLIENT, UPSTREAM, Deadline
 from .exchange import Exchange
 from .failover import Buffered
 from .http1 import Answer
 from .responses import stamp
+from .speech_events import SpeechEvents
 from .transcript import TranscriptReader
 
 _RELAYED = ("Content-Type", "Content-Length", "Content-Disposition", "Retry-After")
@@ -29,18 +30,23 @@ HOLD_LIMIT = 1024 * 1024  # a held transcript over this cannot be checked: refus
 
 async def relay(
     request: web.Request, upstream: Answer | Buffered, ex: Exchange, deadline: Deadline, idle: float,
-    output_rules: tuple[Guardrail, ...] = (),
+    output_rules: tuple[Guardrail, ...] = (), answer_format: str | None = None,
 ) -> web.StreamResponse:
     up = upstream.headers
     content_type = up.get("Content-Type", "")
     ok = ex.billable = upstream.status < 300
-    # Transcripts are read for their usage and text; speech audio is measured (its duration).
+    # Transcripts are read for their usage and text; speech audio is measured (its duration),
+    # streamed as it came or as events (stream_format "sse": base64 pieces, then the usage).
     audio = ok and content_type.startswith("audio/")
-    reader = TranscriptReader(content_type, HOLD_LIMIT) if ok and not audio else None
+    reader: TranscriptReader | SpeechEvents | None = None
+    if ok and not audio:
+        events = ex.route == "speech" and content_type.startswith("text/event-stream")
+        reader = SpeechEvents(for_format(answer_format or "mp3")) if events else \
+            TranscriptReader(content_type, HOLD_LIMIT)
     probe = for_answer(content_type) if audio and ex.route == "speech" else None
     try:
         held = None
-        if reader is not None and guardrails.blocks(output_rules):
+        if isinstance(reader, TranscriptReader) and guardrails.blocks(output_rules):
             held = await _hold(upstream, reader, deadline, idle)
             ex.usage = reader.usage  # the upstream did the work, blocked or not: it is charged
             ex.verdict = guardrails.enforce(output_rules, reader.text)
@@ -83,11 +89,13 @@ async def relay(
             reader.finish()
             ex.verdict = guardrails.enforce(output_rules, reader.text) or ex.verdict
         ex.usage = reader.usage
+        if isinstance(reader, SpeechEvents):
+            ex.audio_seconds_out = reader.seconds()
     return response
 
 
 async def _stream(
-    upstream: Answer | Buffered, response: web.StreamResponse, reader: TranscriptReader | None,
+    upstream: Answer | Buffered, response: web.StreamResponse, reader: TranscriptReader | SpeechEvents | None,
     probe: Probe | None, ex: Exchange, deadline: Deadline, idle: float,
 ) -> None:
     while True:

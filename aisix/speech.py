@@ -45,6 +45,11 @@ class SpeechBody:
         self._doc = doc
         self._exact = exact
 
+    @property
+    def answer_format(self) -> str:
+        fmt = self._doc.get("response_format")
+        return fmt if isinstance(fmt, str) else "mp3"
+
     def outbound(self, target: Target, screen: Callable[[str], None],
                  sent: Callable[[], None]) -> tuple[bytes, int | None]:
         doc = self._doc

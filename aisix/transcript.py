@@ -87,7 +87,7 @@ class TranscriptReader:
             self._parts.append(event["delta"])
         elif isinstance(event.get("text"), str) and not self._parts:
             self._parts.append(event["text"])
-        self._read_usage(event)
+        read_usage(event, self.usage)
 
     def _json(self, body: bytes | bytearray) -> None:
         try:
@@ -101,19 +101,20 @@ class TranscriptReader:
             if isinstance(segment, dict) and isinstance(segment.get("text"), str):
                 texts.append(segment["text"])
         self.text = "\n".join(texts)
-        self._read_usage(doc)
+        read_usage(doc, self.usage)
         if isinstance(doc.get("duration"), (int, float)) and self.usage.audio_seconds is None:
             self.usage.audio_seconds = float(doc["duration"])
 
-    def _read_usage(self, doc: dict) -> None:
-        usage = doc.get("usage")
-        if not isinstance(usage, dict):
-            return
-        u = self.usage
-        for name in ("input_tokens", "output_tokens", "total_tokens"):
-            value = usage.get(name)
-            if isinstance(value, int) and not isinstance(value, bool):
-                setattr(u, name, value)
-        seconds = usage.get("seconds")
-        if isinstance(seconds, (int, float)) and not isinstance(seconds, bool):
-            u.audio_seconds = float(seconds)
+
+def read_usage(doc: dict, u: Usage) -> None:
+    """What a JSON answer or event reports in ``usage`` (tokens, or seconds), into ``u``."""
+    usage = doc.get("usage")
+    if not isinstance(usage, dict):
+        return
+    for name in ("input_tokens", "output_tokens", "total_tokens"):
+        value = usage.get(name)
+        if isinstance(value, int) and not isinstance(value, bool):
+            setattr(u, name, value)
+    seconds = usage.get("seconds")
+    if isinstance(seconds, (int, float)) and not isinstance(seconds, bool):
+        u.audio_seconds = float(seconds)

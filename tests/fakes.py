@@ -8,6 +8,7 @@ the thing under test); `response_format` and `stream` are found by a regex over 
 from __future__ import annotations
 
 import asyncio
+import base64
 import hashlib
 import json
 import re
@@ -26,6 +27,8 @@ FAIL_MODES = (None, "reset_before", "reset_mid", "stall", "stall_headers", "garb
 _FIELD = r'name="%s"[^\r\n]*\r\n(?:[^\r\n]+\r\n)*\r\n([A-Za-z_]+)'
 _RESPONSE_FORMAT = re.compile(_FIELD.encode() % b"response_format")
 _STREAM = re.compile(_FIELD.encode() % b"stream")
+_SSE_SPEECH = re.compile(rb'"stream_format"\s*:\s*"sse"')
+SPEECH_USAGE = {"input_tokens": 7, "output_tokens": 120, "total_tokens": 127}  # a speech.audio.done's
 _WINDOW = 64 * 1024
 ROUTES = ("speech", "transcriptions", "translations")
 
@@ -245,6 +248,11 @@ class FakeUpstream:
         if route == "speech":
             chunk = (MP3_FRAME * (behaviour.speech_chunk_bytes // len(MP3_FRAME) + 1))
             chunks = [chunk[:behaviour.speech_chunk_bytes]] * behaviour.speech_chunks
+            if _SSE_SPEECH.search(body):  # stream_format "sse": the same audio as events, then the usage
+                events = [{"type": "speech.audio.delta", "audio": base64.b64encode(c).decode()} for c in chunks]
+                events.append({"type": "speech.audio.done", "usage": SPEECH_USAGE})
+                frames = [f"data: {json.dumps(event)}\n\n".encode() for event in events]
+                return await self._stream(request, behaviour, generation, "text/event-stream", frames, headers)
             return await self._stream(request, behaviour, generation, "audio/mpeg", chunks,
                                       headers)
         fmt = _RESPONSE_FORMAT.search(body)

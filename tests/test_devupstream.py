@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import io
 import json
 import logging
@@ -183,10 +184,25 @@ async def test_speech_streams_real_mp3(base_url: str, session: aiohttp.ClientSes
     out = tmp_path / "out.mp3"
     out.write_bytes(audio)
     file_cmd = shutil.which("file")
-    if file_cmd is None:
-        pytest.skip("the file command is not installed")
+    assert file_cmd is not None, "file is one of the tools make test installs (Makefile, SYSTEM_TOOLS)"
     described = subprocess.run([file_cmd, str(out)], capture_output=True, text=True, check=True)
     assert "MPEG ADTS, layer III" in described.stdout
+
+
+async def test_speech_as_events_carries_the_same_audio_and_its_tokens(base_url: str,
+                                                                      session: aiohttp.ClientSession) -> None:
+    text = "Hello from AISIX." * 3
+    body = {"model": "gpt-4o-mini-tts", "input": text, "voice": "alloy", "response_format": "wav",
+            "stream_format": "sse"}
+    async with session.post(f"{base_url}/audio/speech", json=body) as resp:
+        assert resp.status == 200 and resp.content_type == "text/event-stream"
+        raw = await resp.read()
+    events = [json.loads(line[5:]) for line in raw.split(b"\n") if line.startswith(b"data:")]
+    assert len(events) > 2 and {e["type"] for e in events[:-1]} == {"speech.audio.delta"}
+    assert b"".join(base64.b64decode(e["audio"]) for e in events[:-1]) == devaudio.silence("wav", 51 * 0.060)[1]
+    assert events[-1]["type"] == "speech.audio.done"
+    assert events[-1]["usage"]["total_tokens"] == events[-1]["usage"]["input_tokens"] + events[-1]["usage"][
+        "output_tokens"] > 0
 
 
 @pytest.mark.parametrize(("headers", "body", "status", "param"), [
@@ -196,6 +212,7 @@ async def test_speech_streams_real_mp3(base_url: str, session: aiohttp.ClientSes
     (AUTH, {"model": "tts-1", "input": "hi", "response_format": "ogg"}, 400, "response_format"),
     (AUTH, {"model": "tts-1", "input": "hi", "speed": 4.5}, 400, "speed"),
     (AUTH, {"model": "tts-1", "input": "hi", "speed": "fast"}, 400, "speed"),
+    (AUTH, {"model": "tts-1", "input": "hi", "stream_format": "chunks"}, 400, "stream_format"),
     ({"Authorization": ""}, {"model": "tts-1", "input": "hi"}, 401, None),
 ])
 async def test_speech_rejections_are_envelopes(base_url: str, headers: dict[str, str],

@@ -314,6 +314,45 @@ async def test_two_uploads_in_flight_cannot_both_spend_what_the_quota_has_left(
     assert sum(r.complete for r in fake.received) == 1  # the refused one never reached the upstream whole
 
 
+async def test_a_speech_answer_streamed_as_events_is_measured_and_priced_the_same(
+        fake: FakeUpstream, make_gateway: Any, tmp_path: Any) -> None:
+    # stream_format "sse": the audio comes base64 in speech.audio.delta events, the tokens in
+    # speech.audio.done. Read as a transcript, it had no duration: priced by the minute it cost
+    # nothing and took nothing from an audio quota (a way round both), and its usage was lost past
+    # 1 MiB of events.
+    import base64
+
+    from tests.audio_files import close_enough, ffprobe_seconds
+    from tests.fakes import SPEECH_USAGE
+
+    fake.behaviour = Behaviour(speech_chunks=40, speech_chunk_bytes=4800)
+    key = {"display_name": "sse-quota", "key_hash": hash_key("sk-sse-quota"), "allowed_models": ["*"],
+           "rate_limit": {"audio_seconds_per_hour": 15}}
+    gw = make_gateway(models=priced(per_minute_output_audio=0.015, per_1m_output_tokens=12.0), api_keys=[key])
+
+    async def sse() -> tuple[int, bytes, dict[str, Any] | None]:
+        async with aiohttp.ClientSession() as s, s.post(
+                gw.url + "/v1/audio/speech", headers={"Authorization": "Bearer sk-sse-quota"},
+                json={"model": "tts-priced", "input": TEXT, "voice": "alloy", "stream_format": "sse"}) as r:
+            body = await r.read()
+            return r.status, body, gw.event(r.headers["x-aisix-request-id"]) if r.status == 200 else None
+
+    status, body, event = await sse()
+    assert status == 200 and event is not None
+    events = [json.loads(line[5:]) for line in body.split(b"\n") if line.startswith(b"data:")]
+    assert [e["type"] for e in events] == ["speech.audio.delta"] * 40 + ["speech.audio.done"]  # relayed as sent
+    out = tmp_path / "answer.mp3"
+    out.write_bytes(b"".join(base64.b64decode(e["audio"]) for e in events[:-1]))
+    assert close_enough(event["audio_seconds_out"], ffprobe_seconds(out))
+    assert event["stream"] is True
+    assert (event["input_tokens"], event["output_tokens"]) == (SPEECH_USAGE["input_tokens"],
+                                                               SPEECH_USAGE["output_tokens"])
+    assert event["cost_usd"] == pytest.approx(event["audio_seconds_out"] / 60 * 0.015 + 120 * 12.0 / 1e6, rel=1e-3)
+    assert event["audio_seconds_out"] > 7.5  # two of them take the 15 s quota
+    assert (await sse())[0] == 200
+    assert (await sse())[0] == 429
+
+
 async def test_a_speech_answer_is_measured_and_priced_per_minute(fake: FakeUpstream, make_gateway: Any,
                                                                  tmp_path: Any) -> None:
     from tests.audio_files import close_enough, ffprobe_seconds

@@ -29,6 +29,19 @@ def test_speech_to_file(client: openai.OpenAI, fake: FakeUpstream, tmp_path: Pat
     assert b'"model":"gpt-4o-mini-tts"' in fake.wait_received()[0].body
 
 
+def test_speech_as_events(client: openai.OpenAI, gateway: Gateway, fake: FakeUpstream) -> None:
+    # stream_format="sse", as the SDK sends it: relayed as events, the audio measured from them.
+    with client.audio.speech.with_streaming_response.create(
+            model="tts-prod", voice="alloy", input="Hello from AISIX.", stream_format="sse") as r:
+        lines = [line for line in r.iter_lines() if line.startswith("data:")]
+        rid = r.headers["x-aisix-request-id"]
+    assert len(lines) == 4 and '"speech.audio.done"' in lines[-1]
+    assert b'"stream_format":"sse"' in fake.wait_received()[0].body
+    event = gateway.event(rid)
+    assert event["audio_seconds_out"] == 0.72  # 3 x 4800 bytes of 480-byte frames of 24 ms
+    assert event["output_tokens"] == 120
+
+
 def test_transcription_with_a_file(client: openai.OpenAI, fake: FakeUpstream) -> None:
     audio = ("speech.wav", io.BytesIO(b"RIFF" + bytes(5000)), "audio/wav")
     result = client.audio.transcriptions.create(model="whisper-prod", file=audio, language="en")
