@@ -16,6 +16,7 @@ aiohttp installed still has what this relies on. What it cannot do is in docs/ap
 
 from __future__ import annotations
 
+from collections.abc import Awaitable
 from typing import Any
 
 from aiohttp import web
@@ -95,5 +96,15 @@ class AppRunner(web.AppRunner):
 
     async def _make_server(self) -> web.Server:
         plain = await super()._make_server()  # the app's startup, and the server's settings
-        return Server(plain.request_handler, request_factory=plain.request_factory,
+        handle = plain.request_handler
+
+        def routed(request: web.BaseRequest) -> Awaitable[web.StreamResponse]:
+            # `OPTIONS *` and `CONNECT host:443` name no path: no route of aiohttp's router can
+            # match them, and it answered its own plain 404. Given a path of their target, they
+            # reach the catch-all route's 404 envelope (and the access log) like any unknown path.
+            if request.path.startswith("/"):
+                return handle(request)
+            return handle(request.clone(rel_url="/" + request.raw_path))
+
+        return Server(routed, request_factory=plain.request_factory,
                       handler_cancellation=plain.handler_cancellation, loop=plain._loop, **plain._kwargs)

@@ -140,9 +140,11 @@ async def test_unrouted_requests_get_the_envelope_and_our_headers(gateway: Gatew
     assert (lower["server"], lower["x-aisix-request-id"], lower["x-request-id"]) == ("aisix", "unrouted-1", "unrouted-1")
 
 
-@pytest.mark.parametrize("request_line", [b"GET /v1/models%0a HTTP/1.1", b"GET /nope%0d%0aX HTTP/1.1"])
-async def test_a_path_with_a_decoded_line_break_gets_the_envelope_too(gateway: Gateway, request_line: bytes) -> None:
-    # It got aiohttp's plain-text 404 (with its version in Server), no envelope, no request id.
+@pytest.mark.parametrize("request_line", [b"GET /v1/models%0a HTTP/1.1", b"GET /nope%0d%0aX HTTP/1.1",
+                                          b"OPTIONS * HTTP/1.1", b"CONNECT example.com:443 HTTP/1.1"])
+async def test_a_target_no_route_can_match_gets_the_envelope_too(gateway: Gateway, request_line: bytes) -> None:
+    # A decoded line break, or no path at all (asterisk and authority forms): aiohttp's plain-text
+    # 404 (with its version in Server), no envelope, no request id, no access line.
     host, port = gateway.url.removeprefix("http://").split(":")
     reader, writer = await asyncio.open_connection(host, int(port))
     try:
