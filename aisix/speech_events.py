@@ -12,11 +12,10 @@ relayed whole either way.
 from __future__ import annotations
 
 import binascii
-
-import orjson
+from typing import Any
 
 from .audio import Probe
-from .transcript import Usage, read_usage
+from .transcript import Usage, read_usage, sse_events
 
 LINE_LIMIT = 1024 * 1024  # one event's line: a delta is a few KiB of base64
 
@@ -37,12 +36,8 @@ class SpeechEvents:
             return
         buf = self._buf
         buf += chunk
-        start = 0
-        while (end := buf.find(b"\n", start)) >= 0:
-            if buf.startswith(b"data:", start):
-                self._event(bytes(buf[start + 5:end]).strip())
-            start = end + 1
-        del buf[:start]
+        for event in sse_events(buf):
+            self._event(event)
         if len(buf) > LINE_LIMIT:
             self._over, self._measured, self._buf = True, False, bytearray()
 
@@ -53,13 +48,7 @@ class SpeechEvents:
         """The audio's duration, once the answer has been read to its end; None when unknown."""
         return self._probe.end() if self._measured else None
 
-    def _event(self, data: bytes) -> None:
-        try:
-            event = orjson.loads(data)
-        except orjson.JSONDecodeError:
-            return
-        if not isinstance(event, dict):
-            return
+    def _event(self, event: dict[str, Any]) -> None:
         audio = event.get("audio")
         if isinstance(audio, str) and self._measured and event.get("type") == "speech.audio.delta":
             try:

@@ -9,6 +9,7 @@ Speech audio is never given to it.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import orjson
 
@@ -70,24 +71,12 @@ class TranscriptReader:
         self._buf.clear()
 
     def _lines(self) -> None:
-        while (end := self._buf.find(b"\n")) >= 0:
-            line = bytes(self._buf[:end]).rstrip(b"\r")
-            del self._buf[:end + 1]
-            if line.startswith(b"data:"):
-                self._event(line[5:].strip())
-
-    def _event(self, data: bytes) -> None:
-        try:
-            event = orjson.loads(data)
-        except orjson.JSONDecodeError:
-            return
-        if not isinstance(event, dict):
-            return
-        if isinstance(event.get("delta"), str):
-            self._parts.append(event["delta"])
-        elif isinstance(event.get("text"), str) and not self._parts:
-            self._parts.append(event["text"])
-        read_usage(event, self.usage)
+        for event in sse_events(self._buf):
+            if isinstance(event.get("delta"), str):
+                self._parts.append(event["delta"])
+            elif isinstance(event.get("text"), str) and not self._parts:
+                self._parts.append(event["text"])
+            read_usage(event, self.usage)
 
     def _json(self, body: bytes | bytearray) -> None:
         try:
@@ -104,6 +93,24 @@ class TranscriptReader:
         read_usage(doc, self.usage)
         if isinstance(doc.get("duration"), (int, float)) and self.usage.audio_seconds is None:
             self.usage.audio_seconds = float(doc["duration"])
+
+
+def sse_events(buf: bytearray) -> list[dict[str, Any]]:
+    """The JSON objects of the whole ``data:`` lines in ``buf``, which loses every whole line (an
+    unfinished last one stays); lines that are not ``data:``, or not a JSON object, are passed over."""
+    events = []
+    start = 0
+    while (end := buf.find(b"\n", start)) >= 0:
+        if buf.startswith(b"data:", start):
+            try:
+                event = orjson.loads(bytes(buf[start + 5:end]).strip())
+            except orjson.JSONDecodeError:
+                event = None
+            if isinstance(event, dict):
+                events.append(event)
+        start = end + 1
+    del buf[:start]
+    return events
 
 
 def read_usage(doc: dict, u: Usage) -> None:

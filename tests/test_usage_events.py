@@ -271,16 +271,8 @@ async def test_a_stdout_batch_still_in_flight_at_stop_is_not_lost_uncounted(fake
     # The next start, with the same spill directory and a stdout that is read, replays the spill.
     second = tmp_path / "second"
     second.mkdir()
-    out = open(second / "stdout", "wb")  # noqa: SIM115
-    gw2 = Gateway(second, fake.base_url, {"usage": {"sink": "stdout", "spill_dir": str(spill)}})
-    gw2.stdout = out.fileno()
-    try:
-        gw2.start()
-        gw2.wait_log("events replayed from the spill")
-        assert gw2.stop() == 0
-    finally:
-        gw2.stop()
-        out.close()
+    with open(second / "stdout", "wb") as out:
+        replay(fake, second, spill, out.fileno())
 
     seen = _ids(bytes(got)) + _ids((second / "stdout").read_bytes())
     missing = set(sent) - set(seen)
@@ -291,17 +283,18 @@ async def test_a_stdout_batch_still_in_flight_at_stop_is_not_lost_uncounted(fake
 
 async def spoken(url: str, n: int) -> list[str]:
     """n speech requests one after the other, each answered 200 within 10 s; their request ids."""
-    sent = []
     async with aiohttp.ClientSession() as s:
-        for _ in range(n):
-            rid = uuid.uuid4().hex
-            async with s.post(url + "/v1/audio/speech", json=SPEECH, headers={
-                    "Authorization": f"Bearer {TEAM_A}", "x-aisix-request-id": rid},
-                    timeout=aiohttp.ClientTimeout(total=10)) as r:
-                assert r.status == 200
-                await r.read()
-            sent.append(rid)
-    return sent
+        return [await _speak(s, url) for _ in range(n)]
+
+
+async def _speak(s: aiohttp.ClientSession, url: str) -> str:
+    rid = uuid.uuid4().hex
+    async with s.post(url + "/v1/audio/speech", json=SPEECH, headers={
+            "Authorization": f"Bearer {TEAM_A}", "x-aisix-request-id": rid},
+            timeout=aiohttp.ClientTimeout(total=10)) as r:
+        assert r.status == 200
+        await r.read()
+    return rid
 
 
 async def test_a_stop_during_a_stall_leaves_no_half_line_for_the_replay_to_join(
@@ -330,14 +323,7 @@ async def test_a_stop_during_a_stall_leaves_no_half_line_for_the_replay_to_join(
         sent += await burst(gw.url, 64)  # behind the stalled batch: spilled
         assert gw.stop() == 0
         reader.start()  # the consumer reads again, before the next start
-        gw2 = Gateway(second, fake.base_url, {"usage": {"sink": "stdout", "spill_dir": str(spill)}})
-        gw2.stdout = write_end
-        try:
-            gw2.start()
-            gw2.wait_log("events replayed from the spill")
-            assert gw2.stop() == 0
-        finally:
-            gw2.stop()
+        replay(fake, second, spill, write_end)
     finally:
         gw.stop()
         os.close(write_end)
@@ -353,6 +339,18 @@ async def test_a_stop_during_a_stall_leaves_no_half_line_for_the_replay_to_join(
     assert len(ids) == len(sent), f"{len(ids) - len(set(ids))} events written twice"
 
 
+def replay(fake: FakeUpstream, directory: Path, spill: Path, stdout: int) -> None:
+    """A gateway started with this spill and stdout: it replays the spill, and is stopped."""
+    gw = Gateway(directory, fake.base_url, {"usage": {"sink": "stdout", "spill_dir": str(spill)}})
+    gw.stdout = stdout
+    try:
+        gw.start()
+        gw.wait_log("events replayed from the spill")
+        assert gw.stop() == 0
+    finally:
+        gw.stop()
+
+
 def _read_all(fd: int) -> bytes:
     out = bytearray()
     while chunk := os.read(fd, 65536):
@@ -362,14 +360,5 @@ def _read_all(fd: int) -> bytes:
 
 async def burst(url: str, n: int) -> list[str]:
     """n speech requests at once (their events reach the sink together: one batch); their ids."""
-    async def one(s: aiohttp.ClientSession) -> str:
-        rid = uuid.uuid4().hex
-        async with s.post(url + "/v1/audio/speech", json=SPEECH, headers={
-                "Authorization": f"Bearer {TEAM_A}", "x-aisix-request-id": rid},
-                timeout=aiohttp.ClientTimeout(total=10)) as r:
-            assert r.status == 200
-            await r.read()
-        return rid
-
     async with aiohttp.ClientSession() as s:
-        return list(await asyncio.gather(*(one(s) for _ in range(n))))
+        return list(await asyncio.gather(*(_speak(s, url) for _ in range(n))))
