@@ -35,15 +35,9 @@ async def relay(
     up = upstream.headers
     content_type = up.get("Content-Type", "")
     ok = ex.billable = upstream.status < 300
-    # Transcripts are read for their usage and text; speech audio is measured (its duration),
-    # streamed as it came or as events (stream_format "sse": base64 pieces, then the usage).
-    audio = ok and content_type.startswith("audio/")
-    reader: TranscriptReader | SpeechEvents | None = None
-    if ok and not audio:
-        events = ex.route == "speech" and content_type.startswith("text/event-stream")
-        reader = SpeechEvents(for_format(answer_format or "mp3")) if events else \
-            TranscriptReader(content_type, HOLD_LIMIT)
-    probe = for_answer(content_type) if audio and ex.route == "speech" else None
+    if ex.route == "speech":  # output rules read transcripts: speech audio is never held nor screened
+        output_rules = ()
+    reader, probe = _readers(ex.route, content_type, answer_format) if ok else (None, None)
     try:
         held = None
         if isinstance(reader, TranscriptReader) and guardrails.blocks(output_rules):
@@ -92,6 +86,24 @@ async def relay(
         if isinstance(reader, SpeechEvents):
             ex.audio_seconds_out = reader.seconds()
     return response
+
+
+def _readers(route: str, content_type: str,
+             answer_format: str | None) -> tuple[TranscriptReader | SpeechEvents | None, Probe | None]:
+    """What reads a 2xx answer as it passes: a transcript for its text and usage; speech audio for
+    its duration, as it came (labelled audio/*, or untyped: application/octet-stream, as some
+    providers label it, read as the format asked for) or as events (stream_format "sse": base64
+    pieces, then the usage)."""
+    media = content_type.partition(";")[0].strip().lower()
+    if route != "speech":
+        return None if media.startswith("audio/") else TranscriptReader(content_type, HOLD_LIMIT), None
+    if media.startswith("audio/"):
+        return None, for_answer(content_type)
+    if media == "text/event-stream":
+        return SpeechEvents(for_format(answer_format or "mp3")), None
+    if media in ("application/octet-stream", ""):
+        return None, for_format(answer_format or "mp3")
+    return TranscriptReader(content_type, HOLD_LIMIT), None  # JSON or text: its usage, if it reports one
 
 
 async def _stream(

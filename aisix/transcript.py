@@ -42,7 +42,7 @@ class TranscriptReader:
         self._limit = limit
         self._over = False
         self._parts: list[str] = []
-        self._kept = 0  # bytes read so far: the cap covers SSE text as well as a held body
+        self._kept = 0  # bytes of the body read (JSON, text), or of the text kept (SSE), against the cap
         self.text = ""
         self.usage = Usage()
 
@@ -50,9 +50,15 @@ class TranscriptReader:
         if self._over:
             return
         self._buf += chunk
-        self._kept += len(chunk)
         if self._kind == "sse":
+            # Events are read as they pass: what is kept is one line and the text, each capped;
+            # the usage comes in the last event, however long the stream before it.
             self._lines()
+            if len(self._buf) > self._limit:
+                self._over = True  # one line past the cap: no text, no usage, never a guess
+                self._buf.clear()
+            return
+        self._kept += len(chunk)
         if self._kept > self._limit:
             self._over = True  # past the cap we stop reading: no text, no usage, never a guess
             self._buf.clear()
@@ -73,10 +79,21 @@ class TranscriptReader:
     def _lines(self) -> None:
         for event in sse_events(self._buf):
             if isinstance(event.get("delta"), str):
-                self._parts.append(event["delta"])
-            elif isinstance(event.get("text"), str) and not self._parts:
-                self._parts.append(event["text"])
+                self._keep_text(event["delta"])
+            elif isinstance(event.get("text"), str) and not self._parts and self._kept <= self._limit:
+                self._keep_text(event["text"])
             read_usage(event, self.usage)
+
+    def _keep_text(self, text: str) -> None:
+        """An event's text, while the text kept is under the cap; past it none is kept (a
+        transcript is never checked in part)."""
+        if self._kept > self._limit:
+            return
+        self._kept += len(text)
+        if self._kept > self._limit:
+            self._parts.clear()
+        else:
+            self._parts.append(text)
 
     def _json(self, body: bytes | bytearray) -> None:
         try:

@@ -8,7 +8,7 @@ import os
 import socket
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +22,7 @@ from aisix.access_log import AccessLogger, Writer
 from aisix.background import Background
 from aisix.app import create_app
 from aisix.config import hash_key
-from tests.fakes import Behaviour, FakeUpstream
+from tests.fakes import Behaviour, FakeUpstream, SocketUpstream
 from tests.gateway import TEAM_A, Gateway
 from tests.test_transcriptions import form, no_complete_request_reached
 
@@ -272,3 +272,48 @@ async def test_audio_bytes_are_never_scanned(guarded: Gateway, fake: FakeUpstrea
     status, _, _ = await post(guarded, TEAM_A, "/v1/audio/transcriptions", json=None, data=body,
                               headers={"Content-Type": ctype})
     assert status == 200
+
+
+class OctetSpeech(SocketUpstream):
+    """Answers every request with 2 MiB of audio labelled application/octet-stream, as
+    OpenAI-compatible TTS servers often label audio (a pcm answer, say)."""
+
+    AUDIO = bytes(2 * 1024 * 1024)
+
+    def _serve(self, conn: socket.socket, number: int) -> None:
+        with conn:
+            f = conn.makefile("rb")
+            length = 0
+            while (line := f.readline()) not in (b"\r\n", b""):
+                name, _, value = line.partition(b":")
+                if name.strip().lower() == b"content-length":
+                    length = int(value)
+            f.read(length)
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\n"
+                         b"Content-Length: %d\r\nConnection: close\r\n\r\n" % len(self.AUDIO) + self.AUDIO)
+
+
+@pytest.fixture
+def octet_speech() -> Iterator[OctetSpeech]:
+    upstream = OctetSpeech()
+    yield upstream
+    upstream.stop()
+
+
+async def test_speech_audio_is_not_held_by_an_output_guardrail(octet_speech: OctetSpeech, make_gateway: Any) -> None:
+    # Output guardrails screen transcripts; "speech audio is never
+    # screened". A speech answer whose Content-Type is not audio/* was held whole as a transcript
+    # by any blocking output rule (models default to all), then refused 502 past 1 MiB.
+    rule = {"name": "no-secrets", "kind": "keyword", "hook_point": "output", "enforcement_mode": "block",
+            "patterns": [{"kind": "literal", "value": "password"}]}
+    gw = make_gateway(upstream_base=octet_speech.base_url, guardrails=[rule])
+    async with aiohttp.ClientSession() as s, s.post(
+            gw.url + "/v1/audio/speech", headers={"Authorization": f"Bearer {TEAM_A}"},
+            json={"model": "tts-prod", "input": "hi", "voice": "alloy", "response_format": "pcm"}) as r:
+        body = await r.read()
+        event = gw.event(r.headers["x-aisix-request-id"])
+    assert r.status == 200, body[:200]
+    assert r.headers["Content-Type"] == "application/octet-stream" and body == OctetSpeech.AUDIO
+    assert event["status"] == 200 and "guardrail" not in event
+    # Untyped, it is read as the format asked for: pcm, 24 kHz 16-bit mono.
+    assert event["audio_seconds_out"] == round(len(OctetSpeech.AUDIO) / 48000, 3)

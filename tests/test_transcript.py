@@ -51,3 +51,18 @@ def test_over_the_cap_nothing_is_guessed() -> None:
 def test_tokens_total() -> None:
     assert Usage(2, 3, None).tokens == 5 and Usage(None, None, 9).tokens == 9 and Usage().tokens is None
 
+
+def test_a_long_event_stream_keeps_its_usage() -> None:
+    # The reader bounds what it keeps (one line, and the text), not what passes: the usage is in
+    # the last event, after every delta.
+    deltas = b"".join(b'data: {"type":"transcript.text.delta","delta":"w%d "}\n\n' % i for i in range(40_000))
+    done = json.dumps({"type": "transcript.text.done", "text": "...",
+                       "usage": {"type": "tokens", "input_tokens": 900, "output_tokens": 40_000,
+                                 "total_tokens": 40_900}}).encode()
+    body = deltas + b"data: " + done + b"\n\n"
+    assert len(body) > 1024 * 1024
+    reader = TranscriptReader("text/event-stream", 1024 * 1024)
+    for i in range(0, len(body), 16 * 1024):
+        reader.feed(body[i:i + 16 * 1024])
+    reader.finish()
+    assert reader.usage == Usage(900, 40_000, 40_900, None)

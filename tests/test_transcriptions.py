@@ -172,3 +172,26 @@ async def test_a_form_without_a_file_still_records_the_alias_it_sent(gateway: Ga
     event = gateway.event(rid)
     assert event.get("model") == alias, event
     assert f"model={alias} " in gateway.wait_log(f"rid={rid}")
+
+
+def _stream_form() -> aiohttp.FormData:
+    form = aiohttp.FormData()
+    form.add_field("model", "whisper-prod")
+    form.add_field("stream", "true")
+    form.add_field("file", b"ID3" + bytes(2000), filename="a.mp3", content_type="audio/mpeg")
+    return form
+
+
+async def test_a_streamed_transcription_over_1_mib_records_its_tokens(gateway: Gateway, fake: FakeUpstream) -> None:
+    # A long file transcribed with stream=true (gpt-4o-transcribe, and include[]=logprobs makes
+    # each delta larger): its tokens come in transcript.text.done after over 1 MiB of deltas. They
+    # were dropped from the usage event, so a token price cost nothing and tpm took nothing.
+    fake.behaviour = Behaviour(transcript=" ".join(f"word{i}" for i in range(20_000)))
+    async with aiohttp.ClientSession() as s, s.post(gateway.url + "/v1/audio/transcriptions", headers={
+            "Authorization": f"Bearer {TEAM_A}"}, data=_stream_form()) as r:
+        assert r.status == 200 and r.content_type == "text/event-stream"
+        body = await r.read()
+        event = gateway.event(r.headers["x-aisix-request-id"])
+    assert len(body) > 1024 * 1024
+    assert event["bytes_out"] == len(body) and event["stream"] is True
+    assert (event["input_tokens"], event["output_tokens"], event["total_tokens"]) == (10, 5, 15)
