@@ -157,6 +157,13 @@ class Attempts:
         data, length = body.outbound(target, screen, on_sent)
         answer: Answer | None = None
         failure: errors.UpstreamFailed | None = None
+        # Until ``sent``: a slot (max_connections) and a connection. The wait for a slot is held to
+        # the alias's timeout, as it was when speech called sent() before the pool's send, and the
+        # connect gets its own connect_timeout_ms on top (a connect that does not succeed is
+        # 'connect', not 'timeout'). Without this the deadline left from reading the body (the
+        # caller's idle gap) cut a request that had only queued for a slot.
+        upstream = self._app[SETTINGS].upstream
+        deadline.wait(((self._model.timeout_ms or upstream.timeout_ms) + upstream.connect_timeout_ms) / 1000, UPSTREAM)
         try:
             with deadline.scope():  # the attempt's own: a timeout here can fail over
                 answer = await self._app[POOL].send(

@@ -423,3 +423,45 @@ async def test_a_connection_the_upstream_hung_up_is_not_handed_to_the_next_reque
         assert up.requests == [2]
     finally:
         up.stop()
+
+
+async def test_a_speech_request_waiting_for_a_connection_slot_is_not_the_callers_timeout(
+        make_gateway, scripted: list[Scripted]) -> None:
+    """max_connections reached: a speech request, its body read whole, waits for a slot. The wait
+    was held to the alias's timeout (sent() ran before the pool's send); since the pool calls
+    sent() after the write, the deadline left from reading the body (the caller's idle gap,
+    stream_idle_timeout_ms) ran during the wait, and a caller that had sent everything got 408
+    client_timeout, with no failover."""
+    hold, held = threading.Event(), threading.Event()
+
+    def answer(n: int) -> bytes:
+        if n == 0:
+            held.set()
+            hold.wait(10)
+        return audio(b"answer-%d" % n)
+
+    up = Scripted(answer)
+    scripted.append(up)
+    idle_ms = 300
+    gw = make_gateway({"upstream": {"max_connections": 1, "stream_idle_timeout_ms": idle_ms, "timeout_ms": 30000},
+                       "metrics": {"listen": "127.0.0.1:0"}}, upstream_base=up.base_url)
+    async with aiohttp.ClientSession() as s:
+        async def post() -> tuple[int, bytes]:
+            async with s.post(gw.url + "/v1/audio/speech", json=SPEECH, headers=AUTH) as r:
+                return r.status, await r.read()
+
+        first = asyncio.ensure_future(post())  # takes the one slot; its answer is held
+        await asyncio.get_running_loop().run_in_executor(None, held.wait, 10)
+        queued = asyncio.ensure_future(post())  # waits for the slot in the gateway
+        deadline = time.monotonic() + 10
+        while True:  # the gateway's own count, bounded
+            families, _ = await scrape(gw)
+            if value(families["aisix_in_flight_requests"], "aisix_in_flight_requests", route="speech") >= 2:
+                break
+            assert time.monotonic() < deadline, "the second request never reached the gateway"
+        # Longer than the caller's idle allowance, far shorter than the upstream's timeout.
+        done, _ = await asyncio.wait({queued}, timeout=4 * idle_ms / 1000)
+        hold.set()
+        assert not done, f"the queued request ended while it waited for a slot: {queued.result()}"
+        assert await first == (200, b"answer-0")
+        assert await queued == (200, b"answer-1")
