@@ -67,24 +67,35 @@ class Spill:
             self._queue.append(self._own)
         return True
 
-    def append_first(self, lines: list[bytes]) -> bool:
+    def append_first(self, lines: list[bytes], read_from: Path | None = None) -> bool:
         """Keep events older than all this process's spill holds (a batch handed to the sink before
         those were spilled, taken back after all): a file of their own, named to sort, and so be
-        replayed, after earlier such files and before this process's own. Without one, append()."""
-        if self._own is None:
+        replayed, after earlier such files and before this process's own. A batch that was read
+        from a spill file (``read_from``, ``reading`` when it was handed out) goes before the rest
+        of that file instead, or before the file queued after it once that one was read to its
+        end: a stopped process's file is older than this process's own. Without one, append()."""
+        anchor = self._own
+        if read_from is not None:
+            anchor = read_from if read_from in self._queue else (self._queue[0] if self._queue else None)
+        if anchor is None:
             return self.append(lines)
         self._firsts += 1
-        started = _started(self._own) - _FIRSTS + self._firsts  # a millisecond before it, in order
+        started = _started(anchor) - _FIRSTS + self._firsts  # a millisecond before it, in order
         try:
-            f, path = _create(self._own.with_name(f"spill-{os.getpid()}-{started}.jsonl"))
+            f, path = _create(self.dir / f"spill-{os.getpid()}-{started}.jsonl")
             with f:  # its lock goes with it: adopted and replayed like a stopped process's file
                 f.write(b"\n".join(lines) + b"\n")
         except OSError as exc:
             log.error("usage spill %s: cannot write %d events: %s", self.dir, len(lines), exc.strerror or exc)
             return False
         self.spilled_total += len(lines)
-        self._queue.insert(self._queue.index(self._own) if self._own in self._queue else len(self._queue), path)
+        self._queue.insert(self._queue.index(anchor) if anchor in self._queue else len(self._queue), path)
         return True
+
+    @property
+    def reading(self) -> Path | None:
+        """The file the last batch() came from, while it is replayed."""
+        return self._reader.path if self._reader is not None else None
 
     def batch(self) -> list[bytes]:
         """The next events to replay, in order ([] when none are left); ``done()`` once the sink

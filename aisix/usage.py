@@ -27,6 +27,7 @@ import os
 import sys
 import time
 from collections import deque
+from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, BinaryIO
 
 import orjson
@@ -120,6 +121,8 @@ class UsageSink:
         self._unwarned = 0
         self.adopt_every_s = ADOPT_S
         self._adopt_at = 0.0  # monotonic: when to look for other processes' spill files next
+        self._replaying: Path | None = None  # the spill file of the batch being written, if replayed
+        self._taken_from: Path | None = None  # _unconfirmed(): the spill file those lines came from
 
     @classmethod
     def create(cls, spec: SinkSpec, queue_size: int = 10000, spill_dir: str | None = None) -> UsageSink:
@@ -171,7 +174,7 @@ class UsageSink:
             self._queue.clear()
         # Handed to a writer that never finished: kept for the next start.
         unconfirmed = self._unconfirmed()
-        if unconfirmed and (self.spill is None or not self.spill.append_first(unconfirmed)):
+        if unconfirmed and (self.spill is None or not self.spill.append_first(unconfirmed, self._taken_from)):
             self._lost(len(unconfirmed), "still being written at stop")
         if self.spill is not None:
             if self.spill.pending:
@@ -253,12 +256,15 @@ class UsageSink:
         """Send what the spill holds, oldest first, until it is empty or the sink fails again."""
         replayed = 0
         while lines := spill.batch():
+            self._replaying = spill.reading
             try:
                 await self._write(lines)
             except asyncio.CancelledError:
                 raise
             except Exception:  # noqa: BLE001 (still down: the spill keeps them, tried again later)
                 return
+            finally:
+                self._replaying = None
             spill.done()
             self.written_total += len(lines)
             replayed += len(lines)
@@ -305,6 +311,7 @@ class StdoutSink(UsageSink):
         self._writing: asyncio.Future[None] | None = None  # a batch stdout has not taken yet
         self._writing_lines: list[bytes] = []
         self._job: Job | None = None  # its bytes, and how many of them stdout took
+        self._job_from: Path | None = None  # the spill file it was replayed from, if it was
 
     async def _write(self, lines: list[bytes]) -> None:
         if not self._done_writing():
@@ -328,7 +335,7 @@ class StdoutSink(UsageSink):
             return
         # Counted as written (by the writer, or done() for a replayed batch): if it never ends,
         # close takes back (_unconfirmed) into the spill the lines stdout has not taken.
-        self._writing, self._writing_lines, self._job = writing, lines, job
+        self._writing, self._writing_lines, self._job, self._job_from = writing, lines, job, self._replaying
         log.warning("usage sink stdout: not being read; %d events are written when it is, later ones "
                     "wait in the spill", len(lines))
 
@@ -345,7 +352,8 @@ class StdoutSink(UsageSink):
             assert job is not None
             lines = lines[job.data.count(b"\n", 0, job.written):]  # stdout took the others
             self.written_total -= len(lines)
-            if self.spill is None or not self.spill.append_first(lines):  # older than what was spilled since
+            # older than what was spilled since
+            if self.spill is None or not self.spill.append_first(lines, self._job_from):
                 self._lost(len(lines), f"stdout failed: {writing.exception()}")
         return True
 
@@ -355,6 +363,7 @@ class StdoutSink(UsageSink):
         writing, job, lines = self._writing, self._job, self._writing_lines
         assert writing is not None and job is not None
         writing.cancel()  # nobody waits for it: the thread's TakenBack is not an error to log
+        self._taken_from = self._job_from
         self._writing, self._writing_lines, self._job = None, [], None
         # The thread writes no more of it: the lines stdout has not taken go to the spill, and
         # never reach stdout from this process (nor half of one: whole_lines).

@@ -362,3 +362,41 @@ async def burst(url: str, n: int) -> list[str]:
     """n speech requests at once (their events reach the sink together: one batch); their ids."""
     async with aiohttp.ClientSession() as s:
         return list(await asyncio.gather(*(_speak(s, url) for _ in range(n))))
+
+
+async def test_a_replayed_batch_taken_back_at_stop_is_replayed_before_the_rest_of_its_file(
+        fake: FakeUpstream, tmp_path: Path) -> None:
+    """A stopped process left a spill file. The next start replays it to a stdout nobody reads:
+    its first batch (256 KiB) is taken in part, counted as written when a second passes (its
+    offset committed), the rest of the file waits behind it. At stop, the lines stdout had not
+    taken are kept by Spill.append_first, "replayed before what was spilled after": but they went
+    to a file of this process's own, which sorts after the adopted file, and the start after
+    replayed the rest of that file (newer events) before them."""
+    spill = tmp_path / "spill"
+    spill.mkdir()
+    sent = [f"ev-{i:05d}" for i in range(1500)]  # ~450 bytes each: 2.6 batches, 10 pipes
+    left = spill / f"spill-99999-{time.time_ns() - 3_600_000_000_000}.jsonl"  # started an hour ago
+    left.write_bytes(
+        b"".join(orjson.dumps({"request_id": rid, "pad": "x" * 420}) + b"\n" for rid in sent))
+    read_end, write_end = os.pipe()
+    first, second = tmp_path / "first", tmp_path / "second"
+    first.mkdir()
+    second.mkdir()
+    gw = Gateway(first, fake.base_url, {"usage": {"sink": "stdout", "spill_dir": str(spill)}})
+    gw.stdout = write_end
+    got = bytearray()
+    try:
+        gw.start()
+        os.close(write_end)
+        gw.wait_log("usage sink stdout: not being read")
+        assert gw.stop() == 0
+        got += _read_all(read_end)  # what stdout took before the process ended
+    finally:
+        gw.stop()
+        os.close(read_end)
+    with open(second / "stdout", "wb") as out:
+        replay(fake, second, spill, out.fileno())
+    seen = _ids(bytes(got)) + _ids((second / "stdout").read_bytes())
+    assert sorted(seen) == sent, f"{len(set(sent) - set(seen))} lost, {len(seen) - len(set(seen))} twice"
+    assert seen == sent, "replayed out of order: " + ", ".join(
+        f"{a} after {b}" for a, b in zip(seen[1:], seen[:-1], strict=True) if a < b)
