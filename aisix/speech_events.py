@@ -4,9 +4,9 @@ its audio measured and its reported usage kept, as for an answer of plain audio.
 [core] Each ``speech.audio.delta`` event carries a piece of the audio, base64 in ``audio``: it is
 decoded and fed to the duration probe of the format the request asked for. ``speech.audio.done``
 carries the tokens (``usage``). Held between feeds: one unfinished line, at most ``LINE_LIMIT``
-bytes. Nothing is guessed: a piece that is not base64 ends the measure (the answer then has no
-measured duration, its usage is still read), a longer line ends the reading; the answer is
-relayed whole either way.
+bytes. Nothing is guessed: a piece that is not base64, or a data line that is not a JSON event
+(one whose data spans lines), ends the measure (the answer then has no measured duration, its
+usage is still read), a longer line ends the reading; the answer is relayed whole either way.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import binascii
 from typing import Any
 
 from .audio import Probe
-from .transcript import Usage, read_usage, sse_events
+from .transcript import Usage, line_ends, read_usage, sse_events
 
 LINE_LIMIT = 1024 * 1024  # one event's line: a delta is a few KiB of base64
 
@@ -35,9 +35,12 @@ class SpeechEvents:
         if self._over:
             return
         buf = self._buf
-        buf += chunk
+        buf += line_ends(chunk)
         for event in sse_events(buf):
-            self._event(event)
+            if event is None:  # a data line that is no event: it may have held audio, so no guess
+                self._measured = False
+            else:
+                self._event(event)
         if len(buf) > LINE_LIMIT:
             self._over, self._measured, self._buf = True, False, bytearray()
 

@@ -49,6 +49,8 @@ class TranscriptReader:
     def feed(self, chunk: bytes | bytearray) -> None:
         if self._over:
             return
+        if self._kind == "sse":
+            chunk = line_ends(chunk)
         self._buf += chunk
         if self._kind == "sse":
             # Events are read as they pass: what is kept is one line and the text, each capped;
@@ -78,6 +80,8 @@ class TranscriptReader:
 
     def _lines(self) -> None:
         for event in sse_events(self._buf):
+            if event is None:
+                continue
             if isinstance(event.get("delta"), str):
                 self._keep_text(event["delta"])
             elif isinstance(event.get("text"), str) and not self._parts and self._kept <= self._limit:
@@ -112,19 +116,30 @@ class TranscriptReader:
             self.usage.audio_seconds = float(doc["duration"])
 
 
-def sse_events(buf: bytearray) -> list[dict[str, Any]]:
-    """The JSON objects of the whole ``data:`` lines in ``buf``, which loses every whole line (an
-    unfinished last one stays); lines that are not ``data:``, or not a JSON object, are passed over."""
-    events = []
+def line_ends(chunk: bytes | bytearray) -> bytes | bytearray:
+    """An event stream's chunk with its line ends as LF: SSE ends a line with CRLF, LF or a CR
+    alone (a CRLF cut between two chunks makes an empty line: an event's end, harmless)."""
+    return chunk.replace(b"\r\n", b"\n").replace(b"\r", b"\n") if b"\r" in chunk else chunk
+
+
+def sse_events(buf: bytearray) -> list[dict[str, Any] | None]:
+    """The JSON objects of the whole ``data:`` lines in ``buf`` (LF-ended: ``line_ends``), which
+    loses every whole line (an unfinished last one stays); None for a data line that is not one (a
+    piece of an event whose data spans lines, say), but for an empty one and ``[DONE]``. Other
+    lines are passed over."""
+    events: list[dict[str, Any] | None] = []
     start = 0
     while (end := buf.find(b"\n", start)) >= 0:
         if buf.startswith(b"data:", start):
+            data = bytes(buf[start + 5:end]).strip()
             try:
-                event = orjson.loads(bytes(buf[start + 5:end]).strip())
+                event = orjson.loads(data)
             except orjson.JSONDecodeError:
                 event = None
             if isinstance(event, dict):
                 events.append(event)
+            elif data and data != b"[DONE]":
+                events.append(None)
         start = end + 1
     del buf[:start]
     return events

@@ -79,3 +79,29 @@ def test_other_events_and_comments_are_passed_over() -> None:
             + b'data: {"type": "error", "audio": "AAAA"}\n\ndata: [DONE]\n\n')
     reader = read(body, "pcm", [])
     assert reader.seconds() == pytest.approx(1.0)  # the error event's "audio" is not audio
+
+
+def test_speech_events_with_cr_line_ends_are_measured_not_zero() -> None:
+    """SSE lets a line end with CR alone. SpeechEvents split on LF only: the whole answer was one
+    line no JSON parser reads, no delta was fed, and a pcm answer measured 0.0 seconds (priced at
+    nothing per minute, nothing taken from an audio quota): a guess, not a measure."""
+    _, audio = silence("pcm", 1.0)
+    reader = read(answer(audio, newline=b"\r"), "pcm", [])
+    assert reader.seconds() == pytest.approx(1.0)
+    assert reader.usage.total_tokens == 95
+    cut = read(answer(audio, newline=b"\r\n"), "pcm", [len(answer(audio, newline=b"\r\n")) // 2])
+    assert cut.seconds() == pytest.approx(1.0)
+
+
+def test_a_speech_event_whose_data_spans_lines_leaves_the_duration_absent_not_short() -> None:
+    """An event's data may come in several `data:` lines (SSE joins them). Each line alone is not
+    JSON and was passed over in silence: the audio of that delta was left out and the answer
+    measured shorter than it is, a guess the docs rule out ("never guessed")."""
+    _, audio = silence("pcm", 1.0)
+    half = len(audio) // 2
+    first = json.dumps({"type": "speech.audio.delta", "audio": base64.b64encode(audio[:half]).decode()})
+    second = {"type": "speech.audio.delta", "audio": base64.b64encode(audio[half:]).decode()}
+    body = (b"data: " + first.encode() + b"\n\n"
+            + b'data: {"type": "speech.audio.delta",\ndata: "audio": "' + second["audio"].encode() + b'"}\n\n')
+    seconds = read(body, "pcm", []).seconds()
+    assert seconds is None or abs(seconds - 1.0) < 0.01, seconds
