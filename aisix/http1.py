@@ -295,7 +295,7 @@ class Answer:
         self.headers = CIMultiDictProxy(CIMultiDict(raw_headers))
         self._keep_alive = keep_alive
         for value in self.headers.getall("Transfer-Encoding", ()):  # none asked for (identity): none undone
-            if any(coding.strip().lower() != "chunked" for coding in value.split(",")):
+            if any(coding.strip().lower() not in ("chunked", "") for coding in value.split(",")):
                 raise UpstreamError("the upstream's answer has a transfer coding besides chunked")
         self._eof_ends = ("Content-Length" not in self.headers
                           and "chunked" not in self.headers.get("Transfer-Encoding", "").lower()

@@ -34,13 +34,15 @@ class SpeechEvents:
     def feed(self, chunk: bytes | bytearray) -> None:
         if self._over:
             return
+        chunk = line_ends(chunk)
         buf = self._buf
-        buf += line_ends(chunk)
-        for event in sse_events(buf):
-            if event is None:  # a data line that is no event: it may have held audio, so no guess
-                self._measured = False
-            else:
-                self._event(event)
+        buf += chunk
+        if b"\n" in chunk:  # else no line ended: the one held is not searched again (a line fed a
+            for event in sse_events(buf):  # byte at a time would cost its length squared)
+                if event is None:  # a data line that is no event: it may have held audio, so no guess
+                    self._measured = False
+                else:
+                    self._event(event)
         if len(buf) > LINE_LIMIT:
             self._over, self._measured, self._buf = True, False, bytearray()
 

@@ -50,16 +50,17 @@ class TranscriptReader:
         if self._over:
             return
         if self._kind == "sse":
-            chunk = line_ends(chunk)
-        self._buf += chunk
-        if self._kind == "sse":
             # Events are read as they pass: what is kept is one line and the text, each capped;
             # the usage comes in the last event, however long the stream before it.
-            self._lines()
+            chunk = line_ends(chunk)
+            self._buf += chunk
+            if b"\n" in chunk:  # else no line ended: the one held is not searched again
+                self._lines()
             if len(self._buf) > self._limit:
                 self._over = True  # one line past the cap: no text, no usage, never a guess
                 self._buf.clear()
             return
+        self._buf += chunk
         self._kept += len(chunk)
         if self._kept > self._limit:
             self._over = True  # past the cap we stop reading: no text, no usage, never a guess

@@ -264,6 +264,16 @@ async def test_an_answer_with_a_transfer_coding_besides_chunked_is_a_502(make_ga
     assert status == 502 and b"upstream_unavailable" in body
 
 
+async def test_an_empty_element_in_transfer_encoding_is_no_coding(make_gateway, scripted: list[Scripted]) -> None:
+    """RFC 9110 (5.6.1): a recipient accepts empty list elements; ", chunked" names no coding
+    besides chunked."""
+    up = Scripted(lambda n: b"HTTP/1.1 200 OK\r\nContent-Type: audio/mpeg\r\nTransfer-Encoding: , chunked"
+                  b"\r\n\r\n5\r\nhello\r\n0\r\n\r\n")
+    scripted.append(up)
+    gw = make_gateway(upstream_base=up.base_url)
+    assert await speech(gw) == [(200, b"hello", "audio/mpeg")]
+
+
 async def test_max_connections_caps_the_requests_in_flight_upstream(make_gateway, scripted: list[Scripted]) -> None:
     """Four callers at once, a cap of two: the upstream holds each answer until a second request
     is there with it, so two do run together, and never three."""
