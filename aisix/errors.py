@@ -113,8 +113,16 @@ def model_not_supported(alias: str, route: str) -> GatewayError:
     return invalid_request("model_not_supported", f"The model '{alias}' cannot be used with {path}.", "model")
 
 
-def audio_too_long(seconds: float, limit: int) -> GatewayError:
-    return invalid_request("audio_too_long", f"The audio file is {seconds:.1f} seconds long; this model takes at most "
+def _over(seconds: float, limit: float) -> str:
+    """A length to a tenth, unless that would read as within ``limit`` (20.04 s over 20: "20.0"):
+    then to the millisecond."""
+    return f"{seconds:.1f}" if round(seconds, 1) > round(limit, 1) else f"{seconds:.3f}"
+
+
+def audio_too_long(seconds: float, limit: int, at_least: bool = False) -> GatewayError:
+    """``at_least``: the length is the audio seen so far (no header stated it), not the file's."""
+    length = f"{'at least ' if at_least else ''}{_over(seconds, limit)}"
+    return invalid_request("audio_too_long", f"The audio file is {length} seconds long; this model takes at most "
                            f"{limit} seconds.", "file")
 
 
@@ -184,9 +192,21 @@ def budget_exceeded(scope: str, who: str, limit_usd: float, period: str, reset: 
 
 
 def audio_quota_exceeded(scope: str, who: str, limit: int, period: str, reset: int) -> RateLimited:
-    """An audio-seconds quota is spent, or an upload is longer than what is left of it."""
+    """An audio-seconds quota is spent."""
     return RateLimited(scope, "rate_limit_exceeded",
                        f"Audio quota of {limit} seconds per {period} exceeded for {who}.", {"Retry-After": str(reset)})
+
+
+def audio_quota_too_short(scope: str, who: str, limit: int, period: str, reset: int,
+                          seconds: float, left: float, at_least: bool) -> RateLimited:
+    """An upload longer than what an audio quota has left (the quota itself is not spent: a
+    shorter upload is still taken, so the message says how much is left, not "exceeded")."""
+    left = max(0.0, left)
+    digits = 1 if round(seconds, 1) > round(left, 1) else 3  # never "39.8 left, and 39.8 long"
+    return RateLimited(scope, "rate_limit_exceeded",
+                       f"Audio quota of {limit} seconds per {period} for {who}: {left:.{digits}f} seconds left, "
+                       f"and the audio file is {'at least ' if at_least else ''}{seconds:.{digits}f} seconds long.",
+                       {"Retry-After": str(reset)})
 
 
 def concurrency_exceeded(scope: str, who: str, limit: int) -> RateLimited:

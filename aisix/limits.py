@@ -37,7 +37,7 @@ from typing import Protocol
 
 from . import errors
 from .config import ApiKey, Cooldown, Model, ProviderKey
-from .limits_plan import SCALE, Limit, Plan, needing, plan, provider_plan, rejection
+from .limits_plan import SCALE, Limit, Plan, needing, plan, provider_plan, rejection, upload_rejection
 from .specs import BackendSpec
 
 log = logging.getLogger(__name__)
@@ -192,7 +192,8 @@ a realtime session also charges tokens as they are reported (charge)."""
             slot.audio_quotas = tuple(quotas)
         return slot
 
-    def audio_refusal(self, slot: Slot | None, seconds: float, now: float) -> errors.RateLimited | None:
+    def audio_refusal(self, slot: Slot | None, seconds: float, now: float,
+                      at_least: bool = False) -> errors.RateLimited | None:
         """The 429 for an upload of ``seconds`` that is more than its audio quotas have left:
         what they had when it was admitted, less what other uploads in this process have claimed
         or been charged since. Otherwise ``seconds`` is its claim (called again as it grows)."""
@@ -204,7 +205,7 @@ a realtime session also charges tokens as they are reported (charge)."""
         for x, left, charged_then in slot.audio_quotas:
             taken = claims.get(x.key, 0.0) - mine + charged.get(x.key, 0.0) - charged_then
             if seconds > left - taken:
-                return rejection([x], now)
+                return upload_rejection(x, now, seconds, left - taken, at_least)
         if seconds != mine:
             for x, _, _ in slot.audio_quotas:
                 claims[x.key] = claims.get(x.key, 0.0) + seconds - mine

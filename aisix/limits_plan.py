@@ -136,6 +136,13 @@ def rejection(blocked: Sequence[Limit], now: float) -> errors.RateLimited:
     return errors.window_exceeded(w.scope, _who(w), w.limit, w.unit, _PERIOD[w.size], reset)
 
 
+def upload_rejection(quota: Limit, now: float, seconds: float, left: float, at_least: bool) -> errors.RateLimited:
+    """The 429 for an upload longer than what an audio quota has ``left``: the quota is not spent
+    (a shorter upload would be taken), so the message says what is left rather than "exceeded"."""
+    return errors.audio_quota_too_short(quota.scope, _who(quota), quota.limit // SCALE["seconds"],
+                                        _PERIOD[quota.size], reset_after(now, quota.size), seconds, left, at_least)
+
+
 def _who(limit: Limit) -> str:
     if limit.scope == "provider":  # the provider key's name is the operator's business
         return "the upstream provider of this model"

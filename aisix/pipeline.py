@@ -109,7 +109,7 @@ async def exchange(request: web.Request, route: str, read: Reader) -> web.Stream
             slot = await limiter.admit(key, model, clock())
             attempts = Attempts(app, ex, model)
             if body.audio is not None:
-                body.check_audio = _audio_check(model, limiter, slot, attempts, clock)
+                body.check_audio = _audio_check(model, limiter, slot, attempts, clock, body.audio)
                 if body.check_audio is not None:  # what a file-first form told already: before any upstream
                     body.check_audio(known_seconds(body.audio))
                 if model.provider_audio_quotas:  # a target whose provider key cannot take it is passed over
@@ -139,8 +139,11 @@ async def exchange(request: web.Request, route: str, read: Reader) -> web.Stream
         if deadline is not None:
             deadline.close()  # before any await: its timer must not fire into a finished exchange
         if body is not None:
-            ex.audio_seconds_in = body.audio_seconds()
+            ex.audio_seconds_in = _to_ms(body.audio_seconds())
             body.close()
+        # Priced, charged and counted as the usage event shows them (to the millisecond), so that
+        # a cost is the price times the event's figure and the metrics add up to the events.
+        ex.audio_seconds_out = _to_ms(ex.audio_seconds_out)
         tokens = ex.usage.tokens if ex.usage else None
         if model is not None and ex.billable:
             ex.cost_usd = _cost(ex, model, attempts.answered if attempts is not None else None)
@@ -155,7 +158,7 @@ async def exchange(request: web.Request, route: str, read: Reader) -> web.Stream
 
 
 def _audio_check(model: Model, limiter: Limiter, slot: Slot | None, attempts: Attempts,
-                 clock: Callable[[], float]) -> Callable[[float], None] | None:
+                 clock: Callable[[], float], probe: Probe) -> Callable[[float], None] | None:
     """What an upload's audio length is held to (max_audio_seconds, what the audio quotas of its
     key, its model and the provider key of the attempt under way have left), as a check the form
     calls as soon as it knows a length; None when nothing limits it."""
@@ -165,14 +168,18 @@ def _audio_check(model: Model, limiter: Limiter, slot: Slot | None, attempts: At
 
     def check(seconds: float) -> None:
         if limit and seconds > limit:
-            raise errors.audio_too_long(seconds, limit)
+            raise errors.audio_too_long(seconds, limit, at_least=probe.declared is None)
         now = clock()
         for held in (slot, attempts.slot):
-            refusal = limiter.audio_refusal(held, seconds, now)
+            refusal = limiter.audio_refusal(held, seconds, now, at_least=probe.declared is None)
             if refusal is not None:
                 raise refusal
 
     return check
+
+
+def _to_ms(seconds: float | None) -> float | None:
+    return None if seconds is None else round(seconds, 3)
 
 
 def _audio_in(ex: Exchange) -> float | None:

@@ -374,7 +374,12 @@ async def test_audio_quota_is_charged_and_tells_what_is_left(limiter: Limiter) -
     assert limiter.audio_refusal(slot, 39.0, T0 + 3) is None
     e = limiter.audio_refusal(slot, 40.0, T0 + 3)  # an upload longer than what is left
     assert e is not None and (e.code, e.scope, e.headers) == ("rate_limit_exceeded", "key", {"Retry-After": "3597"})
-    assert e.message == "Audio quota of 100 seconds per hour exceeded for this API key."
+    # not "exceeded": the quota has 39.75 s left, a shorter upload is still taken
+    assert e.message == ("Audio quota of 100 seconds per hour for this API key: 39.8 seconds left, "
+                         "and the audio file is 40.0 seconds long.")
+    e = limiter.audio_refusal(slot, 39.76, T0 + 3, at_least=True)
+    assert e is not None and e.message == ("Audio quota of 100 seconds per hour for this API key: 39.750 seconds "
+                                           "left, and the audio file is at least 39.760 seconds long.")
     await limiter.settle(slot, None, T0 + 4, audio_seconds=40)
     e = await refusal(limiter, key, m, T0 + 5)  # 100.25 s charged: over
     assert e.code == "rate_limit_exceeded" and "Audio quota" in e.message

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
@@ -12,6 +13,7 @@ from typing import Any
 import aiohttp
 import pytest
 
+from tests.audio_files import make
 from tests.fakes import Behaviour, FakeUpstream
 from tests.gateway import TEAM_A, Gateway, hash_key
 
@@ -366,3 +368,100 @@ async def test_a_speech_answer_is_measured_and_priced_per_minute(fake: FakeUpstr
     event = got["event"]
     assert close_enough(event["audio_seconds_out"], ffprobe_seconds(out))
     assert event["cost_usd"] == pytest.approx(event["audio_seconds_out"] / 60 * 0.015, rel=1e-3)
+
+
+# -- what an operator's trial of prices, budgets and quotas found ----------------------------------
+
+async def metrics_text(gw: Gateway) -> str:
+    async with aiohttp.ClientSession() as s, s.get(gw.metrics_url + "/metrics") as r:
+        return await r.text()
+
+
+async def test_an_uploads_cost_is_its_price_times_the_seconds_its_event_shows(
+        fake: FakeUpstream, make_gateway: Any) -> None:
+    # An MP3 at 44.1 kHz lasts a whole number of 1152-sample frames: not a whole millisecond.
+    # The event shows audio_seconds_in to the millisecond; the cost must be that figure times
+    # the price (what an operator, or a bill, recomputes), and the metric must add up the same.
+    path = make("mp3-cbr", 10.0)
+    gw = make_gateway({"metrics": {"listen": "127.0.0.1:0"}},
+                      models=whisper(pricing={"per_minute_input_audio": 60.0}))  # 1 USD a second
+    status, _, event = await upload(gw, path.read_bytes())
+    assert status == 200 and "audio_seconds" not in event  # the fake reports tokens, not seconds
+    seconds = event["audio_seconds_in"]
+    assert event["cost_usd"] == round(seconds * 60.0 / 60, 8), (event["cost_usd"], seconds)
+    text = await metrics_text(gw)
+    assert f'aisix_audio_seconds_total{{direction="in",model="whisper-metered"}} {seconds}' in text
+    assert f'aisix_cost_usd_total{{model="whisper-metered"}} {event["cost_usd"]}' in text
+
+
+async def test_a_speech_answers_cost_is_its_price_times_the_seconds_its_event_shows(
+        fake: FakeUpstream, make_gateway: Any) -> None:
+    # The fake's MP3 frames are 24 kHz 1152-sample frames (48 ms): three chunks of 4800 bytes
+    # cut mid-frame, so the measured length is whole frames but priced per minute at a high price.
+    gw = make_gateway(models=[{"display_name": "tts-money", "provider_key": "fake", "model_name": "tts-1",
+                               "pricing": {"per_minute_output_audio": 600.0}}])
+    ask = {"model": "tts-money", "input": "hi", "voice": "a"}
+    async with aiohttp.ClientSession() as s, s.post(gw.url + "/v1/audio/speech", json=ask,
+                                                    headers={"Authorization": f"Bearer {TEAM_A}"}) as r:
+        await r.read()
+        event = gw.event(r.headers["x-aisix-request-id"])
+    seconds = event["audio_seconds_out"]
+    assert event["cost_usd"] == round(seconds * 600.0 / 60, 8), (event["cost_usd"], seconds)
+
+
+@pytest.mark.parametrize(("fmt", "seconds"), [("wav-24k-mono", 20.04), ("flac", 20.04), ("mp3-xing", 20.04)])
+async def test_audio_too_long_names_a_length_over_the_limit(fake: FakeUpstream, make_gateway: Any,
+                                                            fmt: str, seconds: float) -> None:
+    # "The audio file is 20.0 seconds long; this model takes at most 20 seconds." refuses a file
+    # with a message that says it is within the limit.
+    gw = make_gateway(models=whisper(max_audio_seconds=20))
+    status, body, event = await upload(gw, make(fmt, seconds).read_bytes())
+    assert status == 400 and body["error"]["code"] == "audio_too_long" and body["error"]["param"] == "file"
+    message = body["error"]["message"]
+    said = float(re.search(r"is (?:at least )?([0-9.]+) seconds long", message)[1])  # type: ignore[index]
+    assert said > 20, message
+    assert event["error_code"] == "audio_too_long"
+
+
+async def test_audio_too_long_on_a_length_seen_so_far_says_at_least(fake: FakeUpstream, make_gateway: Any) -> None:
+    # OGG states no length: the refusal comes once the audio seen so far passes the limit, often
+    # well before the file's end ("is 24.0 seconds long" for a 30 s file). The message must not
+    # give that figure as the file's length.
+    path = make("ogg-opus", 30.0)
+    gw = make_gateway(models=whisper(max_audio_seconds=20))
+    status, body, _ = await upload(gw, path.read_bytes())
+    assert status == 400 and body["error"]["code"] == "audio_too_long"
+    message = body["error"]["message"]
+    said = float(re.search(r"is (?:at least )?([0-9.]+) seconds long", message)[1])  # type: ignore[index]
+    assert said > 20 and message.startswith("The audio file is at least "), message
+
+
+async def test_an_upload_the_upstream_refused_spends_no_audio_quota(fake: FakeUpstream, make_gateway: Any) -> None:
+    # docs/api.md section 10 (and operations.md) said such an upload counts against the quota;
+    # the gateway charges audio quotas only for work the upstream did (a 2xx), as it does costs.
+    key = {"display_name": "quota-refused", "key_hash": hash_key("sk-quota-refused"), "allowed_models": ["*"],
+           "rate_limit": {"audio_seconds_per_hour": 50}}
+    gw = make_gateway(models=whisper(), api_keys=[key])
+    fake.behaviour = Behaviour(status=400)
+    status, _, event = await upload(gw, make("flac", 30.0).read_bytes(), key="sk-quota-refused")
+    assert status == 400 and event["error_code"] == "upstream_error"
+    assert event["audio_seconds_in"] == pytest.approx(30.0, abs=0.05)  # read to its end, measured
+    fake.behaviour = Behaviour()
+    status, _, _ = await upload(gw, make("flac", 45.0).read_bytes(), key="sk-quota-refused")
+    assert status == 200  # the refused 30 s were not charged: 45 s fit the 50
+
+
+async def test_an_upload_longer_than_the_quota_has_left_is_told_what_is_left(
+        fake: FakeUpstream, make_gateway: Any) -> None:
+    # The quota is not spent (61 of 100 s): a 45 s upload is refused, a 30 s one would be taken
+    # now. "Audio quota of 100 seconds per hour exceeded" with a Retry-After of up to an hour
+    # tells the caller to wait when a shorter file would go through at once.
+    key = {"display_name": "quota-left", "key_hash": hash_key("sk-quota-left"), "allowed_models": ["*"],
+           "rate_limit": {"audio_seconds_per_hour": 100}}
+    gw = make_gateway(models=whisper(), api_keys=[key])
+    assert (await upload(gw, make("flac", 61.0).read_bytes(), key="sk-quota-left"))[0] == 200
+    status, body, _ = await upload(gw, make("flac", 45.0).read_bytes(), key="sk-quota-left")
+    assert status == 429 and body["error"]["code"] == "rate_limit_exceeded"
+    message = body["error"]["message"]
+    assert "Audio quota of 100 seconds per hour" in message and "exceeded" not in message, message
+    assert "39.0 seconds left" in message and "45.0 seconds long" in message, message
