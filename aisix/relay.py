@@ -23,7 +23,11 @@ from .responses import stamp
 from .speech_events import SpeechEvents
 from .transcript import TranscriptReader
 
-_RELAYED = ("Content-Type", "Content-Length", "Content-Disposition", "Retry-After")
+# The retry hints OpenAI's SDKs read (retry-after-ms before Retry-After; x-should-retry: whether to
+# retry at all) go with the answer they came with; the upstream's x-ratelimit-* do not (a caller's
+# limits are the gateway's, and its own headers say them).
+_RELAYED = ("Content-Type", "Content-Length", "Content-Disposition", "Retry-After", "retry-after-ms",
+            "x-should-retry")
 _STREAMED = ("audio/", "text/event-stream")
 HOLD_LIMIT = 1024 * 1024  # a held transcript over this cannot be checked: refused, never released
 
@@ -74,6 +78,10 @@ async def relay(
         await response.write_eof()
     except BaseException:  # how it ends for the caller is the pipeline's (errors.outcome)
         upstream.close()
+        # Speech cut short (the caller left, the upstream broke, the drain's deadline): what was
+        # relayed is measured all the same, whole frames only; a caller that leaves just before
+        # the end is charged for what it got, not for nothing.
+        ex.audio_seconds_out = _relayed(probe, reader)
         raise
     upstream.release()  # read to the end: the connection goes back to the pool
     if probe is not None:
@@ -106,6 +114,13 @@ def _readers(route: str, content_type: str,
     return TranscriptReader(content_type, HOLD_LIMIT), None  # JSON or text: its usage, if it reports one
 
 
+def _relayed(probe: Probe | None, reader: TranscriptReader | SpeechEvents | None) -> float | None:
+    """The seconds of speech audio an answer cut short had relayed; None when it had none."""
+    if isinstance(reader, SpeechEvents):
+        return reader.at_least() or None
+    return probe.at_least or None if probe is not None else None
+
+
 async def _stream(
     upstream: Answer | Buffered, response: web.StreamResponse, reader: TranscriptReader | SpeechEvents | None,
     probe: Probe | None, ex: Exchange, deadline: Deadline, idle: float,
@@ -115,13 +130,14 @@ async def _stream(
         chunk = await upstream.read()
         if not chunk:
             return
+        deadline.wait(idle, CLIENT)
+        await response.write(chunk)
+        ex.bytes_out += len(chunk)
+        # Read once handed to the caller: an answer cut short is measured by what it relayed.
         if reader is not None:
             reader.feed(chunk)
         elif probe is not None:
             probe.feed(chunk)
-        deadline.wait(idle, CLIENT)
-        await response.write(chunk)
-        ex.bytes_out += len(chunk)
 
 
 async def _hold(upstream: Answer | Buffered, reader: TranscriptReader, deadline: Deadline, idle: float) -> bytes:

@@ -49,6 +49,10 @@ class SpeechEvents:
     def finish(self) -> None:
         self.feed(b"\n")  # a last event without its line end
 
+    def at_least(self) -> float:
+        """The audio's duration so far (an answer cut short): its whole frames; 0.0 when unknown."""
+        return self._probe.at_least if self._measured else 0.0
+
     def seconds(self) -> float | None:
         """The audio's duration, once the answer has been read to its end; None when unknown."""
         return self._probe.end() if self._measured else None

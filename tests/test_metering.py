@@ -316,6 +316,27 @@ async def test_two_uploads_in_flight_cannot_both_spend_what_the_quota_has_left(
     assert sum(r.complete for r in fake.received) == 1  # the refused one never reached the upstream whole
 
 
+async def test_a_speech_answer_the_caller_leaves_is_charged_for_what_it_got(fake: FakeUpstream,
+                                                                         make_gateway: Any) -> None:
+    # A caller that read all but the end of the audio and left had no audio_seconds_out: priced by
+    # the minute it cost nothing and took nothing from an audio quota. What was relayed is
+    # measured (whole frames), priced and charged.
+    fake.behaviour = Behaviour(speech_chunks=40, speech_chunk_bytes=4800, chunk_delay=0.05)  # 0.24 s each
+    gw = make_gateway(models=priced(per_minute_output_audio=0.015))
+    async with aiohttp.ClientSession() as s:
+        r = await s.post(gw.url + "/v1/audio/speech", json={"model": "tts-priced", "input": TEXT, "voice": "a"},
+                         headers={"Authorization": f"Bearer {TEAM_A}"})
+        rid = r.headers["x-aisix-request-id"]
+        got = 0
+        while got < 5 * 4800:
+            got += len(await r.content.readany())
+        r.close()  # gone, 35 chunks before the end
+    event = gw.event(rid)
+    assert (event["status"], event["error_code"]) == (499, "client_closed")
+    assert 1.2 <= event["audio_seconds_out"] < 40 * 0.24
+    assert event["cost_usd"] == pytest.approx(event["audio_seconds_out"] / 60 * 0.015, rel=1e-3)
+
+
 async def test_a_speech_answer_streamed_as_events_is_measured_and_priced_the_same(
         fake: FakeUpstream, make_gateway: Any, tmp_path: Any) -> None:
     # stream_format "sse": the audio comes base64 in speech.audio.delta events, the tokens in
