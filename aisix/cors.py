@@ -21,7 +21,8 @@ ANY = "*"
 # Named one by one: the "*" wildcard would do for our fetches, but the Fetch standard ignores it
 # whenever a page sends credentials, and a list says what the contract is.
 EXPOSED = ", ".join((
-    "x-aisix-request-id", "x-request-id", "x-upstream-request-id", "Retry-After", "Content-Disposition",
+    "x-aisix-request-id", "x-request-id", "x-upstream-request-id", "Retry-After", "retry-after-ms",
+    "x-should-retry", "Content-Disposition",
     *(f"x-ratelimit-{what}-{unit}" for unit in ("requests", "tokens") for what in ("limit", "remaining", "reset")),
 ))
 # Request headers a preflight may have granted: what the official SDKs send (OpenAI's JS SDK:

@@ -72,6 +72,7 @@ class Behaviour:
     keep_body: bool = True  # False: count the body's bytes (Received.size) but keep none of them
     read_bytes: int | None = None  # read at least this much of the body, then answer (`status`)
     status_only_for: bytes | None = None  # a form's model value: `status` for it, 200 for any other
+    error_headers: dict[str, str] | None = None  # sent with the `status` envelope (Retry-After, ...)
 
     def __post_init__(self) -> None:
         assert self.fail in FAIL_MODES, f"unknown fail mode {self.fail!r}"
@@ -243,7 +244,8 @@ class FakeUpstream:
         if failing:
             error = {"message": f"fake upstream error {behaviour.status}", "type": "server_error",
                      "param": None, "code": "fake_error"}
-            return web.json_response({"error": error}, status=behaviour.status, headers=headers)
+            return web.json_response({"error": error}, status=behaviour.status,
+                                     headers={**headers, **(behaviour.error_headers or {})})
 
         if route == "speech":
             chunk = (MP3_FRAME * (behaviour.speech_chunk_bytes // len(MP3_FRAME) + 1))

@@ -11,7 +11,8 @@ from aisix.config import hash_key
 from tests.gateway import TEAM_A, Gateway
 
 APP = "https://app.example.com"
-EXPOSED = {"x-aisix-request-id", "x-request-id", "x-upstream-request-id", "retry-after",
+EXPOSED = {"x-aisix-request-id", "x-request-id", "x-upstream-request-id", "retry-after", "retry-after-ms",
+           "x-should-retry",
            "x-ratelimit-limit-requests", "x-ratelimit-remaining-requests", "x-ratelimit-reset-requests",
            "x-ratelimit-limit-tokens", "x-ratelimit-remaining-tokens", "x-ratelimit-reset-tokens"}
 SDK_HEADERS = ("authorization,content-type,openai-organization,openai-project,openai-beta,x-stainless-os,"

@@ -195,3 +195,18 @@ async def test_a_streamed_transcription_over_1_mib_records_its_tokens(gateway: G
     assert len(body) > 1024 * 1024
     assert event["bytes_out"] == len(body) and event["stream"] is True
     assert (event["input_tokens"], event["output_tokens"], event["total_tokens"]) == (10, 5, 15)
+
+
+async def test_an_upstream_refusals_retry_hints_reach_the_caller(gateway: Gateway, fake: FakeUpstream) -> None:
+    # OpenAI's SDKs read retry-after-ms (before Retry-After) and x-should-retry; only Retry-After
+    # was relayed, so an upstream's "do not retry" was lost and the SDK retried anyway.
+    fake.behaviour = Behaviour(status=429, error_headers={
+        "Retry-After": "7", "retry-after-ms": "6500", "x-should-retry": "false",
+        "x-ratelimit-remaining-requests": "0"})
+    data, ctype = form("model", "file")
+    async with aiohttp.ClientSession() as s, s.post(gateway.url + "/v1/audio/transcriptions", data=data, headers={
+            "Authorization": f"Bearer {TEAM_A}", "Content-Type": ctype}) as r:
+        assert r.status == 429
+        assert (r.headers["Retry-After"], r.headers["retry-after-ms"], r.headers["x-should-retry"]) == (
+            "7", "6500", "false")
+        assert "x-ratelimit-remaining-requests" not in r.headers  # the gateway's own, when it has them
