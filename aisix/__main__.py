@@ -198,7 +198,7 @@ def _usage(args: argparse.Namespace) -> int:
             with stream if name != "-" else contextlib.nullcontext(stream) as f:  # stdin stays open
                 for number, line in enumerate(_lines(f), 1):
                     try:
-                        ok = line is not None and report.add(orjson.loads(line))
+                        ok = line is not None and report.add(orjson.loads(line), line)
                     except orjson.JSONDecodeError:
                         ok = False
                     if ok:
@@ -217,6 +217,9 @@ def _usage(args: argparse.Namespace) -> int:
     if malformed:
         print(f"aisix usage: skipped {malformed} malformed line(s), not usage events "
               f"(the first at {first_bad})", file=sys.stderr)
+    if report.repeats.count:
+        print(f"aisix usage: counted {report.repeats.count} event(s) written twice once (the same line again: "
+              "a batch a sink wrote again after a failed write)", file=sys.stderr)
     sys.stdout.write(usage_report.FORMATS[args.format](report))
     return 0
 

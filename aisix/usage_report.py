@@ -14,12 +14,17 @@ What is counted (docs/operations.md, "Summing them: `aisix usage`"):
   ``audio_seconds_out``;
 - **cost** sums ``cost_usd``. A group where no event has a cost shows none (not $0: the cost is
   unknown). ``unpriced`` counts the events of a group that succeeded but have no ``cost_usd``
-  (no price configured, or a priced quantity unknown), so a sum that leaves some out says so.
+  (no price configured, or a priced quantity unknown), so a sum that leaves some out says so;
+- an event is counted **once**: a line the same as one among the last ``Repeats.WINDOW`` is a
+  batch a file or stdout sink got again after a failed write (docs/api.md, "Each event once"),
+  as the Redis sink's markers tell by the line too. Not by ``request_id``: a caller may send its
+  own, the same on many requests.
 """
 
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 from collections.abc import Iterable, Sequence
@@ -95,6 +100,28 @@ def measure(event: dict) -> Totals:
         cost_usd=_number(cost), priced=int(priced), unpriced=int(not priced and not failed))
 
 
+class Repeats:
+    """Lines seen lately, by digest: whether a line is one of the last ``WINDOW`` again. A sink
+    writes a batch again right after the write that failed, so a window of lines (16 bytes each, a
+    few MiB in all) finds the repeats without holding a file's every line."""
+
+    WINDOW = 200_000
+
+    def __init__(self) -> None:
+        self._seen: dict[bytes, None] = {}  # in insertion order: the oldest goes first
+        self.count = 0
+
+    def again(self, line: bytes) -> bool:
+        digest = hashlib.blake2b(line.rstrip(b"\n"), digest_size=16).digest()
+        if digest in self._seen:
+            self.count += 1
+            return True
+        self._seen[digest] = None
+        if len(self._seen) > self.WINDOW:
+            del self._seen[next(iter(self._seen))]
+        return False
+
+
 class Report:
     """The groups so far. ``add`` an event at a time; ``rows`` and ``total`` at the end."""
 
@@ -103,10 +130,12 @@ class Report:
         self.since = since
         self.groups: dict[tuple[str, ...], Totals] = {}
         self.before_since = 0  # well-formed events older than `since`
+        self.repeats = Repeats()
 
-    def add(self, event: object) -> bool:
-        """Count one event; False when it is not a usage event (no RFC 3339 ``ts``, no integer
-        ``status``), which the caller reports as malformed."""
+    def add(self, event: object, line: bytes | None = None) -> bool:
+        """Count one event (once: ``line``, the event as read, is checked against the last ones);
+        False when it is not a usage event (no RFC 3339 ``ts``, no integer ``status``), which the
+        caller reports as malformed."""
         if not isinstance(event, dict):
             return False
         ts, status = event.get("ts"), event.get("status")
@@ -116,6 +145,8 @@ class Report:
             when = _utc(datetime.fromisoformat(ts))
         except (ValueError, OverflowError):  # not a time, or one out of range once in UTC
             return False
+        if line is not None and self.repeats.again(line):
+            return True
         if self.since is not None and when < self.since:
             self.before_since += 1
             return True

@@ -225,8 +225,11 @@ def test_cli_reads_a_file_stdin_and_gzip_alike(tmp_path: Path) -> None:
     for args, stdin in [((str(plain),), b""), (("-",), jsonl(EVENTS)), ((str(zipped),), b"")]:
         done = aisix_usage(*args, stdin=stdin)
         assert (done.returncode, done.stderr, done.stdout) == (0, "", expected)
-    both = json.loads(aisix_usage(str(plain), str(zipped), "--format", "json").stdout)
-    assert both["total"]["requests"] == 16
+    both = aisix_usage(str(plain), str(zipped), "--format", "json")
+    # The same lines twice (a rotated copy made while the file was written, say): counted once.
+    assert json.loads(both.stdout)["total"]["requests"] == 8
+    assert both.stderr == ("aisix usage: counted 8 event(s) written twice once (the same line again: "
+                           "a batch a sink wrote again after a failed write)\n")
 
 
 def test_cli_skips_malformed_lines_and_a_partial_last_line(tmp_path: Path) -> None:
@@ -242,6 +245,28 @@ def test_cli_skips_malformed_lines_and_a_partial_last_line(tmp_path: Path) -> No
         "aisix usage: skipped an incomplete last line in 1 file(s) (an event still being written?)",
         f"aisix usage: skipped 5 malformed line(s), not usage events (the first at {path}:4)",
     ]
+
+
+def test_an_event_written_twice_is_counted_once_and_a_reused_request_id_is_not() -> None:
+    # A file or stdout sink may get a batch again after a failed write: the same lines. A caller
+    # may send its own request id, the same on every request: those are different events.
+    report = usage_report.Report(("key",))
+    lines = jsonl(EVENTS).splitlines(keepends=True)
+    for line in [*lines, *lines[:3], *lines[5:]]:
+        assert report.add(json.loads(line), line)
+    assert (report.total().requests, report.repeats.count) == (len(EVENTS), 6)
+    same_id = [dict(e, request_id="mine") for e in EVENTS[:2]]
+    for e in same_id:
+        line = json.dumps(e).encode() + b"\n"
+        assert report.add(json.loads(line), line)
+    assert report.total().requests == len(EVENTS) + 2
+
+
+def test_repeats_are_looked_for_in_a_window_of_lines(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(usage_report.Repeats, "WINDOW", 3)
+    repeats = usage_report.Repeats()
+    assert [repeats.again(line) for line in (b"a", b"b", b"a\n", b"c", b"d", b"a")] == [
+        False, False, True, False, False, False]  # "a" left the window of three before its last
 
 
 def test_cli_counts_a_last_line_without_newline_that_is_whole(tmp_path: Path) -> None:
