@@ -38,6 +38,7 @@ class Job:
 
 
 _POLL_MS = 100  # whole_lines: how often a write waiting for a reader looks whether it was taken back
+TAKE_BACK_S = 0.5  # how long take_back waits for a piece under way
 
 
 class Background:
@@ -76,10 +77,18 @@ class Background:
 
     def take_back(self, job: Job) -> int:
         """Write no more of ``job``; how many of its bytes were written (whole lines, on a pipe,
-        with ``whole_lines``; a file object's job is all or nothing)."""
-        with self._piece:
+        with ``whole_lines``; a file object's job is all or nothing). Called from the event loop:
+        a piece under way past TAKE_BACK_S (a terminal stopped by ^S: a write after poll said
+        writable can still wait there) is not waited for; its lines may then land as well as be
+        kept (an event twice, which readers count once), never half of one."""
+        if not self._piece.acquire(timeout=TAKE_BACK_S):
             job.taken_back = True
             return job.written
+        try:
+            job.taken_back = True
+            return job.written
+        finally:
+            self._piece.release()
 
     def offer(self, data: bytes, lines: int = 1) -> None:
         """put() ``lines`` lines, unless more than ``limit`` bytes already wait for a reader that

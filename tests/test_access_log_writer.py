@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import threading
 
 from aisix.access_log import Writer
 from aisix.background import Background
@@ -104,6 +105,38 @@ def test_lines_past_what_may_wait_for_a_stopped_reader_are_dropped_and_told() ->
         assert out.wait(5)
         got += os.read(r, 1 << 20)
         assert got == first + b"3 dropped\nc\nok\n"  # told once
+    finally:
+        os.close(r)
+        os.close(w)
+
+
+def test_take_back_does_not_wait_on_a_piece_that_hangs() -> None:
+    # take_back runs on the event loop. A piece under way holds the writer's lock for its write;
+    # on a terminal stopped by ^S such a write waits although poll said writable, and the stop
+    # waited with it. Held here by a thread that stands in for that write.
+    r, w = os.pipe()
+    try:
+        out = Background("test-stdout", lambda: w, whole_lines=True)
+        job = out.put(b"one\ntwo\n")
+        assert out.wait(5) and os.read(r, 100) == b"one\ntwo\n" and job.written == 8
+        hanging = out.put(b"three\n")  # as if its piece were being written: the lock is held
+        held, release = threading.Event(), threading.Event()
+
+        def write_that_hangs() -> None:
+            with out._piece:
+                held.set()
+                release.wait(10)
+
+        t = threading.Thread(target=write_that_hangs)
+        t.start()
+        held.wait(5)
+        try:
+            written = out.take_back(hanging)
+            assert t.is_alive(), "take_back waited for the write under way"
+            assert written == hanging.written and hanging.taken_back
+        finally:
+            release.set()
+            t.join(10)
     finally:
         os.close(r)
         os.close(w)
