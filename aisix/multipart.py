@@ -119,7 +119,7 @@ def disposition(head: bytes) -> tuple[str, bool]:
     for anything two parsers could read differently."""
     m = _PLAIN_HEAD.fullmatch(head)
     if m is not None:  # what the SDKs, curl and browsers send, read as the full parser would
-        return m.group(1).decode("ascii"), m.group(2) is not None
+        return _checked(m.group(1).decode("ascii")), m.group(2) is not None
     found = None
     for line in head.split(_CRLF)[:-1]:
         m = _HEADER_LINE.fullmatch(line)
@@ -129,17 +129,34 @@ def disposition(head: bytes) -> tuple[str, bool]:
             if found is not None:
                 raise errors.invalid_multipart("A part has more than one Content-Disposition.")
             found = m.group(2).decode("utf-8", "replace")
+        elif m.group(1).lower() == b"content-transfer-encoding" and \
+                m.group(2).strip(b" \t").lower() not in (b"7bit", b"8bit", b"binary"):
+            # RFC 7578 (4.7) deprecates it; readers that decode it (Go's quoted-printable,
+            # python-multipart's base64 too) would get a value other than the one screened or measured.
+            raise errors.invalid_multipart("A part has a Content-Transfer-Encoding.")
     if found is None:
         raise errors.invalid_multipart("A part has no Content-Disposition.")
     kind, sep, params = found.partition(";")
     if kind.strip(" \t").lower() != "form-data":
         raise errors.invalid_multipart("A part's Content-Disposition is not form-data.")
     values = _parameters(sep + params, "Content-Disposition")
-    if "name*" in values:  # RFC 7578 forbids it; readers that decode it would see another name
+    # RFC 7578 forbids RFC 2231's extended names; readers that decode them see another name than
+    # ``name``: ``name*=`` (Python's email), and continuations ``name*0=``, ``name*0*=`` ..., which
+    # Go's mime.ParseMediaType stitches into ``name`` over the plain parameter.
+    if any(key.startswith("name*") for key in values):
         raise errors.invalid_multipart("Ambiguous Content-Disposition parameters.")
     if "name" not in values:
         raise errors.invalid_multipart("A part's Content-Disposition has no name.")
-    return values["name"], "filename" in values or "filename*" in values
+    return _checked(values["name"]), "filename" in values or "filename*" in values
+
+
+def _checked(name: str) -> str:
+    """A part's name, refused when it is ``model`` in another case: readers that match names
+    without case (ASP.NET's form collection) would read a second model value the gateway never
+    checked."""
+    if name != MODEL and name.casefold() == MODEL:
+        raise errors.invalid_multipart("A part's name differs from 'model' only in case.")
+    return name
 
 
 class Rewriter:
@@ -322,7 +339,7 @@ class Rewriter:
                 break
             else:  # a text field nobody captures (a prompt or a second model: the state machine's)
                 fields += 1
-                if fields > _PROLOGUE_FIELDS or name.decode("ascii") in self._capture:
+                if fields > _PROLOGUE_FIELDS or name.decode("ascii") in self._capture or name.lower() == b"model":
                     return 0
             # Found within max_value of its start: the model value's cap (for a field, a bound only).
             i = _find(data, delim, start, start + self._max_value + len(delim))

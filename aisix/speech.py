@@ -88,4 +88,8 @@ async def read(request: web.Request, inbound: Inbound, settings: Settings, resou
         raise errors.invalid_json("The request body is not valid JSON.") from None
     if not isinstance(doc, dict):
         raise errors.invalid_json("The request body must be a JSON object.")
+    # A key that is "model" in another case would reach the upstream unchecked, and readers that
+    # match keys without case (Go's encoding/json, .NET's web defaults) read it as the model.
+    if any(key != "model" and key.casefold() == "model" for key in doc):
+        raise errors.invalid_json("The request body has a key that differs from 'model' only in case.")
     return SpeechBody(doc, exact)

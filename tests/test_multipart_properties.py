@@ -121,7 +121,8 @@ def head_lines(draw, kind: str) -> tuple[list[bytes], int]:
     elif kind == "file":
         name_param = draw(st.sampled_from(['"file"', "file"]))
     else:
-        name_param = quoted(draw(st.one_of(st.sampled_from(OTHER_NAMES), header_text).filter(lambda s: s != "model")))
+        name_param = quoted(draw(st.one_of(st.sampled_from(OTHER_NAMES), header_text)
+                                 .filter(lambda s: s.casefold() != "model")))
     params = [f"name={name_param}"]
     if kind == "file" or draw(st.booleans()):
         filename = draw(st.one_of(
@@ -142,6 +143,9 @@ def head_lines(draw, kind: str) -> tuple[list[bytes], int]:
         st.one_of(st.sampled_from(["audio/wav", "application/octet-stream", "text/plain; charset=utf-8"]),
                   header_text),
     ), max_size=3, unique_by=lambda kv: kv[0].lower()))
+    # A transfer encoding other than the identity ones is refused (readers decode it): valid parts carry those.
+    extra = [(k, draw(st.sampled_from(["binary", "8bit", "7bit", " BINARY "]))
+              if k == "Content-Transfer-Encoding" else v) for k, v in extra]
     lines = [f"{k}: {v}".encode() for k, v in extra]
     at = draw(st.integers(0, len(lines)))
     lines.insert(at, cd)
