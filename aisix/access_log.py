@@ -108,6 +108,8 @@ class AccessLogger(AbstractAccessLogger):
 
     def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
         path = request.rel_url.raw_path  # as sent: a decoded %0A would start a line of its own
+        if '"' in path or "\\" in path:  # kept in its field: neither may end or escape the quotes
+            path = path.replace("\\", "%5C").replace('"', "%22")
         if not self.probes and path in PROBES:
             return
         ex = request.get(EXCHANGE)

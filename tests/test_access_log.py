@@ -171,6 +171,23 @@ async def test_a_caller_cannot_forge_a_line(gateway: Gateway) -> None:
     assert not any(line.startswith("FORGED") for line in gateway.lines)
 
 
+async def test_a_quote_in_the_path_cannot_end_the_request_field(gateway: Gateway) -> None:
+    # A path may hold a '"' (aiohttp takes it as sent): the request field ended there, and a
+    # parser of the line read the rest as other fields.
+    host, port = gateway.url.removeprefix("http://").split(":")
+    rid = uuid.uuid4().hex
+    reader, writer = await asyncio.open_connection(host, int(port))
+    try:
+        writer.write(b'GET /v1/x"%20200%20rid=forged\\ HTTP/1.1\r\nHost: x\r\nx-aisix-request-id: '
+                     + rid.encode() + b"\r\nConnection: close\r\n\r\n")
+        assert (await asyncio.wait_for(reader.read(), 10)).startswith(b"HTTP/1.1 404")
+    finally:
+        writer.close()
+    line = gateway.wait_log(f" rid={rid} ")
+    assert '"GET /v1/x%22%20200%20rid=forged%5C" 404 ' in line
+    assert fields(line)["rid"] == rid
+
+
 async def test_a_stop_writes_the_lines_still_buffered(make_gateway, fake: FakeUpstream) -> None:
     """Lines wait up to a second in the writer's buffer; SIGTERM writes them before the process
     says it stopped, not never."""
