@@ -274,6 +274,42 @@ async def test_an_empty_element_in_transfer_encoding_is_no_coding(make_gateway, 
     assert await speech(gw) == [(200, b"hello", "audio/mpeg")]
 
 
+class HeldFirst:
+    """Answers ``answer-<n>``, the first held (``held`` set meanwhile) until ``hold`` is set."""
+
+    def __init__(self) -> None:
+        self.hold, self.held = threading.Event(), threading.Event()
+
+    def __call__(self, n: int) -> bytes:
+        if n == 0:
+            self.held.set()
+            self.hold.wait(10)
+        return audio(b"answer-%d" % n)
+
+
+async def post(s: aiohttp.ClientSession, gw: Gateway) -> tuple[int, bytes]:
+    async with s.post(gw.url + "/v1/audio/speech", json=SPEECH, headers=AUTH) as r:
+        return r.status, await r.read()
+
+
+async def in_flight(gw: Gateway) -> float:
+    families, _ = await scrape(gw)
+    return value(families["aisix_in_flight_requests"], "aisix_in_flight_requests", route="speech")
+
+
+async def one_holding_one_queued(s: aiohttp.ClientSession, gw: Gateway, answers: HeldFirst
+                                 ) -> tuple[asyncio.Future[tuple[int, bytes]], asyncio.Future[tuple[int, bytes]]]:
+    """With max_connections 1: a first request holding the slot (its answer held upstream), and a
+    second waiting for the slot in the gateway."""
+    first = asyncio.ensure_future(post(s, gw))
+    await asyncio.get_running_loop().run_in_executor(None, answers.held.wait, 10)
+    queued = asyncio.ensure_future(post(s, gw))
+    deadline = time.monotonic() + 10
+    while await in_flight(gw) < 2:  # polling the gateway's own count, bounded
+        assert time.monotonic() < deadline, "the second request never reached the gateway"
+    return first, queued
+
+
 async def test_max_connections_caps_the_requests_in_flight_upstream(make_gateway, scripted: list[Scripted]) -> None:
     """Four callers at once, a cap of two: the upstream holds each answer until a second request
     is there with it, so two do run together, and never three."""
@@ -294,43 +330,23 @@ async def test_a_slot_comes_back_whatever_ends_the_request(make_gateway, scripte
     """With one connection allowed, a slot that any ending failed to give back would hang every
     later request: a caller leaving while the upstream holds its answer, a caller leaving while
     it waits for the slot, an upstream that resets. Each is followed by a request that must pass."""
-    hold = threading.Event()
-    held = threading.Event()
-
-    def answer(n: int) -> bytes:
-        if n == 0:  # the first request: held until the test lets go
-            held.set()
-            hold.wait(10)
-        return audio(b"answer-%d" % n)
-
-    up = Scripted(answer)
+    answers = HeldFirst()
+    up = Scripted(answers)
     scripted.append(up)
     gw = make_gateway({"upstream": {"max_connections": 1}, "metrics": {"listen": "127.0.0.1:0"}},
                       upstream_base=up.base_url)
     async with aiohttp.ClientSession() as s:
-        async def in_flight() -> float:
-            families, _ = await scrape(gw)
-            return value(families["aisix_in_flight_requests"], "aisix_in_flight_requests", route="speech")
-
-        async def post() -> tuple[int, bytes]:
-            async with s.post(gw.url + "/v1/audio/speech", json=SPEECH, headers=AUTH) as r:
-                return r.status, await r.read()
-
-        first = asyncio.ensure_future(post())   # takes the one slot; its answer is held
-        await asyncio.get_running_loop().run_in_executor(None, held.wait, 10)
-        queued = asyncio.ensure_future(post())  # waits for the slot in the gateway
+        first, queued = await one_holding_one_queued(s, gw, answers)
         deadline = time.monotonic() + 10
-        while await in_flight() < 2:  # polling the gateway's own count, bounded
-            assert time.monotonic() < deadline, "the second request never reached the gateway"
         queued.cancel()  # the waiting caller leaves: its place in the queue goes
         await asyncio.gather(queued, return_exceptions=True)
-        while await in_flight() > 1:
+        while await in_flight(gw) > 1:
             assert time.monotonic() < deadline, "the gateway never saw the waiting caller leave"
         first.cancel()  # then the one holding the slot
         await asyncio.gather(first, return_exceptions=True)
-        hold.set()
+        answers.hold.set()
         async with asyncio.timeout(10):  # a slot lost for good would hang here
-            assert await post() == (200, b"answer-1")  # the queued one never reached the upstream
+            assert await post(s, gw) == (200, b"answer-1")  # the queued one never reached the upstream
     assert len(up.requests) == 2
 
 
@@ -442,36 +458,17 @@ async def test_a_speech_request_waiting_for_a_connection_slot_is_not_the_callers
     sent() after the write, the deadline left from reading the body (the caller's idle gap,
     stream_idle_timeout_ms) ran during the wait, and a caller that had sent everything got 408
     client_timeout, with no failover."""
-    hold, held = threading.Event(), threading.Event()
-
-    def answer(n: int) -> bytes:
-        if n == 0:
-            held.set()
-            hold.wait(10)
-        return audio(b"answer-%d" % n)
-
-    up = Scripted(answer)
+    answers = HeldFirst()
+    up = Scripted(answers)
     scripted.append(up)
     idle_ms = 300
     gw = make_gateway({"upstream": {"max_connections": 1, "stream_idle_timeout_ms": idle_ms, "timeout_ms": 30000},
                        "metrics": {"listen": "127.0.0.1:0"}}, upstream_base=up.base_url)
     async with aiohttp.ClientSession() as s:
-        async def post() -> tuple[int, bytes]:
-            async with s.post(gw.url + "/v1/audio/speech", json=SPEECH, headers=AUTH) as r:
-                return r.status, await r.read()
-
-        first = asyncio.ensure_future(post())  # takes the one slot; its answer is held
-        await asyncio.get_running_loop().run_in_executor(None, held.wait, 10)
-        queued = asyncio.ensure_future(post())  # waits for the slot in the gateway
-        deadline = time.monotonic() + 10
-        while True:  # the gateway's own count, bounded
-            families, _ = await scrape(gw)
-            if value(families["aisix_in_flight_requests"], "aisix_in_flight_requests", route="speech") >= 2:
-                break
-            assert time.monotonic() < deadline, "the second request never reached the gateway"
+        first, queued = await one_holding_one_queued(s, gw, answers)
         # Longer than the caller's idle allowance, far shorter than the upstream's timeout.
         done, _ = await asyncio.wait({queued}, timeout=4 * idle_ms / 1000)
-        hold.set()
+        answers.hold.set()
         assert not done, f"the queued request ended while it waited for a slot: {queued.result()}"
         assert await first == (200, b"answer-0")
         assert await queued == (200, b"answer-1")
