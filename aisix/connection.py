@@ -23,7 +23,8 @@ from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
 from . import errors
-from .keys import REQUEST_ID
+from .cors import Cors
+from .keys import REQUEST_ID, SETTINGS
 from .responses import envelope, new_request_id
 
 
@@ -82,11 +83,18 @@ class RequestHandler(web.RequestHandler):
         # in the access-log line too.
         rid = request[REQUEST_ID] = new_request_id()
         response.headers.update({"Server": "aisix", "x-aisix-request-id": rid, "x-request-id": rid})
+        # The grant every answer carries, when it is the same for every origin (["*"]): a page
+        # reads this envelope too. A list of origins cannot be granted: the Origin was not read.
+        cors = getattr(self._manager, "cors", None)
+        if cors is not None and cors.any_origin:
+            response.headers.update(cors.grant(None))
         response.force_close()  # where the next request starts on this connection is unknown
         return response
 
 
 class Server(web.Server):
+    cors: Cors | None = None  # proxy.cors, for the answers made here
+
     def __call__(self) -> web.RequestHandler:
         return RequestHandler(self, loop=self._loop, **self._kwargs)
 
@@ -106,5 +114,7 @@ class AppRunner(web.AppRunner):
                 return handle(request)
             return handle(request.clone(rel_url="/" + request.raw_path))
 
-        return Server(routed, request_factory=plain.request_factory,
-                      handler_cancellation=plain.handler_cancellation, loop=plain._loop, **plain._kwargs)
+        server = Server(routed, request_factory=plain.request_factory,
+                        handler_cancellation=plain.handler_cancellation, loop=plain._loop, **plain._kwargs)
+        server.cors = self.app[SETTINGS].proxy.cors
+        return server

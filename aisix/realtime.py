@@ -138,6 +138,11 @@ async def session(request: web.Request) -> web.StreamResponse:
     live.sessions.add(s)  # the drain's deadline ends it, relaying or not
     try:
         try:
+            cors, origin = app[SETTINGS].proxy.cors, request.headers.get(hdrs.ORIGIN)
+            if cors is not None and origin is not None and not cors.allows(origin):
+                # A WebSocket has no preflight: a page on an origin proxy.cors does not list is
+                # refused here, as its fetch() calls are (403, before the key is looked at).
+                raise errors.origin_not_allowed()
             offered = _offered(request)
             key = auth.lookup(_authorization(request, offered), resources.keys_by_hash)
             ex.api_key = key.name
@@ -185,6 +190,11 @@ async def session(request: web.Request) -> web.StreamResponse:
             broke = s.caller.first_close if s.caller is not None else None
             if broke in BROKE_PROTOCOL:  # aiohttp closed it for a bad frame; its close ended the connection
                 ex.close_code, ex.error_code = broke, "client_protocol_error"
+            elif s.caller_close is not None:
+                # Its close frame came, then its connection ended before the close was handed on: a
+                # browser tab going away (closed, reloaded, navigated) sends 1001 and goes at once.
+                s.ended = s.caller_close
+                ex.close_code = s.caller_close.code
             elif s.cut:  # the drain's deadline, during its upstream handshake
                 ex.status, ex.error_code = ex.status or 503, "shutting_down"
             else:
@@ -298,6 +308,7 @@ class Session:
         self.pending_bytes = 0
         self.began: float | None = None  # monotonic, at the upgrade
         self.ended: End | None = None  # once the session is closing
+        self.caller_close: End | None = None  # the caller's close frame, once read
         self.cut = False  # the drain's deadline came before it was relaying
         self._stop: asyncio.Future[End] | None = None  # an end that comes from outside the pumps
         # The heartbeat: sides that owe the pong of the last ping, and the pumps waiting in receive()
@@ -509,7 +520,8 @@ class Session:
                 if not await self._control(CALLER, caller, kind, msg.data):
                     return _gone(CALLER)
             elif kind is WSMsgType.CLOSE:
-                return End(CALLER, msg.data or NO_STATUS, _reason(msg.extra))
+                end = self.caller_close = End(CALLER, msg.data or NO_STATUS, _reason(msg.extra))
+                return end
             elif kind is WSMsgType.ERROR and isinstance(msg.data, WebSocketError):
                 # A frame that broke the protocol (over MAX_FRAME, a reserved close code): aiohttp
                 # has closed the caller with the code that says why; the upstream is told 1001.
@@ -743,7 +755,10 @@ class Session:
         try:
             await self.limiter.settle_all((self.slot, self.model_slot, self.provider_slot), None, clock(), cost or None)
             if self.upstream is not None and not self.upstream.closed:  # cancelled, or failed mid-way
-                await asyncio.gather(self.upstream.close(code=1001), return_exceptions=True)
+                said = self.caller_close  # a caller that closed and left at once: its code goes on
+                code = _sendable(said.code, 1001) if said is not None else 1001
+                await asyncio.gather(self.upstream.close(code=code, message=said.reason if said else b""),
+                                     return_exceptions=True)
         finally:
             ex.latency_ms = int((time.monotonic() - ex.started) * 1000)
             app[USAGE].emit(usage.event(ex))

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.fake_realtime import FakeRealtime
 from tests.fakes import FakeUpstream
 from tests.gateway import LEAKS, Gateway
 from tests.redis_server import redis_url  # noqa: F401  (a real redis-server, for the whole session)
@@ -18,6 +19,14 @@ def fake() -> Iterator[FakeUpstream]:
     upstream.start()
     yield upstream
     upstream.stop()
+
+
+@pytest.fixture(scope="module")
+def rt() -> Iterator[FakeRealtime]:
+    """A fake realtime upstream (WebSocket), one per module that asks for it."""
+    fake = FakeRealtime().start()
+    yield fake
+    fake.stop()
 
 
 @pytest.fixture(autouse=True)

@@ -66,13 +66,6 @@ def resources(fake: FakeRealtime, **key_fields: Any) -> dict[str, Any]:
     }
 
 
-@pytest.fixture(scope="module")
-def rt() -> Iterator[FakeRealtime]:
-    fake = FakeRealtime().start()
-    yield fake
-    fake.stop()
-
-
 @pytest.fixture(autouse=True)
 def _fresh(rt: FakeRealtime) -> None:
     rt.reset()
