@@ -39,6 +39,7 @@ _LEASE = 3600  # seconds a Redis concurrency slot outlives a process that never 
 # a millisecond) instead of opening a connection per request in flight: hundreds of connects at
 # once, each with its 0.5 s timeout, failed open under load, and every instance multiplied them.
 CONNECTIONS = 64
+POOL_WAIT_S = 2.0  # for a free connection (RedisStore says why it is longer than a socket step)
 
 
 # KEYS: one counter per limit. ARGV: now, slot id, its lease end, then per key its kind, limit
@@ -90,16 +91,18 @@ return 1
 class RedisStore:
     """Counts shared by every instance through one Redis (not Cluster: a script's keys span
     scopes). At most ``CONNECTIONS`` connections, short timeouts and no retries: a dead Redis
-    stalls the requests already waiting on it by at most 0.5 s per step (a free connection, the
-    connect, each read or write); then Limiter admits unchecked for ``limits._PAUSE``."""
+    stalls the requests already waiting on it by at most 0.5 s per step (the connect, each read or
+    write); then Limiter admits unchecked for ``limits._PAUSE``. A free connection is waited for
+    longer (``POOL_WAIT_S``): each one in use is freed within those steps, so only a pool kept
+    busy by a live Redis under load waits that long, and admitting unchecked then would let a
+    burst past the limits just when they matter."""
 
     errors: tuple[type[Exception], ...] = (RedisError, OSError)  # OSError covers asyncio's TimeoutError
     immediate: Immediate | None = None  # every call is a round trip
 
     def __init__(self, url: str) -> None:
-        # The same 0.5 s bound on waiting for a free connection as on each socket step.
         pool = redis.asyncio.BlockingConnectionPool.from_url(
-            url, max_connections=CONNECTIONS, timeout=0.5, socket_connect_timeout=0.5, socket_timeout=0.5,
+            url, max_connections=CONNECTIONS, timeout=POOL_WAIT_S, socket_connect_timeout=0.5, socket_timeout=0.5,
             retry=Retry(NoBackoff(), 0))
         self._redis = redis.asyncio.Redis(connection_pool=pool)
         self._admit = self._redis.register_script(_ADMIT)
