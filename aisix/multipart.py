@@ -150,12 +150,18 @@ def disposition(head: bytes) -> tuple[str, bool]:
     return _checked(values["name"]), "filename" in values or "filename*" in values
 
 
+# Names the gateway reads (the alias, the prompt it screens, the file it measures): a part named
+# one of them in another case is refused.
+_READ_NAMES = frozenset({MODEL, "prompt", FILE})
+
+
 def _checked(name: str) -> str:
-    """A part's name, refused when it is ``model`` in another case: readers that match names
-    without case (ASP.NET's form collection) would read a second model value the gateway never
-    checked."""
-    if name != MODEL and name.casefold() == MODEL:
-        raise errors.invalid_multipart("A part's name differs from 'model' only in case.")
+    """A part's name, refused when it is ``model``, ``prompt`` or ``file`` in another case: readers
+    that match names without case (ASP.NET's form collection) would read a second model value the
+    gateway never checked, a prompt it never screened, a file it never measured."""
+    folded = name.casefold()
+    if folded != name and folded in _READ_NAMES:
+        raise errors.invalid_multipart(f"A part's name differs from '{folded}' only in case.")
     return name
 
 
@@ -339,7 +345,9 @@ class Rewriter:
                 break
             else:  # a text field nobody captures (a prompt or a second model: the state machine's)
                 fields += 1
-                if fields > _PROLOGUE_FIELDS or name.decode("ascii") in self._capture or name.lower() == b"model":
+                lowered = name.lower()
+                if fields > _PROLOGUE_FIELDS or name.decode("ascii") in self._capture or \
+                        (lowered != name and lowered.decode("ascii") in _READ_NAMES):  # Model, PROMPT: refused there
                     return 0
             # Found within max_value of its start: the model value's cap (for a field, a bound only).
             i = _find(data, delim, start, start + self._max_value + len(delim))

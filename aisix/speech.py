@@ -24,6 +24,7 @@ from .inbound import Inbound
 CONTENT_TYPE = "application/json"
 _LONG_NUMBER = re.compile(rb"\d{19,}")
 _BOM = b"\xef\xbb\xbf"
+_READ_KEYS = frozenset({"model", "input"})  # the alias, and the text screened and priced
 
 
 class SpeechBody:
@@ -88,8 +89,11 @@ async def read(request: web.Request, inbound: Inbound, settings: Settings, resou
         raise errors.invalid_json("The request body is not valid JSON.") from None
     if not isinstance(doc, dict):
         raise errors.invalid_json("The request body must be a JSON object.")
-    # A key that is "model" in another case would reach the upstream unchecked, and readers that
-    # match keys without case (Go's encoding/json, .NET's web defaults) read it as the model.
-    if any(key != "model" and key.casefold() == "model" for key in doc):
-        raise errors.invalid_json("The request body has a key that differs from 'model' only in case.")
+    # A key that is "model" (or "input") in another case would reach the upstream unchecked (or
+    # unscreened and unpriced), and readers that match keys without case (Go's encoding/json,
+    # .NET's web defaults) read it as the model (or the input).
+    for key in doc:
+        folded = key.casefold()
+        if folded != key and folded in _READ_KEYS:
+            raise errors.invalid_json(f"The request body has a key that differs from '{folded}' only in case.")
     return SpeechBody(doc, exact)

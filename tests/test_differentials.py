@@ -161,3 +161,28 @@ async def test_plain_forms_and_documents_still_pass(gateway: Gateway, fake: Fake
     status, _, out = await post(gateway, "/v1/audio/speech", **json_post(data))
     assert status == 200, out
     assert fake.wait_received()[0].body == data.replace(b'"tts-prod"', b'"gpt-4o-mini-tts"')
+
+
+@pytest.mark.parametrize("key", ["INPUT", "Input"])
+async def test_a_speech_key_that_is_input_in_another_case_is_refused(make_gateway, fake: FakeUpstream,
+                                                                    key: str) -> None:
+    """The same differential for the text the gateway screens and prices: it read `input` ("hi":
+    2 characters, passed by the guardrail) and forwarded `INPUT` as it came; Go's encoding/json
+    reads the last of the two, so a Go upstream spoke the text the guardrail blocks, and the caller
+    paid for 2 characters of it."""
+    gw = make_gateway(guardrails=PASSWORD_RULE)
+    data = b'{"model":"tts-prod","input":"hi","voice":"a","%s":"my password is swordfish"}' % key.encode()
+    status, headers, out = await post(gw, "/v1/audio/speech", **json_post(data))
+    envelope(status, out, headers, 400, "invalid_json")
+    assert fake.received == []
+
+
+@pytest.mark.parametrize("name", ["Prompt", "PROMPT"])
+async def test_a_part_named_prompt_in_another_case_is_refused(make_gateway, fake: FakeUpstream, name: str) -> None:
+    """ASP.NET's form collection reads `Prompt` as `prompt`: the gateway captured and screened
+    only `prompt`, so the prompt the guardrail blocks reached such an upstream unscreened."""
+    gw = make_gateway(guardrails=PASSWORD_RULE)
+    hidden = part(f'Content-Disposition: form-data; name="{name}"'.encode(), b"my password is swordfish")
+    status, headers, out = await post(gw, TRANSCRIBE, data=MODEL + hidden + FILE + END, ctype=FORM_TYPE)
+    envelope(status, out, headers, 400, "invalid_multipart")
+    assert fake.received == []

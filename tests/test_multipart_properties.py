@@ -122,7 +122,8 @@ def head_lines(draw, kind: str) -> tuple[list[bytes], int]:
         name_param = draw(st.sampled_from(['"file"', "file"]))
     else:
         name_param = quoted(draw(st.one_of(st.sampled_from(OTHER_NAMES), header_text)
-                                 .filter(lambda s: s.casefold() != "model")))
+                                 .filter(lambda s: s.casefold() != "model"
+                                         and (s.casefold() not in ("prompt", "file") or s.casefold() == s))))
     params = [f"name={name_param}"]
     if kind == "file" or draw(st.booleans()):
         filename = draw(st.one_of(
