@@ -113,10 +113,19 @@ def model_not_supported(alias: str, route: str) -> GatewayError:
     return invalid_request("model_not_supported", f"The model '{alias}' cannot be used with {path}.", "model")
 
 
+def _digits(seconds: float, bound: float) -> int:
+    """The fewest decimals (a tenth, a millisecond, a microsecond) at which ``seconds`` reads as
+    more than ``bound`` (20.04 s over 20 is "20.0" to a tenth; 20.0004 s is "20.000" to the ms)."""
+    for digits in (1, 3):
+        if float(f"{seconds:.{digits}f}") > float(f"{bound:.{digits}f}"):
+            return digits
+    return 6
+
+
 def _over(seconds: float, limit: float) -> str:
-    """A length to a tenth, unless that would read as within ``limit`` (20.04 s over 20: "20.0"):
-    then to the millisecond."""
-    return f"{seconds:.1f}" if round(seconds, 1) > round(limit, 1) else f"{seconds:.3f}"
+    """A length to a tenth, unless that would read as within ``limit``: then to as many decimals
+    as it takes."""
+    return f"{seconds:.{_digits(seconds, limit)}f}"
 
 
 def audio_too_long(seconds: float, limit: int, at_least: bool = False) -> GatewayError:
@@ -202,7 +211,7 @@ def audio_quota_too_short(scope: str, who: str, limit: int, period: str, reset: 
     """An upload longer than what an audio quota has left (the quota itself is not spent: a
     shorter upload is still taken, so the message says how much is left, not "exceeded")."""
     left = max(0.0, left)
-    digits = 1 if round(seconds, 1) > round(left, 1) else 3  # never "39.8 left, and 39.8 long"
+    digits = _digits(seconds, left)  # never "39.8 left, and 39.8 long"
     return RateLimited(scope, "rate_limit_exceeded",
                        f"Audio quota of {limit} seconds per {period} for {who}: {left:.{digits}f} seconds left, "
                        f"and the audio file is {'at least ' if at_least else ''}{seconds:.{digits}f} seconds long.",

@@ -486,3 +486,45 @@ async def test_an_upload_longer_than_the_quota_has_left_is_told_what_is_left(
     message = body["error"]["message"]
     assert "Audio quota of 100 seconds per hour" in message and "exceeded" not in message, message
     assert "39.0 seconds left" in message and "45.0 seconds long" in message, message
+
+
+def wav_of_samples(samples: int, rate: int = 24000) -> bytes:
+    """A 16-bit mono WAV of exactly ``samples`` samples: a length a hair past a whole second."""
+    import io
+    import wave
+
+    out = io.BytesIO()
+    with wave.open(out, "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(rate)
+        w.writeframes(bytes(2 * samples))
+    return out.getvalue()
+
+
+async def test_audio_too_long_by_under_a_millisecond_names_a_length_over_the_limit(
+        fake: FakeUpstream, make_gateway: Any) -> None:
+    # 480,010 samples at 24 kHz: 20.0004 s, refused against 20 s. To the millisecond it is
+    # "20.000 seconds long; this model takes at most 20 seconds": a refusal that contradicts itself.
+    gw = make_gateway(models=whisper(max_audio_seconds=20))
+    status, body, _ = await upload(gw, wav_of_samples(480_010))
+    assert status == 400 and body["error"]["code"] == "audio_too_long"
+    message = body["error"]["message"]
+    said = float(re.search(r"is (?:at least )?([0-9.]+) seconds long", message)[1])  # type: ignore[index]
+    assert said > 20, message
+
+
+async def test_an_upload_longer_than_the_quota_has_left_by_under_a_millisecond_says_so(
+        fake: FakeUpstream, make_gateway: Any) -> None:
+    # 39 s left, a 39.0004 s upload (312,003 samples at 8 kHz): "39.000 seconds left, and the
+    # audio file is 39.000 seconds long".
+    key = {"display_name": "quota-hair", "key_hash": hash_key("sk-quota-hair"), "allowed_models": ["*"],
+           "rate_limit": {"audio_seconds_per_hour": 100}}
+    gw = make_gateway(models=whisper(), api_keys=[key])
+    assert (await upload(gw, make("flac", 61.0).read_bytes(), key="sk-quota-hair"))[0] == 200
+    status, body, _ = await upload(gw, wav_of_samples(312_003, rate=8000), key="sk-quota-hair")
+    assert status == 429, body
+    message = body["error"]["message"]
+    left = float(re.search(r"([0-9.]+) seconds left", message)[1])  # type: ignore[index]
+    long = float(re.search(r"is (?:at least )?([0-9.]+) seconds long", message)[1])  # type: ignore[index]
+    assert long > left, message
