@@ -28,7 +28,7 @@ from .transcript import TranscriptReader
 # limits are the gateway's, and its own headers say them).
 _RELAYED = ("Content-Type", "Content-Length", "Content-Disposition", "Retry-After", "retry-after-ms",
             "x-should-retry")
-_STREAMED = ("audio/", "text/event-stream")
+_STREAMED = ("audio/", "text/event-stream")  # media types, lower-cased
 HOLD_LIMIT = 1024 * 1024  # a held transcript over this cannot be checked: refused, never released
 
 
@@ -58,7 +58,10 @@ async def relay(
             # the keep-alive timeout for an end that never comes).
             response.force_close()
         ex.status = upstream.status
-        ex.stream = ok and content_type.startswith(_STREAMED) and held is None
+        # Relayed as it came: speech audio (labelled or untyped: what a probe reads) and events,
+        # whatever the case of their media type.
+        media = content_type.partition(";")[0].strip().lower()
+        ex.stream = ok and held is None and (probe is not None or media.startswith(_STREAMED))
         if not ok:
             ex.error_code = "upstream_error"
         stamp(request, response)

@@ -317,3 +317,16 @@ async def test_speech_audio_is_not_held_by_an_output_guardrail(octet_speech: Oct
     assert event["status"] == 200 and "guardrail" not in event
     # Untyped, it is read as the format asked for: pcm, 24 kHz 16-bit mono.
     assert event["audio_seconds_out"] == round(len(OctetSpeech.AUDIO) / 48000, 3)
+
+
+async def test_untyped_speech_audio_is_recorded_as_streamed(octet_speech: OctetSpeech, make_gateway: Any) -> None:
+    # Read and relayed as speech audio (measured as it passes), so its event says stream: true, as
+    # for audio/* (docs/api.md: "true when a 2xx answer was relayed as a stream (speech audio, SSE)").
+    gw = make_gateway(upstream_base=octet_speech.base_url)
+    async with aiohttp.ClientSession() as s, s.post(
+            gw.url + "/v1/audio/speech", headers={"Authorization": f"Bearer {TEAM_A}"},
+            json={"model": "tts-prod", "input": "hi", "voice": "alloy", "response_format": "pcm"}) as r:
+        await r.read()
+        event = gw.event(r.headers["x-aisix-request-id"])
+    assert r.status == 200 and event["audio_seconds_out"] == round(len(OctetSpeech.AUDIO) / 48000, 3)
+    assert event["stream"] is True, event
