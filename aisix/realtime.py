@@ -304,7 +304,8 @@ class Session:
         self.inputs: tuple[Guardrail, ...] = ()
         self.outputs: tuple[Guardrail, ...] = ()
         self.tally = Tally()  # what the reported usage costs (realtime_cost.py)
-        self.pending: list[tuple[bytes, WSMsgType]] = []
+        # frames held, with the texts and event_id of a parsed one (screened again on the flush)
+        self.pending: list[tuple[bytes, WSMsgType, frames.ClientEvent | None]] = []
         self.pending_bytes = 0
         self.began: float | None = None  # monotonic, at the upgrade
         self.ended: End | None = None  # once the session is closing
@@ -493,9 +494,10 @@ class Session:
                 bytes_in.inc(len(data))
                 if kind is _TEXT and not frames.valid_text(data):  # the caller's fault, not the upstream's
                     return End(CALLER, 1007, b"invalid UTF-8 in a text frame", "client_protocol_error", 1001)
+                event = None
                 if frames.needs_reading(data, kind is _BINARY):
                     try:
-                        data = await self._checked(data, kind)
+                        data, event = await self._checked(data, kind)
                     except Refused as exc:
                         if not await self._tell(frames.error_event(exc.code, exc.message, exc.event_id, exc.kind)):
                             return _gone(CALLER)
@@ -509,7 +511,7 @@ class Session:
                             "session_not_configured", "Name the transcription model in session.update "
                             "before sending audio.", None))
                         return End(GATEWAY, 1008, b"session not configured", "session_not_configured")
-                    self.pending.append((data, kind))
+                    self.pending.append((data, kind, event))
                     self.pending_bytes += len(data)
                     continue
                 try:
@@ -588,17 +590,17 @@ class Session:
         self.metrics.frame_bytes_out.inc(len(event))
         return True
 
-    async def _checked(self, data: bytes, kind: WSMsgType) -> bytes:
-        """A client event the gateway checks, as it goes upstream; raises Refused."""
+    async def _checked(self, data: bytes, kind: WSMsgType) -> tuple[bytes, frames.ClientEvent | None]:
+        """A client event the gateway checks, as it goes upstream, and that event; raises Refused."""
         event = frames.parse_client(data)
         if event is None:
             if kind is _BINARY:
-                return data  # audio that happened to look like JSON at first
+                return data, None  # audio that happened to look like JSON at first
             # Text that names a checked event but that orjson cannot read: a laxer parser upstream
             # (a byte order mark, a comment) could still take it for that event.
             raise Refused("invalid_json", "The event is not a JSON object.")
         try:
-            return await self._screened(event)
+            return await self._screened(event), event
         except Refused as exc:
             exc.event_id = event.event_id
             raise
@@ -606,17 +608,34 @@ class Session:
     async def _screened(self, event: frames.ClientEvent) -> bytes:
         """The frame to send on, checked; raises Refused. What it changes (the transcription
         model's guardrails and prices) holds only once the whole frame has passed."""
+        if event.clash is not None:
+            raise Refused("invalid_json", f"The event has a key that differs from '{event.clash}' only in case.")
         last: tuple[str, Model, Target] | None = None
         for named in event.transcription_models:  # each one: a second must not pass unchecked
             alias = _model_value(named)
             model, target = await self._transcription_model(alias, event.event_id)
+            if last is not None and model is not last[1]:
+                # Which one the provider reads depends on its version: the gateway would price and
+                # guard the transcriptions by one while the provider uses the other.
+                raise Refused("model_not_supported", "The event names two different transcription models.")
             named.rewrite(target.model_name)
             last = (alias, model, target)
         if event.session_model is not None:
             event.session_model.rewrite(self._session_model(_model_value(event.session_model)))
         inputs, outputs = self._rules_with(last[0]) if last is not None else (self.inputs, self.outputs)
+        # (in a transcription session whose model is not named yet, there are no rules: a frame
+        # held is screened again by its model's once that is named, in _flush_pending)
+        self._screen(inputs, event.texts)
+        if last is not None:
+            alias, model, target = last
+            self.transcription_alias, self.inputs, self.outputs = alias, inputs, outputs
+            self.tally.transcribed_by(pricing.prices_of(model, target), own=model is self.model)
+        return event.encode()
+
+    def _screen(self, inputs: tuple[Guardrail, ...], texts: list[str]) -> None:
+        """The input guardrails on an event's texts: a match noted, a block raises Refused."""
         verdict = None
-        for text in event.texts:
+        for text in texts:
             verdict = guardrails.check(inputs, text) or verdict
             if verdict is not None and verdict.action == guardrails.BLOCKED:
                 break
@@ -626,11 +645,6 @@ class Session:
             if verdict.action == guardrails.BLOCKED:
                 blocked = errors.GuardrailBlocked(verdict.guardrail)
                 raise Refused(blocked.code, blocked.message)
-        if last is not None:
-            alias, model, target = last
-            self.transcription_alias, self.inputs, self.outputs = alias, inputs, outputs
-            self.tally.transcribed_by(pricing.prices_of(model, target), own=model is self.model)
-        return event.encode()
 
     async def _transcription_model(self, alias: str, event_id: str | None) -> tuple[Model, Target]:
         """The model of a transcription alias named in session.update and the target (on the
@@ -677,7 +691,15 @@ class Session:
     async def _flush_pending(self) -> None:
         assert self.upstream is not None
         pending, self.pending, self.pending_bytes = self.pending, [], 0
-        for data, kind in pending:
+        inputs, _ = self._rules_with(None)  # the model's, now that it is named
+        for data, kind, event in pending:
+            if event is not None and event.texts:
+                try:
+                    self._screen(inputs, event.texts)
+                except Refused as exc:
+                    if not await self._tell(frames.error_event(exc.code, exc.message, event.event_id, exc.kind)):
+                        raise _Ending(_gone(CALLER)) from None
+                    continue
             try:
                 await self.upstream.send_frame(data, kind)
             except ConnectionError:

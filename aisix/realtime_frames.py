@@ -85,6 +85,7 @@ class ClientEvent:
     transcription_models: list[Named]  # every place a session.update names one, in order
     session_model: Named | None  # session.update's session.model: the session's own
     texts: list[str]
+    clash: str | None = None  # a key the gateway reads, spelled in another case: the frame is refused
 
     def encode(self) -> bytes:
         return orjson.dumps(self.doc)
@@ -95,6 +96,22 @@ class ClientEvent:
         return value if isinstance(value, str) else None
 
 
+# The names the gateway reads in a client event. A key that is one of them in another case is
+# refused: readers that match keys without case (Go's encoding/json, .NET's web defaults; Go folds
+# the Kelvin sign and the long s too, as casefold() does) would read a model the gateway never
+# checked, or a text it never screened.
+_READ_KEYS = frozenset({"type", "session", "model", "instructions", "audio", "input", "transcription",
+                        "input_audio_transcription", "prompt", "item", "content", "text", "output", "response"})
+
+
+def _clash(doc: dict[str, Any]) -> str | None:
+    for key in doc:
+        folded = key.casefold()
+        if folded != key and folded in _READ_KEYS:
+            return folded
+    return None
+
+
 def parse_client(frame: bytes) -> ClientEvent | None:
     """The event of a client frame, or None when it is not a JSON object."""
     try:
@@ -103,6 +120,7 @@ def parse_client(frame: bytes) -> ClientEvent | None:
         return None
     if not isinstance(doc, dict):
         return None
+    read: list[dict[str, Any]] = [doc]  # every object whose keys the gateway reads
     kind = doc.get("type")
     kind = kind if isinstance(kind, str) else ""
     models: list[Named] = []
@@ -111,33 +129,55 @@ def parse_client(frame: bytes) -> ClientEvent | None:
     if kind in (SESSION_UPDATE, TRANSCRIPTION_SESSION_UPDATE):
         session = _dict(doc, "session")
         if session is not None:
+            read.append(session)
             texts += _strings(session, "instructions")
             if kind == SESSION_UPDATE and "model" in session:
                 session_model = _named(session)
-            for holder in _transcription_configs(session):
+            for holder in _transcription_configs(session, read):
                 texts += _strings(holder, "prompt")
                 if "model" in holder:
                     models.append(_named(holder))
     elif kind == ITEM_CREATE:
-        item = _dict(doc, "item")
-        for part in item.get("content", ()) if item is not None else ():
-            if isinstance(part, dict):
-                texts += _strings(part, "text")
+        texts += _item_texts(_dict(doc, "item"), read)
     elif kind == RESPONSE_CREATE:
         response = _dict(doc, "response")
         if response is not None:
+            read.append(response)
             texts += _strings(response, "instructions")
-    return ClientEvent(doc, kind, models, session_model, texts)
+            items = response.get("input")
+            for item in items if isinstance(items, list) else ():  # out-of-band input (GA)
+                texts += _item_texts(item if isinstance(item, dict) else None, read)
+    clash = None
+    for obj in read:
+        clash = clash or _clash(obj)
+    return ClientEvent(doc, kind, models, session_model, texts, clash)
 
 
-def _transcription_configs(session: dict[str, Any]) -> Iterator[dict[str, Any]]:
+def _item_texts(item: dict[str, Any] | None, read: list[dict[str, Any]]) -> list[str]:
+    """What the model reads of a conversation item: its content parts' text, a function call's
+    output."""
+    if item is None:
+        return []
+    read.append(item)
+    texts = _strings(item, "output")
+    content = item.get("content")
+    for part in content if isinstance(content, list) else ():
+        if isinstance(part, dict):
+            read.append(part)
+            texts += _strings(part, "text")
+    return texts
+
+
+def _transcription_configs(session: dict[str, Any], read: list[dict[str, Any]]) -> Iterator[dict[str, Any]]:
     """Where a session names its transcription model: ``audio.input.transcription`` (GA
     ``session.update``), ``input_audio_transcription`` (beta and ``transcription_session.update``)."""
     audio = _dict(session, "audio")
     audio_input = _dict(audio, "input") if audio is not None else None
+    read += [d for d in (audio, audio_input) if d is not None]
     for holder in (_dict(audio_input, "transcription") if audio_input is not None else None,
                    _dict(session, "input_audio_transcription")):
         if holder is not None:
+            read.append(holder)
             yield holder
 
 
