@@ -1,13 +1,16 @@
 """Real audio files for the probe tests, made with ffmpeg at known durations, and ffprobe's reading
 of them (the ground truth the probes are held to: within 1% or 50 ms).
 
-Files are cached per test session under one temp directory: each (format, seconds) is made once.
+Files are cached per test session under one temp directory: each (format, seconds) is made once,
+and the directory is removed when the process ends.
 """
 
 from __future__ import annotations
 
+import atexit
 import json
 import random
+import shutil
 import subprocess
 import tempfile
 from collections.abc import Callable, Iterator
@@ -16,6 +19,7 @@ from pathlib import Path
 from aisix.audio import Probe
 
 _CACHE = Path(tempfile.mkdtemp(prefix="aisix-audio-"))
+atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)  # each run made one; none was removed
 
 # name -> (file suffix, ffmpeg output arguments)
 FORMATS: dict[str, tuple[str, list[str]]] = {
