@@ -41,7 +41,8 @@ async def relay(
     ok = ex.billable = upstream.status < 300
     if ex.route == "speech":  # output rules read transcripts: speech audio is never held nor screened
         output_rules = ()
-    reader, probe = _readers(ex.route, content_type, answer_format) if ok else (None, None)
+    media = content_type.partition(";")[0].strip().lower()  # read once: which reader, and stream
+    reader, probe = _readers(ex.route, media, content_type, answer_format) if ok else (None, None)
     try:
         held = None
         if isinstance(reader, TranscriptReader) and guardrails.blocks(output_rules):
@@ -60,7 +61,6 @@ async def relay(
         ex.status = upstream.status
         # Relayed as it came: speech audio (labelled or untyped: what a probe reads) and events,
         # whatever the case of their media type.
-        media = content_type.partition(";")[0].strip().lower()
         ex.stream = ok and held is None and (probe is not None or media.startswith(_STREAMED))
         if not ok:
             ex.error_code = "upstream_error"
@@ -99,13 +99,12 @@ async def relay(
     return response
 
 
-def _readers(route: str, content_type: str,
+def _readers(route: str, media: str, content_type: str,
              answer_format: str | None) -> tuple[TranscriptReader | SpeechEvents | None, Probe | None]:
     """What reads a 2xx answer as it passes: a transcript for its text and usage; speech audio for
     its duration, as it came (labelled audio/*, or untyped: application/octet-stream, as some
     providers label it, read as the format asked for) or as events (stream_format "sse": base64
-    pieces, then the usage)."""
-    media = content_type.partition(";")[0].strip().lower()
+    pieces, then the usage). ``media``: the Content-Type's media type, lower-cased."""
     if route != "speech":
         return None if media.startswith("audio/") else TranscriptReader(content_type, HOLD_LIMIT), None
     if media.startswith("audio/"):
@@ -121,7 +120,9 @@ def _relayed(probe: Probe | None, reader: TranscriptReader | SpeechEvents | None
     """The seconds of speech audio an answer cut short had relayed; None when it had none."""
     if isinstance(reader, SpeechEvents):
         return reader.at_least() or None
-    return probe.at_least or None if probe is not None else None
+    if probe is None:
+        return None
+    return probe.at_least or None
 
 
 async def _stream(
