@@ -42,7 +42,9 @@ from .specs import BackendSpec
 
 log = logging.getLogger(__name__)
 
-_PAUSE = 1.0  # after a store error, seconds to admit unchecked before trying the store again
+# After a store error, seconds to admit unchecked before trying the store again; then one call
+# tries it (Limiter._skip_store) while the others go on unchecked until that one is answered.
+_PAUSE = 1.0
 _WARN_EVERY = 10.0  # seconds between two warnings about the store
 
 
@@ -109,7 +111,8 @@ a realtime session also charges tokens as they are reported (charge)."""
         self._store_errors = store.errors
         self.fail_open_total = 0
         self.settle_errors_total = 0
-        self._paused_until = 0.0
+        self._paused_until = 0.0  # 0: the store answered last; else when to try it again
+        self._probing = False  # a call is trying the store again after a failure
         self._warned_at = -math.inf
         # Audio quotas in this process, by Limit.key: seconds claimed by uploads in flight (known
         # from their headers, or what has streamed), and seconds charged ever (settle, charge).
@@ -154,7 +157,8 @@ a realtime session also charges tokens as they are reported (charge)."""
     async def _admit(self, p: Plan, now: float, audio_seconds: float = 0.0) -> Slot | None:
         if not p.limits:
             return None
-        if 0.0 < self._paused_until - now <= _PAUSE:  # the store just failed: do not wait on it
+        probe = self._paused_until != 0.0  # the store failed: do not wait on it, but for a probe
+        if probe and self._skip_store(now):
             self.fail_open_total += 1
             return Slot(None, "")
         slot = Slot(p, secrets.token_hex(8) if p.concurrency else "")
@@ -169,11 +173,15 @@ a realtime session also charges tokens as they are reported (charge)."""
                 blocked, counts = self._memory.admit_now(checked, now)
             else:
                 blocked, counts = await self._store.admit(checked, slot.id, now)
+                self._paused_until = 0.0
         except self._store_errors as e:
             self.fail_open_total += 1
             self._paused_until = now + _PAUSE
             self._warn(now, "rate limit store failed, admitting without checking limits: %s: %s", e)
             return Slot(None, "")  # the script may have run: a slot it took ends with its lease
+        finally:
+            if probe:
+                self._probing = False
         if checked is not p:  # the refusal names the quotas as configured
             blocked = [p.limits[checked.limits.index(x)] for x in blocked]
         return self._slot(p, slot, blocked, counts, now, before)
@@ -242,14 +250,30 @@ a realtime session also charges tokens as they are reported (charge)."""
 
     async def cooling(self, keys: Sequence[str], now: float) -> dict[int, float]:
         """The targets cooling down (index in ``keys`` -> end); none when the store fails."""
-        if 0.0 < self._paused_until - now <= _PAUSE:
+        probe = self._paused_until != 0.0
+        if probe and self._skip_store(now):
             return {}
         try:
-            return await self._store.cooling(keys, now)
+            cooling = await self._store.cooling(keys, now)
+            self._paused_until = 0.0
+            return cooling
         except self._store_errors as e:
             self._paused_until = now + _PAUSE
             self._warn(now, "rate limit store failed, routing without cooldowns: %s: %s", e)
             return {}
+        finally:
+            if probe:
+                self._probing = False
+
+    def _skip_store(self, now: float) -> bool:
+        """After a store failure: True (do without it) for ``_PAUSE`` seconds, then for every call
+        but one, the probe, which tries the store again (and must clear ``_probing`` when
+        answered). A dead store so makes one request wait on it (for its timeouts: RedisStore)
+        every ``_PAUSE`` or so, not every request in flight."""
+        if 0.0 < self._paused_until - now <= _PAUSE or self._probing:  # (a clock gone back ends the pause)
+            return True
+        self._probing = True
+        return False
 
     async def failed(self, key: str, policy: Cooldown, now: float) -> bool:
         """Record a target's failure; True when it starts a cooldown. Never raises."""

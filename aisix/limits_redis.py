@@ -37,9 +37,11 @@ _MARGIN = 60  # seconds a window counter outlives its window in Redis
 _LEASE = 3600  # seconds a Redis concurrency slot outlives a process that never released it
 # Connections to Redis per process. A burst of requests waits for one (a command takes well under
 # a millisecond) instead of opening a connection per request in flight: hundreds of connects at
-# once, each with its 0.5 s timeout, failed open under load, and every instance multiplied them.
+# once, each with its connect timeout, failed open under load, and every instance multiplied them.
 CONNECTIONS = 64
-POOL_WAIT_S = 2.0  # for a free connection (RedisStore says why it is longer than a socket step)
+POOL_WAIT_S = 2.0  # for a free connection (RedisStore says why these three are what they are)
+CONNECT_S = 2.0  # to open one
+STEP_S = 1.0  # for each read or write of a command
 
 
 # KEYS: one counter per limit. ARGV: now, slot id, its lease end, then per key its kind, limit
@@ -90,20 +92,22 @@ return 1
 
 class RedisStore:
     """Counts shared by every instance through one Redis (not Cluster: a script's keys span
-    scopes). At most ``CONNECTIONS`` connections, short timeouts and no retries: a dead Redis
-    stalls the requests already waiting on it by at most 0.5 s per step (the connect, each read or
-    write); then Limiter admits unchecked for ``limits._PAUSE``. A free connection is waited for
-    longer (``POOL_WAIT_S``): each one in use is freed within those steps, so only a pool kept
-    busy by a live Redis under load waits that long, and admitting unchecked then would let a
-    burst past the limits just when they matter."""
+    scopes). At most ``CONNECTIONS`` connections and no retries. A dead Redis stalls the requests
+    already waiting on it by at most ``STEP_S`` per read or write, or ``CONNECT_S`` for a
+    connect; then Limiter admits unchecked, trying the store again with one request at a time.
+    The connect is given longer because a burst on a fresh pool opens many at once, and on a
+    busy machine each one's handshake waits behind all the others' (64 at once outlasted 0.5 s
+    on a loaded 2-core CI runner): failing open then would let a burst past the limits just when
+    they matter. Likewise a free connection is waited for ``POOL_WAIT_S``: each one in use is
+    freed within those steps, so only a pool kept busy by a live Redis under load waits long."""
 
     errors: tuple[type[Exception], ...] = (RedisError, OSError)  # OSError covers asyncio's TimeoutError
     immediate: Immediate | None = None  # every call is a round trip
 
     def __init__(self, url: str) -> None:
         pool = redis.asyncio.BlockingConnectionPool.from_url(
-            url, max_connections=CONNECTIONS, timeout=POOL_WAIT_S, socket_connect_timeout=0.5, socket_timeout=0.5,
-            retry=Retry(NoBackoff(), 0))
+            url, max_connections=CONNECTIONS, timeout=POOL_WAIT_S, socket_connect_timeout=CONNECT_S,
+            socket_timeout=STEP_S, retry=Retry(NoBackoff(), 0))
         self._redis = redis.asyncio.Redis(connection_pool=pool)
         self._admit = self._redis.register_script(_ADMIT)
         self._failed = self._redis.register_script(_FAILED)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator
 from types import MappingProxyType
 from typing import Any
@@ -414,14 +415,66 @@ async def test_two_instances_never_admit_past_the_limit_together(
     assert sum(lim.fail_open_total for lim in shared) == 0
 
 
+async def test_a_stalled_loop_during_a_bursts_first_connects_still_admits_exactly(
+        shared: tuple[Limiter, Limiter]) -> None:
+    # A burst on fresh pools opens many connections at once; on a busy machine the event loop
+    # falls behind (CPU, a collection) and each connect's timeout runs meanwhile. 0.7 s without
+    # the loop, just after the connects start, failed them all open with a 0.5 s connect timeout
+    # (CI saw 67 admitted against a limit of 50).
+    key, m = api_key(), model(rpm=50)
+
+    async def one(i: int) -> bool:
+        try:
+            await shared[i % 2].admit(key, m, T0 + 30)
+        except RateLimited:
+            return False
+        return True
+
+    burst = asyncio.gather(*(one(i) for i in range(200)))
+    asyncio.get_running_loop().call_soon(time.sleep, 0.7)  # runs after each admission's first step
+    assert sum(await burst) == 50
+    assert sum(lim.fail_open_total for lim in shared) == 0
+
+
+async def test_after_a_store_failure_one_request_at_a_time_waits_on_it() -> None:
+    # A Redis that accepts and never answers: every command waits out its timeout. Once the pause
+    # after the first failure is over, one admission tries it again and the others in the
+    # meantime go on unchecked at once, rather than each waiting out the timeouts.
+    accepted: list[asyncio.StreamWriter] = []
+
+    async def mute(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        accepted.append(writer)
+        await reader.read()
+
+    server = await asyncio.start_server(mute, "127.0.0.1", 0)
+    lim = Limiter.create(parse_backend(f"redis://127.0.0.1:{server.sockets[0].getsockname()[1]}/0"))
+    try:
+        key, m = api_key(rpm=1), model()
+        await lim.admit(key, m, T0)  # waits out the timeout, fails open
+        assert (len(accepted), lim.fail_open_total) == (1, 1)
+        probe = asyncio.ensure_future(lim.admit(key, m, T0 + 2))
+        others = await asyncio.gather(*(lim.admit(key, m, T0 + 2) for _ in range(20)))
+        assert all(isinstance(s, Slot) and s.plan is None for s in others)  # unchecked
+        assert not probe.done()
+        assert isinstance(await probe, Slot) and len(accepted) == 2  # one connection more, not 21
+        assert lim.fail_open_total == 22
+        assert await lim.cooling(["a|b"], T0 + 2.5) == {}  # paused again: not even asked
+        assert len(accepted) == 2
+    finally:
+        await lim.close()
+        for w in accepted:
+            w.close()
+        server.close()
+        await server.wait_closed()
+
+
 async def test_a_burst_shares_a_bounded_pool_of_redis_connections(
         shared: tuple[Limiter, Limiter], redis_url: str) -> None:  # noqa: F811
     # 300 admissions at once through one instance: they wait for one of its CONNECTIONS rather
     # than opening 300 (each a connect that can time out and fail open under load), and all pass.
-    # The pool is opened first, by as many admissions as it has connections: opening 64 at once
-    # can itself outlast the 0.5 s connect timeout on a starved machine (CI's, with other load),
-    # which is not what this checks; an unbounded pool still opens 300 below, and the count of
-    # clients at the end finds it.
+    # The pool is opened first, by as many admissions as it has connections (opening 64 at once
+    # on a starved machine is the test above): an unbounded pool still opens 300 below, and the
+    # count of clients at the end finds it.
     key, m = api_key(), model(rpm=1000)
     await asyncio.gather(*(shared[0].admit(key, m, T0 + 30) for _ in range(CONNECTIONS)))
     warm = shared[0].fail_open_total
