@@ -47,7 +47,7 @@ from .config import ApiKey, Guardrail, Model, Resources, Target
 from .exchange import Exchange
 from .keys import CLOCK, EXCHANGE, LIMITER, LIVE, METRICS, REQUEST_ID, SETTINGS, USAGE, WS_CLIENT
 from .limits import Slot
-from .limits_plan import rejection
+from .limits_plan import Limit, rejection
 from .realtime_cost import Tally
 from .responses import stamp
 
@@ -304,6 +304,11 @@ class Session:
         self.inputs: tuple[Guardrail, ...] = ()
         self.outputs: tuple[Guardrail, ...] = ()
         self.tally = Tally()  # what the reported usage costs (realtime_cost.py)
+        # Responses the provider may be generating: ids created and not done, and the caller's
+        # response.create events it has not answered with a response.created yet (collect()).
+        self.responses: set[str] = set()
+        self.asked = 0
+        self.upstream_code = 0  # the close code the upstream is owed, once collect() is done; 0: none yet
         # frames held, with the texts and event_id of a parsed one (screened again on the flush)
         self.pending: list[tuple[bytes, WSMsgType, frames.ClientEvent | None]] = []
         self.pending_bytes = 0
@@ -518,6 +523,8 @@ class Session:
                     await upstream.send_frame(data, kind)
                 except ConnectionError:
                     return _gone(UPSTREAM)
+                if event is not None and event.type == frames.RESPONSE_CREATE:
+                    self.asked += 1
             elif kind is _PONG or kind is _PING:
                 if not await self._control(CALLER, caller, kind, msg.data):
                     return _gone(CALLER)
@@ -715,25 +722,80 @@ class Session:
             verdict = guardrails.check(self.outputs, report.transcript)
             if verdict is not None and ex.verdict is None:
                 ex.verdict = guardrails.Verdict(verdict.guardrail, guardrails.MONITORED)
+        over = await self._account(report)
+        if not over:
+            return None
+        now = self.clock()
+        refusal = rejection(over, now)
+        self.metrics.limited(refusal.scope)
+        await self._tell(frames.error_event(refusal.code, refusal.message, None, refusal.type))
+        return End(GATEWAY, 1008, b"rate limit exceeded", refusal.code)
+
+    async def _account(self, report: frames.ServerReport) -> list[Limit]:
+        """A server event's part in the session's responses and usage: usage charged now; the
+        token, cost and audio windows of the key and model it took over their limit."""
+        if report.created is not None:
+            self.responses.add(report.created)
+            self.asked = max(0, self.asked - 1)
+        elif report.done is not None:
+            if report.done in self.responses:
+                self.responses.discard(report.done)
+            elif self.asked:  # a response whose response.created went unseen
+                self.asked -= 1
+            elif len(self.responses) == 1:  # a done without the id its created had
+                self.responses.clear()
         used = report.usage
         if used is None:
-            return None
-        ex.usage = frames.add(ex.usage, used)
+            return []
+        self.ex.usage = frames.add(self.ex.usage, used)
         self.tally.add(used, report.transcription)
         tokens, cost, seconds = used.tokens, self._cost_since(), used.audio_seconds
         if not tokens and not cost and not seconds:
-            return None
+            return []
         now = self.clock()
         over = await self.limiter.charge(self.slot, tokens, now, cost, seconds)
         over += await self.limiter.charge(self.model_slot, tokens, now, cost, seconds)
         # The provider key's quota: not the caller's to hear about.
         await self.limiter.charge(self.provider_slot, tokens, now, cost, seconds)
-        if not over:
-            return None
-        refusal = rejection(over, now)
-        self.metrics.limited(refusal.scope)
-        await self._tell(frames.error_event(refusal.code, refusal.message, None, refusal.type))
-        return End(GATEWAY, 1008, b"rate limit exceeded", refusal.code)
+        return over
+
+    async def collect(self) -> None:
+        """A caller that left while responses were in progress: nobody will hear the rest, but
+        the provider bills what it generated. Each is cancelled upstream (``response.cancel``) and
+        its ``response.done`` read, unrelayed, for the usage to charge, for up to
+        ``CLOSE_TIMEOUT_S``. A response.create not answered yet is cancelled by a cancel without
+        an id; an ``error`` answer to it (none in progress) ends the wait."""
+        upstream = self.upstream
+        if upstream is None or upstream.closed or not (self.responses or self.asked):
+            return
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + CLOSE_TIMEOUT_S
+        cancelled: set[str] = set()
+        try:
+            while True:
+                for rid in self.responses - cancelled:
+                    await upstream.send_frame(frames.cancel_event(rid), _TEXT)
+                    cancelled.add(rid)
+                if self.asked and not self.responses and "" not in cancelled:
+                    await upstream.send_frame(frames.cancel_event(""), _TEXT)
+                    cancelled.add("")
+                if not self.responses and not self.asked:
+                    return
+                left = deadline - loop.time()
+                if left <= 0:
+                    return
+                msg = await upstream.receive(timeout=left)
+                if msg.type is _PING:
+                    await upstream.pong(msg.data)
+                elif msg.type is _TEXT:
+                    report = frames.parse_server(msg.data)
+                    if report.error and not self.responses:
+                        return  # the cancel of a response.create the provider refused, or never began
+                    await self._account(report)
+                elif msg.type is not _BINARY and msg.type is not _PONG:
+                    return  # closed
+        except (ConnectionError, TimeoutError):
+            return
 
     def _cost_since(self) -> float | None:
         """What the session has cost since the budgets were last charged; its ``cost_usd`` is
@@ -759,6 +821,12 @@ class Session:
         if end.error_code is not None:
             ex.error_code = end.error_code
         self.ended = end
+        if end.by == CALLER and (self.responses or self.asked):
+            # Responses still in progress: the caller is answered now, and finish() collects
+            # their usage before it closes the upstream with the caller's code.
+            self.upstream_code = to_upstream
+            await asyncio.gather(caller.close(code=to_caller, message=end.reason), return_exceptions=True)
+            return
         # The upstream first: once the caller's transport closes, aiohttp cancels this handler.
         if upstream is not None:
             await asyncio.gather(upstream.close(code=to_upstream, message=end.reason), return_exceptions=True)
@@ -773,12 +841,17 @@ class Session:
         # slots are settled first (settle_all goes through a cancellation), the record always.
         # A session that never reached an upstream (refused before the upgrade, or a transcription
         # session whose upstream could not be opened) costs nothing.
+        cancelled: asyncio.CancelledError | None = None
+        try:
+            await self.collect()  # what responses the caller left in progress cost
+        except asyncio.CancelledError as exc:  # the caller's transport closed meanwhile
+            cancelled = exc
         cost = self._cost_since() if self.target is not None else None
         try:
             await self.limiter.settle_all((self.slot, self.model_slot, self.provider_slot), None, clock(), cost or None)
-            if self.upstream is not None and not self.upstream.closed:  # cancelled, or failed mid-way
+            if self.upstream is not None and not self.upstream.closed:  # cancelled, failed mid-way, collected
                 said = self.caller_close  # a caller that closed and left at once: its code goes on
-                code = _sendable(said.code, 1001) if said is not None else 1001
+                code = self.upstream_code or (_sendable(said.code, 1001) if said is not None else 1001)
                 await asyncio.gather(self.upstream.close(code=code, message=said.reason if said else b""),
                                      return_exceptions=True)
         finally:
@@ -791,6 +864,8 @@ class Session:
             self.metrics.session_finished(ex, ex.model in self.resources.models, seconds)
             app[LIVE].sessions.discard(self)
             app[LIVE].leave()
+        if cancelled is not None:
+            raise cancelled
 
 
 class _Ending(Exception):

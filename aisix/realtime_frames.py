@@ -28,8 +28,12 @@ _CHECKED = (SESSION_UPDATE.encode(), ITEM_CREATE.encode(), RESPONSE_CREATE.encod
 # A JSON string can spell any character as an escape ("session\u002eupdate"); a frame with a
 # backslash is read, whatever it seems to say. Audio (base64) never has one.
 _ESCAPE = b"\\"
-# Server events worth reading: usage and transcripts. The upstream is trusted not to hide them.
-_REPORTED = (b"response.done", b"transcription.completed", b"transcript.done", b"text.done")
+# Server events worth reading: usage and transcripts, and a response's start and end (a caller that
+# leaves mid-response: realtime.Session.collect). Their types end so ("response.done",
+# "…transcription.completed", "…transcript.done", "…text.done", "response.created"); base64 audio
+# has neither a dot nor a quote, and a quote inside a JSON string is escaped. The upstream is
+# trusted not to hide them.
+_REPORTED = (b'.done"', b'.completed"', b'.created"')
 _find = stringzilla.find
 
 
@@ -58,10 +62,9 @@ def valid_text(frame: bytes) -> bool:
 
 
 def reports(frame: bytes) -> bool:
-    """Whether a server text frame may report usage or a transcript."""
-    done, completed, transcript, text = _REPORTED  # as in needs_reading
-    return (_find(frame, done) >= 0 or _find(frame, completed) >= 0 or _find(frame, transcript) >= 0
-            or _find(frame, text) >= 0)
+    """Whether a server text frame may report usage, a transcript, or a response's start or end."""
+    done, completed, created = _REPORTED  # as in needs_reading
+    return _find(frame, done) >= 0 or _find(frame, completed) >= 0 or _find(frame, created) >= 0
 
 
 @dataclass(slots=True)
@@ -203,6 +206,9 @@ class ServerReport:
     usage: Usage | None = None
     transcript: str | None = None
     transcription: bool = False  # an input audio transcription's: its usage is the transcription model's
+    created: str | None = None  # a response.created's response id ("" when it has none)
+    done: str | None = None  # a response.done's response id ("" when it has none)
+    error: bool = False  # an error event
 
 
 def parse_server(frame: bytes) -> ServerReport:
@@ -217,6 +223,11 @@ def parse_server(frame: bytes) -> ServerReport:
     if kind == "response.done":
         response = _dict(doc, "response")
         out.usage = _usage(_dict(response, "usage") if response is not None else None)
+        out.done = _response_id(response)
+    elif kind == "response.created":
+        out.created = _response_id(_dict(doc, "response"))
+    elif kind == "error":
+        out.error = True
     elif kind == "conversation.item.input_audio_transcription.completed":
         out.usage = _usage(_dict(doc, "usage"))
         out.transcript = _text(doc, "transcript")
@@ -226,6 +237,11 @@ def parse_server(frame: bytes) -> ServerReport:
     elif isinstance(kind, str) and kind.endswith("text.done"):
         out.transcript = _text(doc, "text")
     return out
+
+
+def _response_id(response: dict[str, Any] | None) -> str:
+    value = response.get("id") if response is not None else None
+    return value if isinstance(value, str) else ""
 
 
 def _text(doc: dict[str, Any], key: str) -> str | None:
@@ -265,6 +281,15 @@ def add(total: Usage | None, more: Usage) -> Usage:
 
 def _plus(a: Any, b: Any) -> Any:
     return a if b is None else b if a is None else a + b
+
+
+def cancel_event(response_id: str) -> bytes:
+    """A client ``response.cancel`` event, of the gateway's own: for ``response_id``, or (when
+    empty) for whatever response is in progress in the default conversation."""
+    event: dict[str, Any] = {"type": "response.cancel", "event_id": "event_aisix_" + secrets.token_hex(8)}
+    if response_id:
+        event["response_id"] = response_id
+    return orjson.dumps(event)
 
 
 def error_event(code: str, message: str, client_event_id: str | None = None,

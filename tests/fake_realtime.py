@@ -57,6 +57,11 @@ def text(event: dict[str, Any]) -> Frame:
     return ("text", orjson.dumps(event))
 
 
+NOTHING_TO_CANCEL = text({"type": "error", "event_id": "event_nothing", "error": {
+    "type": "invalid_request_error", "code": "response_cancel_not_active", "param": None, "event_id": None,
+    "message": "Cancellation failed: no active response found"}})
+
+
 class FakeRealtime:
     def __init__(self) -> None:
         self.script = Script()
@@ -189,7 +194,10 @@ class FakeRealtime:
                         await (ws.send_str(msg.data) if kind == "text" else ws.send_bytes(data))
                     if kind == "text":
                         event_type = orjson.loads(data).get("type") if data.startswith(b"{") else None
-                        for rkind, rdata in script.replies.get(event_type or "", ()):
+                        replies = script.replies.get(event_type or "")
+                        if replies is None and event_type == "response.cancel":
+                            replies = [NOTHING_TO_CANCEL]  # what the Realtime API answers with no response running
+                        for rkind, rdata in replies or ():
                             await (ws.send_str(rdata.decode()) if rkind == "text" else ws.send_bytes(rdata))
                 elif msg.type == WSMsgType.CLOSE:
                     s.close_code = msg.data

@@ -772,6 +772,81 @@ async def test_a_session_costs_per_request_once_and_transcriptions_at_their_mode
     assert (status, body["error"]["code"]) == (429, "budget_exceeded")  # the budget had both: 0.02176
 
 
+def _cancelled(rid: str) -> list[tuple[str, bytes]]:
+    """The Realtime API's answer to a response.cancel of a response under way: its response.done,
+    status cancelled, with the usage of what it had generated."""
+    return [text({"type": "response.done", "response": {"id": rid, "status": "cancelled",
+                                                        "usage": {"input_tokens": 700, "output_tokens": 300}}})]
+
+
+def _token_priced(rt: FakeRealtime) -> dict[str, Any]:
+    res = resources(rt, rate_limit={"cost_usd_per_day": 0.005})
+    res["models"][0]["pricing"] = {"per_1m_input_tokens": 4.0, "per_1m_output_tokens": 16.0}
+    return res
+
+
+async def test_a_caller_that_closes_mid_response_is_charged_what_the_cancelled_response_used(
+        make_gateway, rt: FakeRealtime) -> None:
+    # A response under way when the caller closes (here one server VAD began: no response.create)
+    # is billed by the provider for what it generated; closing the upstream at once lost its
+    # response.done, so it cost the key nothing. The gateway cancels it, reads its usage, then
+    # closes the upstream; the caller gets its close answered at once.
+    gw = make_gateway(upstream_base=rt.base_url, **_token_priced(rt))
+    rt.script = Script(on_open=[text({"type": "response.created", "response": {"id": "r9", "status": "in_progress"}})],
+                       replies={"response.cancel": _cancelled("r9")})
+    async with aiohttp.ClientSession() as s, s.ws_connect(ws_url(gw), headers=bearer()) as ws:
+        rid = ws._response.headers["x-aisix-request-id"]
+        assert (await next_event(ws))["type"] == "response.created"
+        await ws.close(code=1000)
+        assert ws.close_code == 1000
+    up = (await rt.until(lambda ss: ss[0].ended))[0]
+    assert [(e["type"], e.get("response_id")) for e in up.events()] == [("response.cancel", "r9")]
+    assert up.close_code == 1000  # the caller's code, once the usage is in
+    event = gw.event(rid)
+    assert (event["input_tokens"], event["output_tokens"]) == (700, 300)
+    assert event["cost_usd"] == round(700 * 4 / 1e6 + 300 * 16 / 1e6, 8)  # 0.0076: over the 0.005 budget
+    assert event["close_code"] == 1000
+    status, body = await raw_upgrade(gw, "model=rt-voice", bearer())
+    assert (status, body["error"]["code"]) == (429, "budget_exceeded")
+
+
+async def test_a_caller_that_vanishes_right_after_response_create_is_charged_for_it(
+        make_gateway, rt: FakeRealtime) -> None:
+    # The cheapest way round a budget: ask for a response and drop the connection before the
+    # provider has said anything. The provider still begins it (and bills it).
+    gw = make_gateway(upstream_base=rt.base_url, **_token_priced(rt))
+    rt.script = Script(replies={"response.create": [text({"type": "response.created", "response": {"id": "r1"}})],
+                                "response.cancel": _cancelled("r1")})
+    async with aiohttp.ClientSession() as s, s.ws_connect(ws_url(gw), headers=bearer()) as ws:
+        rid = ws._response.headers["x-aisix-request-id"]
+        await ws.send_str('{"type":"response.create"}')
+        await rt.until(lambda ss: ss[0].frames != [])
+        ws._response.connection.transport.abort()  # type: ignore[union-attr]  # gone, no close frame
+    up = (await rt.until(lambda ss: ss[0].ended))[0]
+    types = [e["type"] for e in up.events()]
+    assert types[0] == "response.create" and types[1:] == ["response.cancel"]
+    event = gw.event(rid)
+    assert (event["total_tokens"], event["error_code"]) == (1000, "client_closed")
+    status, body = await raw_upgrade(gw, "model=rt-voice", bearer())
+    assert (status, body["error"]["code"]) == (429, "budget_exceeded")
+
+
+async def test_a_response_create_the_provider_refused_is_not_waited_for(make_gateway, rt: FakeRealtime) -> None:
+    # A response.create answered with an error never begins: the cancel sent for it at the
+    # caller's close is answered with an error (nothing to cancel), and the session ends then.
+    gw = make_gateway(upstream_base=rt.base_url, **resources(rt))
+    refused = text({"type": "error", "error": {"type": "invalid_request_error", "code": "bad", "message": "no"}})
+    rt.script = Script(replies={"response.create": [refused]})
+    async with aiohttp.ClientSession() as s, s.ws_connect(ws_url(gw), headers=bearer()) as ws:
+        rid = ws._response.headers["x-aisix-request-id"]
+        await ws.send_str('{"type":"response.create"}')
+        assert (await next_event(ws))["type"] == "error"
+    up = (await rt.until(lambda ss: ss[0].ended))[0]
+    assert [e["type"] for e in up.events()] == ["response.create", "response.cancel"]
+    event = gw.event(rid)
+    assert event["latency_ms"] < 4000 and event["close_code"] == 1000  # not CLOSE_TIMEOUT_S (5 s)
+
+
 async def test_reported_audio_is_charged_to_the_audio_quota(make_gateway, rt: FakeRealtime) -> None:
     gw = make_gateway(upstream_base=rt.base_url, **resources(rt, rate_limit={"audio_seconds_per_hour": 10}))
     rt.script = Script(on_open=[text({"type": "conversation.item.input_audio_transcription.completed",
@@ -857,10 +932,10 @@ async def test_a_text_frame_that_is_not_utf8_closes_the_caller_1007(gw: Gateway,
     rt.script = Script(echo=True)
     async with aiohttp.ClientSession() as s, s.ws_connect(ws_url(gw), headers=bearer()) as ws:
         rid = ws._response.headers["x-aisix-request-id"]
-        await ws.send_str('{"type": "response.create", "note": "caf\u00e9"}')  # UTF-8 beyond ASCII passes
+        await ws.send_str('{"type": "conversation.item.create", "note": "caf\u00e9"}')  # UTF-8 beyond ASCII passes
         msg = await ws.receive(10)
         assert msg.type == aiohttp.WSMsgType.TEXT and "caf\u00e9" in msg.data
-        await ws.send_frame(b'{"type": "response.create", "note": "caf\xe9"}', aiohttp.WSMsgType.TEXT)
+        await ws.send_frame(b'{"type": "conversation.item.create", "note": "caf\xe9"}', aiohttp.WSMsgType.TEXT)
         msg = await ws.receive(10)
         assert (msg.type, msg.data) == (aiohttp.WSMsgType.CLOSE, 1007)
     await rt.until(lambda ss: ss[0].ended)
@@ -1032,6 +1107,27 @@ def test_server_usage_is_read_as_reported() -> None:
     assert frames.parse_server(b"not json").usage is None
 
 
+@pytest.mark.parametrize("frame, created, done", [
+    (b'{"type": "response.created", "response": {"id": "r1"}}', "r1", None),
+    (b'{"response": {"id": "r1", "usage": {}}, "type":"response.done"}', None, "r1"),
+    (b'{"type":"response.done","response":{"status":"cancelled"}}', None, ""),  # no id
+    (b'{"type":"response.created","response":{"id":7}}', "", None),
+])
+def test_a_responses_start_and_end_are_read_wherever_the_type_is(frame: bytes, created: str | None,
+                                                                 done: str | None) -> None:
+    assert frames.reports(frame)
+    report = frames.parse_server(frame)
+    assert (report.created, report.done, report.error) == (created, done, False)
+
+
+def test_frames_that_report_nothing_are_not_read() -> None:
+    audio = orjson.dumps({"type": "response.output_audio.delta", "response_id": "r1", "delta": "QUJD" * 8000})
+    assert not frames.reports(audio)
+    said = orjson.dumps({"type": "response.output_audio_transcript.delta", "delta": 'it said "all.done"'})
+    assert b'.done\\"' in said and not frames.reports(said)  # a quote in a JSON string is escaped
+    assert frames.parse_server(b'{"type":"error","error":{"code":"response_cancel_not_active"}}').error
+
+
 # -- cost of transcriptions by other aliases; the drain during a handshake (review of session 9) ----
 
 def _priced(fake: FakeRealtime) -> dict:
@@ -1099,8 +1195,10 @@ async def test_a_refused_session_update_does_not_change_how_transcriptions_are_p
         assert (error["type"], error["error"]["code"]) == ("error", "guardrail_blocked")
         await ws.send_str('{"type":"response.create"}')
         assert (await next_event(ws))["type"] == "conversation.item.input_audio_transcription.completed"
-    up = rt.session()
-    assert [e["type"] for e in up.events()] == ["response.create"]  # the refused frame never went on
+    up = (await rt.until(lambda ss: ss[0].ended))[0]
+    # the refused frame never went on (the cancel is the gateway's: the scripted answer to
+    # response.create is no response.done, so the response seems to run on when the caller leaves)
+    assert [e["type"] for e in up.events()] == ["response.create", "response.cancel"]
     assert gw.event(rid)["cost_usd"] == 0.6  # a minute at the session model's 0.6/min; it says 60.0
 
 
