@@ -32,7 +32,7 @@ import logging
 import math
 import secrets
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Protocol
 
 from . import errors
@@ -321,13 +321,16 @@ a realtime session also charges tokens as they are reported (charge)."""
             raise cancelled
 
     async def charge(self, slot: Slot | None, tokens: int | None, now: float, cost_usd: float | None = None,
-                     audio_seconds: float | None = None) -> list[Limit]:
+                     audio_seconds: float | None = None, scope: str | None = None) -> list[Limit]:
         """Charge these amounts now, keeping the slot (a realtime session's usage as it is
-        reported); the windows that are over their limit once charged. Never raises: a store
-        error is counted as a lost charge and nothing is said to be over."""
+        reported); the windows that are over their limit once charged. ``scope`` ("key"): to that
+        scope's windows alone (a transcription by another model than the slot's). Never raises: a
+        store error is counted as a lost charge and nothing is said to be over."""
         p = slot.plan if slot is not None else None
         if slot is None or p is None or not p.charged:
             return []
+        if scope is not None:
+            p = replace(p, charged=tuple(x for x in p.charged if x.scope == scope))
         charges = _scaled(tokens, cost_usd, audio_seconds)
         if not charges:
             return []

@@ -298,6 +298,10 @@ class Session:
         self.slot: Slot | None = None  # key (and model) limits
         self.model_slot: Slot | None = None  # the transcription model's limits, when it is the session's
         self.provider_slot: Slot | None = None
+        # A transcription model other than the session's, named in session.update: the one
+        # named last (None: the session's own), and each one's slot on its own limits.
+        self.transcriber: Model | None = None
+        self.transcriber_slots: dict[str, Slot | None] = {}
         self.caller: _Caller | None = None
         self.upstream: aiohttp.ClientWebSocketResponse[Literal[False]] | None = None
         self.connected = asyncio.Event()
@@ -635,9 +639,27 @@ class Session:
         self._screen(inputs, event.texts)
         if last is not None:
             alias, model, target = last
+            own = model is self.model
+            if not own:
+                await self._admit_transcriber(model)
             self.transcription_alias, self.inputs, self.outputs = alias, inputs, outputs
-            self.tally.transcribed_by(pricing.prices_of(model, target), own=model is self.model)
+            self.transcriber = None if own else model
+            self.tally.transcribed_by(pricing.prices_of(model, target), own=own)
         return event.encode()
+
+    async def _admit_transcriber(self, model: Model) -> None:
+        """Another transcription model than the session's is held to its own limits: admitted
+        once per session when first named (its requests count the session once, a concurrency
+        slot on it is held to the end), then charged the transcriptions it prices; raises
+        Refused when its limits refuse."""
+        if model.alias in self.transcriber_slots:
+            return
+        try:
+            slot = await self.limiter.admit_model(model, self.clock())
+        except errors.RateLimited as exc:
+            self.metrics.limited(exc.scope)
+            raise Refused(exc.code, exc.message, "rate_limit_error") from None
+        self.transcriber_slots[model.alias] = slot
 
     def _screen(self, inputs: tuple[Guardrail, ...], texts: list[str]) -> None:
         """The input guardrails on an event's texts: a match noted, a block raises Refused."""
@@ -749,12 +771,22 @@ class Session:
             return []
         self.ex.usage = frames.add(self.ex.usage, used)
         self.tally.add(used, report.transcription)
-        tokens, cost, seconds = used.tokens, self._cost_since(), used.audio_seconds
+        other = self.transcriber if report.transcription else None
+        if other is None:
+            cost = self._cost_since()
+        else:  # the key's windows and that model's, not the session model's
+            cost = self.tally.since_others()
+            self.ex.cost_usd = self.tally.total
+        tokens, seconds = used.tokens, used.audio_seconds
         if not tokens and not cost and not seconds:
             return []
         now = self.clock()
-        over = await self.limiter.charge(self.slot, tokens, now, cost, seconds)
-        over += await self.limiter.charge(self.model_slot, tokens, now, cost, seconds)
+        if other is None:
+            over = await self.limiter.charge(self.slot, tokens, now, cost, seconds)
+            over += await self.limiter.charge(self.model_slot, tokens, now, cost, seconds)
+        else:
+            over = await self.limiter.charge(self.slot, tokens, now, cost, seconds, scope="key")
+            over += await self.limiter.charge(self.transcriber_slots[other.alias], tokens, now, cost, seconds)
         # The provider key's quota: not the caller's to hear about.
         await self.limiter.charge(self.provider_slot, tokens, now, cost, seconds)
         return over
@@ -848,7 +880,11 @@ class Session:
             cancelled = exc
         cost = self._cost_since() if self.target is not None else None
         try:
-            await self.limiter.settle_all((self.slot, self.model_slot, self.provider_slot), None, clock(), cost or None)
+            try:
+                await self.limiter.settle_all((self.slot, self.model_slot, self.provider_slot), None, clock(),
+                                              cost or None)
+            finally:  # (charged their transcriptions as reported)
+                await self.limiter.settle_all(tuple(self.transcriber_slots.values()), None, clock())
             if self.upstream is not None and not self.upstream.closed:  # cancelled, failed mid-way, collected
                 said = self.caller_close  # a caller that closed and left at once: its code goes on
                 code = self.upstream_code or (_sendable(said.code, 1001) if said is not None else 1001)

@@ -24,14 +24,15 @@ _OWN = object()  # transcriptions are the session model's own
 
 
 class Tally:
-    __slots__ = ("_charged", "_others", "_own", "_spent", "_transcriber", "total")
+    __slots__ = ("_charged", "_others", "_others_charged", "_own", "_spent", "_transcriber", "total")
 
     def __init__(self) -> None:
         self._own: Pricing | None = None  # the session model's prices, once its target is known
         self._spent: Usage | None = None  # usage priced at them
         self._transcriber: object = _OWN  # the prices of another transcription model (None: unpriced)
         self._others = 0.0  # what that model's transcriptions cost, priced as they were reported
-        self._charged = 0.0  # what since() has handed out: what the budgets were charged
+        self._charged = 0.0  # what since() and since_others() have handed out: what the budgets were charged
+        self._others_charged = 0.0  # how much of _others has been handed out
         self.total: float | None = None  # the session's cost_usd; None while it is unpriced
 
     def priced_by(self, prices: Pricing | None) -> None:
@@ -55,12 +56,28 @@ class Tally:
     def since(self) -> float | None:
         """What the session has cost since the last call (``total`` is then the whole); None
         while nothing it used is priced."""
+        total = self._totalled()
+        if total is None:
+            return None
+        since, self._charged = total - self._charged, total
+        self._others_charged = self._others
+        return since
+
+    def since_others(self) -> float:
+        """What transcriptions by another model have cost since they were last handed out (they
+        are charged to that model's windows, not the session model's); since() then leaves it out."""
+        since, self._others_charged = self._others - self._others_charged, self._others
+        self._charged += since
+        self._totalled()
+        return since
+
+    def _totalled(self) -> float | None:
+        """``total`` brought up to date; None while nothing the session used is priced."""
         own = _cost(self._own, self._spent) if self._own is not None else None
         if own is None and not self._others:
             return None
         self.total = round((own or 0.0) + self._others, 8)
-        since, self._charged = self.total - self._charged, self.total
-        return since
+        return self.total
 
 
 def _cost(prices: Pricing, used: Usage | None) -> float:

@@ -1099,6 +1099,21 @@ def test_a_sessions_cost_is_per_request_once_and_each_transcription_at_its_model
     assert tally.since() == 0.0
 
 
+def test_another_models_transcriptions_are_handed_out_apart() -> None:
+    from aisix.config import Pricing
+    from aisix.realtime_cost import Tally
+    from aisix.transcript import Usage
+
+    tally = Tally()
+    tally.priced_by(Pricing(per_request=0.01, per_1m_input_tokens=4.0))
+    tally.transcribed_by(Pricing(per_minute_input_audio=6.0), own=False)
+    tally.add(Usage(audio_seconds=30.0), transcription=True)
+    assert tally.since_others() == 3.0 and tally.total == 3.01  # the session's per_request stays its own
+    assert tally.since_others() == 0.0
+    tally.add(Usage(input_tokens=1_000_000), transcription=False)
+    assert tally.since() == pytest.approx(4.01) and tally.total == 7.01  # not the 3.0 again
+
+
 def test_server_usage_is_read_as_reported() -> None:
     report = frames.parse_server(b'{"type":"response.done","response":{"usage":{"total_tokens":9}}}')
     assert report.usage is not None and report.usage.tokens == 9
@@ -1175,6 +1190,39 @@ async def test_naming_the_sessions_own_model_again_prices_later_transcriptions_a
     # again leaves Session.transcriber set: the later minute (and the earlier one) cost 6/min.
     gw = make_gateway(upstream_base=rt.base_url, **_priced(rt))
     assert await _session_cost(gw, rt, ["rt-transcribe", "rt-voice"]) == 6.6
+
+
+async def test_a_transcription_alias_named_in_a_session_is_held_to_its_own_limits(
+        make_gateway, rt: FakeRealtime) -> None:
+    # Its transcriptions were priced at its prices but charged to the session model's windows
+    # and budgets, never its own: a model limited to one session at a time, or to a budget a
+    # day, was neither, from inside another model's session.
+    res = _priced(rt)
+    res["models"][0]["rate_limit"] = {"cost_usd_per_day": 0.1}  # rt-voice, the session's model
+    res["models"][1]["pricing"] = {"per_minute_input_audio": 0.6}  # rt-transcribe
+    res["models"][1]["rate_limit"] = {"cost_usd_per_day": 0.5, "concurrency": 1}
+    gw = make_gateway(upstream_base=rt.base_url, **res)
+    rt.script = Script(replies={"response.create": [HEARD_A_MINUTE]})
+    async with aiohttp.ClientSession() as s, s.ws_connect(ws_url(gw), headers=bearer()) as a:
+        rid = a._response.headers["x-aisix-request-id"]
+        await a.send_str(_update("rt-transcribe"))
+        await rt.until(lambda ss: len(ss) == 1 and len(ss[0].frames) == 1)
+        async with s.ws_connect(ws_url(gw), headers=bearer()) as b:  # a second session naming it
+            await b.send_str(_update("rt-transcribe"))
+            error = await next_event(b)
+            assert (error["type"], error["error"]["code"], error["error"]["event_id"]) == (
+                "error", "concurrency_limit_exceeded", "e-rt-transcribe")
+        await a.send_str('{"type":"response.create"}')
+        assert (await next_event(a))["type"] == "conversation.item.input_audio_transcription.completed"
+        error = await next_event(a)  # $0.6 of its $0.5 a day
+        assert (error["error"]["code"], await a.receive(10)) == ("budget_exceeded", aiohttp.WSMessage(
+            aiohttp.WSMsgType.CLOSE, 1008, "rate limit exceeded"))
+    assert [e["type"] for e in rt.sessions[1].events()] == []  # the refused update never went on
+    assert gw.event(rid)["cost_usd"] == 0.6
+    status, body = await raw_upgrade(gw, "model=rt-transcribe", bearer())
+    assert (status, body["error"]["code"]) == (429, "budget_exceeded")
+    async with aiohttp.ClientSession() as s, s.ws_connect(ws_url(gw), headers=bearer()):
+        pass  # admitted: rt-voice's $0.1 a day was not charged the transcription's $0.6
 
 
 async def test_a_refused_session_update_does_not_change_how_transcriptions_are_priced(
