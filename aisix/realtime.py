@@ -915,6 +915,11 @@ class _Ending(Exception):
 def _model_value(named: frames.Named) -> str:
     """The alias a client event names; a model that is not a string is refused as the audio
     routes refuse one."""
+    if named.absent:
+        # The provider would transcribe with a default model of its choosing: not an alias the
+        # key was checked for, priced or limited by this gateway.
+        raise Refused("missing_model", "Name the transcription model: a transcription configuration "
+                      "without 'model' is not accepted here.")
     if named.value is None:
         raise Refused("missing_model", "The model must be a string.")
     return named.value

@@ -70,10 +70,12 @@ def reports(frame: bytes) -> bool:
 @dataclass(slots=True)
 class Named:
     """A model a client event names: the value as sent (an alias, to be checked), and where the
-    upstream model name goes in its place; ``value`` None when the field is not a string."""
+    upstream model name goes in its place; ``value`` None when the field is not a string, or
+    (``absent``) not there at all."""
 
     value: str | None
     _holder: dict[str, Any]
+    absent: bool = False
 
     def rewrite(self, model_name: str) -> None:
         self._holder["model"] = model_name
@@ -138,8 +140,8 @@ def parse_client(frame: bytes) -> ClientEvent | None:
                 session_model = _named(session)
             for holder in _transcription_configs(session, read):
                 texts += _strings(holder, "prompt")
-                if "model" in holder:
-                    models.append(_named(holder))
+                # (one without a model is kept too: the provider would use its default model)
+                models.append(_named(holder) if "model" in holder else Named(None, holder, absent=True))
     elif kind == ITEM_CREATE:
         texts += _item_texts(_dict(doc, "item"), read)
     elif kind == RESPONSE_CREATE:

@@ -375,6 +375,29 @@ async def test_every_transcription_model_a_frame_names_is_checked(gw: Gateway, r
         "gpt-4o-transcribe"
 
 
+@pytest.mark.parametrize(("query", "session"), [
+    ("model=rt-voice", {"audio": {"input": {"transcription": {"language": "en"}}}}),
+    ("model=rt-voice", {"audio": {"input": {"transcription": {"model": "rt-transcribe"}}},
+                        "input_audio_transcription": {"prompt": "names"}}),
+    ("intent=transcription", {"input_audio_transcription": {}}),
+])
+async def test_a_transcription_configuration_without_a_model_is_refused(
+        gw: Gateway, rt: FakeRealtime, query: str, session: dict[str, Any]) -> None:
+    # Without one the provider transcribes with its default model: not an alias the key may use,
+    # and priced at the session model's prices while billed at the default's.
+    update = {"type": "session.update", "event_id": "evt_4", "session": session}
+    async with aiohttp.ClientSession() as s, s.ws_connect(ws_url(gw, query), headers=bearer()) as ws:
+        await ws.send_str(orjson.dumps(update).decode())
+        error = await next_event(ws)
+        assert (error["type"], error["error"]["code"], error["error"]["event_id"]) == ("error", "missing_model", "evt_4")
+        assert "Name the transcription model" in error["error"]["message"]
+        await ws.send_str(_update("rt-transcribe"))  # with one, it goes on
+        up = (await rt.until(lambda ss: len(ss) == 1 and len(ss[0].frames) == 1))[0]
+    events = up.events()
+    assert [e["event_id"] for e in events] == ["e-rt-transcribe"]
+    assert events[0]["session"]["audio"]["input"]["transcription"]["model"] == "gpt-4o-transcribe"
+
+
 @pytest.mark.parametrize(("named", "code"), [("rt-voice", None), ("gpt-realtime", None),
                                              ("rt-elsewhere", "model_not_supported"),
                                              ("gpt-4o-transcribe", "model_not_supported"),
