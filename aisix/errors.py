@@ -249,6 +249,15 @@ def upstream_unavailable(failure: str = "reset") -> UpstreamFailed:
     return UpstreamFailed(502, "upstream_unavailable", "The upstream provider could not be reached.", failure)
 
 
+def upstream_auth_failed() -> GatewayError:
+    """The provider refused the key the gateway holds for it (401): its body is not relayed (OpenAI's
+    names the key's last characters), nor its status (the caller's own key is fine). The SDKs are
+    told not to retry: the key stays refused until the operator mends it."""
+    return GatewayError(502, "upstream_error", "upstream_auth_failed",
+                        "The upstream provider refused the gateway's credentials for this model.",
+                        headers={"x-should-retry": "false"})
+
+
 def upstream_timeout(failure: str = "timeout") -> UpstreamFailed:
     return UpstreamFailed(504, "upstream_timeout", "The upstream provider did not answer in time.", failure)
 

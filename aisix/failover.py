@@ -12,6 +12,7 @@ the next one starts, or, for the one answering, until the request is settled.
 from __future__ import annotations
 
 import asyncio
+import logging
 import random
 import time
 from collections.abc import Callable
@@ -27,6 +28,20 @@ from .exchange import Exchange
 from .keys import CLOCK, LIMITER, METRICS, POOL, SETTINGS
 from .limits import Slot
 from .upstream import Answer, Body
+
+log = logging.getLogger(__name__)
+_REFUSED_WARN_S = 60.0  # between two warnings that a provider refused one key
+_refused_warned: dict[str, float] = {}  # provider key name -> when (monotonic); one per configured key
+
+
+def warn_refused(provider_key: str) -> None:
+    """A provider refused the key it is called with (HTTP 401), whether or not a failover saved the
+    request: the operator is told at most every minute per key, by name (never the provider's
+    body, which may name the key's last characters). The caller gets upstream_auth_failed."""
+    now = time.monotonic()
+    if now - _refused_warned.get(provider_key, -_REFUSED_WARN_S) >= _REFUSED_WARN_S:
+        _refused_warned[provider_key] = now
+        log.warning("the upstream refused provider key %r (HTTP 401): check its api_key", provider_key)
 
 
 class Replayable(Protocol):
@@ -92,6 +107,8 @@ class Attempts:
                         ex.upstream_model, ex.provider_key = kept[0].model_name, kept[0].provider_key.name
                         ex.upstream_ttfb_ms = kept[2]  # that answer's own, not a later attempt's
                         self.answered = kept[0]
+                        if kept[1].status == 401:
+                            raise errors.upstream_auth_failed()
                         return kept[1]
                     assert last is not None
                     raise last
@@ -108,6 +125,8 @@ class Attempts:
                         continue
                 tried.add(i)
                 answer, failure = await self._attempt(request, route, body, target, screen, sent, deadline)
+                if answer is not None and answer.status == 401:
+                    warn_refused(target.provider_key.name)
                 self.answered = target if answer is not None else None
                 if answer is not None and answer.status not in routing.FAILOVER_STATUSES:
                     return answer
@@ -117,6 +136,8 @@ class Attempts:
                 if answer is None:
                     last = failure
                 elif not self._more(tried, refused, body):
+                    if answer.status == 401:  # (closed below: its body is not relayed)
+                        raise errors.upstream_auth_failed()
                     return answer  # the last attempt: relayed as it comes
                 else:
                     buffered = await _read_whole(answer, app[SETTINGS].upstream.stream_idle_timeout_ms / 1000)

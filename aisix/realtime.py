@@ -41,7 +41,7 @@ from urllib.parse import quote
 import aiohttp
 from aiohttp import WebSocketError, WSMsgType, hdrs, web
 
-from . import aliases, auth, errors, guardrails, pricing, routing, usage
+from . import aliases, auth, errors, failover, guardrails, pricing, routing, usage
 from . import realtime_frames as frames
 from .config import ApiKey, Guardrail, Model, Resources, Target
 from .exchange import Exchange
@@ -377,6 +377,8 @@ class Session:
                 status = exc.status if exc.status != 101 else None
                 failure = routing.RESET if status is None else None
                 last = errors.upstream_unavailable() if status is None else _refusal(status, exc.headers)
+                if status == 401:
+                    failover.warn_refused(target.provider_key.name)
             except TimeoutError:
                 failure, last = routing.TIMEOUT, errors.upstream_timeout()
             except (aiohttp.ClientError, OSError):
@@ -928,6 +930,8 @@ def _model_value(named: frames.Named) -> str:
 def _refusal(status: int, headers: Mapping[str, str] | None) -> errors.GatewayError:
     """The caller's answer when the upstream refused the WebSocket handshake with ``status``;
     its ``Retry-After`` is passed on, as the audio routes relay an upstream's answer."""
+    if status == 401:  # the provider refused the key the gateway holds, not the caller's
+        return errors.upstream_auth_failed()
     retry = headers.get(hdrs.RETRY_AFTER) if headers is not None else None
     return errors.GatewayError(status if 400 <= status < 600 else 502, "upstream_error", "upstream_error",
                                f"The upstream provider refused the session (HTTP {status}).",

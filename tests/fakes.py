@@ -73,6 +73,7 @@ class Behaviour:
     read_bytes: int | None = None  # read at least this much of the body, then answer (`status`)
     status_only_for: bytes | None = None  # a form's model value: `status` for it, 200 for any other
     error_headers: dict[str, str] | None = None  # sent with the `status` envelope (Retry-After, ...)
+    error_message: str | None = None  # the `status` envelope's message (else "fake upstream error <status>")
 
     def __post_init__(self) -> None:
         assert self.fail in FAIL_MODES, f"unknown fail mode {self.fail!r}"
@@ -242,8 +243,8 @@ class FakeUpstream:
         failing = behaviour.status != 200 and (
             behaviour.status_only_for is None or b'name="model"\r\n\r\n' + behaviour.status_only_for + b"\r\n" in body)
         if failing:
-            error = {"message": f"fake upstream error {behaviour.status}", "type": "server_error",
-                     "param": None, "code": "fake_error"}
+            error = {"message": behaviour.error_message or f"fake upstream error {behaviour.status}",
+                     "type": "server_error", "param": None, "code": "fake_error"}
             return web.json_response({"error": error}, status=behaviour.status,
                                      headers={**headers, **(behaviour.error_headers or {})})
 

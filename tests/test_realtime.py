@@ -238,14 +238,16 @@ async def test_an_upstream_redirect_is_not_followed(gw: Gateway, rt: FakeRealtim
 
 async def test_a_refused_one_target_session_names_its_upstream_model(gw: Gateway, rt: FakeRealtime) -> None:
     # As on the audio routes: an alias with one target names it once resolved, not only once connected.
+    # A 401 is the provider refusing the gateway's key, not the caller's: a 502 of the gateway's own.
     rt.script = Script(refuse=401)
     async with aiohttp.ClientSession() as s, s.get(ws_url(gw).replace("ws://", "http://"), headers={
             **bearer(), "Connection": "Upgrade", "Upgrade": "websocket", "Sec-WebSocket-Version": "13",
             "Sec-WebSocket-Key": base64.b64encode(os.urandom(16)).decode()}) as r:
-        assert r.status == 401
+        assert (r.status, (await r.json())["error"]["code"]) == (502, "upstream_auth_failed")
         rid = r.headers["x-aisix-request-id"]
     event = gw.event(rid)
     assert (event["upstream_model"], event["provider_key"]) == ("gpt-realtime", "fake")
+    assert "the upstream refused provider key 'fake' (HTTP 401)" in gw.log()
 
 
 async def test_a_caller_leaving_during_the_upstream_handshake_is_recorded_and_frees_the_provider_slot(

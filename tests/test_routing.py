@@ -152,6 +152,36 @@ async def test_when_every_target_fails_the_last_answer_is_relayed(routed: Gatewa
     assert event["error_code"] == "upstream_error"
 
 
+# OpenAI's own 401 names the last characters of the key it refused.
+REFUSED_KEY = "Incorrect API key provided: sk-proj-****************wxyz. You can find your API key at ..."
+
+
+async def test_a_provider_refusing_the_gateways_key_is_a_502_without_its_body(
+        routed: Gateway, fake: FakeUpstream, fake_b: FakeUpstream, make_gateway: Any) -> None:
+    # Relayed as it came, the 401 gave a caller part of the operator's provider key, and told the
+    # SDKs the caller's own key was wrong. With several targets it is failed over first.
+    fake.behaviour = fake_b.behaviour = Behaviour(status=401, error_message=REFUSED_KEY)
+    for gw in (make_gateway(), routed):
+        for _ in range(2):
+            async with aiohttp.ClientSession() as s, s.post(
+                    gw.url + "/v1/audio/speech", json={"model": "tts-failover" if gw is routed else "tts-prod",
+                                                       "input": "hi", "voice": "alloy"}, headers=AUTH) as r:
+                body = await r.read()
+                assert (r.status, r.headers["x-should-retry"]) == (502, "false")
+                event = gw.event(r.headers["x-aisix-request-id"])
+            assert json.loads(body)["error"] == {
+                "message": "The upstream provider refused the gateway's credentials for this model.",
+                "type": "upstream_error", "param": None, "code": "upstream_auth_failed"}
+            assert (event["status"], event["error_code"]) == (502, "upstream_auth_failed")
+        assert [a[1] for a in attempts(event)] == ([401] if gw is not routed else [401, 401])
+        assert b"wxyz" not in body and "wxyz" not in gw.log()
+        warned = [line for line in gw.log().splitlines() if "the upstream refused provider key" in line]
+        if gw is not routed:  # a fresh process: once a minute a key
+            assert len(warned) == 1 and "'fake'" in warned[0]
+        else:  # the failed-over key too (the module's gateway may have warned before)
+            assert any("'fake'" in w for w in warned) and any("'fake-b'" in w for w in warned)
+
+
 async def test_an_earlier_answer_beats_a_later_failure_without_one(fake: FakeUpstream, make_gateway: Any) -> None:
     """The caller gets the last upstream answer as it came, even when a later attempt got none."""
     with socket.socket() as s:  # a port nobody listens on
