@@ -6,9 +6,10 @@ STAMP  := $(VENV)/.installed-$(shell cat setup.cfg pyproject.toml | cksum | cut 
 # System tools the tests drive for real: curl as in the README, file to name the audio,
 # redis-server for the shared rate limits and usage stream, promtool to check the metrics scrape,
 # chromium (headless) to call the gateway from a web page on another origin (CORS), ffmpeg (and its
-# ffprobe) to make real audio files and to say how long they are, npm (and node) for the Node SDK.
+# ffprobe) to make real audio files and to say how long they are, npm (and node) for the Node SDK,
+# systemd-analyze to verify the installed units.
 # Each is a command, or command:package where Debian's package is named otherwise.
-SYSTEM_TOOLS := curl file redis-server promtool:prometheus chromium ffmpeg npm
+SYSTEM_TOOLS := curl file redis-server promtool:prometheus chromium ffmpeg npm systemd-analyze:systemd
 # The official openai Node SDK at the version tests/node/package.json pins, installed from npm's
 # registry into tests/node/node_modules (gitignored) for tests/test_node_sdk.py.
 NODE_SDK := tests/node/node_modules/openai/package.json
