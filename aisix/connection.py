@@ -24,8 +24,9 @@ from aiohttp.http_exceptions import HttpProcessingError
 
 from . import errors
 from .cors import Cors
+from .exchange import new_id
 from .keys import REQUEST_ID, SETTINGS
-from .responses import envelope, new_request_id
+from .responses import envelope
 
 
 class _BodyErrors:
@@ -81,7 +82,7 @@ class RequestHandler(web.RequestHandler):
         response = envelope(error)
         # The caller's headers were not parsed, so its own request id cannot be kept: a new one,
         # in the access-log line too.
-        rid = request[REQUEST_ID] = new_request_id()
+        rid = request[REQUEST_ID] = new_id()
         response.headers.update({"Server": "aisix", "x-aisix-request-id": rid, "x-request-id": rid})
         # The grant every answer carries, when it is the same for every origin (["*"]): a page
         # reads this envelope too. A list of origins cannot be granted: the Origin was not read.

@@ -7,6 +7,7 @@ and counts only: never a key, a prompt or audio bytes.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -14,6 +15,20 @@ from aiohttp import web
 
 from .guardrails import Verdict
 from .transcript import Usage
+
+_random = bytearray()  # OS randomness not yet used: ids are cut from it, each 16 bytes once
+
+
+def new_id() -> str:
+    """A request's or a usage event's id: 32 hex digits from the OS's random source, the shape a
+    uuid4's hex has (uuid4 builds a UUID object around the same 16 bytes, five times the cost).
+    The bytes are fetched 4 KiB at a time, one getrandom() per 256 ids instead of one each; no
+    byte serves two ids."""
+    if not _random:
+        _random.extend(os.urandom(4096))
+    rid = _random[-16:].hex()
+    del _random[-16:]
+    return rid
 
 
 @dataclass(slots=True)

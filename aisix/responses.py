@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import time
 from collections.abc import Awaitable, Callable
 
@@ -19,25 +18,12 @@ from aiohttp import hdrs, web
 
 from . import access_log, errors
 from .cors import Cors
+from .exchange import new_id
 from .keys import LIVE, REQUEST_ID, SETTINGS
 
 log = logging.getLogger(__name__)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-
-
-_random = bytearray()  # OS randomness not yet used: ids are cut from it, each 16 bytes once
-
-
-def new_request_id() -> str:
-    """32 hex digits from the OS's random source, the shape a uuid4's hex has (uuid4 builds a
-    UUID object around the same 16 bytes, five times the cost). The bytes are fetched 4 KiB at
-    a time, one getrandom() per 256 ids instead of one each; no byte serves two ids."""
-    if not _random:
-        _random.extend(os.urandom(4096))
-    rid = _random[-16:].hex()
-    del _random[-16:]
-    return rid
 
 
 def request_id(request: web.Request, names: tuple[str, ...]) -> str:
@@ -46,7 +32,7 @@ def request_id(request: web.Request, names: tuple[str, ...]) -> str:
         value = request.headers.get(name)
         if value and len(value) <= 128 and value.isascii() and value.isprintable() and " " not in value:
             return value
-    return new_request_id()
+    return new_id()
 
 
 def route(handler: Handler) -> Handler:

@@ -33,7 +33,7 @@ from typing import IO, TYPE_CHECKING, Any, BinaryIO
 import orjson
 
 from .background import Background, Job
-from .exchange import Exchange
+from .exchange import Exchange, new_id
 from .specs import SinkSpec
 from .spill import Spill
 
@@ -50,6 +50,7 @@ def event(ex: Exchange) -> dict[str, Any]:
     guessed."""
     out: dict[str, Any] = {
         "ts": rfc3339(ex.ts),
+        "event_id": new_id(),  # a request_id can repeat (a caller may send its own); this never does
         "request_id": ex.request_id,
         "route": ex.route,
         "api_key": ex.api_key,

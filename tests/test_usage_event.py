@@ -35,6 +35,16 @@ def test_event_has_unknowns_absent_and_nothing_guessed() -> None:
     assert "input_tokens" not in e and "total_tokens" not in e
 
 
+def test_every_event_has_an_id_of_its_own() -> None:
+    # Two requests can agree in every field, the request id included (a caller may send its own,
+    # the same each time, within one millisecond): a consumer that counts each event once by its
+    # line (aisix usage, the Redis sink's markers) would count them as one.
+    ex = Exchange("speech", "caller-id", 0.0, 0.0)
+    first, second = event(ex), event(ex)
+    assert re.fullmatch("[0-9a-f]{32}", first["event_id"]) and first["event_id"] != second["event_id"]
+    assert {k: v for k, v in first.items() if k != "event_id"} == {k: v for k, v in second.items() if k != "event_id"}
+
+
 def rule(name: str, mode: str, word: str) -> Guardrail:
     return Guardrail(name, "keyword", ("*",), frozenset({"a"}), "input", mode,
                      (Pattern("literal", word, re.compile(re.escape(word), re.I)),))
