@@ -241,10 +241,16 @@ def _event(kind: str, **fields: Any) -> dict[str, Any]:
     return {"type": kind, "event_id": f"event_dev_{next(_ids)}", **fields}
 
 
+RESPONSE_DELTAS = 25  # a response's audio: this many pieces of 20 ms silence, CHUNK_PAUSE apart (0.5 s)
+
+
 async def realtime(request: web.Request) -> web.StreamResponse:
     """A Realtime API session that transcribes nothing: audio appended and committed is answered
-    with the transcription events of a canned transcript naming how much audio came; a
-    ``response.create`` with a ``response.done`` carrying usage."""
+    with the transcription events of a canned transcript naming how much audio came. A
+    ``response.create`` is answered as the API does: ``response.created``, audio deltas of
+    silence, then ``response.done`` with usage for what was generated; ``response.cancel`` ends
+    one under way (``status: "cancelled"``, the usage of the deltas sent), or is an ``error``
+    when none is."""
     if (denied := unauthorised(request)) is not None:
         return denied
     ws = web.WebSocketResponse(protocols=("realtime",))
@@ -255,6 +261,7 @@ async def realtime(request: web.Request) -> web.StreamResponse:
     session: dict[str, Any] = {"id": f"sess_dev_{next(_ids)}", "model": model, "type": intent or "realtime"}
     await ws.send_json(_event(f"{kind}.created", session=session))
     audio = 0
+    responses: dict[str, asyncio.Task[None]] = {}  # under way, by id
     async for msg in ws:
         if msg.type is not WSMsgType.TEXT:
             continue
@@ -275,10 +282,43 @@ async def realtime(request: web.Request) -> web.StreamResponse:
             await _transcribe(ws, audio)
             audio = 0
         elif kind_in == "response.create":
-            await ws.send_json(_event("response.done", response={
-                "id": f"resp_dev_{next(_ids)}", "status": "completed", "output": [],
-                "usage": {"total_tokens": 12, "input_tokens": 10, "output_tokens": 2}}))
+            rid = f"resp_dev_{next(_ids)}"
+            await ws.send_json(_event("response.created", response={"id": rid, "status": "in_progress"}))
+            responses[rid] = asyncio.create_task(_respond(ws, rid, responses))
+        elif kind_in == "response.cancel":
+            wanted = event.get("response_id") or next(iter(responses), None)
+            running = responses.get(wanted) if isinstance(wanted, str) else None
+            if running is None:
+                await ws.send_json(_event("error", error={
+                    "type": "invalid_request_error", "code": "response_cancel_not_active",
+                    "message": "Cancellation failed: no active response found"}))
+            else:
+                running.cancel()
+    for running in list(responses.values()):  # the caller went: nobody hears the rest
+        running.cancel()
     return ws
+
+
+async def _respond(ws: web.WebSocketResponse, rid: str, responses: dict[str, asyncio.Task[None]]) -> None:
+    """A response of RESPONSE_DELTAS pieces of 20 ms of silence, 10 output tokens each (as audio
+    tokens go), and its response.done; cut short by a cancel, it is done with what was sent."""
+    piece = base64.b64encode(bytes(PCM_BYTES_PER_SECOND // 50)).decode()
+    sent, status = 0, "completed"
+    try:
+        for _ in range(RESPONSE_DELTAS):
+            await ws.send_json(_event("response.output_audio.delta", response_id=rid, item_id=f"item_{rid}",
+                                      output_index=0, content_index=0, delta=piece))
+            sent += 1
+            await asyncio.sleep(CHUNK_PAUSE)
+    except asyncio.CancelledError:
+        status = "cancelled"
+    finally:
+        responses.pop(rid, None)
+    if not ws.closed:
+        with contextlib.suppress(ConnectionError):
+            await ws.send_json(_event("response.done", response={
+                "id": rid, "status": status, "output": [],
+                "usage": {"total_tokens": 10 + 10 * sent, "input_tokens": 10, "output_tokens": 10 * sent}}))
 
 
 async def _transcribe(ws: web.WebSocketResponse, audio: int) -> None:

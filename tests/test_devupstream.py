@@ -337,3 +337,33 @@ async def test_missing_part_is_400_envelope(base_url: str, session: aiohttp.Clie
         error = (await resp.json())["error"]
     assert error["type"] == "invalid_request_error"
     assert error["param"] == param
+
+
+async def _next(ws: aiohttp.ClientWebSocketResponse, kind: str) -> dict:
+    """The next event of this type (deltas before it skipped)."""
+    while True:
+        event = json.loads((await ws.receive_str(timeout=10)))
+        if event["type"] == kind:
+            return event
+        assert event["type"] == "response.output_audio.delta", event
+
+
+async def test_realtime_responses_run_and_can_be_cancelled(base_url: str, session: aiohttp.ClientSession) -> None:
+    # As the Realtime API answers: created, audio deltas, done with the usage of what was made;
+    # a cancel ends one under way with what it had sent, and is an error when none is.
+    url = base_url.replace("http://", "ws://") + "/realtime?model=gpt-realtime"
+    async with session.ws_connect(url, headers=AUTH, protocols=("realtime",)) as ws:
+        assert (await _next(ws, "session.created"))["session"]["model"] == "gpt-realtime"
+        await ws.send_json({"type": "response.create"})
+        rid = (await _next(ws, "response.created"))["response"]["id"]
+        done = (await _next(ws, "response.done"))["response"]
+        assert (done["id"], done["status"], done["usage"]["output_tokens"]) == (rid, "completed", 250)
+        await ws.send_json({"type": "response.create"})
+        rid = (await _next(ws, "response.created"))["response"]["id"]
+        await _next(ws, "response.output_audio.delta")  # under way
+        await ws.send_json({"type": "response.cancel", "response_id": rid})
+        done = (await _next(ws, "response.done"))["response"]
+        assert (done["id"], done["status"]) == (rid, "cancelled") and done["usage"]["output_tokens"] < 250
+        await ws.send_json({"type": "response.cancel"})
+        error = json.loads(await ws.receive_str(timeout=10))
+        assert (error["type"], error["error"]["code"]) == ("error", "response_cancel_not_active")
