@@ -31,6 +31,7 @@ import asyncio
 import logging
 import math
 import secrets
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Protocol
@@ -168,6 +169,7 @@ a realtime session also charges tokens as they are reported (charge)."""
         # A known audio length is admitted against what the audio quotas have left (less what
         # uploads in flight here claimed): refused so, the request counts nowhere, like any refusal.
         checked = needing(p, audio_seconds, self._audio_claims) if audio_seconds else p
+        began = time.monotonic()
         try:
             if self._memory is not None:
                 blocked, counts = self._memory.admit_now(checked, now)
@@ -176,7 +178,7 @@ a realtime session also charges tokens as they are reported (charge)."""
                 self._paused_until = 0.0
         except self._store_errors as e:
             self.fail_open_total += 1
-            self._paused_until = now + _PAUSE
+            self._pause(now, began)
             self._warn(now, "rate limit store failed, admitting without checking limits: %s: %s", e)
             return Slot(None, "")  # the script may have run: a slot it took ends with its lease
         finally:
@@ -253,17 +255,24 @@ a realtime session also charges tokens as they are reported (charge)."""
         probe = self._paused_until != 0.0
         if probe and self._skip_store(now):
             return {}
+        began = time.monotonic()
         try:
             cooling = await self._store.cooling(keys, now)
             self._paused_until = 0.0
             return cooling
         except self._store_errors as e:
-            self._paused_until = now + _PAUSE
+            self._pause(now, began)
             self._warn(now, "rate limit store failed, routing without cooldowns: %s: %s", e)
             return {}
         finally:
             if probe:
                 self._probing = False
+
+    def _pause(self, now: float, began: float) -> None:
+        """The pause after a store failure, from the failure: ``now`` is when the call began
+        (``began``, monotonic), and a store that timed out failed its timeouts later, as long as
+        the pause or longer (RedisStore)."""
+        self._paused_until = now + (time.monotonic() - began) + _PAUSE
 
     def _skip_store(self, now: float) -> bool:
         """After a store failure: True (do without it) for ``_PAUSE`` seconds, then for every call

@@ -525,12 +525,12 @@ class Session:
                     self.pending.append((data, kind, event))
                     self.pending_bytes += len(data)
                     continue
+                if event is not None and event.type == frames.RESPONSE_CREATE:
+                    self.asked += 1  # before the send: a caller leaving while it waits has sent it
                 try:
                     await upstream.send_frame(data, kind)
                 except ConnectionError:
                     return _gone(UPSTREAM)
-                if event is not None and event.type == frames.RESPONSE_CREATE:
-                    self.asked += 1
             elif kind is _PONG or kind is _PING:
                 if not await self._control(CALLER, caller, kind, msg.data):
                     return _gone(CALLER)
@@ -558,6 +558,10 @@ class Session:
             kind = msg.type
             if kind is _TEXT or kind is _BINARY:
                 data: bytes = msg.data
+                # Accounted before it is handed on: once read from the upstream, a report is the
+                # session's, whether or not the caller stays to take it (a relay cut short by its
+                # leaving lost the usage, and left its response seeming under way for collect()).
+                over = await self._reported(data) if kind is _TEXT and frames.reports(data) else None
                 try:
                     await caller.send_frame(data, kind)
                 except ConnectionError:
@@ -565,10 +569,8 @@ class Session:
                 ex.bytes_out += len(data)
                 frames_out.inc()
                 bytes_out.inc(len(data))
-                if kind is _TEXT and frames.reports(data):
-                    end = await self._reported(data)
-                    if end is not None:
-                        return end
+                if over:
+                    return await self._over(over)
             elif kind is _PONG or kind is _PING:
                 if not await self._control(UPSTREAM, upstream, kind, msg.data):
                     return _gone(UPSTREAM)
@@ -736,19 +738,20 @@ class Session:
             except ConnectionError:
                 raise _Ending(_gone(UPSTREAM)) from None
 
-    async def _reported(self, data: bytes) -> End | None:
+    async def _reported(self, data: bytes) -> list[Limit]:
         """Usage and transcripts from a server event: tokens charged now, a transcript checked
-        by the output guardrails (recorded only: it has been sent). A token window over its limit
-        ends the session with 1008 after an ``error`` event."""
+        by the output guardrails (recorded only: it is sent on); the windows it took over their
+        limit (``_over``, once the event is relayed)."""
         report = frames.parse_server(data)
         ex = self.ex
         if report.transcript and self.outputs:
             verdict = guardrails.check(self.outputs, report.transcript)
             if verdict is not None and ex.verdict is None:
                 ex.verdict = guardrails.Verdict(verdict.guardrail, guardrails.MONITORED)
-        over = await self._account(report)
-        if not over:
-            return None
+        return await self._account(report)
+
+    async def _over(self, over: list[Limit]) -> End:
+        """A token window over its limit ends the session with 1008 after an ``error`` event."""
         now = self.clock()
         refusal = rejection(over, now)
         self.metrics.limited(refusal.scope)
@@ -802,34 +805,33 @@ class Session:
         upstream = self.upstream
         if upstream is None or upstream.closed or not (self.responses or self.asked):
             return
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + CLOSE_TIMEOUT_S
         cancelled: set[str] = set()
         try:
-            while True:
-                for rid in self.responses - cancelled:
-                    await upstream.send_frame(frames.cancel_event(rid), _TEXT)
-                    cancelled.add(rid)
-                if self.asked and not self.responses and "" not in cancelled:
-                    await upstream.send_frame(frames.cancel_event(""), _TEXT)
-                    cancelled.add("")
-                if not self.responses and not self.asked:
-                    return
-                left = deadline - loop.time()
-                if left <= 0:
-                    return
-                msg = await upstream.receive(timeout=left)
-                if msg.type is _PING:
-                    await upstream.pong(msg.data)
-                elif msg.type is _TEXT:
-                    report = frames.parse_server(msg.data)
-                    if report.error and not self.responses:
-                        return  # the cancel of a response.create the provider refused, or never began
-                    await self._account(report)
-                elif msg.type is not _BINARY and msg.type is not _PONG:
-                    return  # closed
+            async with asyncio.timeout(CLOSE_TIMEOUT_S):  # the sends too: an upstream can stop reading
+                await self._collected(upstream, cancelled)
         except (ConnectionError, TimeoutError):
             return
+
+    async def _collected(self, upstream: aiohttp.ClientWebSocketResponse[Literal[False]], cancelled: set[str]) -> None:
+        while True:
+            for rid in self.responses - cancelled:
+                await upstream.send_frame(frames.cancel_event(rid), _TEXT)
+                cancelled.add(rid)
+            if self.asked and not self.responses and "" not in cancelled:
+                await upstream.send_frame(frames.cancel_event(""), _TEXT)
+                cancelled.add("")
+            if not self.responses and not self.asked:
+                return
+            msg = await upstream.receive()
+            if msg.type is _PING:
+                await upstream.pong(msg.data)
+            elif msg.type is _TEXT:
+                report = frames.parse_server(msg.data)
+                if report.error and not self.responses:
+                    return  # the cancel of a response.create the provider refused, or never began
+                await self._account(report)
+            elif msg.type is not _BINARY and msg.type is not _PONG:
+                return  # closed
 
     def _cost_since(self) -> float | None:
         """What the session has cost since the budgets were last charged; its ``cost_usd`` is
@@ -859,12 +861,12 @@ class Session:
             # Responses still in progress: the caller is answered now, and finish() collects
             # their usage before it closes the upstream with the caller's code.
             self.upstream_code = to_upstream
-            await asyncio.gather(caller.close(code=to_caller, message=end.reason), return_exceptions=True)
+            await _closed(caller, to_caller, end.reason)
             return
         # The upstream first: once the caller's transport closes, aiohttp cancels this handler.
         if upstream is not None:
             await asyncio.gather(upstream.close(code=to_upstream, message=end.reason), return_exceptions=True)
-        await asyncio.gather(caller.close(code=to_caller, message=end.reason), return_exceptions=True)
+        await _closed(caller, to_caller, end.reason)
 
     # -- the end -----------------------------------------------------------------------------
 
@@ -880,6 +882,8 @@ class Session:
             await self.collect()  # what responses the caller left in progress cost
         except asyncio.CancelledError as exc:  # the caller's transport closed meanwhile
             cancelled = exc
+        except Exception as exc:  # noqa: BLE001 (the slots and the record come first)
+            log.error("realtime %s: collecting its responses failed", ex.request_id, exc_info=exc)
         cost = self._cost_since() if self.target is not None else None
         try:
             try:
@@ -904,6 +908,14 @@ class Session:
             app[LIVE].leave()
         if cancelled is not None:
             raise cancelled
+
+
+async def _closed(caller: _Caller, code: int, reason: bytes) -> None:
+    """The caller closed with ``code``, waiting at most CLOSE_TIMEOUT_S in all: its close frame
+    waits for room in the socket (aiohttp's drain has no bound), and the answer for the peer's.
+    A caller that has stopped reading is cut off then, not held with its session's slots."""
+    await asyncio.gather(asyncio.wait_for(caller.close(code=code, message=reason), CLOSE_TIMEOUT_S),
+                         return_exceptions=True)
 
 
 class _Ending(Exception):

@@ -59,7 +59,9 @@ class Tally:
         total = self._totalled()
         if total is None:
             return None
-        since, self._charged = total - self._charged, total
+        # (rounded as total is: since_others() hands out sums of unrounded floats, and a float's
+        # hair handed out here would be charged as a whole micro-dollar)
+        since, self._charged = round(total - self._charged, 8), total
         self._others_charged = self._others
         return since
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -18,7 +19,7 @@ from aisix.errors import GatewayError, RateLimited
 from aisix.limits import Limiter, Slot
 from aisix.limits_plan import (MONTH, Limit, is_over, needing, plan, provider_plan, rejection, reset_after, window_end,
                                window_start)
-from aisix.limits_redis import CONNECTIONS
+from aisix.limits_redis import CONNECTIONS, STEP_S
 from tests.redis_server import RedisServer, free_port, redis_url  # noqa: F401
 
 T0 = 20000 * 86400.0  # a day boundary, so every window starts at T0
@@ -439,7 +440,41 @@ async def test_a_stalled_loop_during_a_bursts_first_connects_still_admits_exactl
 async def test_after_a_store_failure_one_request_at_a_time_waits_on_it() -> None:
     # A Redis that accepts and never answers: every command waits out its timeout. Once the pause
     # after the first failure is over, one admission tries it again and the others in the
-    # meantime go on unchecked at once, rather than each waiting out the timeouts.
+    # meantime go on unchecked at once, rather than each waiting out the timeouts. (The clock
+    # given moves as the waits do: a failure comes a timeout, STEP_S, after its call began.)
+    async with _mute_redis() as (lim, accepted):
+        key, m = api_key(rpm=1), model()
+        await lim.admit(key, m, T0)  # waits out the timeout, fails open
+        assert (len(accepted), lim.fail_open_total) == (1, 1)
+        probe = asyncio.ensure_future(lim.admit(key, m, T0 + 3))  # the pause after it is over
+        others = await asyncio.gather(*(lim.admit(key, m, T0 + 3) for _ in range(20)))
+        assert all(isinstance(s, Slot) and s.plan is None for s in others)  # unchecked
+        assert not probe.done()
+        assert isinstance(await probe, Slot) and len(accepted) == 2  # one connection more, not 21
+        assert lim.fail_open_total == 22
+        assert await lim.cooling(["a|b"], T0 + 4.5) == {}  # paused again: not even asked
+        assert len(accepted) == 2
+
+
+async def test_the_pause_after_a_store_failure_runs_from_the_failure() -> None:
+    # A call that failed by timing out began a timeout (STEP_S, as long as the pause) earlier:
+    # a pause counted from its beginning was over when it failed, and the next call waited on
+    # the dead store again at once; every request was a probe, one after the other.
+    async with _mute_redis() as (lim, accepted):
+        key, m = api_key(rpm=1), model()
+        began = time.monotonic()
+        await lim.admit(key, m, T0)
+        took = time.monotonic() - began
+        assert took >= STEP_S and (len(accepted), lim.fail_open_total) == (1, 1)
+        quick = time.monotonic()
+        slot = await lim.admit(key, m, T0 + took + 0.5)  # half a pause after the failure
+        assert isinstance(slot, Slot) and slot.plan is None and time.monotonic() - quick < STEP_S / 2
+        assert (len(accepted), lim.fail_open_total) == (1, 2)  # not asked
+
+
+@contextlib.asynccontextmanager
+async def _mute_redis() -> AsyncIterator[tuple[Limiter, list[asyncio.StreamWriter]]]:
+    """A Limiter on a Redis that accepts connections (listed) and never answers."""
     accepted: list[asyncio.StreamWriter] = []
 
     async def mute(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -449,17 +484,7 @@ async def test_after_a_store_failure_one_request_at_a_time_waits_on_it() -> None
     server = await asyncio.start_server(mute, "127.0.0.1", 0)
     lim = Limiter.create(parse_backend(f"redis://127.0.0.1:{server.sockets[0].getsockname()[1]}/0"))
     try:
-        key, m = api_key(rpm=1), model()
-        await lim.admit(key, m, T0)  # waits out the timeout, fails open
-        assert (len(accepted), lim.fail_open_total) == (1, 1)
-        probe = asyncio.ensure_future(lim.admit(key, m, T0 + 2))
-        others = await asyncio.gather(*(lim.admit(key, m, T0 + 2) for _ in range(20)))
-        assert all(isinstance(s, Slot) and s.plan is None for s in others)  # unchecked
-        assert not probe.done()
-        assert isinstance(await probe, Slot) and len(accepted) == 2  # one connection more, not 21
-        assert lim.fail_open_total == 22
-        assert await lim.cooling(["a|b"], T0 + 2.5) == {}  # paused again: not even asked
-        assert len(accepted) == 2
+        yield lim, accepted
     finally:
         await lim.close()
         for w in accepted:

@@ -558,6 +558,29 @@ async def test_a_caller_that_stops_answering_pings_ends_the_session(make_gateway
     assert (event["status"], event["error_code"]) == (101, "client_timeout")
 
 
+async def test_a_caller_that_stops_reading_altogether_is_cut_off_not_waited_for(make_gateway, rt: FakeRealtime) -> None:
+    # Its socket fills with the upstream's frames and it answers no ping: the heartbeat ends the
+    # session, and the close frame to it waited for room in that socket without end (aiohttp's
+    # drain has no timeout): the upstream stayed open and the key's only slot was held for good.
+    gw = make_gateway(HEARTBEAT, upstream_base=rt.base_url, **resources(rt, rate_limit={"concurrency": 1}))
+    rt.script = Script(flood=(4096, 64 * 1024))
+    host, port = gw.url.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    writer.write(b"GET /v1/realtime?model=rt-voice HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\n"
+                 b"Upgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: " +
+                 base64.b64encode(os.urandom(16)) + b"\r\nAuthorization: Bearer " + KEY.encode() + b"\r\n\r\n")
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)  # then nothing more is read
+    rid = next(line.split(b":", 1)[1].strip().decode() for line in head.split(b"\r\n")
+               if line.lower().startswith(b"x-aisix-request-id:"))
+    try:
+        await rt.until(lambda ss: len(ss) == 1 and ss[0].ended, timeout=30)
+        assert gw.event(rid)["error_code"] == "client_timeout"
+        async with aiohttp.ClientSession() as s, s.ws_connect(ws_url(gw), headers=bearer()):
+            pass  # the key's one concurrency slot is free again
+    finally:
+        writer.transport.abort()
+
+
 async def test_a_caller_stalled_behind_an_upstream_that_stops_reading_is_not_blamed(
         make_gateway, rt: FakeRealtime) -> None:
     # The caller floods an upstream that reads nothing: the gateway's pump from the caller is stuck
@@ -849,7 +872,10 @@ async def test_a_caller_that_vanishes_right_after_response_create_is_charged_for
         ws._response.connection.transport.abort()  # type: ignore[union-attr]  # gone, no close frame
     up = (await rt.until(lambda ss: ss[0].ended))[0]
     types = [e["type"] for e in up.events()]
-    assert types[0] == "response.create" and types[1:] == ["response.cancel"]
+    # one cancel, or two when the caller's leaving is seen before the response.created: one
+    # without an id for the create, then one for the response it began (the provider answers
+    # the second with an error, unread)
+    assert types[0] == "response.create" and types[1:] in (["response.cancel"], ["response.cancel"] * 2)
     event = gw.event(rid)
     assert (event["total_tokens"], event["error_code"]) == (1000, "client_closed")
     status, body = await raw_upgrade(gw, "model=rt-voice", bearer())
@@ -870,6 +896,39 @@ async def test_a_response_create_the_provider_refused_is_not_waited_for(make_gat
     assert [e["type"] for e in up.events()] == ["response.create", "response.cancel"]
     event = gw.event(rid)
     assert event["latency_ms"] < 4000 and event["close_code"] == 1000  # not CLOSE_TIMEOUT_S (5 s)
+
+
+async def test_a_response_done_read_from_the_upstream_is_charged_though_the_caller_left_before_getting_it(
+        make_gateway, rt: FakeRealtime) -> None:
+    # The caller reads nothing; the gateway has read the response.done (its transcript makes it
+    # larger than the sockets hold) and waits for the caller's socket to take it when the caller
+    # goes. Charged only once handed on, its usage was lost; and its response, thought still
+    # under way, was cancelled at the caller's leaving and waited for in vain (CLOSE_TIMEOUT_S).
+    gw = make_gateway(upstream_base=rt.base_url, **_token_priced(rt))
+    done = text({"type": "response.done", "response": {
+        "id": "r1", "status": "completed", "usage": {"input_tokens": 700, "output_tokens": 300},
+        "output": [{"type": "message", "content": [{"type": "output_audio", "transcript": "la" * (6 << 20)}]}]}})
+    rt.script = Script(on_open=[text({"type": "response.created", "response": {"id": "r1"}}), done])
+    host, port = gw.url.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    writer.write(b"GET /v1/realtime?model=rt-voice HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\n"
+                 b"Upgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: " +
+                 base64.b64encode(os.urandom(16)) + b"\r\nAuthorization: Bearer " + KEY.encode() + b"\r\n\r\n")
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+    rid = next(line.split(b":", 1)[1].strip().decode() for line in head.split(b"\r\n")
+               if line.lower().startswith(b"x-aisix-request-id:"))
+    first = await asyncio.wait_for(reader.readexactly(2), 10)  # the response.created, small
+    assert await reader.readexactly(first[1] & 0x7F)
+    second = await asyncio.wait_for(reader.readexactly(2), 10)  # the response.done has begun to come
+    assert (second[0] & 0x0F, second[1] & 0x7F) == (1, 127)  # text, 64-bit length: read no further
+    writer.transport.abort()  # gone, no close frame
+    up = (await rt.until(lambda ss: ss[0].ended))[0]
+    assert up.events() == []  # nothing to cancel: the response had ended
+    event = gw.event(rid)
+    assert (event["input_tokens"], event["output_tokens"], event["error_code"]) == (700, 300, "client_closed")
+    assert event["latency_ms"] < 4000  # not CLOSE_TIMEOUT_S (5 s)
+    status, body = await raw_upgrade(gw, "model=rt-voice", bearer())
+    assert (status, body["error"]["code"]) == (429, "budget_exceeded")
 
 
 async def test_reported_audio_is_charged_to_the_audio_quota(make_gateway, rt: FakeRealtime) -> None:
@@ -1139,6 +1198,23 @@ def test_another_models_transcriptions_are_handed_out_apart() -> None:
     assert tally.since() == pytest.approx(4.01) and tally.total == 7.01  # not the 3.0 again
 
 
+def test_nothing_new_since_another_models_transcriptions_costs_nothing() -> None:
+    # since_others() adds to what was handed out while total is rounded: 0.01 + 0.06 handed out
+    # was a hair under the 0.07 total, and since() handed out the hair, which a budget counts as
+    # a whole micro-dollar (_scaled: at least 1): a key that spent exactly its budget was over it.
+    from aisix.config import Pricing
+    from aisix.realtime_cost import Tally
+    from aisix.transcript import Usage
+
+    tally = Tally()
+    tally.priced_by(Pricing(per_request=0.01))
+    tally.transcribed_by(Pricing(per_minute_input_audio=0.6), own=False)
+    assert tally.since() == 0.01
+    tally.add(Usage(audio_seconds=6.0), transcription=True)
+    assert tally.since_others() == pytest.approx(0.06)
+    assert tally.since() == 0.0 and tally.total == 0.07
+
+
 def test_server_usage_is_read_as_reported() -> None:
     report = frames.parse_server(b'{"type":"response.done","response":{"usage":{"total_tokens":9}}}')
     assert report.usage is not None and report.usage.tokens == 9
@@ -1248,6 +1324,29 @@ async def test_a_transcription_alias_named_in_a_session_is_held_to_its_own_limit
     assert (status, body["error"]["code"]) == (429, "budget_exceeded")
     async with aiohttp.ClientSession() as s, s.ws_connect(ws_url(gw), headers=bearer()):
         pass  # admitted: rt-voice's $0.1 a day was not charged the transcription's $0.6
+
+
+async def test_a_key_that_spent_exactly_its_budget_on_two_models_is_not_over_it(
+        make_gateway, rt: FakeRealtime) -> None:
+    # $0.01 a session (rt-voice), then 6 s transcribed by rt-transcribe ($0.06, charged apart):
+    # $0.07 of a $0.07 budget, which still admits. The session's end charged a float's hair more
+    # as a whole micro-dollar, and the next session was refused.
+    res = resources(rt, rate_limit={"cost_usd_per_day": 0.07})
+    res["models"][0]["pricing"] = {"per_request": 0.01}
+    res["models"][1]["pricing"] = {"per_minute_input_audio": 0.6}
+    gw = make_gateway(upstream_base=rt.base_url, **res)
+    heard = text({"type": "conversation.item.input_audio_transcription.completed", "item_id": "i",
+                  "transcript": "hi", "usage": {"type": "duration", "seconds": 6}})
+    rt.script = Script(replies={"session.update": [
+        text({"type": "response.done", "response": {"id": "r1", "usage": {"total_tokens": 1}}}), heard]})
+    async with aiohttp.ClientSession() as s, s.ws_connect(ws_url(gw), headers=bearer()) as ws:
+        rid = ws._response.headers["x-aisix-request-id"]
+        await ws.send_str(_update("rt-transcribe"))
+        assert (await next_event(ws))["type"] == "response.done"
+        assert (await next_event(ws))["type"] == "conversation.item.input_audio_transcription.completed"
+    assert gw.event(rid)["cost_usd"] == 0.07
+    async with aiohttp.ClientSession() as s, s.ws_connect(ws_url(gw), headers=bearer()):
+        pass  # admitted: at the budget, not over it
 
 
 async def test_a_refused_session_update_does_not_change_how_transcriptions_are_priced(
