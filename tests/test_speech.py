@@ -86,7 +86,9 @@ async def test_request_id_kept_only_when_valid(gateway: Gateway, fake: FakeUpstr
     assert 1 <= len(sent) <= 128
 
 
-@pytest.mark.parametrize("status", [400, 401, 429, 500, 503])
+# A provider's 401 is the gateway's own fault (its provider key), not the caller's: it becomes
+# 502 upstream_auth_failed, tested in test_routing.py.
+@pytest.mark.parametrize("status", [400, 429, 500, 503])
 async def test_upstream_errors_are_relayed_as_they_came(gateway: Gateway, fake: FakeUpstream, status: int) -> None:
     fake.behaviour = Behaviour(status=status)
     r, body = await post_speech(gateway)
