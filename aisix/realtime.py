@@ -46,9 +46,8 @@ from . import realtime_frames as frames
 from .config import ApiKey, Guardrail, Model, Resources, Target
 from .exchange import Exchange
 from .keys import CLOCK, EXCHANGE, LIMITER, LIVE, METRICS, REQUEST_ID, SETTINGS, USAGE, WS_CLIENT
-from .limits import Slot
 from .limits_plan import Limit, rejection
-from .realtime_cost import Tally
+from .realtime_account import Account
 from .responses import stamp
 
 log = logging.getLogger(__name__)
@@ -168,10 +167,10 @@ async def session(request: web.Request) -> web.StreamResponse:
                 ex.model = aliases.recorded(alias, resources.models)
                 s.model = aliases.resolve(alias, key, resources.models, ROUTE)
                 s.known(s.model)
-                s.slot = await app[LIMITER].admit(key, s.model, clock())
+                s.account.slot = await app[LIMITER].admit(key, s.model, clock())
                 await s.connect(s.model, named=True)
             elif s.intent == "transcription":
-                s.slot = await app[LIMITER].admit_key(key, clock())
+                s.account.slot = await app[LIMITER].admit_key(key, clock())
             else:
                 raise errors.invalid_request(
                     "missing_model", "The 'model' query parameter is required (or intent=transcription).", "model")
@@ -295,24 +294,13 @@ class Session:
         self.transcription_alias: str | None = None  # the last one a session.update named
         self.intent: str | None = None
         self.target: Target | None = None
-        self.slot: Slot | None = None  # key (and model) limits
-        self.model_slot: Slot | None = None  # the transcription model's limits, when it is the session's
-        self.provider_slot: Slot | None = None
-        # A transcription model other than the session's, named in session.update: the one
-        # named last (None: the session's own), and each one's slot on its own limits.
-        self.transcriber: Model | None = None
-        self.transcriber_slots: dict[str, Slot | None] = {}
+        self.account = Account(ex, self.limiter, self.clock)  # slots, usage, responses under way
         self.caller: _Caller | None = None
         self.upstream: aiohttp.ClientWebSocketResponse[Literal[False]] | None = None
         self.connected = asyncio.Event()
         self.inputs: tuple[Guardrail, ...] = ()
         self.outputs: tuple[Guardrail, ...] = ()
-        self.tally = Tally()  # what the reported usage costs (realtime_cost.py)
-        # Responses the provider may be generating: ids created and not done, and the caller's
-        # response.create events it has not answered with a response.created yet (collect()).
-        self.responses: set[str] = set()
-        self.asked = 0
-        self.upstream_code = 0  # the close code the upstream is owed, once collect() is done; 0: none yet
+        self.upstream_code = 0  # the close code the upstream is owed, once collected (finish); 0: none yet
         # frames held, with the texts and event_id of a parsed one (screened again on the flush)
         self.pending: list[tuple[bytes, WSMsgType, frames.ClientEvent | None]] = []
         self.pending_bytes = 0
@@ -371,7 +359,7 @@ class Session:
                 ex.attempts.append({"provider_key": target.provider_key.name, "upstream_model": target.model_name,
                                     "status": None, "error": None, "ms": int((time.monotonic() - began) * 1000)})
                 self.metrics.attempt(model.alias, target.provider_key.name, "aborted")
-                self.provider_slot = slot  # given back with the others, whatever cancels finish()
+                self.account.provider_slot = slot  # given back with the others, whatever cancels finish()
                 raise
             except aiohttp.WSServerHandshakeError as exc:
                 status = exc.status if exc.status != 101 else None
@@ -388,8 +376,8 @@ class Session:
                                 "ms": int((time.monotonic() - began) * 1000)})
             self.metrics.attempt(model.alias, target.provider_key.name, failure or str(status or 101))
             if self.upstream is not None:
-                self.target, self.provider_slot = target, slot
-                self.tally.priced_by(pricing.prices_of(model, target))
+                self.target, self.account.provider_slot = target, slot
+                self.account.tally.priced_by(pricing.prices_of(model, target))
                 ex.upstream_model, ex.provider_key = target.model_name, target.provider_key.name
                 self.connected.set()
                 return
@@ -526,7 +514,7 @@ class Session:
                     self.pending_bytes += len(data)
                     continue
                 if event is not None and event.type == frames.RESPONSE_CREATE:
-                    self.asked += 1  # before the send: a caller leaving while it waits has sent it
+                    self.account.asked += 1  # before the send: a caller leaving while it waits has sent it
                 try:
                     await upstream.send_frame(data, kind)
                 except ConnectionError:
@@ -647,23 +635,17 @@ class Session:
             if not own:
                 await self._admit_transcriber(model)
             self.transcription_alias, self.inputs, self.outputs = alias, inputs, outputs
-            self.transcriber = None if own else model
-            self.tally.transcribed_by(pricing.prices_of(model, target), own=own)
+            self.account.transcriber = None if own else model
+            self.account.tally.transcribed_by(pricing.prices_of(model, target), own=own)
         return event.encode()
 
     async def _admit_transcriber(self, model: Model) -> None:
-        """Another transcription model than the session's is held to its own limits: admitted
-        once per session when first named (its requests count the session once, a concurrency
-        slot on it is held to the end), then charged the transcriptions it prices; raises
-        Refused when its limits refuse."""
-        if model.alias in self.transcriber_slots:
-            return
+        """Account.admit_transcriber; raises Refused when that model's limits refuse."""
         try:
-            slot = await self.limiter.admit_model(model, self.clock())
+            await self.account.admit_transcriber(model)
         except errors.RateLimited as exc:
             self.metrics.limited(exc.scope)
             raise Refused(exc.code, exc.message, "rate_limit_error") from None
-        self.transcriber_slots[model.alias] = slot
 
     def _screen(self, inputs: tuple[Guardrail, ...], texts: list[str]) -> None:
         """The input guardrails on an event's texts: a match noted, a block raises Refused."""
@@ -690,7 +672,7 @@ class Session:
             raise Refused(exc.code, exc.message) from None
         if self.upstream is None:
             try:
-                self.model_slot = await self.limiter.admit_model(model, self.clock())
+                self.account.model_slot = await self.limiter.admit_model(model, self.clock())
             except errors.RateLimited as exc:
                 self.metrics.limited(exc.scope)
                 raise Refused(exc.code, exc.message, "rate_limit_error") from None
@@ -748,7 +730,7 @@ class Session:
             verdict = guardrails.check(self.outputs, report.transcript)
             if verdict is not None and ex.verdict is None:
                 ex.verdict = guardrails.Verdict(verdict.guardrail, guardrails.MONITORED)
-        return await self._account(report)
+        return await self.account.account(report)
 
     async def _over(self, over: list[Limit]) -> End:
         """A token window over its limit ends the session with 1008 after an ``error`` event."""
@@ -757,89 +739,6 @@ class Session:
         self.metrics.limited(refusal.scope)
         await self._tell(frames.error_event(refusal.code, refusal.message, None, refusal.type))
         return End(GATEWAY, 1008, b"rate limit exceeded", refusal.code)
-
-    async def _account(self, report: frames.ServerReport) -> list[Limit]:
-        """A server event's part in the session's responses and usage: usage charged now; the
-        token, cost and audio windows of the key and model it took over their limit."""
-        if report.created is not None:
-            self.responses.add(report.created)
-            self.asked = max(0, self.asked - 1)
-        elif report.done is not None:
-            if report.done in self.responses:
-                self.responses.discard(report.done)
-            elif self.asked:  # a response whose response.created went unseen
-                self.asked -= 1
-            elif len(self.responses) == 1:  # a done without the id its created had
-                self.responses.clear()
-        used = report.usage
-        if used is None:
-            return []
-        self.ex.usage = frames.add(self.ex.usage, used)
-        self.tally.add(used, report.transcription)
-        other = self.transcriber if report.transcription else None
-        if other is None:
-            cost = self._cost_since()
-        else:  # the key's windows and that model's, not the session model's
-            cost = self.tally.since_others()
-            self.ex.cost_usd = self.tally.total
-        tokens, seconds = used.tokens, used.audio_seconds
-        if not tokens and not cost and not seconds:
-            return []
-        now = self.clock()
-        if other is None:
-            over = await self.limiter.charge(self.slot, tokens, now, cost, seconds)
-            over += await self.limiter.charge(self.model_slot, tokens, now, cost, seconds)
-        else:
-            over = await self.limiter.charge(self.slot, tokens, now, cost, seconds, scope="key")
-            over += await self.limiter.charge(self.transcriber_slots[other.alias], tokens, now, cost, seconds)
-        # The provider key's quota: not the caller's to hear about.
-        await self.limiter.charge(self.provider_slot, tokens, now, cost, seconds)
-        return over
-
-    async def collect(self) -> None:
-        """A caller that left while responses were in progress: nobody will hear the rest, but
-        the provider bills what it generated. Each is cancelled upstream (``response.cancel``) and
-        its ``response.done`` read, unrelayed, for the usage to charge, for up to
-        ``CLOSE_TIMEOUT_S``. A response.create not answered yet is cancelled by a cancel without
-        an id; an ``error`` answer to it (none in progress) ends the wait."""
-        upstream = self.upstream
-        if upstream is None or upstream.closed or not (self.responses or self.asked):
-            return
-        cancelled: set[str] = set()
-        try:
-            async with asyncio.timeout(CLOSE_TIMEOUT_S):  # the sends too: an upstream can stop reading
-                await self._collected(upstream, cancelled)
-        except (ConnectionError, TimeoutError):
-            return
-
-    async def _collected(self, upstream: aiohttp.ClientWebSocketResponse[Literal[False]], cancelled: set[str]) -> None:
-        while True:
-            for rid in self.responses - cancelled:
-                await upstream.send_frame(frames.cancel_event(rid), _TEXT)
-                cancelled.add(rid)
-            if self.asked and not self.responses and "" not in cancelled:
-                await upstream.send_frame(frames.cancel_event(""), _TEXT)
-                cancelled.add("")
-            if not self.responses and not self.asked:
-                return
-            msg = await upstream.receive()
-            if msg.type is _PING:
-                await upstream.pong(msg.data)
-            elif msg.type is _TEXT:
-                report = frames.parse_server(msg.data)
-                if report.error and not self.responses:
-                    return  # the cancel of a response.create the provider refused, or never began
-                await self._account(report)
-            elif msg.type is not _BINARY and msg.type is not _PONG:
-                return  # closed
-
-    def _cost_since(self) -> float | None:
-        """What the session has cost since the budgets were last charged; its ``cost_usd`` is
-        then the whole."""
-        since = self.tally.since()
-        if since is not None:
-            self.ex.cost_usd = self.tally.total
-        return since
 
     async def _close(self, end: End) -> None:
         """Close both sides as ``end`` says: a close frame is relayed with its code and reason; a
@@ -857,7 +756,7 @@ class Session:
         if end.error_code is not None:
             ex.error_code = end.error_code
         self.ended = end
-        if end.by == CALLER and (self.responses or self.asked):
+        if end.by == CALLER and self.account.under_way:
             # Responses still in progress: the caller is answered now, and finish() collects
             # their usage before it closes the upstream with the caller's code.
             self.upstream_code = to_upstream
@@ -872,25 +771,20 @@ class Session:
 
     async def finish(self) -> None:
         """Every session ends here exactly once: sockets closed, slots given back, one event."""
-        ex, app, clock = self.ex, self.app, self.clock
+        ex, app = self.ex, self.app
         # The caller's transport closing cancels this handler, maybe during an await here: the
         # slots are settled first (settle_all goes through a cancellation), the record always.
         # A session that never reached an upstream (refused before the upgrade, or a transcription
         # session whose upstream could not be opened) costs nothing.
         cancelled: asyncio.CancelledError | None = None
         try:
-            await self.collect()  # what responses the caller left in progress cost
+            await self.account.collect(self.upstream)  # what responses the caller left under way cost
         except asyncio.CancelledError as exc:  # the caller's transport closed meanwhile
             cancelled = exc
         except Exception as exc:  # noqa: BLE001 (the slots and the record come first)
             log.error("realtime %s: collecting its responses failed", ex.request_id, exc_info=exc)
-        cost = self._cost_since() if self.target is not None else None
         try:
-            try:
-                await self.limiter.settle_all((self.slot, self.model_slot, self.provider_slot), None, clock(),
-                                              cost or None)
-            finally:  # (charged their transcriptions as reported)
-                await self.limiter.settle_all(tuple(self.transcriber_slots.values()), None, clock())
+            await self.account.settle(priced=self.target is not None)
             if self.upstream is not None and not self.upstream.closed:  # cancelled, failed mid-way, collected
                 said = self.caller_close  # a caller that closed and left at once: its code goes on
                 code = self.upstream_code or (_sendable(said.code, 1001) if said is not None else 1001)
