@@ -28,6 +28,7 @@ a lost release is bounded by the lease).
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import math
 import secrets
@@ -47,6 +48,7 @@ log = logging.getLogger(__name__)
 # tries it (Limiter._skip_store) while the others go on unchecked until that one is answered.
 _PAUSE = 1.0
 _WARN_EVERY = 10.0  # seconds between two warnings about the store
+GIVE_BACK_S = 2.0  # what close() waits for the slots of cancelled admissions to be given back
 
 
 # -- stores --------------------------------------------------------------------------------------
@@ -122,6 +124,7 @@ a realtime session also charges tokens as they are reported (charge)."""
         self._audio_claims: dict[str, float] = {}
         self._audio_charged: dict[str, float] = {}
         self._audio_version = 0  # moves whenever either of them does
+        self._giving_back: set[asyncio.Future[None]] = set()  # settles of cancelled admissions' slots
 
     @classmethod
     def create(cls, backend: BackendSpec) -> Limiter:
@@ -174,7 +177,7 @@ a realtime session also charges tokens as they are reported (charge)."""
             if self._memory is not None:
                 blocked, counts = self._memory.admit_now(checked, now)
             else:
-                blocked, counts = await self._store.admit(checked, slot.id, now)
+                blocked, counts = await self._admitted(checked, slot.id, now)
                 self._paused_until = 0.0
         except self._store_errors as e:
             self.fail_open_total += 1
@@ -187,6 +190,27 @@ a realtime session also charges tokens as they are reported (charge)."""
         if checked is not p:  # the refusal names the quotas as configured
             blocked = [p.limits[checked.limits.index(x)] for x in blocked]
         return self._slot(p, slot, blocked, counts, now, before)
+
+    async def _admitted(self, p: Plan, slot_id: str, now: float) -> tuple[list[Limit], list[int]]:
+        """The store's admission of a plan. When this task is cancelled during it (a caller
+        leaving, a realtime session ending), the store's script may still run and take a
+        concurrency slot nobody would give back before its lease (an hour in Redis): it runs on,
+        and the slot it took is given back as soon as its answer comes."""
+        if not p.concurrency:
+            return await self._store.admit(p, slot_id, now)
+        admitting = asyncio.ensure_future(self._store.admit(p, slot_id, now))
+        try:
+            return await asyncio.shield(admitting)
+        except asyncio.CancelledError:
+            admitting.add_done_callback(functools.partial(self._give_back, Slot(p, slot_id), now))
+            raise
+
+    def _give_back(self, slot: Slot, now: float, admitting: asyncio.Future[tuple[list[Limit], list[int]]]) -> None:
+        if admitting.cancelled() or admitting.exception() is not None or admitting.result()[0]:
+            return  # refused: nothing taken (failed: the script may have run; its lease ends it)
+        task = asyncio.ensure_future(self.settle(slot, None, now))
+        self._giving_back.add(task)
+        task.add_done_callback(self._giving_back.discard)
 
     def _slot(self, p: Plan, slot: Slot, blocked: list[Limit], counts: list[int], now: float,
               before: dict[str, float] | None = None) -> Slot:
@@ -354,6 +378,8 @@ a realtime session also charges tokens as they are reported (charge)."""
                 self._audio_done(slot, p, audio_seconds)
 
     async def close(self) -> None:
+        if self._giving_back:  # slots of cancelled admissions, on their way back
+            await asyncio.wait(self._giving_back, timeout=GIVE_BACK_S)
         await self._store.close()
 
 

@@ -539,6 +539,81 @@ async def test_a_slot_never_settled_ends_with_its_lease(shared: tuple[Limiter, L
     await alive.settle(await alive.admit(key, m, T0 + 3600.5), None, T0 + 3601)
 
 
+async def test_a_slot_whose_admission_was_cancelled_is_given_back(
+        shared: tuple[Limiter, Limiter], redis_url: str) -> None:  # noqa: F811
+    """A caller that leaves (handler_cancellation cancels the handler) after Redis ran the
+    admission and before its answer was read: the slot the script took must come back when that
+    answer comes, not an hour later with its lease."""
+    other = shared[1]
+    key, m = api_key(), model(concurrency=1)
+    zset = "aisix:rl:model:tts-prod:concurrency"
+    async with _HoldingRedis(redis_url) as proxy:
+        lim = Limiter.create(parse_backend(proxy.url))
+        r = redis.asyncio.Redis.from_url(redis_url)
+        try:
+            await lim.settle(await lim.admit(key, m, T0), None, T0)  # the script loaded, a connection open
+            proxy.holding = True
+            admitting = asyncio.create_task(lim.admit(key, m, T0 + 1))
+            await proxy.held.wait()  # the script ran in Redis: its answer is on its way, held
+            assert await r.zcard(zset) == 1
+            admitting.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await admitting
+            proxy.release.set()  # the answer goes on, to a connection still waiting for it or not
+            for _ in range(500):  # polled, bounded
+                if await r.zcard(zset) == 0:
+                    break
+                await asyncio.sleep(0.01)
+            await other.settle(await other.admit(key, m, T0 + 2), None, T0 + 2)  # the slot is free
+            assert lim.fail_open_total == 0
+        finally:
+            await lim.close()
+            await r.aclose()
+
+
+class _HoldingRedis:
+    """A proxy to the real Redis at ``url`` that, once ``holding``, holds back Redis's next
+    answer (``held`` is set then) until ``release`` is set."""
+
+    def __init__(self, url: str) -> None:
+        self.host, port = url.removeprefix("redis://").split("/")[0].split(":")
+        self.port = int(port)
+        self.holding = False
+        self.held, self.release = asyncio.Event(), asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._writers: list[asyncio.StreamWriter] = []
+
+    async def __aenter__(self) -> _HoldingRedis:
+        self._server = await asyncio.start_server(self._accepted, "127.0.0.1", 0)
+        self.url = f"redis://127.0.0.1:{self._server.sockets[0].getsockname()[1]}/0"
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.release.set()
+        for w in self._writers:
+            w.close()
+        for t in self._tasks:
+            t.cancel()
+        self._server.close()
+        await self._server.wait_closed()
+
+    async def _accepted(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_connection(self.host, self.port)
+        self._writers += [writer, up_writer]
+        self._tasks.append(asyncio.create_task(self._pump(reader, up_writer, answers=False)))
+        self._tasks.append(asyncio.create_task(self._pump(up_reader, writer, answers=True)))
+
+    async def _pump(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, answers: bool) -> None:
+        while data := await reader.read(65536):
+            if answers and self.holding:
+                self.held.set()
+                await self.release.wait()
+            if writer.is_closing():
+                return
+            writer.write(data)
+        writer.close()
+
+
 async def test_an_unreachable_redis_fails_open(caplog: pytest.LogCaptureFixture) -> None:
     lim = Limiter.create(parse_backend(f"redis://127.0.0.1:{free_port()}/0"))
     key, m = api_key(rpm=1, concurrency=1), model()
