@@ -247,7 +247,7 @@ async def test_a_refused_one_target_session_names_its_upstream_model(gw: Gateway
         rid = r.headers["x-aisix-request-id"]
     event = gw.event(rid)
     assert (event["upstream_model"], event["provider_key"]) == ("gpt-realtime", "fake")
-    assert "the upstream refused provider key 'fake' (HTTP 401)" in gw.log()
+    gw.wait_log("the upstream refused provider key 'fake' (HTTP 401)")  # stderr is written by a thread
 
 
 async def test_a_caller_leaving_during_the_upstream_handshake_is_recorded_and_frees_the_provider_slot(
@@ -1389,6 +1389,6 @@ async def test_a_realtime_handshake_the_drain_cuts_is_recorded_as_shutting_down(
         with contextlib.suppress(aiohttp.ClientError):
             await asyncio.wait_for(waiting, 30)
     assert gw.wait(30) == 0
-    assert "closing 1 realtime sessions with 1001" in gw.log()
+    gw.wait_log("closing 1 realtime sessions with 1001")  # read from its stderr by a thread
     event = gw.events(1)[-1]
     assert (event["status"], event["error_code"]) == (503, "shutting_down"), event

@@ -174,6 +174,9 @@ async def test_a_provider_refusing_the_gateways_key_is_a_502_without_its_body(
                 "type": "upstream_error", "param": None, "code": "upstream_auth_failed"}
             assert (event["status"], event["error_code"]) == (502, "upstream_auth_failed")
         assert [a[1] for a in attempts(event)] == ([401] if gw is not routed else [401, 401])
+        gw.wait_log("the upstream refused provider key 'fake'")  # stderr is written by a thread
+        if gw is routed:
+            gw.wait_log("the upstream refused provider key 'fake-b'")
         assert b"wxyz" not in body and "wxyz" not in gw.log()
         warned = [line for line in gw.log().splitlines() if "the upstream refused provider key" in line]
         if gw is not routed:  # a fresh process: once a minute a key
