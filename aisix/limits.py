@@ -35,7 +35,7 @@ import secrets
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from typing import Protocol
+from typing import Any, Protocol
 
 from . import errors
 from .config import ApiKey, Cooldown, Model, ProviderKey
@@ -48,7 +48,7 @@ log = logging.getLogger(__name__)
 # tries it (Limiter._skip_store) while the others go on unchecked until that one is answered.
 _PAUSE = 1.0
 _WARN_EVERY = 10.0  # seconds between two warnings about the store
-GIVE_BACK_S = 2.0  # what close() waits for the slots of cancelled admissions to be given back
+GIVE_BACK_S = 2.0  # what close() waits for admissions and settles whose callers were cancelled
 
 
 # -- stores --------------------------------------------------------------------------------------
@@ -124,7 +124,7 @@ a realtime session also charges tokens as they are reported (charge)."""
         self._audio_claims: dict[str, float] = {}
         self._audio_charged: dict[str, float] = {}
         self._audio_version = 0  # moves whenever either of them does
-        self._giving_back: set[asyncio.Future[None]] = set()  # settles of cancelled admissions' slots
+        self._giving_back: set[asyncio.Future[Any]] = set()  # cancelled admissions and settles, running on
 
     @classmethod
     def create(cls, backend: BackendSpec) -> Limiter:
@@ -202,15 +202,18 @@ a realtime session also charges tokens as they are reported (charge)."""
         try:
             return await asyncio.shield(admitting)
         except asyncio.CancelledError:
+            self._keep(admitting)  # close() waits for its answer, then for its slot's settle
             admitting.add_done_callback(functools.partial(self._give_back, Slot(p, slot_id), now))
             raise
+
+    def _keep(self, task: asyncio.Future[Any]) -> None:
+        self._giving_back.add(task)
+        task.add_done_callback(self._giving_back.discard)
 
     def _give_back(self, slot: Slot, now: float, admitting: asyncio.Future[tuple[list[Limit], list[int]]]) -> None:
         if admitting.cancelled() or admitting.exception() is not None or admitting.result()[0]:
             return  # refused: nothing taken (failed: the script may have run; its lease ends it)
-        task = asyncio.ensure_future(self.settle(slot, None, now))
-        self._giving_back.add(task)
-        task.add_done_callback(self._giving_back.discard)
+        self._keep(asyncio.ensure_future(self.settle(slot, None, now)))
 
     def _slot(self, p: Plan, slot: Slot, blocked: list[Limit], counts: list[int], now: float,
               before: dict[str, float] | None = None) -> Slot:
@@ -329,14 +332,23 @@ a realtime session also charges tokens as they are reported (charge)."""
                 return
             if self._memory is not None:
                 self._memory.settle_now(p, charges, now)
-            else:
-                await self._store.settle(p, slot.id, charges, now)
+            else:  # it runs on if this task is cancelled: a release or a charge not sent would never be
+                settling = asyncio.ensure_future(self._settled(p, slot.id, charges, now))
+                self._keep(settling)
+                await asyncio.shield(settling)
         except Exception as e:  # noqa: BLE001 (settle runs in a finally; raising would mask the answer)
             self.settle_errors_total += 1
             self._warn(now, "rate limit store failed to settle a request: %s: %s", e)
         finally:  # once the store has the charge (or failed, or this task was cancelled meanwhile)
             if slot.audio_quotas:
                 self._audio_done(slot, p, audio_seconds)
+
+    async def _settled(self, p: Plan, slot_id: str, charges: dict[str, int], now: float) -> None:
+        try:
+            await self._store.settle(p, slot_id, charges, now)
+        except Exception as e:  # noqa: BLE001 (nobody may be waiting for it)
+            self.settle_errors_total += 1
+            self._warn(now, "rate limit store failed to settle a request: %s: %s", e)
 
     async def settle_all(self, slots: Sequence[Slot | None], tokens: int | None, now: float,
                          cost_usd: float | None = None, audio_seconds: float | None = None) -> None:
@@ -378,8 +390,12 @@ a realtime session also charges tokens as they are reported (charge)."""
                 self._audio_done(slot, p, audio_seconds)
 
     async def close(self) -> None:
-        if self._giving_back:  # slots of cancelled admissions, on their way back
-            await asyncio.wait(self._giving_back, timeout=GIVE_BACK_S)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + GIVE_BACK_S
+        # Cancelled admissions still waiting for their answers, the settles of the slots they took,
+        # settles whose callers were cancelled: each runs on, and is waited for here.
+        while self._giving_back and (left := deadline - loop.time()) > 0:
+            await asyncio.wait(set(self._giving_back), timeout=left)
         await self._store.close()
 
 

@@ -571,15 +571,74 @@ async def test_a_slot_whose_admission_was_cancelled_is_given_back(
             await r.aclose()
 
 
+async def test_close_waits_for_a_cancelled_admission_still_in_flight(redis_url: str) -> None:  # noqa: F811
+    """At shutdown aiohttp cancels the handlers still running, then closes the limiter: an
+    admission cancelled then, whose answer is still coming, must have its slot given back before
+    the store is closed under it."""
+    await flush(redis_url)
+    key, m = api_key(), model(concurrency=1)
+    zset = "aisix:rl:model:tts-prod:concurrency"
+    async with _HoldingRedis(redis_url) as proxy:
+        lim = Limiter.create(parse_backend(proxy.url))
+        r = redis.asyncio.Redis.from_url(redis_url)
+        try:
+            await lim.settle(await lim.admit(key, m, T0), None, T0)
+            proxy.holding = True
+            admitting = asyncio.create_task(lim.admit(key, m, T0 + 1))
+            await proxy.held.wait()  # the script ran: the slot is taken, its answer held
+            admitting.cancel()
+            await asyncio.gather(admitting, return_exceptions=True)
+            asyncio.get_running_loop().call_later(0.05, proxy.release.set)  # the answer comes during close()
+            await lim.close()
+            assert await r.zcard(zset) == 0
+        finally:
+            await r.aclose()
+
+
+async def test_a_settle_cancelled_before_its_zrem_was_sent_still_gives_the_slot_back(
+        redis_url: str) -> None:  # noqa: F811
+    """A handler cancelled while it settles (the caller leaving as the handler's finally gives the
+    slot back): settle() marks the slot settled before its first await, so a ZREM not sent yet
+    would never be. Here the settle waits for a new connection, the pool's one being busy."""
+    await flush(redis_url)
+    key, m = api_key(), model(concurrency=1)
+    zset = "aisix:rl:model:tts-prod:concurrency"
+    async with _HoldingRedis(redis_url) as proxy:
+        lim = Limiter.create(parse_backend(proxy.url))
+        r = redis.asyncio.Redis.from_url(redis_url)
+        try:
+            slot = await lim.admit(key, m, T0)
+            assert await r.zcard(zset) == 1
+            proxy.holding = True
+            busy = asyncio.create_task(lim.cooling(["x"], T0))  # the pool's connection, its answer held
+            await proxy.held.wait()
+            proxy.asked.clear()
+            settling = asyncio.create_task(lim.settle(slot, None, T0 + 1))
+            await proxy.asked.wait()  # on the settle's own connection, whose handshake's answers are held
+            print("DBG at cancel", await r.zcard(zset), settling.done())
+            settling.cancel()
+            proxy.release.set()
+            print("DBG", await asyncio.gather(settling, busy, return_exceptions=True), await r.zcard(zset))
+            for _ in range(500):  # polled, bounded
+                if await r.zcard(zset) == 0:
+                    break
+                await asyncio.sleep(0.01)
+            assert await r.zcard(zset) == 0
+        finally:
+            await lim.close()
+            await r.aclose()
+
+
 class _HoldingRedis:
     """A proxy to the real Redis at ``url`` that, once ``holding``, holds back Redis's next
-    answer (``held`` is set then) until ``release`` is set."""
+    answer (``held`` is set then) until ``release`` is set; ``asked`` is set whenever it passes
+    on what a client sent."""
 
     def __init__(self, url: str) -> None:
         self.host, port = url.removeprefix("redis://").split("/")[0].split(":")
         self.port = int(port)
         self.holding = False
-        self.held, self.release = asyncio.Event(), asyncio.Event()
+        self.held, self.release, self.asked = asyncio.Event(), asyncio.Event(), asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._writers: list[asyncio.StreamWriter] = []
 
@@ -611,6 +670,8 @@ class _HoldingRedis:
             if writer.is_closing():
                 return
             writer.write(data)
+            if not answers:
+                self.asked.set()
         writer.close()
 
 
