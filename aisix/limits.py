@@ -124,7 +124,7 @@ a realtime session also charges tokens as they are reported (charge)."""
         self._audio_claims: dict[str, float] = {}
         self._audio_charged: dict[str, float] = {}
         self._audio_version = 0  # moves whenever either of them does
-        self._giving_back: set[asyncio.Future[Any]] = set()  # cancelled admissions and settles, running on
+        self._giving_back: set[asyncio.Future[Any]] = set()  # admissions, settles, charges whose callers left
 
     @classmethod
     def create(cls, backend: BackendSpec) -> Limiter:
@@ -379,21 +379,27 @@ a realtime session also charges tokens as they are reported (charge)."""
         charges = _scaled(tokens, cost_usd, audio_seconds)
         if not charges:
             return []
+        charging = asyncio.ensure_future(self._charged(p, charges, now))
+        self._keep(charging)
+        try:
+            return await asyncio.shield(charging)  # runs on if this task is cancelled, as settle's does
+        finally:
+            if slot.audio_quotas:
+                self._audio_done(slot, p, audio_seconds)
+
+    async def _charged(self, p: Plan, charges: dict[str, int], now: float) -> list[Limit]:
         try:
             return await self._store.charge(p, charges, now)
         except Exception as e:  # noqa: BLE001 (a session must not end because the store failed)
             self.settle_errors_total += 1
             self._warn(now, "rate limit store failed to charge tokens: %s: %s", e)
             return []
-        finally:
-            if slot.audio_quotas:
-                self._audio_done(slot, p, audio_seconds)
 
     async def close(self) -> None:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + GIVE_BACK_S
         # Cancelled admissions still waiting for their answers, the settles of the slots they took,
-        # settles whose callers were cancelled: each runs on, and is waited for here.
+        # settles and charges whose callers were cancelled: each runs on, and is waited for here.
         while self._giving_back and (left := deadline - loop.time()) > 0:
             await asyncio.wait(set(self._giving_back), timeout=left)
         await self._store.close()

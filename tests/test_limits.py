@@ -629,6 +629,36 @@ async def test_a_settle_cancelled_before_its_zrem_was_sent_still_gives_the_slot_
             await r.aclose()
 
 
+async def test_a_charge_cancelled_before_it_was_sent_still_reaches_redis(redis_url: str) -> None:  # noqa: F811
+    """A realtime session's usage is charged as it is reported, by the pump that relays it; a
+    session that ends then cancels the pump. The tokens (and cost) must still be charged."""
+    await flush(redis_url)
+    key, m = api_key(tpm=1000), model()
+    async with _HoldingRedis(redis_url) as proxy:
+        lim = Limiter.create(parse_backend(proxy.url))
+        r = redis.asyncio.Redis.from_url(redis_url, decode_responses=True)
+        try:
+            slot = await lim.admit(key, m, T0)
+            proxy.holding = True
+            busy = asyncio.create_task(lim.cooling(["x"], T0))  # the pool's connection, its answer held
+            await proxy.held.wait()
+            proxy.asked.clear()
+            charging = asyncio.create_task(lim.charge(slot, 70, T0 + 1))
+            await proxy.asked.wait()  # on the charge's own connection, whose handshake's answers are held
+            charging.cancel()
+            proxy.release.set()
+            await asyncio.gather(charging, busy, return_exceptions=True)
+            for _ in range(500):  # polled, bounded
+                if await r.get(f"aisix:rl:key:team-a:tpm:{int(T0)}") == "70":
+                    break
+                await asyncio.sleep(0.01)
+            assert await r.get(f"aisix:rl:key:team-a:tpm:{int(T0)}") == "70"
+            await lim.settle(slot, None, T0 + 2)
+        finally:
+            await lim.close()
+            await r.aclose()
+
+
 class _HoldingRedis:
     """A proxy to the real Redis at ``url`` that, once ``holding``, holds back Redis's next
     answer (``held`` is set then) until ``release`` is set; ``asked`` is set whenever it passes
