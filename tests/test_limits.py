@@ -599,7 +599,7 @@ async def test_a_settle_cancelled_before_its_zrem_was_sent_still_gives_the_slot_
         redis_url: str) -> None:  # noqa: F811
     """A handler cancelled while it settles (the caller leaving as the handler's finally gives the
     slot back): settle() marks the slot settled before its first await, so a ZREM not sent yet
-    would never be. Here the settle waits for a new connection, the pool's one being busy."""
+    would never be."""
     await flush(redis_url)
     key, m = api_key(), model(concurrency=1)
     zset = "aisix:rl:model:tts-prod:concurrency"
@@ -609,21 +609,8 @@ async def test_a_settle_cancelled_before_its_zrem_was_sent_still_gives_the_slot_
         try:
             slot = await lim.admit(key, m, T0)
             assert await r.zcard(zset) == 1
-            proxy.holding = True
-            busy = asyncio.create_task(lim.cooling(["x"], T0))  # the pool's connection, its answer held
-            await proxy.held.wait()
-            proxy.asked.clear()
-            settling = asyncio.create_task(lim.settle(slot, None, T0 + 1))
-            await proxy.asked.wait()  # on the settle's own connection, whose handshake's answers are held
-            print("DBG at cancel", await r.zcard(zset), settling.done())
-            settling.cancel()
-            proxy.release.set()
-            print("DBG", await asyncio.gather(settling, busy, return_exceptions=True), await r.zcard(zset))
-            for _ in range(500):  # polled, bounded
-                if await r.zcard(zset) == 0:
-                    break
-                await asyncio.sleep(0.01)
-            assert await r.zcard(zset) == 0
+            await proxy.cancel_before_sent(lim, lambda: lim.settle(slot, None, T0 + 1))
+            assert await _polled(lambda: r.zcard(zset), 0) == 0
         finally:
             await lim.close()
             await r.aclose()
@@ -634,29 +621,27 @@ async def test_a_charge_cancelled_before_it_was_sent_still_reaches_redis(redis_u
     session that ends then cancels the pump. The tokens (and cost) must still be charged."""
     await flush(redis_url)
     key, m = api_key(tpm=1000), model()
+    tpm = f"aisix:rl:key:team-a:tpm:{int(T0)}"
     async with _HoldingRedis(redis_url) as proxy:
         lim = Limiter.create(parse_backend(proxy.url))
         r = redis.asyncio.Redis.from_url(redis_url, decode_responses=True)
         try:
             slot = await lim.admit(key, m, T0)
-            proxy.holding = True
-            busy = asyncio.create_task(lim.cooling(["x"], T0))  # the pool's connection, its answer held
-            await proxy.held.wait()
-            proxy.asked.clear()
-            charging = asyncio.create_task(lim.charge(slot, 70, T0 + 1))
-            await proxy.asked.wait()  # on the charge's own connection, whose handshake's answers are held
-            charging.cancel()
-            proxy.release.set()
-            await asyncio.gather(charging, busy, return_exceptions=True)
-            for _ in range(500):  # polled, bounded
-                if await r.get(f"aisix:rl:key:team-a:tpm:{int(T0)}") == "70":
-                    break
-                await asyncio.sleep(0.01)
-            assert await r.get(f"aisix:rl:key:team-a:tpm:{int(T0)}") == "70"
+            await proxy.cancel_before_sent(lim, lambda: lim.charge(slot, 70, T0 + 1))
+            assert await _polled(lambda: r.get(tpm), "70") == "70"
             await lim.settle(slot, None, T0 + 2)
         finally:
             await lim.close()
             await r.aclose()
+
+
+async def _polled(read: Any, expected: Any) -> Any:
+    """read() until it gives ``expected``, for up to 5 s; what it gave last."""
+    for _ in range(500):
+        if (got := await read()) == expected:
+            break
+        await asyncio.sleep(0.01)
+    return got
 
 
 class _HoldingRedis:
@@ -685,6 +670,20 @@ class _HoldingRedis:
             t.cancel()
         self._server.close()
         await self._server.wait_closed()
+
+    async def cancel_before_sent(self, lim: Limiter, call: Any) -> None:
+        """Starts call() while the limiter's one pooled connection waits for a held answer, so
+        that it opens a connection of its own; cancels it once it has sent its first bytes there
+        (the connection's handshake, whose answers are held too), then lets every answer through."""
+        self.holding = True
+        busy = asyncio.create_task(lim.cooling(["x"], T0))
+        await self.held.wait()
+        self.asked.clear()
+        task = asyncio.create_task(call())
+        await self.asked.wait()
+        task.cancel()
+        self.release.set()
+        await asyncio.gather(task, busy, return_exceptions=True)
 
     async def _accepted(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         up_reader, up_writer = await asyncio.open_connection(self.host, self.port)
