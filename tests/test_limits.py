@@ -546,53 +546,36 @@ async def test_a_slot_whose_admission_was_cancelled_is_given_back(
     answer comes, not an hour later with its lease."""
     other = shared[1]
     key, m = api_key(), model(concurrency=1)
-    zset = "aisix:rl:model:tts-prod:concurrency"
-    async with _HoldingRedis(redis_url) as proxy:
-        lim = Limiter.create(parse_backend(proxy.url))
-        r = redis.asyncio.Redis.from_url(redis_url)
-        try:
-            await lim.settle(await lim.admit(key, m, T0), None, T0)  # the script loaded, a connection open
-            proxy.holding = True
-            admitting = asyncio.create_task(lim.admit(key, m, T0 + 1))
-            await proxy.held.wait()  # the script ran in Redis: its answer is on its way, held
-            assert await r.zcard(zset) == 1
-            admitting.cancel()
-            with pytest.raises(asyncio.CancelledError):
-                await admitting
-            proxy.release.set()  # the answer goes on, to a connection still waiting for it or not
-            for _ in range(500):  # polled, bounded
-                if await r.zcard(zset) == 0:
-                    break
-                await asyncio.sleep(0.01)
-            await other.settle(await other.admit(key, m, T0 + 2), None, T0 + 2)  # the slot is free
-            assert lim.fail_open_total == 0
-        finally:
-            await lim.close()
-            await r.aclose()
+    async with _behind_a_holding_proxy(redis_url) as (proxy, lim, r):
+        await lim.settle(await lim.admit(key, m, T0), None, T0)  # the script loaded, a connection open
+        proxy.holding = True
+        admitting = asyncio.create_task(lim.admit(key, m, T0 + 1))
+        await proxy.held.wait()  # the script ran in Redis: its answer is on its way, held
+        assert await r.zcard(ZSET) == 1
+        admitting.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await admitting
+        proxy.release.set()  # the answer goes on, to a connection still waiting for it or not
+        assert await _polled(lambda: r.zcard(ZSET), 0) == 0
+        await other.settle(await other.admit(key, m, T0 + 2), None, T0 + 2)  # the slot is free
+        assert lim.fail_open_total == 0
 
 
 async def test_close_waits_for_a_cancelled_admission_still_in_flight(redis_url: str) -> None:  # noqa: F811
     """At shutdown aiohttp cancels the handlers still running, then closes the limiter: an
     admission cancelled then, whose answer is still coming, must have its slot given back before
     the store is closed under it."""
-    await flush(redis_url)
     key, m = api_key(), model(concurrency=1)
-    zset = "aisix:rl:model:tts-prod:concurrency"
-    async with _HoldingRedis(redis_url) as proxy:
-        lim = Limiter.create(parse_backend(proxy.url))
-        r = redis.asyncio.Redis.from_url(redis_url)
-        try:
-            await lim.settle(await lim.admit(key, m, T0), None, T0)
-            proxy.holding = True
-            admitting = asyncio.create_task(lim.admit(key, m, T0 + 1))
-            await proxy.held.wait()  # the script ran: the slot is taken, its answer held
-            admitting.cancel()
-            await asyncio.gather(admitting, return_exceptions=True)
-            asyncio.get_running_loop().call_later(0.05, proxy.release.set)  # the answer comes during close()
-            await lim.close()
-            assert await r.zcard(zset) == 0
-        finally:
-            await r.aclose()
+    async with _behind_a_holding_proxy(redis_url) as (proxy, lim, r):
+        await lim.settle(await lim.admit(key, m, T0), None, T0)
+        proxy.holding = True
+        admitting = asyncio.create_task(lim.admit(key, m, T0 + 1))
+        await proxy.held.wait()  # the script ran: the slot is taken, its answer held
+        admitting.cancel()
+        await asyncio.gather(admitting, return_exceptions=True)
+        asyncio.get_running_loop().call_later(0.05, proxy.release.set)  # the answer comes during close()
+        await lim.close()
+        assert await r.zcard(ZSET) == 0
 
 
 async def test_a_settle_cancelled_before_its_zrem_was_sent_still_gives_the_slot_back(
@@ -600,36 +583,36 @@ async def test_a_settle_cancelled_before_its_zrem_was_sent_still_gives_the_slot_
     """A handler cancelled while it settles (the caller leaving as the handler's finally gives the
     slot back): settle() marks the slot settled before its first await, so a ZREM not sent yet
     would never be."""
-    await flush(redis_url)
-    key, m = api_key(), model(concurrency=1)
-    zset = "aisix:rl:model:tts-prod:concurrency"
-    async with _HoldingRedis(redis_url) as proxy:
-        lim = Limiter.create(parse_backend(proxy.url))
-        r = redis.asyncio.Redis.from_url(redis_url)
-        try:
-            slot = await lim.admit(key, m, T0)
-            assert await r.zcard(zset) == 1
-            await proxy.cancel_before_sent(lim, lambda: lim.settle(slot, None, T0 + 1))
-            assert await _polled(lambda: r.zcard(zset), 0) == 0
-        finally:
-            await lim.close()
-            await r.aclose()
+    async with _behind_a_holding_proxy(redis_url) as (proxy, lim, r):
+        slot = await lim.admit(api_key(), model(concurrency=1), T0)
+        assert await r.zcard(ZSET) == 1
+        await proxy.cancel_before_sent(lim, lambda: lim.settle(slot, None, T0 + 1))
+        assert await _polled(lambda: r.zcard(ZSET), 0) == 0
 
 
 async def test_a_charge_cancelled_before_it_was_sent_still_reaches_redis(redis_url: str) -> None:  # noqa: F811
     """A realtime session's usage is charged as it is reported, by the pump that relays it; a
     session that ends then cancels the pump. The tokens (and cost) must still be charged."""
-    await flush(redis_url)
-    key, m = api_key(tpm=1000), model()
     tpm = f"aisix:rl:key:team-a:tpm:{int(T0)}"
-    async with _HoldingRedis(redis_url) as proxy:
+    async with _behind_a_holding_proxy(redis_url) as (proxy, lim, r):
+        slot = await lim.admit(api_key(tpm=1000), model(), T0)
+        await proxy.cancel_before_sent(lim, lambda: lim.charge(slot, 70, T0 + 1))
+        assert await _polled(lambda: r.get(tpm), "70") == "70"
+        await lim.settle(slot, None, T0 + 2)
+
+
+ZSET = "aisix:rl:model:tts-prod:concurrency"
+
+
+@contextlib.asynccontextmanager
+async def _behind_a_holding_proxy(url: str) -> AsyncIterator[tuple[_HoldingRedis, Limiter, redis.asyncio.Redis]]:
+    """An empty Redis at ``url``, a Limiter on it through a _HoldingRedis, and a client of its own."""
+    await flush(url)
+    async with _HoldingRedis(url) as proxy:
         lim = Limiter.create(parse_backend(proxy.url))
-        r = redis.asyncio.Redis.from_url(redis_url, decode_responses=True)
+        r = redis.asyncio.Redis.from_url(url, decode_responses=True)
         try:
-            slot = await lim.admit(key, m, T0)
-            await proxy.cancel_before_sent(lim, lambda: lim.charge(slot, 70, T0 + 1))
-            assert await _polled(lambda: r.get(tpm), "70") == "70"
-            await lim.settle(slot, None, T0 + 2)
+            yield proxy, lim, r
         finally:
             await lim.close()
             await r.aclose()
