@@ -94,8 +94,10 @@ def ref_disposition(head: bytes) -> str:
     line is ``token ":" [SP/HT]* value`` with no CR or LF in it; exactly one line is
     ``Content-Disposition`` (any case); its value is ``form-data`` (any case), then parameters
     ``; token = (token | quoted-string)`` with spaces/tabs allowed around each piece, no key
-    twice (any case), no ``name*``, and a ``name``. In a quoted string a backslash takes the
-    next character as it is; raw CR, LF and unescaped quotes end or break it.
+    twice (any case), none starting ``name*``, and a ``name`` that is not ``model``, ``prompt``
+    or ``file`` in another case (casefolded); a ``Content-Transfer-Encoding`` line other than
+    7bit, 8bit or binary is refused. In a quoted string a backslash takes the next character as
+    it is; raw CR, LF and unescaped quotes end or break it.
     """
     bad = RefError("invalid_multipart")
     assert head == b"" or head.endswith(b"\r\n")
@@ -112,6 +114,9 @@ def ref_disposition(head: bytes) -> str:
             if found is not None:
                 raise bad
             found = line[colon + 1:].lstrip(OWS)
+        elif key.lower() == b"content-transfer-encoding" and \
+                line[colon + 1:].strip(b" \t").lower() not in (b"7bit", b"8bit", b"binary"):
+            raise bad  # a coding another reader would decode
     if found is None:
         raise bad
     text = found.decode("utf-8", "replace")
@@ -168,12 +173,15 @@ def ref_disposition(head: bytes) -> str:
         else:
             val, at = token(at)
         key = key.lower()
-        if key in params or key == "name*":
+        if key in params or key.startswith("name*"):  # RFC 2231's name*, name*0, name*0* ...
             raise bad
         params[key] = val
     if "name" not in params:
         raise bad
-    return params["name"]
+    name = params["name"]
+    if name.casefold() != name and name.casefold() in (MODEL, "prompt", FILE):
+        raise bad  # a name the gateway reads, in another case: another reader's second value
+    return name
 
 
 def reference(
