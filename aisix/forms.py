@@ -117,6 +117,7 @@ class FormBody:
                 self._keep(out)
                 write += out
             yield write
+            del write  # its pieces (up to the first chunk after the model) are not held for the upload
             while not self._ended:
                 chunk = await inbound.read()
                 pieces = rw.feed(chunk) if chunk else rw.close()

@@ -37,10 +37,12 @@ MIB = 1024 * 1024
 STREAMS = 1000
 CHUNKS, CHUNK_BYTES = 8, 8 * 1024
 UPLOADS, UPLOAD_BYTES = 200, 25 * MIB
-# Peak RSS caps. Measured here: ~85 MiB for the streams; 240-630 MiB for the uploads (about 3 MiB
-# per upload in flight: aiohttp's request buffer, the first chunk after the model value, which
-# forms.FormBody._stream keeps for the whole upload, and the allocator's slack). Holding the files
-# would be 5,000 MiB.
+# Peak RSS caps. Measured here: ~85 MiB for the streams; 250-630 MiB for the uploads, 1.2-3 MiB per
+# upload in flight. Traced with tracemalloc at 293 MiB RSS (2026-12-07): 128 MiB of it was body
+# bytes as aiohttp's parser made them (about 640 KiB an upload: what its StreamReader buffers
+# before it pauses reading a caller that sends on loopback speed, the chunk the rewriter is
+# feeding and the one being written upstream), the rest the allocator's slack and uvloop's
+# buffers. Holding the files would be 5,000 MiB.
 SPEECH_RSS_CAP_MIB = 400
 UPLOAD_RSS_CAP_MIB = 800
 POOL = 1000  # upstream.max_connections (the documented default, set explicitly below)
