@@ -89,15 +89,17 @@ class Account:
         if not tokens and not cost and not seconds:
             return []
         now, charge = self.clock(), self.limiter.charge
+        # All three start now and run on if the pump is cancelled: the tally's mark has moved.
         if other is None:
-            over = await charge(self.slot, tokens, now, cost, seconds)
-            over += await charge(self.model_slot, tokens, now, cost, seconds)
+            first = charge(self.slot, tokens, now, cost, seconds)
+            second = charge(self.model_slot, tokens, now, cost, seconds)
         else:
-            over = await charge(self.slot, tokens, now, cost, seconds, scope="key")
-            over += await charge(self.transcriber_slots[other.alias], tokens, now, cost, seconds)
+            first = charge(self.slot, tokens, now, cost, seconds, scope="key")
+            second = charge(self.transcriber_slots[other.alias], tokens, now, cost, seconds)
         # The provider key's quota: not the caller's to hear about.
-        await charge(self.provider_slot, tokens, now, cost, seconds)
-        return over
+        over, more, _ = await asyncio.shield(asyncio.gather(
+            first, second, charge(self.provider_slot, tokens, now, cost, seconds)))
+        return over + more
 
     def cost_since(self) -> float | None:
         """What the session has cost since the budgets were last charged; its ``cost_usd`` is
