@@ -33,9 +33,9 @@ import logging
 import math
 import secrets
 import time
-from collections.abc import Sequence
+from collections.abc import Coroutine, Sequence
 from dataclasses import dataclass, replace
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from . import errors
 from .config import ApiKey, Cooldown, Model, ProviderKey
@@ -43,6 +43,7 @@ from .limits_plan import SCALE, Limit, Plan, needing, plan, provider_plan, rejec
 from .specs import BackendSpec
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 # After a store error, seconds to admit unchecked before trying the store again; then one call
 # tries it (Limiter._skip_store) while the others go on unchecked until that one is answered.
@@ -124,7 +125,7 @@ a realtime session also charges tokens as they are reported (charge)."""
         self._audio_claims: dict[str, float] = {}
         self._audio_charged: dict[str, float] = {}
         self._audio_version = 0  # moves whenever either of them does
-        self._giving_back: set[asyncio.Future[Any]] = set()  # admissions, settles, charges whose callers left
+        self._running_on: set[asyncio.Future[Any]] = set()  # store calls a cancelled caller does not stop (_kept)
 
     @classmethod
     def create(cls, backend: BackendSpec) -> Limiter:
@@ -198,22 +199,30 @@ a realtime session also charges tokens as they are reported (charge)."""
         and the slot it took is given back as soon as its answer comes."""
         if not p.concurrency:
             return await self._store.admit(p, slot_id, now)
-        admitting = asyncio.ensure_future(self._store.admit(p, slot_id, now))
+        admitting = self._kept(self._store.admit(p, slot_id, now))
         try:
             return await asyncio.shield(admitting)
         except asyncio.CancelledError:
-            self._keep(admitting)  # close() waits for its answer, then for its slot's settle
             admitting.add_done_callback(functools.partial(self._give_back, Slot(p, slot_id), now))
             raise
 
-    def _keep(self, task: asyncio.Future[Any]) -> None:
-        self._giving_back.add(task)
-        task.add_done_callback(self._giving_back.discard)
+    def _kept(self, call: Coroutine[Any, Any, T]) -> asyncio.Future[T]:
+        """``call`` as a task of its own, which a cancelled caller does not stop (when it is
+        awaited through asyncio.shield) and close() waits for."""
+        task = asyncio.ensure_future(call)
+        self._running_on.add(task)
+        task.add_done_callback(self._running_on.discard)
+        return task
+
+    def _lost(self, now: float, what: str, e: Exception) -> None:
+        """A release or charge the store did not take (counted; warned of now and then)."""
+        self.settle_errors_total += 1
+        self._warn(now, f"rate limit store failed to {what}: %s: %s", e)
 
     def _give_back(self, slot: Slot, now: float, admitting: asyncio.Future[tuple[list[Limit], list[int]]]) -> None:
         if admitting.cancelled() or admitting.exception() is not None or admitting.result()[0]:
             return  # refused: nothing taken (failed: the script may have run; its lease ends it)
-        self._keep(asyncio.ensure_future(self.settle(slot, None, now)))
+        self._kept(self.settle(slot, None, now))
 
     def _slot(self, p: Plan, slot: Slot, blocked: list[Limit], counts: list[int], now: float,
               before: dict[str, float] | None = None) -> Slot:
@@ -333,12 +342,7 @@ a realtime session also charges tokens as they are reported (charge)."""
             if self._memory is not None:
                 self._memory.settle_now(p, charges, now)
             else:  # it runs on if this task is cancelled: a release or a charge not sent would never be
-                settling = asyncio.ensure_future(self._settled(p, slot.id, charges, now))
-                self._keep(settling)
-                await asyncio.shield(settling)
-        except Exception as e:  # noqa: BLE001 (settle runs in a finally; raising would mask the answer)
-            self.settle_errors_total += 1
-            self._warn(now, "rate limit store failed to settle a request: %s: %s", e)
+                await asyncio.shield(self._kept(self._settled(p, slot.id, charges, now)))
         finally:  # once the store has the charge (or failed, or this task was cancelled meanwhile)
             if slot.audio_quotas:
                 self._audio_done(slot, p, audio_seconds)
@@ -346,9 +350,8 @@ a realtime session also charges tokens as they are reported (charge)."""
     async def _settled(self, p: Plan, slot_id: str, charges: dict[str, int], now: float) -> None:
         try:
             await self._store.settle(p, slot_id, charges, now)
-        except Exception as e:  # noqa: BLE001 (nobody may be waiting for it)
-            self.settle_errors_total += 1
-            self._warn(now, "rate limit store failed to settle a request: %s: %s", e)
+        except Exception as e:  # noqa: BLE001 (settle runs in a finally, and nobody may be waiting for it)
+            self._lost(now, "settle a request", e)
 
     async def settle_all(self, slots: Sequence[Slot | None], tokens: int | None, now: float,
                          cost_usd: float | None = None, audio_seconds: float | None = None) -> None:
@@ -379,10 +382,8 @@ a realtime session also charges tokens as they are reported (charge)."""
         charges = _scaled(tokens, cost_usd, audio_seconds)
         if not charges:
             return []
-        charging = asyncio.ensure_future(self._charged(p, charges, now))
-        self._keep(charging)
         try:
-            return await asyncio.shield(charging)  # runs on if this task is cancelled, as settle's does
+            return await asyncio.shield(self._kept(self._charged(p, charges, now)))  # runs on, as settle's does
         finally:
             if slot.audio_quotas:
                 self._audio_done(slot, p, audio_seconds)
@@ -391,8 +392,7 @@ a realtime session also charges tokens as they are reported (charge)."""
         try:
             return await self._store.charge(p, charges, now)
         except Exception as e:  # noqa: BLE001 (a session must not end because the store failed)
-            self.settle_errors_total += 1
-            self._warn(now, "rate limit store failed to charge tokens: %s: %s", e)
+            self._lost(now, "charge tokens", e)
             return []
 
     async def close(self) -> None:
@@ -400,8 +400,8 @@ a realtime session also charges tokens as they are reported (charge)."""
         deadline = loop.time() + GIVE_BACK_S
         # Cancelled admissions still waiting for their answers, the settles of the slots they took,
         # settles and charges whose callers were cancelled: each runs on, and is waited for here.
-        while self._giving_back and (left := deadline - loop.time()) > 0:
-            await asyncio.wait(set(self._giving_back), timeout=left)
+        while self._running_on and (left := deadline - loop.time()) > 0:
+            await asyncio.wait(set(self._running_on), timeout=left)
         await self._store.close()
 
 
