@@ -336,22 +336,28 @@ a realtime session also charges tokens as they are reported (charge)."""
             return
         p, slot.plan = slot.plan, None  # before any await: a second settle finds nothing
         charges = _scaled(tokens, cost_usd, audio_seconds) if p.charged else {}
-        try:
-            if not p.concurrency and not charges:
-                return
-            if self._memory is not None:
+        if self._memory is not None:
+            if p.concurrency or charges:
                 self._memory.settle_now(p, charges, now)
-            else:  # it runs on if this task is cancelled: a release or a charge not sent would never be
-                await asyncio.shield(self._kept(self._settled(p, slot.id, charges, now)))
-        finally:  # once the store has the charge (or failed, or this task was cancelled meanwhile)
-            if slot.audio_quotas:
-                self._audio_done(slot, p, audio_seconds)
+        elif p.concurrency or charges:
+            # It runs on if this task is cancelled: a release or a charge not sent would never be.
+            await asyncio.shield(self._kept(self._settled(p, slot, charges, now, audio_seconds)))
+            return
+        if slot.audio_quotas:
+            self._audio_done(slot, p, audio_seconds)
 
-    async def _settled(self, p: Plan, slot_id: str, charges: dict[str, int], now: float) -> None:
+    async def _settled(self, p: Plan, slot: Slot, charges: dict[str, int], now: float,
+                       audio_seconds: float | None) -> None:
         try:
-            await self._store.settle(p, slot_id, charges, now)
+            await self._store.settle(p, slot.id, charges, now)
         except Exception as e:  # noqa: BLE001 (settle runs in a finally, and nobody may be waiting for it)
             self._lost(now, "settle a request", e)
+        finally:
+            # Once the store has the charge (or failed), not when a cancelled caller stops waiting:
+            # an admission meanwhile must find the upload's seconds claimed here or counted in the
+            # store, never neither.
+            if slot.audio_quotas:
+                self._audio_done(slot, p, audio_seconds)
 
     async def settle_all(self, slots: Sequence[Slot | None], tokens: int | None, now: float,
                          cost_usd: float | None = None, audio_seconds: float | None = None) -> None:
@@ -382,18 +388,18 @@ a realtime session also charges tokens as they are reported (charge)."""
         charges = _scaled(tokens, cost_usd, audio_seconds)
         if not charges:
             return []
-        try:
-            return await asyncio.shield(self._kept(self._charged(p, charges, now)))  # runs on, as settle's does
-        finally:
-            if slot.audio_quotas:
-                self._audio_done(slot, p, audio_seconds)
+        return await asyncio.shield(self._kept(self._charged(p, slot, charges, now, audio_seconds)))  # runs on
 
-    async def _charged(self, p: Plan, charges: dict[str, int], now: float) -> list[Limit]:
+    async def _charged(self, p: Plan, slot: Slot, charges: dict[str, int], now: float,
+                       audio_seconds: float | None) -> list[Limit]:
         try:
             return await self._store.charge(p, charges, now)
         except Exception as e:  # noqa: BLE001 (a session must not end because the store failed)
             self._lost(now, "charge tokens", e)
             return []
+        finally:  # as _settled's
+            if slot.audio_quotas:
+                self._audio_done(slot, p, audio_seconds)
 
     async def close(self) -> None:
         loop = asyncio.get_running_loop()

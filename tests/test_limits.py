@@ -601,6 +601,37 @@ async def test_a_charge_cancelled_before_it_was_sent_still_reaches_redis(redis_u
         await lim.settle(slot, None, T0 + 2)
 
 
+async def test_an_upload_settled_and_cancelled_is_counted_somewhere_until_redis_has_its_charge(
+        redis_url: str) -> None:  # noqa: F811
+    """A handler cancelled while it settles an upload's 60 s (the caller leaving): the charge runs
+    on, and until Redis has it those seconds must stay claimed here. Counted as charged at once,
+    an upload admitted meanwhile reads a store without them and a process that no longer claims
+    them: it would be let spend them again."""
+    key, m = api_key(audio_seconds_per_hour=100), model()
+    async with _behind_a_holding_proxy(redis_url) as (proxy, lim, r):
+        a = await lim.admit(key, m, T0)
+        assert lim.audio_refusal(a, 60.0, T0) is None
+        proxy.holding = True
+        busy = asyncio.create_task(lim.cooling(["x"], T0))  # the pooled connection, held
+        await proxy.held.wait()
+        proxy.held.clear()
+        settling = asyncio.create_task(lim.settle(a, None, T0 + 1, audio_seconds=60.0))
+        await proxy.held.wait()  # on a connection of its own, whose handshake's answer is held
+        settling.cancel()
+        await asyncio.gather(settling, return_exceptions=True)
+        proxy.holding = False  # a third connection's answers pass; the two held stay so
+        b = await lim.admit(key, m, T0 + 2)
+        assert b is not None and b.audio_left == 100.0  # Redis has not counted a's seconds yet
+        assert lim.audio_refusal(b, 41.0, T0 + 2) is not None
+        proxy.release.set()
+        await busy
+        hour = f"aisix:rl:key:team-a:audio_seconds_per_hour:{int(T0) // 3600 * 3600}"
+        assert await _polled(lambda: r.get(hour), "60000") == "60000"
+        assert lim.audio_refusal(b, 41.0, T0 + 3) is not None  # now counted as charged, once
+        assert lim.audio_refusal(b, 40.0, T0 + 3) is None
+        await lim.settle(b, None, T0 + 4)
+
+
 ZSET = "aisix:rl:model:tts-prod:concurrency"
 
 
