@@ -21,8 +21,8 @@ per attempt (routing skips a target whose key is full) and settled with the answ
 Token windows are charged in the window current at ``settle`` (tokens are known only then).
 A refusal raises ``errors.RateLimited``, whose ``scope`` ("key", "model" or "provider") labels
 ``aisix_rate_limited_total``. Store errors are counted in ``fail_open_total`` (admissions that
-were not checked) and ``settle_errors_total`` (releases or token charges that were lost; in Redis
-a lost release is bounded by the lease).
+were not checked) and ``settle_errors_total`` (releases or token charges that were lost; a lost
+release is sent again before the next admission the store answers, ``_released``).
 """
 
 from __future__ import annotations
@@ -48,6 +48,7 @@ T = TypeVar("T")
 # After a store error, seconds to admit unchecked before trying the store again; then one call
 # tries it (Limiter._skip_store) while the others go on unchecked until that one is answered.
 _PAUSE = 1.0
+_UNRELEASED_MAX = 4096  # slots kept to give back after a store failure; past it, their lease ends them
 _WARN_EVERY = 10.0  # seconds between two warnings about the store
 GIVE_BACK_S = 2.0  # what close() waits for admissions and settles whose callers were cancelled
 
@@ -126,6 +127,12 @@ a realtime session also charges tokens as they are reported (charge)."""
         self._audio_charged: dict[str, float] = {}
         self._audio_version = 0  # moves whenever either of them does
         self._running_on: set[asyncio.Future[Any]] = set()  # store calls a cancelled caller does not stop (_kept)
+        # Concurrency slots the store may still hold though their requests are over: a release it
+        # did not take, an admission whose answer was lost. Given back before the next admission
+        # the store answers, rather than at the end of their lease (an hour in Redis), which would
+        # shut a key with a small concurrency for that long after a blip.
+        self._unreleased: dict[str, Plan] = {}
+        self._releasing: asyncio.Future[None] | None = None
 
     @classmethod
     def create(cls, backend: BackendSpec) -> Limiter:
@@ -178,13 +185,16 @@ a realtime session also charges tokens as they are reported (charge)."""
             if self._memory is not None:
                 blocked, counts = self._memory.admit_now(checked, now)
             else:
+                if self._unreleased:
+                    await self._released(now)
                 blocked, counts = await self._admitted(checked, slot.id, now)
                 self._paused_until = 0.0
         except self._store_errors as e:
             self.fail_open_total += 1
             self._pause(now, began)
             self._warn(now, "rate limit store failed, admitting without checking limits: %s: %s", e)
-            return Slot(None, "")  # the script may have run: a slot it took ends with its lease
+            self._unrelease(p, slot.id)  # the script may have run and taken a slot
+            return Slot(None, "")
         finally:
             if probe:
                 self._probing = False
@@ -220,9 +230,30 @@ a realtime session also charges tokens as they are reported (charge)."""
         self._warn(now, f"rate limit store failed to {what}: %s: %s", e)
 
     def _give_back(self, slot: Slot, now: float, admitting: asyncio.Future[tuple[list[Limit], list[int]]]) -> None:
-        if admitting.cancelled() or admitting.exception() is not None or admitting.result()[0]:
-            return  # refused: nothing taken (failed: the script may have run; its lease ends it)
-        self._kept(self.settle(slot, None, now))
+        if admitting.cancelled() or admitting.exception() is not None:
+            self._unrelease(slot.plan, slot.id)  # the script may have run
+        elif not admitting.result()[0]:  # (refused: nothing taken)
+            self._kept(self.settle(slot, None, now))
+
+    def _unrelease(self, p: Plan | None, slot_id: str) -> None:
+        """A slot the store may hold for a request that is over, to give back later (_released)."""
+        if p is not None and p.concurrency and len(self._unreleased) < _UNRELEASED_MAX:
+            self._unreleased[slot_id] = p
+
+    def _released(self, now: float) -> asyncio.Future[None]:
+        """The slots of ``_unreleased`` given back, by one task however many admissions wait for
+        it; raises the store's error (the admission then fails open), keeping what is left."""
+        task = self._releasing
+        if task is None or task.done():
+            task = self._releasing = self._kept(self._release(now))
+            task.add_done_callback(_retrieved)
+        return asyncio.shield(task)
+
+    async def _release(self, now: float) -> None:
+        while self._unreleased:
+            slot_id, p = next(iter(self._unreleased.items()))
+            await self._store.settle(p, slot_id, {}, now)  # a ZREM: harmless if the slot is gone
+            self._unreleased.pop(slot_id, None)
 
     def _slot(self, p: Plan, slot: Slot, blocked: list[Limit], counts: list[int], now: float,
               before: dict[str, float] | None = None) -> Slot:
@@ -352,6 +383,7 @@ a realtime session also charges tokens as they are reported (charge)."""
             await self._store.settle(p, slot.id, charges, now)
         except Exception as e:  # noqa: BLE001 (settle runs in a finally, and nobody may be waiting for it)
             self._lost(now, "settle a request", e)
+            self._unrelease(p, slot.id)
         finally:
             # Once the store has the charge (or failed), not when a cancelled caller stops waiting:
             # an admission meanwhile must find the upload's seconds claimed here or counted in the
@@ -416,6 +448,12 @@ a realtime session also charges tokens as they are reported (charge)."""
         if abs(now - self._warned_at) >= _WARN_EVERY:
             self._warned_at = now
             log.warning(message, type(e).__name__, e)
+
+
+def _retrieved(task: asyncio.Future[Any]) -> None:
+    """Marks a task's exception as seen: its awaiters, if any, were told."""
+    if not task.cancelled():
+        task.exception()
 
 
 def _scaled(tokens: int | None, cost_usd: float | None, audio_seconds: float | None) -> dict[str, int]:

@@ -632,6 +632,32 @@ async def test_an_upload_settled_and_cancelled_is_counted_somewhere_until_redis_
         await lim.settle(b, None, T0 + 4)
 
 
+async def test_a_release_redis_did_not_take_is_given_back_before_the_next_admission(
+        redis_url: str) -> None:  # noqa: F811
+    """A blip in Redis as a request ends loses its slot's release: with concurrency 1, the key
+    was shut until the slot's lease ran out, an hour. The release is retried before the next
+    admission Redis answers. So is the slot of an admission whose answer was lost."""
+    key, m = api_key(), model(concurrency=1)
+    async with _behind_a_holding_proxy(redis_url) as (proxy, lim, r):
+        slot = await lim.admit(key, m, T0)
+        assert await r.zcard(ZSET) == 1
+        proxy.cut = True  # every connection closed as it gets data
+        await lim.settle(slot, None, T0 + 1)
+        assert lim.settle_errors_total == 1 and await r.zcard(ZSET) == 1
+        proxy.cut = False
+        other = await lim.admit(key, m, T0 + 2)
+        assert other is not None and other.plan is not None  # admitted, not failed open
+        assert await r.zcard(ZSET) == 1  # the new slot alone
+        proxy.cut = True
+        assert (await lim.admit(key, m, T0 + 3)).plan is None  # failed open: the script may have run
+        proxy.cut = False
+        await lim.settle(other, None, T0 + 4)
+        assert lim.fail_open_total == 1 and await r.zcard(ZSET) == 0
+        third = await lim.admit(key, m, T0 + 5)
+        assert third is not None and third.plan is not None
+        await lim.settle(third, None, T0 + 6)
+
+
 ZSET = "aisix:rl:model:tts-prod:concurrency"
 
 
@@ -667,6 +693,7 @@ class _HoldingRedis:
         self.host, port = url.removeprefix("redis://").split("/")[0].split(":")
         self.port = int(port)
         self.holding = False
+        self.cut = False  # while True, a connection that carries anything is closed at once
         self.held, self.release, self.asked = asyncio.Event(), asyncio.Event(), asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._writers: list[asyncio.StreamWriter] = []
@@ -707,6 +734,8 @@ class _HoldingRedis:
 
     async def _pump(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, answers: bool) -> None:
         while data := await reader.read(65536):
+            if self.cut:
+                break
             if answers and self.holding:
                 self.held.set()
                 await self.release.wait()
