@@ -352,7 +352,11 @@ a realtime session also charges tokens as they are reported (charge)."""
         return False
 
     async def failed(self, key: str, policy: Cooldown, now: float) -> bool:
-        """Record a target's failure; True when it starts a cooldown. Never raises."""
+        """Record a target's failure; True when it starts a cooldown. Never raises; runs on when
+        the caller is cancelled (a caller leaving as its attempt failed), as settle's does."""
+        return await asyncio.shield(self._kept(self._failed(key, policy, now)))
+
+    async def _failed(self, key: str, policy: Cooldown, now: float) -> bool:
         try:
             return await self._store.failed(key, policy, now)
         except self._store_errors as e:

@@ -658,6 +658,15 @@ async def test_a_release_redis_did_not_take_is_given_back_before_the_next_admiss
         await lim.settle(third, None, T0 + 6)
 
 
+async def test_a_target_failure_cancelled_before_it_was_sent_still_reaches_redis(
+        redis_url: str) -> None:  # noqa: F811
+    """A caller that leaves as its attempt fails cancels the handler while the failure is being
+    recorded: the failure must still count towards the target's cooldown."""
+    async with _behind_a_holding_proxy(redis_url) as (proxy, lim, r):
+        await proxy.cancel_before_sent(lim, lambda: lim.failed("t1", Cooldown(failures=1), T0))
+        assert await _polled(lambda: r.exists("aisix:cd:t1:until"), 1) == 1
+
+
 ZSET = "aisix:rl:model:tts-prod:concurrency"
 
 
