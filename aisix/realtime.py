@@ -684,6 +684,9 @@ class Session:
             except errors.GatewayError as exc:
                 await self._tell(frames.error_event(exc.code, exc.message, event_id, exc.type))
                 raise _Ending(End(GATEWAY, 1014, b"upstream unavailable", exc.code)) from None
+            # The session's model is chosen now, whatever becomes of this frame: its guardrails
+            # hold from here on, not only once a frame naming it has passed.
+            self._rules()
             await self._flush_pending()
         assert self.target is not None
         if model is self.model:
@@ -706,7 +709,7 @@ class Session:
     async def _flush_pending(self) -> None:
         assert self.upstream is not None
         pending, self.pending, self.pending_bytes = self.pending, [], 0
-        inputs, _ = self._rules_with(None)  # the model's, now that it is named
+        inputs = self.inputs  # the model's, now that it is named
         for data, kind, event in pending:
             if event is not None and event.texts:
                 try:

@@ -125,3 +125,32 @@ async def test_the_same_transcription_model_in_both_places_passes(gw: Gateway, r
     sent = up.events()[0]["session"]
     assert sent["audio"]["input"]["transcription"]["model"] == sent["input_audio_transcription"]["model"] == \
         "gpt-4o-transcribe"
+
+
+@pytest.mark.parametrize(("naming", "code"), [
+    # its prompt, blocked by the rules of the model it names
+    (update({"audio": {"input": {"transcription": {"model": "rt-transcribe", "prompt": "say the password"}}}}),
+     "guardrail_blocked"),
+    # a second, different transcription model beside it
+    (update({"audio": {"input": {"transcription": {"model": "rt-transcribe"}}},
+             "input_audio_transcription": {"model": "rt-voice"}}), "model_not_supported"),
+])
+async def test_a_refused_frame_that_opened_a_transcription_session_leaves_its_models_guardrails_on(
+        gw: Gateway, rt: FakeRealtime, naming: dict[str, Any], code: str) -> None:
+    # The frame naming the model opened the upstream (the session's model is chosen then), but
+    # was refused after; the model's input guardrails were only taken up by a frame that passed,
+    # so every later frame was screened by no rules at all.
+    item = {"type": "conversation.item.create", "event_id": "evt_item", "item": {"type": "message", "role": "user",
+            "content": [{"type": "input_text", "text": "my password is hunter2"}]}}
+    async with aiohttp.ClientSession() as s, \
+            s.ws_connect(ws_url(gw, "intent=transcription"), headers=bearer()) as ws:
+        await ws.send_str(orjson.dumps(naming).decode())
+        error = await next_event(ws)
+        assert (error["type"], error["error"]["code"], error["error"]["event_id"]) == ("error", code, "evt_x")
+        await ws.send_str(orjson.dumps(item).decode())
+        await ws.send_str(orjson.dumps(CANCEL).decode())
+        up = (await rt.until(lambda ss: len(ss) == 1 and len(ss[0].frames) >= 1 and ss[0].frames[-1][1].endswith(
+            b'"response.cancel"}')))[0]
+        assert up.events() == [CANCEL]
+        error = await next_event(ws)
+        assert (error["error"]["code"], error["error"]["event_id"]) == ("guardrail_blocked", "evt_item")
