@@ -291,7 +291,8 @@ async def realtime(request: web.Request) -> web.StreamResponse:
             if running is None:
                 await ws.send_json(_event("error", error={
                     "type": "invalid_request_error", "code": "response_cancel_not_active",
-                    "message": "Cancellation failed: no active response found"}))
+                    "message": "Cancellation failed: no active response found", "param": None,
+                    "event_id": event.get("event_id")}))
             else:
                 running.cancel()
     for running in list(responses.values()):  # the caller went: nobody hears the rest

@@ -114,7 +114,7 @@ class Account:
         provider bills what it generated. Each is cancelled upstream (``response.cancel``) and its
         ``response.done`` read, unrelayed, for the usage to charge, for up to COLLECT_S in all. A
         response.create not answered yet is cancelled by a cancel without an id; an ``error``
-        answer to it (none in progress) ends the wait."""
+        answer to that cancel (none in progress) ends the wait."""
         if upstream is None or upstream.closed or not self.under_way:
             return
         try:
@@ -125,12 +125,16 @@ class Account:
 
     async def _collected(self, upstream: aiohttp.ClientWebSocketResponse[Literal[False]]) -> None:
         cancelled: set[str] = set()
+        # The cancel of a response.create not answered yet: only the error that answers it (by its
+        # event_id) says no response began. Another error answers another event, one the caller
+        # may have sent to be refused just before its response.create.
+        blank = frames.event_id()
         while True:
             for rid in self.responses - cancelled:
                 await upstream.send_frame(frames.cancel_event(rid), _TEXT)
                 cancelled.add(rid)
             if self.asked and not self.responses and "" not in cancelled:
-                await upstream.send_frame(frames.cancel_event(""), _TEXT)
+                await upstream.send_frame(frames.cancel_event("", blank), _TEXT)
                 cancelled.add("")
             if not self.under_way:
                 return
@@ -139,7 +143,7 @@ class Account:
                 await upstream.pong(msg.data)
             elif msg.type is _TEXT:
                 report = frames.parse_server(msg.data)
-                if report.error and not self.responses:
+                if report.answers == blank and not self.responses:
                     return  # the cancel of a response.create the provider refused, or never began
                 await self.account(report)
             elif msg.type is not _BINARY and msg.type is not _PONG:

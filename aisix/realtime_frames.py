@@ -211,6 +211,7 @@ class ServerReport:
     created: str | None = None  # a response.created's response id ("" when it has none)
     done: str | None = None  # a response.done's response id ("" when it has none)
     error: bool = False  # an error event
+    answers: str | None = None  # an error event's: the event_id of the client event it answers, if it says
 
 
 def parse_server(frame: bytes) -> ServerReport:
@@ -230,6 +231,8 @@ def parse_server(frame: bytes) -> ServerReport:
         out.created = _response_id(_dict(doc, "response"))
     elif kind == "error":
         out.error = True
+        error = _dict(doc, "error")
+        out.answers = _text(error, "event_id") if error is not None else None
     elif kind == "conversation.item.input_audio_transcription.completed":
         out.usage = _usage(_dict(doc, "usage"))
         out.transcript = _text(doc, "transcript")
@@ -285,10 +288,16 @@ def _plus(a: Any, b: Any) -> Any:
     return a if b is None else b if a is None else a + b
 
 
-def cancel_event(response_id: str) -> bytes:
-    """A client ``response.cancel`` event, of the gateway's own: for ``response_id``, or (when
-    empty) for whatever response is in progress in the default conversation."""
-    event: dict[str, Any] = {"type": "response.cancel", "event_id": "event_aisix_" + secrets.token_hex(8)}
+def event_id() -> str:
+    """An event_id for an event of the gateway's own."""
+    return "event_aisix_" + secrets.token_hex(8)
+
+
+def cancel_event(response_id: str, eid: str | None = None) -> bytes:
+    """A client ``response.cancel`` event, of the gateway's own (event_id ``eid``, else a new
+    one): for ``response_id``, or (when empty) for whatever response is in progress in the default
+    conversation."""
+    event: dict[str, Any] = {"type": "response.cancel", "event_id": eid or event_id()}
     if response_id:
         event["response_id"] = response_id
     return orjson.dumps(event)
@@ -299,4 +308,4 @@ def error_event(code: str, message: str, client_event_id: str | None = None,
     """A server ``error`` event in the Realtime API's shape, for what the gateway refuses."""
     error: dict[str, Any] = {"type": kind, "code": code, "message": message, "param": None,
                              "event_id": client_event_id}
-    return orjson.dumps({"type": "error", "event_id": "event_aisix_" + secrets.token_hex(8), "error": error})
+    return orjson.dumps({"type": "error", "event_id": event_id(), "error": error})

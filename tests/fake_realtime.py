@@ -57,9 +57,12 @@ def text(event: dict[str, Any]) -> Frame:
     return ("text", orjson.dumps(event))
 
 
-NOTHING_TO_CANCEL = text({"type": "error", "event_id": "event_nothing", "error": {
-    "type": "invalid_request_error", "code": "response_cancel_not_active", "param": None, "event_id": None,
-    "message": "Cancellation failed: no active response found"}})
+def nothing_to_cancel(event_id: str | None) -> Frame:
+    """The Realtime API's error for a response.cancel with no response running; like every error
+    answering a client event, it names that event's event_id."""
+    return text({"type": "error", "event_id": "event_nothing", "error": {
+        "type": "invalid_request_error", "code": "response_cancel_not_active", "param": None,
+        "event_id": event_id, "message": "Cancellation failed: no active response found"}})
 
 
 class FakeRealtime:
@@ -193,10 +196,12 @@ class FakeRealtime:
                     if script.echo:
                         await (ws.send_str(msg.data) if kind == "text" else ws.send_bytes(data))
                     if kind == "text":
-                        event_type = orjson.loads(data).get("type") if data.startswith(b"{") else None
+                        event = orjson.loads(data) if data.startswith(b"{") else {}
+                        event_type = event.get("type")
                         replies = script.replies.get(event_type or "")
                         if replies is None and event_type == "response.cancel":
-                            replies = [NOTHING_TO_CANCEL]  # what the Realtime API answers with no response running
+                            # what the Realtime API answers with no response running, naming the event
+                            replies = [nothing_to_cancel(event.get("event_id"))]
                         for rkind, rdata in replies or ():
                             await (ws.send_str(rdata.decode()) if rkind == "text" else ws.send_bytes(rdata))
                 elif msg.type == WSMsgType.CLOSE:

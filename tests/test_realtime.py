@@ -898,6 +898,32 @@ async def test_a_response_create_the_provider_refused_is_not_waited_for(make_gat
     assert event["latency_ms"] < 4000 and event["close_code"] == 1000  # not CLOSE_TIMEOUT_S (5 s)
 
 
+async def test_an_error_for_another_event_does_not_end_the_wait_for_a_response_the_caller_left(
+        make_gateway, rt: FakeRealtime) -> None:
+    # Any error event ended the collection while no response was created yet, taken for the
+    # answer to the gateway's cancel of a refused response.create: a caller that sent an event
+    # the provider refuses, then response.create, and left before either was answered, had the
+    # response cancelled but never charged (a whole conversation's input tokens, per response).
+    gw = make_gateway(upstream_base=rt.base_url, **_token_priced(rt))
+    refused = text({"type": "error", "error": {"type": "invalid_request_error", "code": "item_not_found",
+                                               "message": "no such item", "event_id": "evt_del"}})
+    rt.script = Script(read=False, replies={"conversation.item.delete": [refused],
+                                            "response.create": [text({"type": "response.created",
+                                                                      "response": {"id": "r1"}})],
+                                            "response.cancel": _cancelled("r1")})
+    async with aiohttp.ClientSession() as s, s.ws_connect(ws_url(gw), headers=bearer()) as ws:
+        rid = ws._response.headers["x-aisix-request-id"]
+        await ws.send_str('{"type":"conversation.item.delete","event_id":"evt_del","item_id":"nope"}')
+        await ws.send_str('{"type":"response.create"}')
+        await ws.close(code=1000)  # answered at once: the relay has stopped, nothing was read from the upstream
+    rt.resume_reading()
+    await rt.until(lambda ss: ss[0].ended)
+    event = gw.event(rid)
+    assert (event["input_tokens"], event["output_tokens"], event["close_code"]) == (700, 300, 1000)
+    status, body = await raw_upgrade(gw, "model=rt-voice", bearer())
+    assert (status, body["error"]["code"]) == (429, "budget_exceeded")
+
+
 async def test_a_response_done_read_from_the_upstream_is_charged_though_the_caller_left_before_getting_it(
         make_gateway, rt: FakeRealtime) -> None:
     # The caller reads nothing; the gateway has read the response.done (its transcript makes it
@@ -1242,6 +1268,7 @@ def test_frames_that_report_nothing_are_not_read() -> None:
     said = orjson.dumps({"type": "response.output_audio_transcript.delta", "delta": 'it said "all.done"'})
     assert b'.done\\"' in said and not frames.reports(said)  # a quote in a JSON string is escaped
     assert frames.parse_server(b'{"type":"error","error":{"code":"response_cancel_not_active"}}').error
+    assert frames.parse_server(b'{"type":"error","error":{"code":"x","event_id":"evt_1"}}').answers == "evt_1"
 
 
 # -- cost of transcriptions by other aliases; the drain during a handshake (review of session 9) ----
