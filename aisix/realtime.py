@@ -718,6 +718,8 @@ class Session:
                     if not await self._tell(frames.error_event(exc.code, exc.message, event.event_id, exc.kind)):
                         raise _Ending(_gone(CALLER)) from None
                     continue
+            if event is not None and event.type == frames.RESPONSE_CREATE:
+                self.account.asked += 1  # as _from_caller counts one sent at once
             try:
                 await self.upstream.send_frame(data, kind)
             except ConnectionError:

@@ -924,6 +924,27 @@ async def test_an_error_for_another_event_does_not_end_the_wait_for_a_response_t
     assert (status, body["error"]["code"]) == (429, "budget_exceeded")
 
 
+async def test_a_response_create_held_until_the_transcription_model_is_named_is_collected(
+        make_gateway, rt: FakeRealtime) -> None:
+    # Held before the upstream was open, a response.create was flushed to it without being
+    # counted as asked: a caller leaving before its response.created left the session seeming
+    # idle, the upstream was closed at once, and the response went uncharged.
+    gw = make_gateway(upstream_base=rt.base_url, **resources(rt))
+    rt.script = Script(read=False, replies={"response.create": [text({"type": "response.created",
+                                                                      "response": {"id": "r1"}})],
+                                            "response.cancel": _cancelled("r1")})
+    async with aiohttp.ClientSession() as s, \
+            s.ws_connect(ws_url(gw, "intent=transcription"), headers=bearer()) as ws:
+        rid = ws._response.headers["x-aisix-request-id"]
+        await ws.send_str('{"type":"response.create"}')  # held
+        await ws.send_str(_update("rt-transcribe"))  # opens the upstream; the held frame goes first
+        await ws.close(code=1000)  # answered at once: the relay has stopped, nothing was read from the upstream
+    rt.resume_reading()
+    await rt.until(lambda ss: ss[0].ended)
+    event = gw.event(rid)
+    assert (event["input_tokens"], event["output_tokens"], event["close_code"]) == (700, 300, 1000)
+
+
 async def test_a_response_done_read_from_the_upstream_is_charged_though_the_caller_left_before_getting_it(
         make_gateway, rt: FakeRealtime) -> None:
     # The caller reads nothing; the gateway has read the response.done (its transcript makes it
