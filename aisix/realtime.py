@@ -597,10 +597,11 @@ class Session:
         """A client event the gateway checks, as it goes upstream, and that event; raises Refused."""
         event = frames.parse_client(data)
         if event is None:
-            if kind is _BINARY:
+            if kind is _BINARY and not frames.lax_object(data):
                 return data, None  # audio that happened to look like JSON at first
             # Text that names a checked event but that orjson cannot read: a laxer parser upstream
-            # (a byte order mark, a comment) could still take it for that event.
+            # (a byte order mark, a comment) could still take it for that event; so could binary
+            # that a JSON reader of bytes takes for an object (another encoding, a NaN).
             raise Refused("invalid_json", "The event is not a JSON object.")
         try:
             return await self._screened(event), event

@@ -154,3 +154,39 @@ async def test_a_refused_frame_that_opened_a_transcription_session_leaves_its_mo
         assert up.events() == [CANCEL]
         error = await next_event(ws)
         assert (error["error"]["code"], error["error"]["event_id"]) == ("guardrail_blocked", "evt_item")
+
+
+_SECRET_UPDATE = orjson.dumps(update({"audio": {"input": {"transcription": {"model": "gpt-secret"}}}}))
+
+
+@pytest.mark.parametrize("frame", [
+    b"\xef\xbb\xbf" + _SECRET_UPDATE,  # behind a UTF-8 byte order mark
+    _SECRET_UPDATE.decode().encode("utf-16"),  # UTF-16, with its byte order mark
+    _SECRET_UPDATE.decode().encode("utf-16-le"),  # and without
+    _SECRET_UPDATE.decode().encode("utf-32-be"),
+    _SECRET_UPDATE[:-1] + b',"n":NaN}',  # a NaN
+], ids=["utf8-bom", "utf16", "utf16le", "utf32be", "nan"])
+async def test_a_binary_frame_a_lax_json_reader_takes_for_an_event_is_refused(
+        gw: Gateway, rt: FakeRealtime, frame: bytes) -> None:
+    # A binary frame is read in case an upstream takes it for an event; one orjson could not read
+    # went on as audio, unchecked. Python's json (aiohttp's WSMessage.json()) reads bytes behind a
+    # byte order mark, in UTF-16 and UTF-32, and with NaN: a transcription model never checked
+    # (here a raw upstream name, round allowed_models) reached such an upstream.
+    async with aiohttp.ClientSession() as s, s.ws_connect(ws_url(gw), headers=bearer()) as ws:
+        await ws.send_bytes(frame)
+        await ws.send_str(orjson.dumps(CANCEL).decode())
+        up = (await rt.until(lambda ss: len(ss) == 1 and len(ss[0].frames) >= 1 and ss[0].frames[-1][1].endswith(
+            b'"response.cancel"}')))[0]
+        assert up.frames == [("text", orjson.dumps(CANCEL))]
+        error = await next_event(ws)
+        assert (error["type"], error["error"]["code"], error["error"]["event_id"]) == ("error", "invalid_json", None)
+
+
+async def test_binary_audio_in_any_encoding_still_passes(gw: Gateway, rt: FakeRealtime) -> None:
+    silence = bytes(4096)  # PCM silence: a JSON reader would take it for UTF-32
+    sweep = bytes(range(256)) * 16
+    async with aiohttp.ClientSession() as s, s.ws_connect(ws_url(gw), headers=bearer()) as ws:
+        for frame in (silence, sweep, b"\xef\xbb\xbf" + sweep, b"{" + sweep):
+            await ws.send_bytes(frame)
+        up = (await rt.until(lambda ss: len(ss) == 1 and len(ss[0].frames) == 4))[0]
+    assert up.frames == [("binary", f) for f in (silence, sweep, b"\xef\xbb\xbf" + sweep, b"{" + sweep)]
