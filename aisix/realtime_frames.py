@@ -132,7 +132,8 @@ class ClientEvent:
 # the Kelvin sign and the long s too, as casefold() does) would read a model the gateway never
 # checked, or a text it never screened.
 _READ_KEYS = frozenset({"type", "session", "model", "instructions", "audio", "input", "transcription",
-                        "input_audio_transcription", "prompt", "item", "content", "text", "output", "response"})
+                        "input_audio_transcription", "prompt", "item", "content", "text", "output", "response",
+                        "arguments", "transcript"})
 
 
 def _clash(doc: dict[str, Any]) -> str | None:
@@ -185,17 +186,17 @@ def parse_client(frame: bytes) -> ClientEvent | None:
 
 
 def _item_texts(item: dict[str, Any] | None, read: list[dict[str, Any]]) -> list[str]:
-    """What the model reads of a conversation item: its content parts' text, a function call's
-    output."""
+    """What the model reads of a conversation item: its content parts' text (and an audio part's
+    transcript), a function call's arguments and output."""
     if item is None:
         return []
     read.append(item)
-    texts = _strings(item, "output")
+    texts = _strings(item, "output") + _strings(item, "arguments")
     content = item.get("content")
     for part in content if isinstance(content, list) else ():
         if isinstance(part, dict):
             read.append(part)
-            texts += _strings(part, "text")
+            texts += _strings(part, "text") + _strings(part, "transcript")
     return texts
 
 

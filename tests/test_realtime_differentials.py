@@ -68,6 +68,10 @@ def update(session: dict[str, Any], **top: Any) -> dict[str, Any]:
      "content": [{"type": "input_text", "Text": "my password is hunter2"}]}},
     {"type": "conversation.item.create", "event_id": "evt_x", "Item": {"type": "message", "role": "user",
      "content": [{"type": "input_text", "text": "my password is hunter2"}]}},
+    {"type": "conversation.item.create", "event_id": "evt_x", "item": {
+        "type": "function_call", "call_id": "c1", "name": "lookup", "Arguments": '{"q": "the password"}'}},
+    {"type": "conversation.item.create", "event_id": "evt_x", "item": {"type": "message", "role": "assistant",
+     "content": [{"type": "output_audio", "Transcript": "the password is hunter2"}]}},
 ])
 async def test_a_key_the_gateway_reads_in_another_case_is_refused(gw: Gateway, rt: FakeRealtime,
                                                                   frame: dict[str, Any]) -> None:
@@ -81,6 +85,12 @@ async def test_a_key_the_gateway_reads_in_another_case_is_refused(gw: Gateway, r
     # a function call's output, read by the model as text
     {"type": "conversation.item.create", "event_id": "evt_x", "item": {
         "type": "function_call_output", "call_id": "c1", "output": "the password is hunter2"}},
+    # a function call's arguments: the model reads its earlier calls as the conversation
+    {"type": "conversation.item.create", "event_id": "evt_x", "item": {
+        "type": "function_call", "call_id": "c1", "name": "lookup", "arguments": '{"q": "the password"}'}},
+    # an audio part's transcript: the text of an assistant's audio turn
+    {"type": "conversation.item.create", "event_id": "evt_x", "item": {"type": "message", "role": "assistant",
+     "content": [{"type": "output_audio", "transcript": "the password is hunter2"}]}},
 ])
 async def test_text_the_model_reads_elsewhere_in_an_event_is_screened(gw: Gateway, rt: FakeRealtime,
                                                                      frame: dict[str, Any]) -> None:
