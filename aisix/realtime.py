@@ -56,6 +56,7 @@ ROUTE = "realtime"
 MAX_FRAME = 16 * 1024 * 1024  # a frame either way; the Realtime API's largest (an audio append) is 15 MiB
 # (aiohttp's max_msg_size refuses a message of that size itself: it is given MAX_FRAME + 1)
 PENDING_LIMIT = 1024 * 1024  # frame bytes held while a transcription session has no upstream yet
+HELD_OVERHEAD = 128  # what holding one more frame costs besides its payload (an empty frame is 6 bytes on the wire)
 CLOSE_TIMEOUT_S = 5.0  # for the peer's answer to a close frame
 KEY_PROTOCOL = "openai-insecure-api-key."
 CALLER, UPSTREAM, GATEWAY = "caller", "upstream", "gateway"  # who ended a session
@@ -505,13 +506,14 @@ class Session:
                         return stop.end
                 upstream = self.upstream
                 if upstream is None:  # a transcription session that has not named its model yet
-                    if self.pending_bytes + len(data) > PENDING_LIMIT:
+                    held = len(data) + HELD_OVERHEAD
+                    if self.pending_bytes + held > PENDING_LIMIT:
                         await self._tell(frames.error_event(
                             "session_not_configured", "Name the transcription model in session.update "
                             "before sending audio.", None))
                         return End(GATEWAY, 1008, b"session not configured", "session_not_configured")
                     self.pending.append((data, kind, event))
-                    self.pending_bytes += len(data)
+                    self.pending_bytes += held
                     continue
                 if event is not None and event.type == frames.RESPONSE_CREATE:
                     self.account.asked += 1  # before the send: a caller leaving while it waits has sent it

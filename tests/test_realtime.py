@@ -503,6 +503,27 @@ async def test_a_transcription_upstream_that_cannot_be_opened_ends_the_session(m
         pass  # the day's budget of 1 USD was not charged the 2 USD
 
 
+@pytest.mark.parametrize("held", [[b"x" * 65536] * 17, [b""] * 20000], ids=["bytes", "empty-frames"])
+async def test_what_a_transcription_session_holds_before_naming_its_model_is_bounded(
+        gw: Gateway, rt: FakeRealtime, held: list[bytes]) -> None:
+    # Held frames were counted by their payload alone: empty frames (6 bytes each on the wire)
+    # were held without limit, about 70 bytes of the gateway's memory each, 20 MiB for 300,000.
+    rt.script = Script(on_open=[text({"type": "session.created"})])
+    async with aiohttp.ClientSession() as s, \
+            s.ws_connect(ws_url(gw, "intent=transcription"), headers=bearer()) as ws:
+        rid = ws._response.headers["x-aisix-request-id"]
+        for frame in held:
+            await ws.send_bytes(frame)
+        await ws.send_str(_update("rt-transcribe"))
+        error = await next_event(ws)
+        assert (error["type"], error["error"]["code"]) == ("error", "session_not_configured")
+        msg = await ws.receive(10)
+        assert (msg.type, msg.data) == (aiohttp.WSMsgType.CLOSE, 1008)
+    event = gw.event(rid)
+    assert (event["error_code"], event["close_code"]) == ("session_not_configured", 1008)
+    assert rt.handshakes == 0
+
+
 async def test_close_codes_are_relayed_both_ways(gw: Gateway, rt: FakeRealtime) -> None:
     async with aiohttp.ClientSession() as s:
         async with s.ws_connect(ws_url(gw), headers=bearer()) as ws:
