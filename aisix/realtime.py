@@ -512,7 +512,7 @@ class Session:
                             "session_not_configured", "Name the transcription model in session.update "
                             "before sending audio.", None))
                         return End(GATEWAY, 1008, b"session not configured", "session_not_configured")
-                    self.pending.append((data, kind, event))
+                    self.pending.append((data, kind, event.held() if event is not None else None))
                     self.pending_bytes += held
                     continue
                 if event is not None and event.type == frames.RESPONSE_CREATE:
@@ -597,6 +597,11 @@ class Session:
 
     async def _checked(self, data: bytes, kind: WSMsgType) -> tuple[bytes, frames.ClientEvent | None]:
         """A client event the gateway checks, as it goes upstream, and that event; raises Refused."""
+        if frames.too_many_values(data):
+            if kind is _BINARY and not frames.valid_text(data) and not frames.other_encoding(data):
+                return data, None  # audio, which no JSON reader takes for an event
+            # Parsed whole, it would cost the gateway thirty times its size, on the event loop.
+            raise Refused("event_too_complex", f"The event holds more than {frames.MAX_VALUES} JSON values.")
         event = frames.parse_client(data)
         if event is None:
             if kind is _BINARY and not frames.lax_object(data):

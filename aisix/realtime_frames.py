@@ -36,6 +36,13 @@ _ESCAPE = b"\\"
 # trusted not to hide them.
 _REPORTED = (b'.done"', b'.completed"', b'.created"')
 _find = stringzilla.find
+# The most values a client frame the gateway reads may hold: parsed whole, each is a Python object
+# of 30 to 100 bytes ("{}," is 3 bytes of JSON and over 100 of memory), so 16 MiB of them built
+# some 500 MiB. Counted from the bytes before parsing: commas, colons and opening brackets, in
+# strings too (an overcount; base64 has none). 131,072 is about 14 MiB at worst; an event's
+# instructions, tools and items have a few thousand.
+MAX_VALUES = 1 << 17
+_SEPARATORS = (b",", b":", b"{", b"[")
 
 
 def needs_reading(frame: bytes, binary: bool = False) -> bool:
@@ -43,7 +50,7 @@ def needs_reading(frame: bytes, binary: bool = False) -> bool:
     binary frame holding a JSON object is read too, in case an upstream takes it for one; so is
     one that may hold it in another encoding a JSON reader of bytes detects (``lax_object``)."""
     if binary:
-        if _other_encoding(frame):
+        if other_encoding(frame):
             return True
         if not frame.lstrip(b" \t\r\n").startswith(b"{"):
             return False
@@ -54,7 +61,7 @@ def needs_reading(frame: bytes, binary: bool = False) -> bool:
             or _find(frame, checked2) >= 0)
 
 
-def _other_encoding(frame: bytes) -> bool:
+def other_encoding(frame: bytes) -> bool:
     """Whether a binary frame may be a JSON object to a reader that detects the encoding of bytes
     as RFC 4627 and Python's json do (a byte order mark, UTF-16, UTF-32): its start, decoded so,
     is ``{`` or blank. Audio seldom is (PCM silence decodes as NULs)."""
@@ -73,6 +80,16 @@ def lax_object(frame: bytes) -> bool:
         return isinstance(json.loads(frame), dict)
     except (ValueError, RecursionError):  # (UnicodeDecodeError is a ValueError)
         return False
+
+
+def too_many_values(frame: bytes) -> bool:
+    """Whether a frame to read may hold more than MAX_VALUES JSON values (see there)."""
+    count = 0
+    for separator in _SEPARATORS:
+        count += stringzilla.count(frame, separator)
+        if count > MAX_VALUES:
+            return True
+    return False
 
 
 def valid_text(frame: bytes) -> bool:
@@ -120,6 +137,12 @@ class ClientEvent:
 
     def encode(self) -> bytes:
         return orjson.dumps(self.doc)
+
+    def held(self) -> ClientEvent:
+        """What is kept of it while its frame waits (its type, texts and event_id): the document
+        parsed costs many times the frame."""
+        eid = self.event_id
+        return ClientEvent({"event_id": eid} if eid is not None else {}, self.type, [], None, self.texts)
 
     @property
     def event_id(self) -> str | None:

@@ -200,3 +200,23 @@ async def test_binary_audio_in_any_encoding_still_passes(gw: Gateway, rt: FakeRe
             await ws.send_bytes(frame)
         up = (await rt.until(lambda ss: len(ss) == 1 and len(ss[0].frames) == 4))[0]
     assert up.frames == [("binary", f) for f in (silence, sweep, b"\xef\xbb\xbf" + sweep, b"{" + sweep)]
+
+
+async def test_an_event_of_too_many_json_values_is_refused_unread(gw: Gateway, rt: FakeRealtime) -> None:
+    # A read event is parsed into Python objects whole: 16 MiB of "{}," built some 500 MiB in the
+    # gateway (four sessions at once: 1.8 GiB) and held the event loop a quarter of a second. An
+    # event of more values than the gateway reads is refused; one of the same bytes in a few
+    # values (audio in a conversation item) still goes on, and binary audio is not taken for one.
+    many = b'{"type":"response.create","event_id":"evt_x","response":{"metadata":[' + b"{}," * 200_000 + b"{}]}}"
+    item = orjson.dumps({"type": "conversation.item.create", "item": {"type": "message", "role": "user", "content": [
+        {"type": "input_audio", "audio": "QUJD" * 1_000_000}]}})
+    audio = b"{\\" + b",:[{" * 100_000 + bytes(range(256))  # binary that starts like JSON and is not
+    async with aiohttp.ClientSession() as s, s.ws_connect(ws_url(gw), headers=bearer()) as ws:
+        await ws.send_str(many.decode())
+        await ws.send_str(item.decode())
+        await ws.send_bytes(audio)
+        up = (await rt.until(lambda ss: len(ss) == 1 and len(ss[0].frames) >= 2))[0]
+        assert up.frames == [("text", item), ("binary", audio)]
+        error = await next_event(ws)
+        assert (error["type"], error["error"]["code"], error["error"]["event_id"]) == (
+            "error", "event_too_complex", None)
