@@ -263,8 +263,11 @@ def upstream_timeout(failure: str = "timeout") -> UpstreamFailed:
 
 
 def answer_too_large() -> GatewayError:
+    """The SDKs are told not to retry: the provider transcribed (and bills) the upload, and would
+    make the same transcript, too large again, of each upload sent again."""
     return GatewayError(502, "upstream_error", "upstream_answer_too_large",
-                        "The upstream answer is too large to be checked by the guardrails.")
+                        "The upstream answer is too large to be checked by the guardrails.",
+                        headers={"x-should-retry": "false"})
 
 
 def internal_error() -> GatewayError:

@@ -169,3 +169,21 @@ def test_models_retrieve_an_alias_with_a_slash(make_gateway) -> None:
     with openai.OpenAI(base_url=gw.url + "/v1", api_key=TEAM_A, max_retries=0) as c:
         assert [m.id for m in c.models.list()] == ["tts-org/v2", "tts-prod", "whisper-prod"]
         assert c.models.retrieve("tts-org/v2").id == "tts-org/v2"
+
+
+# -- retries: what the SDKs do again on their own ------------------------------------------------
+
+
+def test_a_transcript_too_large_to_check_is_not_retried(make_gateway, fake: FakeUpstream) -> None:
+    """A 502 the SDKs would retry (twice by default), each time a new upload the provider
+    transcribes and bills, to the same over-1-MiB transcript and the same 502: the gateway tells
+    them not to, as for upstream_auth_failed."""
+    gw = make_gateway(guardrails=[{"name": "clean-output", "kind": "keyword", "hook_point": "output",
+                                   "enforcement_mode": "block", "patterns": [{"kind": "literal", "value": "x"}]}])
+    fake.behaviour = Behaviour(transcript="word " * 250_000)  # over the 1 MiB a held transcript may be
+    with openai.OpenAI(base_url=gw.url + "/v1", api_key=TEAM_A, timeout=30) as c, \
+            pytest.raises(openai.InternalServerError) as info:  # the SDK's default retries
+        c.audio.transcriptions.create(model="whisper-prod", file=("a.wav", b"RIFF" + bytes(100)))
+    assert (info.value.status_code, info.value.code) == (502, "upstream_answer_too_large")
+    assert info.value.response.headers["x-should-retry"] == "false"
+    assert len(fake.received) == 1  # once transcribed, once billed
