@@ -52,9 +52,11 @@ class Inbound:
             while True:
                 # One chunk as aiohttp's parser gave it (readany would join all that are
                 # buffered: a copy of up to the whole body). (b"", True) marks the end of an
-                # HTTP chunk, not of the body.
+                # HTTP chunk, not of the body; unless the body is at its end: aiohttp's one
+                # shared reader of every bodiless request answers (b"", True) to every read
+                # after its first, at once, forever (a loop here would never yield).
                 chunk, chunk_end = await self._content.readchunk()
-                if chunk or not chunk_end:
+                if chunk or not chunk_end or self._content.at_eof():
                     break
         except HttpProcessingError:
             raise errors.invalid_body() from None

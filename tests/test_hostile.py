@@ -385,6 +385,28 @@ async def test_bad_json_is_400(gateway: Gateway, fake: FakeUpstream, data: bytes
     assert fake.received == []
 
 
+@pytest.mark.parametrize("framing", ["Content-Length: 0", "Transfer-Encoding: chunked"])
+async def test_empty_bodies_are_answered_every_time(make_gateway, fake: FakeUpstream, framing: str) -> None:
+    """aiohttp gives every request without a body one shared empty reader, which says "end of an
+    HTTP chunk" to every read after its first, forever: the body reader must take that for the end
+    rather than wait for more, or the second empty body ever sent spins the event loop (no request,
+    probe or drain served again)."""
+    gw = make_gateway()
+    chunked = framing.startswith("Transfer")
+    for path, ctype, code in [("/v1/audio/speech", "application/json", "invalid_json"),
+                              (TRANSCRIBE, FORM_TYPE, "invalid_multipart"),
+                              ("/v1/audio/translations", FORM_TYPE, "invalid_multipart"),
+                              ("/v1/audio/speech", "application/json", "invalid_json")]:
+        answer = await raw(gw, (f"POST {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TEAM_A}\r\n"
+                                f"Content-Type: {ctype}\r\n{framing}\r\nConnection: close\r\n\r\n").encode()
+                           + (b"0\r\n\r\n" if chunked else b""), timeout=5)
+        head, _, body = answer.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 400 "), answer[:200]
+        assert json.loads(body)["error"]["code"] == code
+    assert fake.received == []
+    await still_serves(gw)
+
+
 async def test_ten_mib_json_string_is_413_without_holding_it(gateway: Gateway, fake: FakeUpstream) -> None:
     data = b'{"model":"tts-prod","voice":"a","input":"' + b"a" * (10 * MIB) + b'"}'
     before = gateway.rss_kib()
