@@ -45,12 +45,20 @@ class GatewayError(Exception):
         return f"GatewayError({self.status}, {self.code!r})"
 
 
+# The longest Retry-After the OpenAI SDKs wait for: past it they retry after a second or so of
+# their own backoff, sure to be refused again (a budget spent until midnight).
+SDK_RETRY_AFTER_MAX_S = 60
+
+
 class RateLimited(GatewayError):
-    """A 429 from a gateway limit; ``scope`` ("key" or "model") names whose limit refused it."""
+    """A 429 from a gateway limit; ``scope`` ("key" or "model") names whose limit refused it.
+    One whose Retry-After the SDKs would not wait for also says ``x-should-retry: false``."""
 
     __slots__ = ("scope",)
 
     def __init__(self, scope: str, code: str, message: str, headers: dict[str, str]) -> None:
+        if int(headers.get("Retry-After", "0")) > SDK_RETRY_AFTER_MAX_S:
+            headers["x-should-retry"] = "false"
         super().__init__(429, "rate_limit_error", code, message, None, headers)
         self.scope = scope
 

@@ -96,11 +96,11 @@ MODEL = model(rpm=600, rpd=1000, tpd=9000, concurrency=32)
      "Rate limit of 60 requests per minute exceeded for this API key."),
     (["key.rps", "key.rpm", "key.rph"], T0 + 15.5, "key",  # the hour ends last
      {"Retry-After": "3585", "x-ratelimit-limit-requests": "100", "x-ratelimit-remaining-requests": "0",
-      "x-ratelimit-reset-requests": "3585"},
+      "x-ratelimit-reset-requests": "3585", "x-should-retry": "false"},
      "Rate limit of 100 requests per hour exceeded for this API key."),
     (["key.rpm", "model.tpd"], T0 + 30, "model",
      {"Retry-After": "86370", "x-ratelimit-limit-tokens": "9000", "x-ratelimit-remaining-tokens": "0",
-      "x-ratelimit-reset-tokens": "86370"},
+      "x-ratelimit-reset-tokens": "86370", "x-should-retry": "false"},
      "Rate limit of 9000 tokens per day exceeded for model 'tts-prod'."),
     (["key.tpm"], T0 + 59.2, "key",
      {"Retry-After": "1", "x-ratelimit-limit-tokens": "500", "x-ratelimit-remaining-tokens": "0",
@@ -108,7 +108,7 @@ MODEL = model(rpm=600, rpd=1000, tpd=9000, concurrency=32)
      "Rate limit of 500 tokens per minute exceeded for this API key."),
     (["key.rpd", "model.rpd"], T0, "key",  # a tie: the key's, which comes first
      {"Retry-After": "86400", "x-ratelimit-limit-requests": "1000", "x-ratelimit-remaining-requests": "0",
-      "x-ratelimit-reset-requests": "86400"},
+      "x-ratelimit-reset-requests": "86400", "x-should-retry": "false"},
      "Rate limit of 1000 requests per day exceeded for this API key."),
     (["key.concurrency", "key.rps"], T0 + 0.25, "key",  # a window's wait is known, so it wins
      {"Retry-After": "1", "x-ratelimit-limit-requests": "1", "x-ratelimit-remaining-requests": "0",
@@ -286,7 +286,7 @@ async def test_a_cost_budget_refuses_once_spent_until_the_day_ends(limiter: Limi
     await limiter.settle(slot, None, T0 + 21, cost_usd=0.5)  # the answer costs what it costs
     e = await refusal(limiter, key, m, T0 + 3600)
     assert (e.status, e.code, e.scope) == (429, "budget_exceeded", "key")
-    assert e.headers == {"Retry-After": str(86400 - 3600)}
+    assert e.headers == {"Retry-After": str(86400 - 3600), "x-should-retry": "false"}
     assert e.message == "Budget of 1 USD per day exceeded for this API key."
     await limiter.settle(await limiter.admit(key, m, T0 + 86400), None, T0 + 86401)  # a new day
 
@@ -375,7 +375,7 @@ async def test_audio_quota_is_charged_and_tells_what_is_left(limiter: Limiter) -
     assert slot is not None and slot.audio_left == pytest.approx(39.75)
     assert limiter.audio_refusal(slot, 39.0, T0 + 3) is None
     e = limiter.audio_refusal(slot, 40.0, T0 + 3)  # an upload longer than what is left
-    assert e is not None and (e.code, e.scope, e.headers) == ("rate_limit_exceeded", "key", {"Retry-After": "3597"})
+    assert e is not None and (e.code, e.scope, e.headers) == ("rate_limit_exceeded", "key", {"Retry-After": "3597", "x-should-retry": "false"})
     # not "exceeded": the quota has 39.75 s left, a shorter upload is still taken
     assert e.message == ("Audio quota of 100 seconds per hour for this API key: 39.8 seconds left, "
                          "and the audio file is 40.0 seconds long.")

@@ -11,6 +11,8 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
+import httpx2 as httpx  # the openai SDK's own HTTP client
+import openai
 import pytest
 
 from tests.audio_files import make
@@ -69,6 +71,31 @@ async def test_a_budget_stops_a_key(fake: FakeUpstream, make_gateway: Any) -> No
     assert status == 429 and json.loads(body)["error"]["code"] == "budget_exceeded"
     assert 0 < int(headers["Retry-After"]) <= 86400
     assert (await speech(gw))[0] == 200  # another key's budget is its own
+
+
+def test_the_sdks_do_not_retry_a_budget_spent_for_the_day(fake: FakeUpstream, make_gateway: Any) -> None:
+    """Retry-After to midnight is past the 60 s the SDKs wait: they would retry at once, twice by
+    default, each time refused. A window that ends within a minute is still theirs to retry."""
+    key = {"display_name": "budgeted", "key_hash": hash_key("sk-budget-secret"), "allowed_models": ["*"],
+           "rate_limit": {"cost_usd_per_day": 0.3, "rpm": 2}}
+    gw = make_gateway(models=priced(per_request=0.4), api_keys=[key])
+    sent: list[Any] = []
+    with httpx.Client(event_hooks={"request": [sent.append]}) as http, \
+            openai.OpenAI(base_url=gw.url + "/v1", api_key="sk-budget-secret", http_client=http) as c:
+        c.audio.speech.create(model="tts-priced", voice="alloy", input=TEXT).read()  # 0.40 of 0.30 spent
+        with pytest.raises(openai.RateLimitError) as info:
+            c.audio.speech.create(model="tts-priced", voice="alloy", input=TEXT)
+    assert info.value.code == "budget_exceeded" and int(info.value.response.headers["Retry-After"]) > 60
+    assert info.value.response.headers["x-should-retry"] == "false"
+    assert len(sent) == 2  # not retried
+    key["rate_limit"] = {"rpm": 1}
+    gw = make_gateway(models=priced(per_request=0.4), api_keys=[key])
+    with httpx.Client() as http:
+        auth = {"Authorization": "Bearer sk-budget-secret"}
+        body = {"model": "tts-priced", "voice": "alloy", "input": TEXT}
+        assert http.post(gw.url + "/v1/audio/speech", json=body, headers=auth).status_code == 200
+        r = http.post(gw.url + "/v1/audio/speech", json=body, headers=auth)
+    assert r.status_code == 429 and int(r.headers["Retry-After"]) <= 60 and "x-should-retry" not in r.headers
 
 
 async def speech_raw(gw: Gateway, key: str) -> tuple[int, dict[str, str], bytes]:
