@@ -33,7 +33,7 @@ def create_app(config: Config, clock: Callable[[], float] = time.time) -> web.Ap
     app[METRICS] = Metrics({
         "aisix_usage_events_dropped": ("Usage events dropped (queue full or write failed).",
                                        lambda: sink.dropped_total),
-        "aisix_usage_events_written": ("Usage events written to the sink.", lambda: sink.written_total),
+        "aisix_usage_events_written": ("Usage events written to the sink.", lambda: sink.written_so_far),
         "aisix_usage_events_spilled": ("Usage events kept on local disk while the sink could not take them.",
                                        lambda: sink.spilled_total),
         "aisix_ratelimit_fail_open": ("Admissions let through because the limit store failed.",

@@ -141,6 +141,13 @@ class UsageSink:
     def spilled_total(self) -> int:
         return self.spill.spilled_total if self.spill is not None else 0
 
+    @property
+    def written_so_far(self) -> int:
+        """What aisix_usage_events_written shows: written_total less what is counted ahead of a
+        write that may yet fail and be taken back. A counter must never go down (Prometheus
+        takes a decrease for a restart and counts it all again)."""
+        return self.written_total
+
     def emit(self, event: dict) -> None:
         if self._closing or len(self._queue) >= self._size:
             self.dropped_total += 1
@@ -339,6 +346,16 @@ class StdoutSink(UsageSink):
         self._writing, self._writing_lines, self._job, self._job_from = writing, lines, job, self._replaying
         log.warning("usage sink stdout: not being read; %d events are written when it is, later ones "
                     "wait in the spill", len(lines))
+
+    @property
+    def written_so_far(self) -> int:
+        writing, job = self._writing, self._job
+        if writing is None or job is None or (writing.done() and not writing.cancelled()
+                                              and writing.exception() is None):
+            return self.written_total
+        # The stalled batch counts as far as stdout has taken it: _done_writing or _unconfirmed
+        # take back only the rest.
+        return self.written_total - len(self._writing_lines) + job.data.count(b"\n", 0, job.written)
 
     def _done_writing(self) -> bool:
         """Whether the batch stdout was slow to take has been written (or failed: spilled again)."""

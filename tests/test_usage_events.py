@@ -400,3 +400,41 @@ async def test_a_replayed_batch_taken_back_at_stop_is_replayed_before_the_rest_o
     assert sorted(seen) == sent, f"{len(set(sent) - set(seen))} lost, {len(seen) - len(set(seen))} twice"
     assert seen == sent, "replayed out of order: " + ", ".join(
         f"{a} after {b}" for a, b in zip(seen[1:], seen[:-1], strict=True) if a < b)
+
+
+async def test_the_written_counter_never_goes_down_when_a_stalled_stdout_breaks(
+        fake: FakeUpstream, tmp_path: Path) -> None:
+    """aisix_usage_events_written_total is a counter: Prometheus reads any decrease as a restart
+    and counts the whole value again (a spike of `increase()`). The batch stdout had not taken
+    within a second was counted as written at once and taken back when stdout then failed (its
+    reader gone: EPIPE), so the scrape went down."""
+    from tests.test_operations import scrape, value
+
+    read_end, write_end = os.pipe()
+    gw = Gateway(tmp_path, fake.base_url, {"usage": {"sink": "stdout", "spill_dir": str(tmp_path / "spill")},
+                                           "metrics": {"listen": "127.0.0.1:0"}})
+    gw.stdout = write_end
+    try:
+        gw.start()
+        os.close(write_end)
+        await spoken(gw.url, 300)  # ~450 bytes an event: twice what the pipe holds
+        gw.wait_log("usage sink stdout: not being read")
+        samples, _ = await scrape(gw)
+        before = value(samples["aisix_usage_events_written"], "aisix_usage_events_written_total")
+        spilled = value(samples["aisix_usage_events_spilled"], "aisix_usage_events_spilled_total")
+        os.close(read_end)  # stdout's reader is gone: the stalled write fails with EPIPE
+        read_end = -1
+        deadline = time.monotonic() + 10
+        sent = 0
+        while True:  # the sink finds the stalled batch failed and spills it again, with the new ones
+            sent += len(await spoken(gw.url, 1))
+            samples, _ = await scrape(gw)
+            if value(samples["aisix_usage_events_spilled"], "aisix_usage_events_spilled_total") > spilled + sent:
+                break
+            assert time.monotonic() < deadline, gw.log()
+        after = value(samples["aisix_usage_events_written"], "aisix_usage_events_written_total")
+        assert after >= before, f"aisix_usage_events_written_total went down: {before} -> {after}"
+    finally:
+        gw.stop()
+        if read_end >= 0:
+            os.close(read_end)
