@@ -124,6 +124,7 @@ class UsageSink:
         self._adopt_at = 0.0  # monotonic: when to look for other processes' spill files next
         self._replaying: Path | None = None  # the spill file of the batch being written, if replayed
         self._taken_from: Path | None = None  # _unconfirmed(): the spill file those lines came from
+        self._replay_error = ""  # why the last replay of the spill failed, until one succeeds
 
     @classmethod
     def create(cls, spec: SinkSpec, queue_size: int = 10000, spill_dir: str | None = None) -> UsageSink:
@@ -234,7 +235,8 @@ class UsageSink:
             if not lines:
                 continue
             if spill is not None and spill.pending:  # behind what waits there: the order is kept
-                self._keep(spill, lines, "the sink is behind")
+                self._keep(spill, lines, f"the sink is behind: {self._replay_error}" if self._replay_error
+                           else "the sink is behind")
                 continue
             try:
                 await self._write(lines)
@@ -269,10 +271,19 @@ class UsageSink:
                 await self._write(lines)
             except asyncio.CancelledError:
                 raise
-            except Exception:  # noqa: BLE001 (still down: the spill keeps them, tried again later)
+            except Exception as exc:  # noqa: BLE001 (still down: the spill keeps them, tried again later)
+                # Said at most every 10 s, as _keep does: the only word of why the sink fails
+                # while events wait in the spill (a restart finds one; later batches go behind it).
+                self._replay_error = f"{type(exc).__name__}: {exc}"
+                now = time.monotonic()
+                if now - self._warned_at >= _WARN_EVERY_S:
+                    log.warning("usage sink %s: cannot send the spill yet (%s); tried again every %.0f s",
+                                self.name, self._replay_error, RETRY_S)
+                    self._warned_at = now
                 return
             finally:
                 self._replaying = None
+            self._replay_error = ""
             spill.done()
             self.written_total += len(lines)
             replayed += len(lines)

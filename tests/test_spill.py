@@ -193,3 +193,26 @@ async def test_a_killed_gateways_spill_is_replayed_by_the_next(fake: FakeUpstrea
         assert not list(spilled.glob("spill-*.jsonl"))
     finally:
         server.stop()
+
+
+async def test_a_spill_that_cannot_be_sent_says_why(fake: FakeUpstream, make_gateway, tmp_path: Path) -> None:
+    """A gateway restarted while Redis is down finds the spill its predecessor left. Each replay
+    fails, and new events queue behind the spill ("the sink is behind"): nothing logged what was
+    wrong with the sink (refused, a wrong password, Redis out of memory), although the docs send
+    the operator to "the journal's warnings" for why events are spilled."""
+    from tests.redis_server import free_port
+
+    spill = tmp_path / "spill"
+    spill.mkdir()
+    (spill / f"spill-99999-{time.time_ns() - 60_000_000_000}.jsonl").write_bytes(
+        b"".join(orjson.dumps(e) + b"\n" for e in events(3)))
+    gw = make_gateway({"usage": {"sink": f"redis://127.0.0.1:{free_port()}/0?stream=usage",
+                                 "spill_dir": str(spill)}})
+    gw.wait_log("left by a process that stopped")
+    async with aiohttp.ClientSession() as s, s.post(
+            gw.url + "/v1/audio/speech", json={"model": "tts-prod", "input": "x", "voice": "a"},
+            headers={"Authorization": f"Bearer {TEAM_A}"}) as r:
+        assert r.status == 200
+        await r.read()
+    line = gw.wait_log("Connection refused")
+    assert "aisix.usage" in line and "spill" in line, line
