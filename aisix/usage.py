@@ -437,15 +437,20 @@ class FileSink(UsageSink):
         self.path = path
         self._file: IO[bytes] | None = None
         self._id: tuple[int, int] | None = None
+        self._look_at_end = False  # whether the file may end inside a line (a write failed part way)
         try:
             self._open()
         except OSError as exc:
             raise ValueError(f"usage sink {self.name!r}: cannot open: {exc.strerror}") from None
 
     def _open(self) -> None:
-        self._file = open(self.path, "ab")
+        # Unbuffered: a write that fails leaves nothing in a buffer to be written later, beside
+        # the copy the spill keeps. Opened, the file is looked at: a process stopped while the
+        # disk was full may have left it inside a line.
+        self._file = open(self.path, "ab", buffering=0)
         st = os.fstat(self._file.fileno())
         self._id = (st.st_dev, st.st_ino)
+        self._look_at_end = st.st_size > 0
 
     def _shut(self) -> None:
         if self._file is not None:
@@ -472,11 +477,33 @@ class FileSink(UsageSink):
             self._shut()
             self._open()
         assert self._file is not None
-        self._file.write(b"\n".join(lines) + b"\n")
-        self._file.flush()
+        data = b"\n".join(lines) + b"\n"
+        if self._look_at_end and not _ends_a_line(self.path):
+            # What a write that failed part way (a full disk) left of its first line is ended
+            # there, a line no reader takes for an event, instead of swallowing this batch's
+            # first one. The batch it belonged to is in the spill, whole.
+            data = b"\n" + data
+        self._look_at_end = True
+        view = memoryview(data)
+        while view:  # a raw write may take part of it; the next one then says why not the rest
+            view = view[self._file.write(view):]
+        self._look_at_end = False
 
     async def _release(self) -> None:
         self._shut()
+
+
+def _ends_a_line(path: str) -> bool:
+    """Whether the file is empty or ends with a newline (True when it cannot be read)."""
+    try:
+        with open(path, "rb") as f:
+            size = f.seek(0, os.SEEK_END)
+            if size == 0:
+                return True
+            f.seek(size - 1)
+            return f.read(1) == b"\n"
+    except OSError:
+        return True
 
 
 # KEYS: the stream, the event's marker. ARGV: the line, maxlen, the marker's life in seconds.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import re
 import signal
@@ -438,3 +439,42 @@ async def test_the_written_counter_never_goes_down_when_a_stalled_stdout_breaks(
         gw.stop()
         if read_end >= 0:
             os.close(read_end)
+
+
+async def test_a_usage_file_that_filled_up_mid_line_loses_no_event_after_a_restart(
+        fake: FakeUpstream, tmp_path: Path) -> None:
+    """The disk holding the usage file fills up in the middle of a batch (here: the process's file
+    size limit, RLIMIT_FSIZE, which fails a write as a full disk does: in part, then not at all).
+    The batch is kept in the spill; the gateway is restarted while the disk is still full, then
+    there is room again. The next gateway appended the spill's first event to what the failed
+    write had left of a line: one line that is no JSON, and the event lost to every reader."""
+    import resource
+
+    old = [orjson.dumps({"ts": "2026-01-01T00:00:00.000Z", "request_id": f"old-{i}", "status": 200})
+           for i in range(100)]
+    usage = tmp_path / "usage.jsonl"
+    usage.write_bytes(b"\n".join(old) + b"\n")
+    settings = {"usage": {"spill_dir": str(tmp_path / "spill")}}
+    gw = Gateway(tmp_path, fake.base_url, settings)
+    try:
+        gw.start()
+        # Room for half an event more in any file: the spill's new file takes the whole batch.
+        resource.prlimit(gw.pid, resource.RLIMIT_FSIZE, (usage.stat().st_size + 200, resource.RLIM_INFINITY))
+        sent = await burst(gw.url, 5)
+        gw.wait_log("kept in the spill")
+        assert gw.stop() == 0  # the disk still full: the file ends inside a line
+    finally:
+        gw.stop()
+    assert usage.read_bytes()[-1:] != b"\n"
+    again = Gateway(tmp_path, fake.base_url, settings)  # room again
+    try:
+        again.start()
+        again.wait_log("replayed from the spill")
+        assert again.stop() == 0
+    finally:
+        again.stop()
+    ids = []
+    for line in usage.read_bytes().splitlines():
+        with contextlib.suppress(orjson.JSONDecodeError):  # what the failed write left: no event
+            ids.append(orjson.loads(line)["request_id"])
+    assert set(sent) <= set(ids), f"lost: {set(sent) - set(ids)}"
