@@ -97,11 +97,24 @@ def _redis_url(url: SplitResult) -> None:
         raise ValueError(f"database {db!r} is not a number")
 
 
+_SHOWN_OPTIONS = ("stream", "maxlen")  # the sink's own; any other option's value may be a secret
+
+
 def redact(spec: str) -> str:
     """The spec without userinfo: a Redis password must not reach a message or a log line.
     Everything up to the last '@' goes: a password may hold an unescaped '/', '?', '#' or '@'
-    (an '@' in the query hides more than it needs to, never less)."""
+    (an '@' in the query hides more than it needs to, never less). The values of query options
+    other than the sink's own go too: redis-py's URLs take ``?password=``, which aisix refuses
+    in a message that quotes the URL."""
     scheme, sep, rest = spec.partition("://")
-    if not sep or "@" not in rest:
+    if not sep:
         return spec
-    return f"{scheme}://***@{rest.rpartition('@')[2]}"
+    if "@" in rest:
+        rest = "***@" + rest.rpartition("@")[2]
+    base, question, query = rest.partition("?")
+    if question:
+        options = (part.partition("=") for part in query.split("&"))
+        query = "&".join(name + equals + (value if name in _SHOWN_OPTIONS else "***")
+                         for name, equals, value in options)
+        rest = f"{base}?{query}"
+    return f"{scheme}://{rest}"
