@@ -17,7 +17,7 @@ import hashlib
 import os
 import re
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import MappingProxyType
 from typing import TypeVar
@@ -345,6 +345,11 @@ def _load_settings(out: list[str], path: Path, env: Mapping[str, str]) -> tuple[
         metrics.problem("listen", "must differ from proxy.listen")
     usage = top.section("usage", ("sink", "spill_dir"))
     sink = _spec(usage, "sink", "stdout", parse_sink)
+    if sink is not None and sink.kind == "file" and not os.path.isabs(sink.target):
+        # Relative to config.yaml, as spill_dir and resources_file: not to the working directory
+        # ("/" under systemd), so that validate, run from anywhere, checks what serve opens.
+        target = os.path.abspath(config_file.parent / sink.target)
+        sink = replace(sink, target=target, name=f"file:{target}")
     # Under systemd, StateDirectory= gives a writable place that outlives the process.
     state = env.get("STATE_DIRECTORY", "").split(":")[0] or str(config_file.parent)
     no_spill = "spill_dir" in usage.raw and usage.raw["spill_dir"] is None

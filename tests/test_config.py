@@ -634,3 +634,17 @@ def test_usage_spill_dir(tmp_path: Path) -> None:
     assert config.load_settings(path, {}).usage_spill_dir == tmp_path / "spill"
     path = write(tmp_path, {"usage": {"spill_dir": None}})
     assert config.load_settings(path, {}).usage_spill_dir is None  # off: what the sink cannot take is dropped
+
+
+def test_a_relative_usage_file_is_beside_config_yaml(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # As resources_file and spill_dir are. It was the working directory's: "/" under systemd
+    # (a read-only file system there), and aisix validate, run from wherever the operator stood,
+    # checked another directory than the serve it vouched for.
+    (tmp_path / "etc").mkdir()
+    (tmp_path / "elsewhere").mkdir()
+    path = write(tmp_path / "etc", {"usage": {"sink": "file:logs/usage.jsonl"}})
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    sink = config.load_settings(path, {}).usage_sink
+    assert (sink.kind, sink.target) == ("file", str(tmp_path / "etc" / "logs" / "usage.jsonl"))
+    path = write(tmp_path / "etc", {"usage": {"sink": "file:/var/log/aisix/usage.jsonl"}})
+    assert config.load_settings(path, {}).usage_sink.target == "/var/log/aisix/usage.jsonl"
