@@ -507,9 +507,13 @@ def _ends_a_line(path: str) -> bool:
 
 
 # KEYS: the stream, the event's marker. ARGV: the line, maxlen, the marker's life in seconds.
+# The marker is set after the XADD: a script that fails stops at the failing command and keeps
+# what it wrote before it, so a marker set first would survive an XADD refused (WRONGTYPE: the
+# stream's name held another kind of key), and the spill's replay would find it and add nothing.
 _XADD_ONCE = """
-if redis.call('SET', KEYS[2], '1', 'NX', 'EX', ARGV[3]) then
+if redis.call('EXISTS', KEYS[2]) == 0 then
   redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[2], '*', 'data', ARGV[1])
+  redis.call('SET', KEYS[2], '1', 'EX', ARGV[3])
 end
 return 1
 """

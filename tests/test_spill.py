@@ -216,3 +216,30 @@ async def test_a_spill_that_cannot_be_sent_says_why(fake: FakeUpstream, make_gat
         await r.read()
     line = gw.wait_log("Connection refused")
     assert "aisix.usage" in line and "spill" in line, line
+
+
+async def test_a_batch_redis_refuses_half_way_is_not_marked_as_landed(fake: FakeUpstream, make_gateway,
+                                                                      redis_server: RedisServer) -> None:  # noqa: F811
+    """The stream's name held another kind of key (a name reused by mistake): XADD failed with
+    WRONGTYPE after the script had set each event's marker, "landed once". The batch was kept in
+    the spill, and its replay, a millisecond later, found the markers and added nothing: the
+    events were lost, counted as written, and the operator's fix of the key came too late."""
+    server = redis_server
+    with server.client() as r:
+        r.set("usage", "not a stream")
+    gw = make_gateway({"usage": {"sink": server.url("stream=usage")}})
+    ids = [f"wrongtype-{i}" for i in range(3)]
+    async with aiohttp.ClientSession() as s:
+        for rid in ids:
+            async with s.post(gw.url + "/v1/audio/speech", json={"model": "tts-prod", "input": "x", "voice": "a"},
+                              headers={"Authorization": f"Bearer {TEAM_A}", "x-aisix-request-id": rid}) as r:
+                assert r.status == 200
+                await r.read()
+    gw.wait_log("WRONGTYPE")
+    with server.client() as r:
+        r.delete("usage")  # the operator mends it: what waits in the spill lands
+    deadline = time.monotonic() + 10
+    while len(stream(server, "usage")) < len(ids):
+        assert time.monotonic() < deadline, f"{len(stream(server, 'usage'))} of {len(ids)} landed:\n{gw.log()}"
+        await asyncio.sleep(0.05)  # polling Redis for a condition, bounded
+    assert [e["request_id"] for e in stream(server, "usage")] == ids
