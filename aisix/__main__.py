@@ -11,6 +11,7 @@ import argparse
 import contextlib
 import getpass
 import gzip
+import signal
 import sys
 import zlib
 from collections.abc import Callable, Iterator
@@ -131,12 +132,16 @@ def _start_problems(loaded: config.Config) -> list[str]:
 
 
 def _serve(args: argparse.Namespace) -> int:
+    # A SIGHUP before the server has its own handler (a reload or logrotate's as it starts) would
+    # end the process: it is remembered, and the reload done once the server is up.
+    hups: list[int] = []
+    signal.signal(signal.SIGHUP, lambda signum, _: hups.append(signum))
     loaded = _load(args.config)
     if loaded is None:
         return 1
     from aisix.server import serve  # imported late: validate and hash-key need no aiohttp
 
-    return serve(loaded, access_log=args.access_log == "on")
+    return serve(loaded, access_log=args.access_log == "on", reload_asked=lambda: bool(hups))
 
 
 def _hash_key(args: argparse.Namespace) -> int:

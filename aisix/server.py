@@ -12,6 +12,7 @@ import gc
 import logging
 import os
 import signal
+from collections.abc import Callable
 
 import uvloop
 from aiohttp import web
@@ -48,15 +49,16 @@ def reload_resources(app: web.Application) -> bool:
     return True
 
 
-def serve(config: Config, access_log: bool = True) -> int:
-    """Run the gateway until SIGTERM or SIGINT; the exit code."""
+def serve(config: Config, access_log: bool = True, reload_asked: Callable[[], bool] = lambda: False) -> int:
+    """Run the gateway until SIGTERM or SIGINT; the exit code. ``reload_asked``: whether a SIGHUP
+    came before its handler was installed (the reload is then done at once)."""
     logs.setup()
     _steady_malloc()
     try:
         # uvloop: the event loop and transports in C; the proxy's per-request cost is mostly loop
         # and socket work, which it cuts by about a third.
         with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-            runner.run(_serve(config, access_log))
+            runner.run(_serve(config, access_log, reload_asked))
     except (OSError, ValueError) as exc:  # a port in use, a usage sink that cannot be opened
         log.error("cannot start: %s", exc)
         return 1
@@ -131,7 +133,7 @@ def _steady_gc() -> None:
     gc.set_threshold(20_000, 20, 20)
 
 
-async def _serve(config: Config, access_log: bool) -> None:
+async def _serve(config: Config, access_log: bool, reload_asked: Callable[[], bool]) -> None:
     settings = config.settings
     app = create_app(config)
     lines = Writer()
@@ -169,6 +171,8 @@ async def _serve(config: Config, access_log: bool) -> None:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
         loop.add_signal_handler(signal.SIGHUP, reload_resources, app)
+        if reload_asked():  # before the handler: what it asked for may be newer than what was read
+            reload_resources(app)
         sdnotify.notify("READY=1")
         await stop.wait()
         sdnotify.notify("STOPPING=1")

@@ -4,11 +4,14 @@ log: test_access_log.py)."""
 from __future__ import annotations
 
 import asyncio
+import os
 import shutil
 import signal
 import subprocess
+import threading
 import uuid
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import aiohttp
 import pytest
@@ -126,6 +129,35 @@ async def test_reload_swaps_resources_all_or_nothing(make_gateway, fake: FakeUps
     line = gw.wait_log("reload refused")
     assert "models[broken]" in line and "provider_key" in line
     assert await post(gw, {**SPEECH, "model": "tts-new"}) == 200  # the previous resources still serve
+
+
+def test_a_sighup_while_starting_is_a_reload_once_up(tmp_path: Path, fake: FakeUpstream) -> None:
+    """A SIGHUP that comes before the server's handler (a reload, or logrotate's, sent as the
+    service starts) ended the process, its default action. It is remembered and done once the
+    server is up. config.yaml is a FIFO here, so the signal lands while it is being read."""
+    gw = Gateway(tmp_path, fake.base_url)
+    config = tmp_path / "config.yaml"
+    text = config.read_bytes()
+    config.unlink()
+    os.mkfifo(config)
+
+    def feed() -> None:
+        with open(config, "wb") as f:  # returns once the gateway has opened it to read
+            assert gw.proc is not None
+            gw.proc.send_signal(signal.SIGHUP)
+            f.write(text)
+
+    feeder = threading.Thread(target=feed)
+    feeder.start()
+    try:
+        gw.start()
+    finally:
+        feeder.join(10)
+    try:
+        assert "reloaded" in gw.wait_log("reloaded")
+        assert gw.proc is not None and gw.proc.poll() is None
+    finally:
+        gw.stop()
 
 
 async def test_a_request_in_flight_keeps_the_config_it_started_with(make_gateway, fake: FakeUpstream) -> None:
