@@ -19,6 +19,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
+from aisix import limits, realtime
 from tests.fakes import FakeUpstream
 from tests.gateway import ROOT, TEAM_A, Gateway
 
@@ -83,7 +84,8 @@ def test_unit_has_the_required_settings(name: str) -> None:
         for key, value in keys.items():
             assert parsed.get(section, key, fallback=None) == value, f"{name}: [{section}] {key}"
     stop = int(parsed.get("Service", "TimeoutStopSec").removesuffix("s"))
-    assert stop > DRAIN_TIMEOUT_S + USAGE_FLUSH_S, "systemd would SIGKILL a gateway still draining"
+    after_drain = realtime.CLOSE_TIMEOUT_S + limits.GIVE_BACK_S + USAGE_FLUSH_S
+    assert stop > DRAIN_TIMEOUT_S + after_drain, "systemd would SIGKILL a gateway still draining"
 
 
 def test_every_setting_says_why() -> None:
