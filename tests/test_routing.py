@@ -26,7 +26,7 @@ import pytest
 import yaml
 
 from tests.fakes import Behaviour, FakeUpstream, SocketUpstream
-from tests.gateway import PROVIDER_SECRET, TEAM_A, Gateway, fd_targets
+from tests.gateway import PROVIDER_SECRET, TEAM_A, Gateway, fd_targets, hash_key
 from tests.test_transcriptions import form
 
 AUTH = {"Authorization": f"Bearer {TEAM_A}"}
@@ -355,6 +355,26 @@ async def test_every_provider_key_full_is_429(fake: FakeUpstream, make_gateway: 
     assert (got, error["code"]) == (429, "rate_limit_exceeded")
     assert "fake-limited" not in error["message"]  # the provider key's name is the operator's business
     assert "attempts" not in event
+
+
+async def test_a_request_refused_by_every_provider_key_still_counts_for_its_caller(
+        fake: FakeUpstream, make_gateway: Any) -> None:
+    # Admitted on its key's limits, it counts there whatever becomes of it (docs/api.md, section 8;
+    # OpenAI counts unsuccessful requests too): a caller resending at once is not served faster.
+    limited = {"display_name": "fake-limited", "provider": "openai", "api_base": fake.base_url,
+               "api_key": PROVIDER_SECRET, "rate_limit": {"rpd": 1}}
+    caller = {"display_name": "three-a-minute", "key_hash": hash_key("sk-three"), "allowed_models": ["*"],
+              "rate_limit": {"rpm": 3}}
+    gw = make_gateway(provider_keys=[limited], api_keys=[caller], models=[
+        {"display_name": "tts-one", "provider_key": "fake-limited", "model_name": "tts-a"},
+        {"display_name": "tts-free", "provider_key": "fake", "model_name": "tts-b"}])
+    got = []
+    async with aiohttp.ClientSession(headers={"Authorization": "Bearer sk-three"}) as s:
+        for model in ("tts-one", "tts-one", "tts-one", "tts-free"):
+            async with s.post(gw.url + "/v1/audio/speech", json={"model": model, "input": "hi", "voice": "a"}) as r:
+                got.append((r.status, (await r.json())["error"]["message"] if r.status != 200 else ""))
+    assert [status for status, _ in got] == [200, 429, 429, 429]
+    assert "upstream provider" in got[1][1] and "this API key" in got[3][1]
 
 
 # -- cooldown -----------------------------------------------------------------------------------
