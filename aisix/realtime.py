@@ -171,6 +171,7 @@ async def session(request: web.Request) -> web.StreamResponse:
                 s.account.slot = await app[LIMITER].admit(key, s.model, clock())
                 await s.connect(s.model, named=True)
             elif s.intent == "transcription":
+                s.transcription_only = True
                 s.account.slot = await app[LIMITER].admit_key(key, clock())
             else:
                 raise errors.invalid_request(
@@ -239,6 +240,18 @@ def _forwarded_protocols(request: web.Request) -> list[str]:
     return [p for p in _offered(request) if p.startswith("openai-beta.")]
 
 
+def _beyond_transcription(event: frames.ClientEvent) -> bool:
+    """Whether an event asks a transcription session for what it does not do: a response, or a
+    session.update to another session type."""
+    if event.type == frames.RESPONSE_CREATE:
+        return True
+    if event.type != frames.SESSION_UPDATE:
+        return False
+    session = event.doc.get("session")
+    kind = session.get("type", "transcription") if isinstance(session, dict) else "transcription"
+    return kind != "transcription"
+
+
 def _upstream_url(target: Target, intent: str | None, named: bool) -> str:
     """The target's realtime URL; without a model named in the URL (a transcription session
     whose model comes in session.update), without the model or deployment parameter."""
@@ -294,6 +307,10 @@ class Session:
         self.model: Model | None = None  # the session's model: ?model=, else the transcription model
         self.transcription_alias: str | None = None  # the last one a session.update named
         self.intent: str | None = None
+        # Opened with ?intent=transcription and no ?model: transcriptions only. A response (or a
+        # session.update to another type) would run on whatever model the provider defaults to,
+        # which no alias names, so no key's access, limits or prices were checked for it.
+        self.transcription_only = False
         self.target: Target | None = None
         self.account = Account(ex, self.limiter, self.clock)  # slots, usage, responses under way
         self.caller: _Caller | None = None
@@ -621,6 +638,9 @@ class Session:
         model's guardrails and prices) holds only once the whole frame has passed."""
         if event.clash is not None:
             raise Refused("invalid_json", f"The event has a key that differs from '{event.clash}' only in case.")
+        if self.transcription_only and _beyond_transcription(event):
+            raise Refused("model_not_supported", "A transcription session (?intent=transcription) has no "
+                          "responses and keeps its type: open a session with ?model=<alias> for them.")
         last: tuple[str, Model, Target] | None = None
         for named in event.transcription_models:  # each one: a second must not pass unchecked
             alias = _model_value(named)
@@ -726,8 +746,6 @@ class Session:
                     if not await self._tell(frames.error_event(exc.code, exc.message, event.event_id, exc.kind)):
                         raise _Ending(_gone(CALLER)) from None
                     continue
-            if event is not None and event.type == frames.RESPONSE_CREATE:
-                self.account.asked += 1  # as _from_caller counts one sent at once
             try:
                 await self.upstream.send_frame(data, kind)
             except ConnectionError:

@@ -945,25 +945,27 @@ async def test_an_error_for_another_event_does_not_end_the_wait_for_a_response_t
     assert (status, body["error"]["code"]) == (429, "budget_exceeded")
 
 
-async def test_a_response_create_held_until_the_transcription_model_is_named_is_collected(
-        make_gateway, rt: FakeRealtime) -> None:
-    # Held before the upstream was open, a response.create was flushed to it without being
-    # counted as asked: a caller leaving before its response.created left the session seeming
-    # idle, the upstream was closed at once, and the response went uncharged.
+async def test_a_transcription_session_has_no_responses_and_keeps_its_type(make_gateway, rt: FakeRealtime) -> None:
+    # Opened with ?intent=transcription and no model, a session that asked for a response, or
+    # turned itself into a realtime session, would run on the provider's default model: no alias
+    # named it, so no key's access, limits or prices were checked for it. Refused, held or not.
     gw = make_gateway(upstream_base=rt.base_url, **resources(rt))
-    rt.script = Script(read=False, replies={"response.create": [text({"type": "response.created",
-                                                                      "response": {"id": "r1"}})],
-                                            "response.cancel": _cancelled("r1")})
+    refused = []
     async with aiohttp.ClientSession() as s, \
             s.ws_connect(ws_url(gw, "intent=transcription"), headers=bearer()) as ws:
-        rid = ws._response.headers["x-aisix-request-id"]
-        await ws.send_str('{"type":"response.create"}')  # held
-        await ws.send_str(_update("rt-transcribe"))  # opens the upstream; the held frame goes first
-        await ws.close(code=1000)  # answered at once: the relay has stopped, nothing was read from the upstream
-    rt.resume_reading()
-    await rt.until(lambda ss: ss[0].ended)
-    event = gw.event(rid)
-    assert (event["input_tokens"], event["output_tokens"], event["close_code"]) == (700, 300, 1000)
+        await ws.send_str('{"type":"response.create","event_id":"evt_1"}')  # before the model is named
+        refused.append(await next_event(ws))
+        await ws.send_str(_update("rt-transcribe"))  # opens the upstream
+        await ws.send_str('{"type":"session.update","event_id":"evt_2","session":{"type":"realtime"}}')
+        refused.append(await next_event(ws))
+        await ws.send_str('{"type":"response.create","event_id":"evt_3"}')
+        refused.append(await next_event(ws))
+        await ws.send_str('{"type":"session.update","session":{"type":"transcription"}}')  # its own type: fine
+        up = (await rt.until(lambda ss: len(ss) == 1 and len(ss[0].frames) == 2))[0]
+    assert [(e["type"], e["error"]["code"], e["error"]["event_id"]) for e in refused] == [
+        ("error", "model_not_supported", f"evt_{i}") for i in (1, 2, 3)]
+    assert [e["type"] for e in up.events()] == ["session.update", "session.update"]
+    assert up.events()[1]["session"] == {"type": "transcription"}
 
 
 async def test_a_response_done_read_from_the_upstream_is_charged_though_the_caller_left_before_getting_it(
