@@ -113,8 +113,9 @@ class TranscriptReader:
                 texts.append(segment["text"])
         self.text = "\n".join(texts)
         read_usage(doc, self.usage)
-        if isinstance(doc.get("duration"), (int, float)) and self.usage.audio_seconds is None:
-            self.usage.audio_seconds = float(doc["duration"])
+        duration = _seconds(doc.get("duration"))
+        if duration is not None and self.usage.audio_seconds is None:
+            self.usage.audio_seconds = duration
 
 
 def line_ends(chunk: bytes | bytearray) -> bytes | bytearray:
@@ -147,14 +148,23 @@ def sse_events(buf: bytearray) -> list[dict[str, Any] | None]:
 
 
 def read_usage(doc: dict, u: Usage) -> None:
-    """What a JSON answer or event reports in ``usage`` (tokens, or seconds), into ``u``."""
+    """What a JSON answer or event reports in ``usage`` (tokens, or seconds), into ``u``. A figure
+    is taken only when it is a count (>= 0, not a boolean): a negative one would be billed as a
+    credit, ``true`` as 1."""
     usage = doc.get("usage")
     if not isinstance(usage, dict):
         return
     for name in ("input_tokens", "output_tokens", "total_tokens"):
         value = usage.get(name)
-        if isinstance(value, int) and not isinstance(value, bool):
+        if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
             setattr(u, name, value)
-    seconds = usage.get("seconds")
-    if isinstance(seconds, (int, float)) and not isinstance(seconds, bool):
-        u.audio_seconds = float(seconds)
+    seconds = _seconds(usage.get("seconds"))
+    if seconds is not None:
+        u.audio_seconds = seconds
+
+
+def _seconds(value: object) -> float | None:
+    """A reported number of seconds: a number >= 0, not a boolean; else None."""
+    if isinstance(value, int | float) and not isinstance(value, bool) and value >= 0:
+        return float(value)
+    return None

@@ -74,6 +74,7 @@ class Behaviour:
     status_only_for: bytes | None = None  # a form's model value: `status` for it, 200 for any other
     error_headers: dict[str, str] | None = None  # sent with the `status` envelope (Retry-After, ...)
     error_message: str | None = None  # the `status` envelope's message (else "fake upstream error <status>")
+    answer_fields: dict | None = None  # merged into a JSON transcript's answer (its usage, a duration, ...)
 
     def __post_init__(self) -> None:
         assert self.fail in FAIL_MODES, f"unknown fail mode {self.fail!r}"
@@ -275,7 +276,7 @@ class FakeUpstream:
             content_type = "application/json"
             payload = json.dumps({"text": text, "usage": {
                 "type": "tokens", "input_tokens": 10, "output_tokens": 5, "total_tokens": 15,
-            }}).encode()
+            }, **(behaviour.answer_fields or {})}).encode()
         if behaviour.fail is None:
             return web.Response(body=payload, content_type=content_type, headers=headers)
         # A fixed-length answer cut short: half the body, then the failure.

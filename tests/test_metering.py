@@ -555,3 +555,26 @@ async def test_an_upload_longer_than_the_quota_has_left_by_under_a_millisecond_s
     left = float(re.search(r"([0-9.]+) seconds left", message)[1])  # type: ignore[index]
     long = float(re.search(r"is (?:at least )?([0-9.]+) seconds long", message)[1])  # type: ignore[index]
     assert long > left, message
+
+
+
+@pytest.mark.parametrize(("answer", "priced"), [
+    ({"usage": {"type": "duration", "seconds": -30}}, "per_minute_input_audio"),  # a credit on the bill
+    ({"duration": True}, "per_minute_input_audio"),  # JSON true is no duration (Python's bool is an int)
+    ({"usage": {"type": "tokens", "input_tokens": -100, "output_tokens": 5}}, "per_1m_input_tokens"),
+], ids=["negative-seconds", "boolean-duration", "negative-tokens"])
+async def test_a_reported_figure_that_is_no_count_is_not_taken(fake: FakeUpstream, make_gateway: Any,
+                                                               answer: dict[str, Any], priced: str) -> None:
+    # A 2xx whose usage said -30 seconds had cost_usd -0.003 (a credit), `"duration": true` was
+    # billed as one second (not the measured 30), and -100 input tokens as a negative cost. A
+    # reported figure is taken only when it is a count (a number >= 0, not a boolean), as the
+    # realtime sessions' usage already is.
+    fake.behaviour = Behaviour(answer_fields=answer)
+    gw = make_gateway(models=whisper(pricing={priced: 6.0}))
+    status, _, event = await upload(gw, make("flac", 30.0).read_bytes())
+    assert status == 200
+    assert "audio_seconds" not in event and event.get("input_tokens", 0) >= 0, event
+    if priced == "per_minute_input_audio":  # priced by the measured 30 s
+        assert event["cost_usd"] == round(event["audio_seconds_in"] * 6.0 / 60, 8), event
+    else:  # the priced count is unknown: no cost, never a negative one
+        assert "cost_usd" not in event, event
