@@ -107,6 +107,7 @@ class FormBody:
                                          copy.replay() if copy is not None else ()):
                 if write and (size >= _BATCH or len(write) >= _BATCH_PIECES):
                     yield write
+                    inbound.taken()  # asked for the next: the upstream has read enough of this one
                     write, size = [], 0
                 write.append(chunk)
                 size += len(chunk)

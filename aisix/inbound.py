@@ -40,6 +40,12 @@ class Inbound:
     def exchange(self) -> Exchange:
         return self._ex
 
+    def taken(self) -> None:
+        """The upstream took the last write of bytes stored before (a held head, a replay's copy):
+        it has ``stream_idle_timeout_ms`` to take the next, as between the caller's own chunks.
+        Without this such bytes were timed by the answer's timeout, however steadily they went."""
+        self._deadline.wait(self._idle, UPSTREAM)
+
     async def read(self) -> bytes:
         """The next chunk; b"" at the end of the body. A caller that leaves is a ConnectionError."""
         self._deadline.wait(self._idle, CLIENT)

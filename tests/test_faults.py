@@ -19,6 +19,7 @@ Already covered elsewhere, so left out of the matrix: a speech chunked answer re
 from __future__ import annotations
 
 import asyncio
+import io
 import select
 import socket
 import struct
@@ -405,3 +406,74 @@ async def test_an_upload_to_an_upstream_that_stopped_reading_lets_go_of_it(
     while established_to(faults_gw.pid, raw_upstream.port) > held_before and time.monotonic() < deadline:
         await asyncio.sleep(0.05)  # polling an observable (the socket table), bounded by the deadline
     assert established_to(faults_gw.pid, raw_upstream.port) == held_before
+
+
+class PacedUpstream(SocketUpstream):
+    """Reads a request's first `slow_bytes` of body at a steady pace (64 KiB every 10 ms, never
+    silent for long), the rest at once, then answers 200: an upstream slower to read an upload
+    than the answer timeout, but never idle."""
+
+    def __init__(self, slow_bytes: int) -> None:
+        super().__init__(rcvbuf=64 * 1024)
+        self.slow_bytes = slow_bytes
+        self.requests: list[tuple[int, bool]] = []  # (body bytes read, whole)
+
+    def _serve(self, conn: socket.socket, number: int) -> None:
+        try:
+            conn.settimeout(30)
+            f = conn.makefile("rb")
+            f.readline()
+            headers = {}
+            while (line := f.readline()) not in (b"\r\n", b""):
+                name, _, value = line.decode("latin-1").partition(":")
+                headers[name.strip().lower()] = value.strip()
+            want, got = int(headers["content-length"]), 0
+            while got < want:
+                data = f.read(min(64 * 1024, want - got) if got < self.slow_bytes else want - got)
+                if not data:
+                    break
+                got += len(data)
+                if got < self.slow_bytes:
+                    time.sleep(0.01)  # the upstream's pace, not a synchronisation
+            self.requests.append((got, got == want))
+            body = b'{"text": "read slowly"}'
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
+                         % (len(body), body))
+            _until_peer_closes(conn)
+        except OSError:
+            conn.close()
+
+
+@pytest.mark.parametrize("case", ["file-first", "replayed"])
+async def test_an_upload_the_upstream_reads_steadily_is_not_cut_by_the_answer_timeout(
+        fake: FakeUpstream, make_gateway: Any, case: str) -> None:
+    """Bytes the gateway had stored (what came before the model, a replay's copy) are written at the
+    pace the upstream reads, as the caller's own are: the upstream not reading for
+    stream_idle_timeout_ms is a timeout, a steady upload longer than the answer's timeout is not."""
+    paced = PacedUpstream(slow_bytes=8 * MIB)
+    try:
+        providers = [{"display_name": "paced", "provider": "openai", "api_base": paced.base_url,
+                      "api_key": "sk-provider-paced"}]
+        targets = [{"provider_key": "fake", "model_name": "whisper-a"},
+                   {"provider_key": "paced", "model_name": "whisper-b", "priority": 1}]
+        models = [{"display_name": "whisper-paced", "provider_key": "paced", "model_name": "whisper-b"},
+                  {"display_name": "whisper-replayed", "targets": targets}]
+        gw = make_gateway({"upstream": {"timeout_ms": 500, "connect_timeout_ms": 200,
+                                        "stream_idle_timeout_ms": 5000}},
+                          provider_keys=providers, models=models)
+        audio = b"RIFF" + bytes(16 * MIB)
+        if case == "file-first":  # held whole before the model value, then written from there
+            data, ctype = form("file", "model", model=b"whisper-paced", file=audio)
+        else:  # the first target reads it all and answers 503: the second gets it from the copy
+            data, ctype = form("model", "file", model=b"whisper-replayed", file=audio)
+            fake.behaviour = Behaviour(status=503, keep_body=False)
+        rid = uuid.uuid4().hex
+        status, _, body = await call(gw, {"url": "/v1/audio/transcriptions", "data": io.BytesIO(data), "headers": {
+            "Authorization": f"Bearer {TEAM_A}", "x-aisix-request-id": rid, "Content-Type": ctype}})
+        assert status == 200, body
+        assert body == b'{"text": "read slowly"}'
+        assert [complete for _, complete in paced.requests] == [True]
+        event = gw.event(rid)
+        assert [a["status"] for a in event["attempts"]] == ([200] if case == "file-first" else [503, 200])
+    finally:
+        paced.stop()
