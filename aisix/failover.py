@@ -25,6 +25,7 @@ from . import errors, routing
 from .config import Model, Target
 from .deadline import UPSTREAM, Deadline
 from .exchange import Exchange
+from .http1 import LengthMismatch
 from .keys import CLOCK, LIMITER, METRICS, POOL, SETTINGS
 from .limits import Slot
 from .upstream import Answer, Body
@@ -249,7 +250,11 @@ BUFFER_LIMIT = 64 * 1024  # a failed answer's body (an error envelope) kept for 
 
 async def _read_whole(answer: Answer, idle: float) -> Buffered | None:
     """The answer with its body, or None (and the connection aborted) when the body is larger
-    than BUFFER_LIMIT, does not come within ``idle`` or breaks."""
+    than BUFFER_LIMIT, does not come within ``idle`` or breaks.
+
+    An upload still streaming while this answer came (an early answer) may fail meanwhile on the
+    caller's side (a bad form, the body cap, the caller gone): that ends the request with its
+    own error, as it would have without this answer, and no other attempt follows."""
     body = bytearray()
     try:
         async with asyncio.timeout(idle):
@@ -257,9 +262,26 @@ async def _read_whole(answer: Answer, idle: float) -> Buffered | None:
                 body += chunk
                 if len(body) > BUFFER_LIMIT:
                     answer.close()
+                    _raise_upload_error(answer)
                     return None
     except (TimeoutError, ConnectionError):
         answer.close()
+        _raise_upload_error(answer)
         return None
+    _raise_upload_error(answer)
     answer.release()
     return Buffered(answer.status, answer.headers, bytes(body))
+
+
+def _raise_upload_error(answer: Answer) -> None:
+    """What the upload's iterator raised (the request's own failure), if it did."""
+    error, answer.body_error = answer.body_error, None
+    if error is None:
+        return
+    try:
+        if isinstance(error, LengthMismatch):
+            log.error("%s; upstream connection aborted", error)
+            raise errors.internal_error() from None
+        raise error
+    finally:
+        del error

@@ -15,6 +15,7 @@ import signal
 import os
 import socket
 import tempfile
+import threading
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -688,3 +689,60 @@ async def test_a_speech_request_is_timed_from_its_last_byte_not_from_before_the_
     finally:
         queued.close()
         full.close()
+
+
+class EarlyAnswer(SocketUpstream):
+    """Reads 100 KB of the upload, sends the head of a 503 and the start of its body, then reads
+    the rest of the upload without ever finishing that answer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.read: list[int] = []  # body bytes read per request
+        self.answered = threading.Event()  # the 503's head has been sent
+
+    def _serve(self, conn: socket.socket, number: int) -> None:
+        try:
+            conn.settimeout(30)
+            f = conn.makefile("rb")
+            while f.readline() not in (b"\r\n", b""):
+                pass
+            n = len(f.read(100_000))
+            conn.sendall(b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+                         b"Content-Length: 80\r\n\r\n{\"error\": {")
+            self.answered.set()
+            while data := conn.recv(65536):
+                n += len(data)
+        except OSError:
+            pass
+        finally:
+            self.read.append(n)
+            conn.close()
+
+
+async def test_an_upload_that_fails_while_a_503_is_read_ends_the_request(fake_b: FakeUpstream,
+                                                                          make_gateway: Any) -> None:
+    """The first target answers 503 before the upload has ended, and the caller's upload then turns
+    out broken: the request ends with the caller's own 400, as it would have without the 503. No
+    other target is tried, nor sent a part of a request that already failed."""
+    early = EarlyAnswer()
+    try:
+        keys = [{"display_name": "early", "provider": "openai", "api_base": early.base_url, "api_key": PROVIDER_SECRET},
+                key_b(fake_b.base_url)]
+        alias = {"display_name": "whisper-failover", "routes": ["transcriptions"], "cooldown": NO_COOLDOWN,
+                 "targets": [{"provider_key": "early", "model_name": "whisper-a"},
+                             {"provider_key": "fake-b", "model_name": "whisper-b", "priority": 1}]}
+        gw = make_gateway({"upstream": {"stream_idle_timeout_ms": 5000}}, provider_keys=keys, models=[alias])
+        data, ctype = form("model", "file", model=b"whisper-failover", file=b"RIFF" + bytes(2_000_000))
+
+        async def broken() -> AsyncIterator[bytes]:
+            yield data[:1_000_000]
+            assert await asyncio.to_thread(early.answered.wait, 10)
+            yield data[1_000_000:-20]  # still some file, then no closing delimiter
+
+        got, body, event = await upload(gw, broken(), ctype)
+        assert got == 400, body
+        assert json.loads(body)["error"]["code"] == "invalid_multipart"
+        assert attempts(event) == [("early", 503, None)]
+        assert fake_b.received == []
+    finally:
+        early.stop()
