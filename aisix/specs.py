@@ -102,15 +102,19 @@ _SHOWN_OPTIONS = ("stream", "maxlen")  # the sink's own; any other option's valu
 
 def redact(spec: str) -> str:
     """The spec without userinfo: a Redis password must not reach a message or a log line.
-    Everything up to the last '@' goes: a password may hold an unescaped '/', '?', '#' or '@'
-    (an '@' in the query hides more than it needs to, never less). The values of query options
-    other than the sink's own go too: redis-py's URLs take ``?password=``, which aisix refuses
-    in a message that quotes the URL."""
+    Everything up to the last '@' goes: a password may hold an unescaped '/', '?', '#' or '@'.
+    The values of query options other than the sink's own go too: redis-py's URLs take
+    ``?password=``, which aisix refuses in a message that quotes the URL. When a '?' comes before
+    that '@', the '@' may be inside a query option's value (``?password=p@ss``): what follows it
+    could be the rest of the password, not a host, and all of it goes."""
     scheme, sep, rest = spec.partition("://")
     if not sep:
         return spec
     if "@" in rest:
-        rest = "***@" + rest.rpartition("@")[2]
+        hidden, _, rest = rest.rpartition("@")
+        if "?" in hidden:
+            return f"{scheme}://***"
+        rest = "***@" + rest
     base, question, query = rest.partition("?")
     if question:
         options = (part.partition("=") for part in query.split("&"))
