@@ -181,19 +181,22 @@ a realtime session also charges tokens as they are reported (charge)."""
         # uploads in flight here claimed): refused so, the request counts nowhere, like any refusal.
         checked = needing(p, audio_seconds, self._audio_claims) if audio_seconds else p
         began = time.monotonic()
+        sent = False  # whether the admission went to the store (not only the releases before it)
         try:
             if self._memory is not None:
                 blocked, counts = self._memory.admit_now(checked, now)
             else:
                 if self._unreleased:
                     await self._released(now)
+                sent = True
                 blocked, counts = await self._admitted(checked, slot.id, now)
                 self._paused_until = 0.0
         except self._store_errors as e:
             self.fail_open_total += 1
             self._pause(now, began)
             self._warn(now, "rate limit store failed, admitting without checking limits: %s: %s", e)
-            self._unrelease(p, slot.id)  # the script may have run and taken a slot
+            if sent:
+                self._unrelease(p, slot.id)  # the script may have run and taken a slot
             return Slot(None, "")
         finally:
             if probe:

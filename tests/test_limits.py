@@ -658,6 +658,28 @@ async def test_a_release_redis_did_not_take_is_given_back_before_the_next_admiss
         await lim.settle(third, None, T0 + 6)
 
 
+async def test_a_probe_that_finds_redis_still_down_adds_no_slot_to_give_back(redis_url: str) -> None:  # noqa: F811
+    """While releases wait to be given back, each probe of a Redis still down failed in that
+    release, before its own admission was sent, and yet queued its own slot as one the script
+    may have taken: one more ZREM per probe (one a second or so through an outage, up to 4096),
+    sent one by one before the first admission once Redis is back, every admission waiting."""
+    key, m = api_key(), model(concurrency=1)
+    async with _behind_a_holding_proxy(redis_url) as (proxy, lim, r):
+        slot = await lim.admit(key, m, T0)
+        proxy.cut = True
+        await lim.settle(slot, None, T0 + 1)  # a release lost: to be given back
+        for i in range(5):  # each one a probe (the pause is over), failing open
+            assert (await lim.admit(key, m, T0 + 10 + 10 * i)).plan is None
+        assert lim.fail_open_total == 5
+        proxy.cut = False
+        await r.config_resetstat()
+        other = await lim.admit(key, m, T0 + 100)
+        assert other is not None and other.plan is not None
+        assert (await r.info("commandstats"))["cmdstat_zrem"]["calls"] == 1  # the lost release alone
+        assert await r.zcard(ZSET) == 1
+        await lim.settle(other, None, T0 + 101)
+
+
 async def test_a_target_failure_cancelled_before_it_was_sent_still_reaches_redis(
         redis_url: str) -> None:  # noqa: F811
     """A caller that leaves as its attempt fails cancels the handler while the failure is being
