@@ -28,6 +28,7 @@ release is sent again before the next admission the store answers, ``_released``
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import math
@@ -447,6 +448,12 @@ a realtime session also charges tokens as they are reported (charge)."""
         # settles and charges whose callers were cancelled: each runs on, and is waited for here.
         while self._running_on and (left := deadline - loop.time()) > 0:
             await asyncio.wait(set(self._running_on), timeout=left)
+        # Releases Redis did not take, which no next admission will send now: what is left of
+        # the wait is theirs (else each holds its slot to the end of its lease, an hour).
+        if self._unreleased and self._memory is None and (left := deadline - loop.time()) > 0:
+            with contextlib.suppress(TimeoutError, *self._store_errors):
+                async with asyncio.timeout(left):
+                    await self._released(time.time())
         await self._store.close()
 
 

@@ -680,6 +680,21 @@ async def test_a_probe_that_finds_redis_still_down_adds_no_slot_to_give_back(red
         await lim.settle(other, None, T0 + 101)
 
 
+async def test_a_release_redis_did_not_take_is_given_back_at_close(redis_url: str) -> None:  # noqa: F811
+    """A release lost to a blip, then the process stops (a drain, a restart) before any other
+    admission: close() gives the limiter's last releases up to GIVE_BACK_S, and Redis answers
+    again, but the slot was left to its lease, the key shut for an hour at concurrency 1."""
+    key, m = api_key(), model(concurrency=1)
+    async with _behind_a_holding_proxy(redis_url) as (proxy, lim, r):
+        slot = await lim.admit(key, m, T0)
+        proxy.cut = True
+        await lim.settle(slot, None, T0 + 1)
+        assert lim.settle_errors_total == 1 and await r.zcard(ZSET) == 1
+        proxy.cut = False
+        await lim.close()
+        assert await r.zcard(ZSET) == 0
+
+
 async def test_a_target_failure_cancelled_before_it_was_sent_still_reaches_redis(
         redis_url: str) -> None:  # noqa: F811
     """A caller that leaves as its attempt fails cancels the handler while the failure is being
