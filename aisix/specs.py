@@ -7,7 +7,7 @@ once into typed values the factories take (usage.UsageSink.create, limits.Limite
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from urllib.parse import SplitResult, parse_qs, urlsplit, urlunsplit
+from urllib.parse import SplitResult, parse_qs, unquote_plus, urlsplit, urlunsplit
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,10 +47,7 @@ def parse_sink(text: str) -> SinkSpec:
         name = redact(text)
         try:
             url = _split_redis(text)
-            query = parse_qs(url.query, strict_parsing=bool(url.query))
-            unknown = set(query) - {"stream", "maxlen"}
-            if unknown:
-                raise ValueError(f"unknown option(s) {', '.join(sorted(unknown))}; expected stream, maxlen")
+            query = _sink_options(url.query)
             _redis_url(url)
             maxlen = int(query.get("maxlen", ["1000000"])[-1])
             if maxlen < 1:
@@ -78,6 +75,19 @@ def parse_backend(text: str) -> BackendSpec:
     raise ValueError("must be 'memory' or 'redis://host:port/db'")
 
 
+def _sink_options(query: str) -> dict[str, list[str]]:
+    """A Redis sink's options. The first option that is not one of them is named, and nothing
+    after it: a password given as ``?password=`` with an unescaped '&' makes what follows it look
+    like options of their own (parse_qs's own message quotes a field without '=')."""
+    for part in query.split("&") if query else ():
+        name, equals, _ = part.partition("=")
+        if not equals:
+            raise ValueError("an option without '=' (expected stream=<name>, maxlen=<n>)")
+        if unquote_plus(name) not in _SHOWN_OPTIONS:
+            raise ValueError(f"unknown option(s) {unquote_plus(name)}; expected stream, maxlen")
+    return parse_qs(query, strict_parsing=bool(query))
+
+
 def _split_redis(text: str) -> SplitResult:
     """The URL's parts; a password whose '/', '?', '#' or '@' is not percent-encoded is refused
     before any part is named in a message (the parser would have cut it into the path, query or
@@ -103,10 +113,11 @@ _SHOWN_OPTIONS = ("stream", "maxlen")  # the sink's own; any other option's valu
 def redact(spec: str) -> str:
     """The spec without userinfo: a Redis password must not reach a message or a log line.
     Everything up to the last '@' goes: a password may hold an unescaped '/', '?', '#' or '@'.
-    The values of query options other than the sink's own go too: redis-py's URLs take
-    ``?password=``, which aisix refuses in a message that quotes the URL. When a '?' comes before
-    that '@', the '@' may be inside a query option's value (``?password=p@ss``): what follows it
-    could be the rest of the password, not a host, and all of it goes."""
+    Query options other than the sink's own go too, with all that follows them: redis-py's URLs
+    take ``?password=`` (whose value may hold an unescaped '&'), which aisix refuses in a message
+    that quotes the URL. When a '?' comes before that '@', the '@' may be inside a query option's
+    value (``?password=p@ss``): what follows it could be the rest of the password, not a host,
+    and all of it goes."""
     scheme, sep, rest = spec.partition("://")
     if not sep:
         return spec
@@ -116,9 +127,12 @@ def redact(spec: str) -> str:
             return f"{scheme}://***"
         rest = "***@" + rest
     base, question, query = rest.partition("?")
-    if question:
-        options = (part.partition("=") for part in query.split("&"))
-        query = "&".join(name + equals + (value if name in _SHOWN_OPTIONS else "***")
-                         for name, equals, value in options)
-        rest = f"{base}?{query}"
+    if question:  # the sink's own options as given, up to the first other one: from there, "***"
+        shown = []
+        for part in query.split("&"):
+            if part.partition("=")[0] not in _SHOWN_OPTIONS:
+                shown.append("***")  # its value may hold an '&', and the rest be more of it
+                break
+            shown.append(part)
+        rest = f"{base}?{'&'.join(shown)}"
     return f"{scheme}://{rest}"
