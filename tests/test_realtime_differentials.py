@@ -175,7 +175,9 @@ _SECRET_UPDATE = orjson.dumps(update({"audio": {"input": {"transcription": {"mod
     _SECRET_UPDATE.decode().encode("utf-16-le"),  # and without
     _SECRET_UPDATE.decode().encode("utf-32-be"),
     _SECRET_UPDATE[:-1] + b',"n":NaN}',  # a NaN
-], ids=["utf8-bom", "utf16", "utf16le", "utf32be", "nan"])
+    # Invalid UTF-8 in a string: read as U+FFFD by Go's encoding/json and a browser's TextDecoder
+    _SECRET_UPDATE[:-1] + b',"n":"\xff"}',
+], ids=["utf8-bom", "utf16", "utf16le", "utf32be", "nan", "invalid-utf8"])
 async def test_a_binary_frame_a_lax_json_reader_takes_for_an_event_is_refused(
         gw: Gateway, rt: FakeRealtime, frame: bytes) -> None:
     # A binary frame is read in case an upstream takes it for an event; one orjson could not read
