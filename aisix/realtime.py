@@ -615,9 +615,12 @@ class Session:
     async def _checked(self, data: bytes, kind: WSMsgType) -> tuple[bytes, frames.ClientEvent | None]:
         """A client event the gateway checks, as it goes upstream, and that event; raises Refused."""
         if frames.too_many_values(data):
-            if kind is _BINARY and not frames.valid_text(data) and not frames.other_encoding(data):
+            if kind is _BINARY and not frames.valid_text(data) and not frames.other_encoding(data) \
+                    and not frames.opens_an_object(data):
                 return data, None  # audio, which no JSON reader takes for an event
             # Parsed whole, it would cost the gateway thirty times its size, on the event loop.
+            # Binary that is not UTF-8 too, once it opens an object: a lax reader upstream takes
+            # invalid UTF-8 for U+FFFD (frames.lax_object).
             raise Refused("event_too_complex", f"The event holds more than {frames.MAX_VALUES} JSON values.")
         event = frames.parse_client(data)
         if event is None:

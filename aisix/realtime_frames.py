@@ -11,6 +11,7 @@ checks as one event and reach the upstream as another.
 from __future__ import annotations
 
 import json
+import re
 import secrets
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -95,6 +96,15 @@ def lax_object(frame: bytes) -> bool:
 
 
 _ASCII_ONLY = bytes(range(128)) + b"?" * 128
+
+
+_OPENS_AN_OBJECT = re.compile(rb'[ \t\r\n]*\{[ \t\r\n]*"')
+
+
+def opens_an_object(frame: bytes) -> bool:
+    """Whether a frame starts as a JSON object with a member does (``{"``, blanks around the
+    brace): one a JSON reader may take for an event. Matched in place: a frame may be 16 MiB."""
+    return _OPENS_AN_OBJECT.match(frame) is not None
 
 
 def too_many_values(frame: bytes) -> bool:

@@ -213,7 +213,13 @@ async def test_an_event_of_too_many_json_values_is_refused_unread(gw: Gateway, r
     item = orjson.dumps({"type": "conversation.item.create", "item": {"type": "message", "role": "user", "content": [
         {"type": "input_audio", "audio": "QUJD" * 1_000_000}]}})
     audio = b"{\\" + b",:[{" * 100_000 + bytes(range(256))  # binary that starts like JSON and is not
+    # An event padded past the count, in binary with a byte that is not UTF-8: a lax reader
+    # upstream (Go's, a browser's) takes it for U+FFFD and the event for what it says.
+    lax = b'{"type":"session.update","session":{"model":"gpt-secret","x":"\xff"},"pad":[' + b"0," * 140_000 + b'0]}'
     async with aiohttp.ClientSession() as s, s.ws_connect(ws_url(gw), headers=bearer()) as ws:
+        await ws.send_bytes(lax)
+        error = await next_event(ws)
+        assert (error["type"], error["error"]["code"]) == ("error", "event_too_complex")
         await ws.send_str(many.decode())
         await ws.send_str(item.decode())
         await ws.send_bytes(audio)
