@@ -297,6 +297,9 @@ class Answer:
         for value in self.headers.getall("Transfer-Encoding", ()):  # none asked for (identity): none undone
             if any(coding.strip().lower() not in ("chunked", "") for coding in value.split(",")):
                 raise UpstreamError("the upstream's answer has a transfer coding besides chunked")
+        for value in self.headers.getall("Content-Encoding", ()):  # none asked for: the caller is never told of one
+            if any(coding.strip().lower() not in ("identity", "") for coding in value.split(",")):
+                raise UpstreamError("the upstream's answer has a content coding though none was asked for")
         self._eof_ends = ("Content-Length" not in self.headers
                           and "chunked" not in self.headers.get("Transfer-Encoding", "").lower()
                           and status not in (204, 304))

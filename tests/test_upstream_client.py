@@ -264,6 +264,28 @@ async def test_an_answer_with_a_transfer_coding_besides_chunked_is_a_502(make_ga
     assert status == 502 and b"upstream_unavailable" in body
 
 
+@pytest.mark.parametrize("codings", [b"gzip", b"identity, br", b"x-custom"])
+async def test_an_answer_with_a_content_coding_is_a_502(make_gateway, scripted: list[Scripted],
+                                                       codings: bytes) -> None:
+    """Asked for none (Accept-Encoding: identity), a provider that compresses all the same had its
+    bytes relayed without the Content-Encoding that says how to read them: the SDKs failed on
+    them (a UnicodeDecodeError), metering and guardrails read nothing. "identity" is none."""
+    up = Scripted(lambda n: b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Encoding: "
+                  + codings + b"\r\nContent-Length: 5\r\n\r\nhello")
+    scripted.append(up)
+    gw = make_gateway(upstream_base=up.base_url)
+    [(status, body, _)] = await speech(gw)
+    assert status == 502 and b"upstream_unavailable" in body
+
+
+async def test_an_identity_content_coding_is_none(make_gateway, scripted: list[Scripted]) -> None:
+    up = Scripted(lambda n: b"HTTP/1.1 200 OK\r\nContent-Type: audio/mpeg\r\nContent-Encoding: identity"
+                  b"\r\nContent-Length: 5\r\n\r\nhello")
+    scripted.append(up)
+    gw = make_gateway(upstream_base=up.base_url)
+    assert await speech(gw) == [(200, b"hello", "audio/mpeg")]
+
+
 async def test_an_empty_element_in_transfer_encoding_is_no_coding(make_gateway, scripted: list[Scripted]) -> None:
     """RFC 9110 (5.6.1): a recipient accepts empty list elements; ", chunked" names no coding
     besides chunked."""
