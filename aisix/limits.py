@@ -471,9 +471,11 @@ def _retrieved(task: asyncio.Future[Any]) -> None:
 
 
 def _scaled(tokens: int | None, cost_usd: float | None, audio_seconds: float | None) -> dict[str, int]:
-    """unit -> the amount as the stores keep it (tokens, micro-USD, milliseconds)."""
+    """unit -> the amount as the stores keep it (tokens, micro-USD, milliseconds). An amount that
+    is not finite once scaled (an upstream's reported 1e308 seconds) is no count and is left out:
+    round() would raise, and settle, which must never raise, would keep the request's slot."""
     charges = {}
     for unit, amount in (("tokens", tokens), ("usd", cost_usd), ("seconds", audio_seconds)):
-        if amount and amount > 0:
-            charges[unit] = max(1, round(amount * SCALE[unit]))
+        if amount and amount > 0 and math.isfinite(scaled := amount * SCALE[unit]):
+            charges[unit] = max(1, round(scaled))
     return charges

@@ -7,6 +7,7 @@ the cost is unknown (None), never a guess from the quantities that are known.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from .config import Model, Pricing, Target
@@ -33,7 +34,9 @@ def cost(p: Pricing, q: Quantities) -> float | None:
         if quantity is None:
             return None
         total += price * quantity / per
-    return round(total, 8)
+    # A reported figure finite but huge (1e308 seconds) overflows: no cost is known, not +Inf
+    # (null in the event, and the cost counter +Inf for good).
+    return round(total, 8) if math.isfinite(total) else None
 
 
 def prices_of(model: Model, target: Target | None) -> Pricing | None:

