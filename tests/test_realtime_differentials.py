@@ -177,7 +177,11 @@ _SECRET_UPDATE = orjson.dumps(update({"audio": {"input": {"transcription": {"mod
     _SECRET_UPDATE[:-1] + b',"n":NaN}',  # a NaN
     # Invalid UTF-8 in a string: read as U+FFFD by Go's encoding/json and a browser's TextDecoder
     _SECRET_UPDATE[:-1] + b',"n":"\xff"}',
-], ids=["utf8-bom", "utf16", "utf16le", "utf32be", "nan", "invalid-utf8"])
+    # Nested deeper than Python's json (1,000) and orjson (1,024) go: Go's encoding/json takes
+    # 10,000 levels, a browser's JSON.parse more. Either reader's giving up is no proof of audio.
+    _SECRET_UPDATE[:-1] + b',"n":' + b"[" * 1100 + b"]" * 1100 + b"}",
+    _SECRET_UPDATE[:-1] + b',"n":"\xff","m":' + b"[" * 1100 + b"]" * 1100 + b"}",
+], ids=["utf8-bom", "utf16", "utf16le", "utf32be", "nan", "invalid-utf8", "deep", "deep-invalid-utf8"])
 async def test_a_binary_frame_a_lax_json_reader_takes_for_an_event_is_refused(
         gw: Gateway, rt: FakeRealtime, frame: bytes) -> None:
     # A binary frame is read in case an upstream takes it for an event; one orjson could not read
