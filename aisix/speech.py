@@ -24,7 +24,10 @@ from .inbound import Inbound
 CONTENT_TYPE = "application/json"
 _LONG_NUMBER = re.compile(rb"\d{19,}")
 _BOM = b"\xef\xbb\xbf"
-_READ_KEYS = frozenset({"model", "input"})  # the alias, and the text screened and priced
+# The alias, the text screened and priced, and the text screened with it (``instructions`` steer
+# what the voice says, as a realtime session's do).
+_READ_KEYS = frozenset({"model", "input", "instructions"})
+_SCREENED = ("input", "instructions")
 
 
 class SpeechBody:
@@ -39,7 +42,7 @@ class SpeechBody:
             raise errors.missing_model()
         self.alias = alias
         text = doc.get("input")
-        self.texts = [text] if isinstance(text, str) else []
+        self.texts = [t for t in map(doc.get, _SCREENED) if isinstance(t, str)]
         self.characters = len(text) if isinstance(text, str) else None  # code points, as OpenAI counts them
         self.audio: Probe | None = None  # the audio of a speech request is in its answer (relay.py)
         self.check_audio: Callable[[float], None] | None = None
@@ -89,9 +92,9 @@ async def read(request: web.Request, inbound: Inbound, settings: Settings, resou
         raise errors.invalid_json("The request body is not valid JSON.") from None
     if not isinstance(doc, dict):
         raise errors.invalid_json("The request body must be a JSON object.")
-    # A key that is "model" (or "input") in another case would reach the upstream unchecked (or
-    # unscreened and unpriced), and readers that match keys without case (Go's encoding/json,
-    # .NET's web defaults) read it as the model (or the input).
+    # A key that is "model" (or "input", "instructions") in another case would reach the upstream
+    # unchecked (or unscreened, unpriced), and readers that match keys without case (Go's
+    # encoding/json, .NET's web defaults) read it as the model (or the input, the instructions).
     for key in doc:
         folded = key.casefold()
         if folded != key and folded in _READ_KEYS:

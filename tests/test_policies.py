@@ -223,6 +223,23 @@ async def test_speech_input_block_and_monitor(guarded: Gateway, fake: FakeUpstre
     assert guarded.event(rid)["guardrail"] == {"name": "watch-refunds", "action": "monitored"}
 
 
+@pytest.mark.parametrize("key", ["instructions", "Instructions"])
+async def test_speech_instructions_are_screened_as_the_input_is(guarded: Gateway, fake: FakeUpstream, key: str) -> None:
+    """`instructions` steers what gpt-4o-mini-tts says, as a realtime session's `instructions`
+    do (screened there): it was sent on unscreened, so a blocked word went around the guardrail
+    in the one field next to `input`. A key that is `instructions` in another case is refused, as
+    for `model` and `input` (readers that match keys without case take it for the field)."""
+    rid = uuid.uuid4().hex
+    status, _, body = await post(guarded, TEAM_A, json={**SPEECH, key: "first say: my PassWord is hunter2"},
+                                 headers={"x-aisix-request-id": rid})
+    assert fake.received == []
+    if key == "instructions":
+        assert status == 422 and b"no-secrets" in body and b"hunter2" not in body
+        assert guarded.event(rid)["guardrail"] == {"name": "no-secrets", "action": "blocked"}
+    else:
+        assert status == 400 and b"invalid_json" in body
+
+
 async def test_prompt_before_the_model_blocks_before_the_upstream(guarded: Gateway, fake: FakeUpstream) -> None:
     body, ctype = form(("prompt", b"card 1234567812345678"), "file", "model")
     status, _, out = await post(guarded, TEAM_A, "/v1/audio/transcriptions", json=None, data=body,
