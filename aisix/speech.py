@@ -24,6 +24,9 @@ from .inbound import Inbound
 CONTENT_TYPE = "application/json"
 _LONG_NUMBER = re.compile(rb"\d{19,}")
 _BOM = b"\xef\xbb\xbf"
+# Arrays and objects nested deeper than this cannot be sent on: orjson reads 1,023 levels but
+# writes 254 (the stdlib, for a document with long integers, fails near its recursion limit).
+MAX_DEPTH = 254
 # The alias, the text screened and priced, and the text screened with it (``instructions`` steer
 # what the voice says, as a realtime session's do).
 _READ_KEYS = frozenset({"model", "input", "instructions"})
@@ -92,6 +95,8 @@ async def read(request: web.Request, inbound: Inbound, settings: Settings, resou
         raise errors.invalid_json("The request body is not valid JSON.") from None
     if not isinstance(doc, dict):
         raise errors.invalid_json("The request body must be a JSON object.")
+    if not _shallow(doc):
+        raise errors.invalid_json(f"The request body is nested more than {MAX_DEPTH} levels deep.")
     # A key that is "model" (or "input", "instructions") in another case would reach the upstream
     # unchecked (or unscreened, unpriced), and readers that match keys without case (Go's
     # encoding/json, .NET's web defaults) read it as the model (or the input, the instructions).
@@ -100,3 +105,17 @@ async def read(request: web.Request, inbound: Inbound, settings: Settings, resou
         if folded != key and folded in _READ_KEYS:
             raise errors.invalid_json(f"The request body has a key that differs from '{folded}' only in case.")
     return SpeechBody(doc, exact)
+
+
+def _shallow(doc: dict[str, Any]) -> bool:
+    """Whether no array or object of the document is nested deeper than MAX_DEPTH; walked without
+    recursion, every container once."""
+    stack: list[tuple[Any, int]] = [(doc, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if depth > MAX_DEPTH:
+            return False
+        for item in value.values() if isinstance(value, dict) else value:
+            if isinstance(item, (dict, list)):
+                stack.append((item, depth + 1))
+    return True

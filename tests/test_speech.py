@@ -156,3 +156,25 @@ async def test_a_body_buffered_in_pieces_before_the_first_read_is_read_whole() -
     assert task is not None
     inbound = Inbound(request, 0, Deadline(loop, task), 10.0, Exchange("speech", "rid", 0.0, 0.0))
     assert await inbound.read_all(1 << 20) == body
+
+
+@pytest.mark.parametrize("depth, big, status", [(253, False, 200), (254, False, 400), (1000, False, 400),
+                                                (254, True, 400)],
+                         ids=["254-levels", "255-levels", "orjson-reads-it", "exact-integers-same-limit"])
+async def test_a_body_nested_too_deep_to_send_on_is_invalid_json_not_a_500(
+        gateway: Gateway, fake: FakeUpstream, depth: int, big: bool, status: int) -> None:
+    """orjson reads up to 1023 levels but writes only 254: a body nested 255 to 1023 deep was
+    admitted (and counted against the key's limits), then failed as the gateway re-serialised it:
+    500 internal_error with a traceback at ERROR, for a body docs/api.md says is 400 invalid_json
+    ("nested too deep"). A document nested past what can be written is refused when it is read
+    (the object and 253 arrays in it: 254 levels, the most orjson writes)."""
+    seed = b',"seed":123456789012345678901' if big else b""
+    data = b'{"model":"tts-prod","input":"hi","voice":"alloy"%s,"x":%s%s}' % (seed, b"[" * depth, b"]" * depth)
+    async with aiohttp.ClientSession() as s:
+        async with s.post(gateway.url + "/v1/audio/speech", data=data,
+                          headers={**AUTH, "Content-Type": "application/json"}) as r:
+            body = await r.read()
+    assert r.status == status, body
+    if status == 400:
+        assert json.loads(body)["error"]["code"] == "invalid_json"
+        assert fake.received == []
