@@ -97,7 +97,24 @@ def for_format(response_format: str) -> Probe:
 
 def for_answer(content_type: str) -> Probe:
     """The probe for a speech answer of this Content-Type."""
-    media = content_type.partition(";")[0].strip().lower()
+    media, _, params = content_type.partition(";")
+    media = media.strip().lower()
     if media in ("audio/pcm", "audio/l16"):
-        return Pcm()
+        return _raw(params)
     return Detect(_BY_MEDIA.get(media))
+
+
+def _raw(params: str) -> Probe:
+    """Raw 16-bit samples: at the ``rate`` and ``channels`` the label states (RFC 2586; raw audio
+    has no header to say otherwise), else OpenAI's 24 kHz mono. A stated value that is no count
+    leaves the duration unknown, never guessed."""
+    stated = {}
+    for param in params.split(";"):
+        name, _, value = param.partition("=")
+        stated[name.strip().lower()] = value.strip().strip('"')
+    rate, channels = stated.get("rate", "24000"), stated.get("channels", "1")
+    if not all(v.isascii() and v.isdigit() and len(v) <= 7 for v in (rate, channels)):
+        return Unknown()
+    if not (0 < int(rate) <= 1_000_000 and 0 < int(channels) <= 255):
+        return Unknown()
+    return Pcm(int(rate), int(channels))

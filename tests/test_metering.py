@@ -602,3 +602,46 @@ async def test_a_reported_figure_too_large_to_charge_does_not_keep_the_slot(
     status, body, event = await upload(gw, audio, key="sk-one-secret")
     assert status == 200, body
     assert event["cost_usd"] == round(event["audio_seconds_in"] * 6.0 / 60, 8), event
+
+
+class LabelledPcm:
+    """Answers speech with 3 s of raw 16-bit samples at the rate and channels its label states."""
+
+    def __init__(self, label: str, rate: int, channels: int) -> None:
+        from tests.fakes import SocketUpstream
+
+        audio = bytes(3 * rate * channels * 2)
+
+        class Upstream(SocketUpstream):
+            def _serve(self, conn: Any, number: int) -> None:
+                with conn:
+                    f = conn.makefile("rb")
+                    length = 0
+                    while (line := f.readline()) not in (b"\r\n", b""):
+                        name, _, value = line.partition(b":")
+                        if name.strip().lower() == b"content-length":
+                            length = int(value)
+                    f.read(length)
+                    conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: %s\r\nContent-Length: %d\r\n"
+                                 b"Connection: close\r\n\r\n" % (label.encode(), len(audio)) + audio)
+
+        self.upstream = Upstream()
+
+
+@pytest.mark.parametrize("label, rate, channels", [
+    ("audio/L16; rate=16000", 16000, 1), ("audio/L16;rate=22050;channels=2", 22050, 2),
+    ("audio/pcm; rate=44100", 44100, 1), ("audio/L16", 24000, 1), ("audio/pcm", 24000, 1)])
+async def test_raw_speech_audio_is_timed_at_the_rate_its_label_states(make_gateway: Any, label: str, rate: int,
+                                                                      channels: int) -> None:
+    """RFC 2586's audio/L16 must state its `rate` (and may state `channels`): raw samples have no
+    header, so the label is all there is. The gateway took every audio/L16 (and audio/pcm) answer
+    for OpenAI's 24 kHz mono whatever its label said: 3 s at 16 kHz was measured 2 s, priced and
+    charged to the audio quotas as 2 s; stereo at 22.05 kHz, 5.5 s."""
+    pcm = LabelledPcm(label, rate, channels)
+    try:
+        gw = make_gateway(upstream_base=pcm.upstream.base_url, models=priced(per_minute_output_audio=0.015))
+        status, _, got = await speech(gw)
+    finally:
+        pcm.upstream.stop()
+    assert status == 200 and len(got["body"]) == 3 * rate * channels * 2
+    assert got["event"]["audio_seconds_out"] == pytest.approx(3.0)
