@@ -27,9 +27,10 @@ _BOM = b"\xef\xbb\xbf"
 # Arrays and objects nested deeper than this cannot be sent on: orjson reads 1,023 levels but
 # writes 254 (the stdlib, for a document with long integers, fails near its recursion limit).
 MAX_DEPTH = 254
-# The alias, the text screened and priced, and the text screened with it (``instructions`` steer
-# what the voice says, as a realtime session's do).
-_READ_KEYS = frozenset({"model", "input", "instructions"})
+# The alias, the text screened and priced, the text screened with it (``instructions`` steer what
+# the voice says, as a realtime session's do), and the format an untyped or SSE answer is measured
+# as (``response_format``: read in another case upstream, the answer would go unmeasured, unpriced).
+_READ_KEYS = frozenset({"model", "input", "instructions", "response_format"})
 _SCREENED = ("input", "instructions")
 
 

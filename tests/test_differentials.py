@@ -114,12 +114,13 @@ async def test_a_part_named_model_in_another_case_is_refused(gateway: Gateway, f
     await no_complete_request_reached(gateway, fake)
 
 
-@pytest.mark.parametrize("key", ["MODEL", "Model", "mOdel"])
+@pytest.mark.parametrize("key", ["MODEL", "Model", "mOdel", "Response_Format"])
 async def test_a_speech_key_that_is_model_in_another_case_is_refused(gateway: Gateway, fake: FakeUpstream,
                                                                     key: str) -> None:
     """The gateway rewrote `model` and re-serialised `MODEL` as it came; Go's encoding/json (and
     .NET's web defaults) match keys without case, the last one winning: a Go upstream read
-    gpt-secret."""
+    gpt-secret. Likewise `response_format`, which says how an untyped or SSE answer is measured:
+    read as another format upstream, the answer went unmeasured and unpriced."""
     data = b'{"model":"tts-prod","input":"x","voice":"a","%s":"gpt-secret"}' % key.encode()
     status, headers, out = await post(gateway, "/v1/audio/speech", **json_post(data))
     envelope(status, out, headers, 400, "invalid_json")
