@@ -14,7 +14,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 
-from aiohttp import hdrs, web
+from aiohttp import HttpVersion11, hdrs, web
 
 from . import access_log, errors
 from .cors import Cors
@@ -113,7 +113,10 @@ def stamp(request: web.Request, response: web.StreamResponse) -> None:
     # Draining: callers reconnect to a process that stays. A caller that sent Expect and is
     # answered before its body was read may not have sent it (inbound.py): the connection ends
     # rather than leaving both sides to guess where the next request starts (RFC 9110, 10.1.1).
-    if request.app[LIVE].draining or (hdrs.EXPECT in request.headers and not request.content.is_eof()):
+    # An HTTP/1.0 request with a Transfer-Encoding (there is none in HTTP/1.0) may have been
+    # framed otherwise by a peer in front: its connection ends with it (RFC 9112, 6.1).
+    if request.app[LIVE].draining or (hdrs.EXPECT in request.headers and not request.content.is_eof()) or \
+            (request.version < HttpVersion11 and hdrs.TRANSFER_ENCODING in request.headers):
         response.force_close()
         headers["Connection"] = "close"
 

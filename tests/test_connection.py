@@ -71,6 +71,25 @@ async def test_an_http10_keep_alive_caller_gets_its_speech_to_the_end(gateway: G
         assert b"Connection: keep-alive" not in lines
 
 
+async def test_an_http10_request_with_a_transfer_encoding_ends_its_connection(gateway: Gateway,
+                                                                              fake: FakeUpstream) -> None:
+    """HTTP/1.0 has no transfer codings: a peer in front may have framed this body otherwise, so
+    where the next request starts is unknown. RFC 9112, 6.1: processed, then the connection is
+    closed; the request pipelined behind it, keep-alive or not, is never read nor forwarded."""
+    fake.behaviour = Behaviour(content_length=True)  # an answer with a length: it would keep the connection
+    first = (b"POST /v1/audio/speech HTTP/1.0\r\nHost: x\r\nConnection: keep-alive\r\n"
+             b"Authorization: Bearer " + TEAM_A.encode() + b"\r\nContent-Type: application/json\r\n"
+             b"Transfer-Encoding: chunked\r\n\r\n%x\r\n" % len(SPEECH_BODY) + SPEECH_BODY + b"\r\n0\r\n\r\n")
+    second = (b"POST /v1/audio/speech HTTP/1.1\r\nHost: x\r\nConnection: close\r\nx-aisix-request-id: behind-it\r\n"
+              b"Authorization: Bearer " + TEAM_A.encode() + b"\r\nContent-Type: application/json\r\n"
+              b"Content-Length: %d\r\n\r\n" % len(SPEECH_BODY) + SPEECH_BODY)
+    answer = await raw(gateway, first + second)  # to the end of the connection
+    lines, _ = split(answer)
+    assert answer.count(b"HTTP/1.") == 1
+    assert lines[0] == b"HTTP/1.0 200 OK" and b"Connection: close" in lines
+    received = fake.wait_received(1)
+    assert len(received) == 1 and received[0].headers["x-aisix-request-id"] != "behind-it"
+
 # -- Expect: 100-continue ------------------------------------------------------------------------
 
 
