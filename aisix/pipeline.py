@@ -17,7 +17,7 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Protocol
 
-from aiohttp import hdrs, web
+from aiohttp import HttpVersion11, hdrs, web
 
 from . import aliases, auth, errors, guardrails, pricing, usage
 from .audio import Probe, known_seconds
@@ -29,7 +29,7 @@ from .inbound import Inbound
 from .keys import CLOCK, EXCHANGE, LIMITER, LIVE, METRICS, REQUEST_ID, SETTINGS, USAGE
 from .limits import Limiter, Slot
 from .relay import relay
-from .responses import abort
+from .responses import abort, framed_unsurely
 
 log = logging.getLogger(__name__)
 
@@ -243,6 +243,10 @@ def _check_codings(request: web.Request) -> None:
         for coding in request.headers.getall(header, ()):
             if any(c.strip(" \t").lower() not in (plain, "") for c in coding.split(",")):
                 raise refusal()
+    # A Transfer-Encoding naming no coding at all: aiohttp frames the body by its Content-Length,
+    # a peer in front may by chunked (RFC 9112, 6.3: 400, and the connection closed, by stamp).
+    if hdrs.TRANSFER_ENCODING in request.headers and request.version >= HttpVersion11 and framed_unsurely(request):
+        raise errors.invalid_http_request()
 
 
 _CODINGS = ((hdrs.CONTENT_ENCODING, "identity", errors.unsupported_content_encoding),

@@ -99,6 +99,17 @@ def envelope(exc: errors.GatewayError) -> web.Response:
     return web.Response(status=exc.status, body=exc.body(), content_type="application/json", headers=exc.headers)
 
 
+def framed_unsurely(request: web.Request) -> bool:
+    """Whether a peer in front may have framed the request's body otherwise than aiohttp did: a
+    Transfer-Encoding in HTTP/1.0, which has none, or one whose last coding is not chunked (an
+    empty one beside a Content-Length, which aiohttp then frames by)."""
+    if request.version < HttpVersion11:
+        return True
+    named = [c for c in (c.strip(" \t").lower() for c in ",".join(
+        request.headers.getall(hdrs.TRANSFER_ENCODING, ())).split(",")) if c]
+    return not named or named[-1] != "chunked"
+
+
 def stamp(request: web.Request, response: web.StreamResponse) -> None:
     """The headers every answer of ours carries; call before the response is prepared."""
     headers = response.headers
@@ -113,10 +124,10 @@ def stamp(request: web.Request, response: web.StreamResponse) -> None:
     # Draining: callers reconnect to a process that stays. A caller that sent Expect and is
     # answered before its body was read may not have sent it (inbound.py): the connection ends
     # rather than leaving both sides to guess where the next request starts (RFC 9110, 10.1.1).
-    # An HTTP/1.0 request with a Transfer-Encoding (there is none in HTTP/1.0) may have been
-    # framed otherwise by a peer in front: its connection ends with it (RFC 9112, 6.1).
+    # A request whose body a peer in front may have framed otherwise than aiohttp did
+    # (framed_unsurely) ends its connection with it (RFC 9112, 6.1 and 6.3).
     if request.app[LIVE].draining or (hdrs.EXPECT in request.headers and not request.content.is_eof()) or \
-            (request.version < HttpVersion11 and hdrs.TRANSFER_ENCODING in request.headers):
+            (hdrs.TRANSFER_ENCODING in request.headers and framed_unsurely(request)):
         response.force_close()
         headers["Connection"] = "close"
 

@@ -90,6 +90,27 @@ async def test_an_http10_request_with_a_transfer_encoding_ends_its_connection(ga
     received = fake.wait_received(1)
     assert len(received) == 1 and received[0].headers["x-aisix-request-id"] != "behind-it"
 
+
+@pytest.mark.parametrize("coding", [b"", b" , "])
+async def test_a_transfer_encoding_naming_no_coding_is_400_and_ends_its_connection(
+        gateway: Gateway, fake: FakeUpstream, coding: bytes) -> None:
+    """aiohttp frames such a body by its Content-Length; a peer in front that takes any
+    Transfer-Encoding for chunked frames it otherwise. RFC 9112, 6.3: 400, and the connection
+    closed; the request pipelined behind it is never read nor forwarded."""
+    first = (b"POST /v1/audio/speech HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + TEAM_A.encode()
+             + b"\r\nContent-Type: application/json\r\nTransfer-Encoding:" + coding
+             + b"\r\nContent-Length: %d\r\n\r\n" % len(SPEECH_BODY) + SPEECH_BODY)
+    second = (b"POST /v1/audio/speech HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+              b"Authorization: Bearer " + TEAM_A.encode() + b"\r\nContent-Type: application/json\r\n"
+              b"Content-Length: %d\r\n\r\n" % len(SPEECH_BODY) + SPEECH_BODY)
+    answer = await raw(gateway, first + second)  # to the end of the connection
+    lines, body = split(answer)
+    assert answer.count(b"HTTP/1.") == 1
+    assert lines[0] == b"HTTP/1.1 400 Bad Request" and b"Connection: close" in lines \
+        or lines[0] == b"HTTP/1.0 400 Bad Request"  # (aiohttp's own parser refuses " , ", and closes)
+    assert b"invalid_http_request" in body
+    assert fake.received == []
+
 # -- Expect: 100-continue ------------------------------------------------------------------------
 
 
