@@ -364,3 +364,24 @@ class SocketUpstream:
 
     def _serve(self, conn: socket.socket, number: int) -> None:
         raise NotImplementedError
+
+
+class CannedUpstream(SocketUpstream):
+    """Reads each request (its head, then a body by its Content-Length) and answers it with
+    ``body`` labelled ``content_type``, then closes: for labels aiohttp's fake would not send."""
+
+    def __init__(self, content_type: str, body: bytes) -> None:
+        self.content_type, self.body = content_type, body
+        super().__init__()
+
+    def _serve(self, conn: socket.socket, number: int) -> None:
+        with conn:
+            f = conn.makefile("rb")
+            length = 0
+            while (line := f.readline()) not in (b"\r\n", b""):
+                name, _, value = line.partition(b":")
+                if name.strip().lower() == b"content-length":
+                    length = int(value)
+            f.read(length)
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: %s\r\nContent-Length: %d\r\nConnection: close\r\n\r\n"
+                         % (self.content_type.encode(), len(self.body)) + self.body)

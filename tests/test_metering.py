@@ -608,24 +608,9 @@ class LabelledPcm:
     """Answers speech with 3 s of raw 16-bit samples at the rate and channels its label states."""
 
     def __init__(self, label: str, rate: int, channels: int) -> None:
-        from tests.fakes import SocketUpstream
+        from tests.fakes import CannedUpstream
 
-        audio = bytes(3 * rate * channels * 2)
-
-        class Upstream(SocketUpstream):
-            def _serve(self, conn: Any, number: int) -> None:
-                with conn:
-                    f = conn.makefile("rb")
-                    length = 0
-                    while (line := f.readline()) not in (b"\r\n", b""):
-                        name, _, value = line.partition(b":")
-                        if name.strip().lower() == b"content-length":
-                            length = int(value)
-                    f.read(length)
-                    conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: %s\r\nContent-Length: %d\r\n"
-                                 b"Connection: close\r\n\r\n" % (label.encode(), len(audio)) + audio)
-
-        self.upstream = Upstream()
+        self.upstream = CannedUpstream(label, bytes(3 * rate * channels * 2))
 
 
 @pytest.mark.parametrize("label, rate, channels", [

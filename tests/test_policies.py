@@ -22,7 +22,7 @@ from aisix.access_log import AccessLogger, Writer
 from aisix.background import Background
 from aisix.app import create_app
 from aisix.config import hash_key
-from tests.fakes import Behaviour, FakeUpstream, SocketUpstream
+from tests.fakes import Behaviour, CannedUpstream, FakeUpstream
 from tests.gateway import TEAM_A, Gateway
 from tests.test_transcriptions import form, no_complete_request_reached
 
@@ -291,23 +291,14 @@ async def test_audio_bytes_are_never_scanned(guarded: Gateway, fake: FakeUpstrea
     assert status == 200
 
 
-class OctetSpeech(SocketUpstream):
+class OctetSpeech(CannedUpstream):
     """Answers every request with 2 MiB of audio labelled application/octet-stream, as
     OpenAI-compatible TTS servers often label audio (a pcm answer, say)."""
 
     AUDIO = bytes(2 * 1024 * 1024)
 
-    def _serve(self, conn: socket.socket, number: int) -> None:
-        with conn:
-            f = conn.makefile("rb")
-            length = 0
-            while (line := f.readline()) not in (b"\r\n", b""):
-                name, _, value = line.partition(b":")
-                if name.strip().lower() == b"content-length":
-                    length = int(value)
-            f.read(length)
-            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\n"
-                         b"Content-Length: %d\r\nConnection: close\r\n\r\n" % len(self.AUDIO) + self.AUDIO)
+    def __init__(self) -> None:
+        super().__init__("application/octet-stream", self.AUDIO)
 
 
 @pytest.fixture
