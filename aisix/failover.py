@@ -25,10 +25,9 @@ from . import errors, routing
 from .config import Model, Target
 from .deadline import UPSTREAM, Deadline
 from .exchange import Exchange
-from .http1 import LengthMismatch
 from .keys import CLOCK, LIMITER, METRICS, POOL, SETTINGS
 from .limits import Slot
-from .upstream import Answer, Body
+from .upstream import Answer, Body, raise_upload_error
 
 log = logging.getLogger(__name__)
 _REFUSED_WARN_S = 60.0  # between two warnings that a provider refused one key
@@ -141,7 +140,8 @@ class Attempts:
                         raise errors.upstream_auth_failed()
                     return answer  # the last attempt: relayed as it comes
                 else:
-                    buffered = await _read_whole(answer, app[SETTINGS].upstream.stream_idle_timeout_ms / 1000)
+                    buffered = await _read_whole(answer, app[SETTINGS].upstream.stream_idle_timeout_ms / 1000,
+                                                  ex.request_id)
                     if buffered is not None:
                         kept = (target, buffered, ex.upstream_ttfb_ms)
                     else:  # dropped: as if that attempt had got no answer
@@ -248,7 +248,7 @@ class Buffered:
 BUFFER_LIMIT = 64 * 1024  # a failed answer's body (an error envelope) kept for relaying at most
 
 
-async def _read_whole(answer: Answer, idle: float) -> Buffered | None:
+async def _read_whole(answer: Answer, idle: float, request_id: str) -> Buffered | None:
     """The answer with its body, or None (and the connection aborted) when the body is larger
     than BUFFER_LIMIT, does not come within ``idle`` or breaks.
 
@@ -262,26 +262,13 @@ async def _read_whole(answer: Answer, idle: float) -> Buffered | None:
                 body += chunk
                 if len(body) > BUFFER_LIMIT:
                     answer.close()
-                    _raise_upload_error(answer)
+                    raise_upload_error(answer, request_id)
                     return None
     except (TimeoutError, ConnectionError):
         answer.close()
-        _raise_upload_error(answer)
+        raise_upload_error(answer, request_id)
         return None
-    _raise_upload_error(answer)
+    raise_upload_error(answer, request_id)
     answer.release()
     return Buffered(answer.status, answer.headers, bytes(body))
 
-
-def _raise_upload_error(answer: Answer) -> None:
-    """What the upload's iterator raised (the request's own failure), if it did."""
-    error, answer.body_error = answer.body_error, None
-    if error is None:
-        return
-    try:
-        if isinstance(error, LengthMismatch):
-            log.error("%s; upstream connection aborted", error)
-            raise errors.internal_error() from None
-        raise error
-    finally:
-        del error

@@ -203,6 +203,11 @@ class Conn(asyncio.Protocol):
         self._under_way()._complete()
 
 
+# An answer's coding headers: what each may name besides nothing, and what it is called otherwise.
+_CODINGS = (("Transfer-Encoding", "chunked", "transfer coding besides chunked"),
+            ("Content-Encoding", "identity", "content coding though none was asked for"))
+
+
 class Answer:
     """An upstream answer: status and headers at once, the body as it arrives."""
 
@@ -294,12 +299,11 @@ class Answer:
         self.status = status
         self.headers = CIMultiDictProxy(CIMultiDict(raw_headers))
         self._keep_alive = keep_alive
-        for value in self.headers.getall("Transfer-Encoding", ()):  # none asked for (identity): none undone
-            if any(coding.strip().lower() not in ("chunked", "") for coding in value.split(",")):
-                raise UpstreamError("the upstream's answer has a transfer coding besides chunked")
-        for value in self.headers.getall("Content-Encoding", ()):  # none asked for: the caller is never told of one
-            if any(coding.strip().lower() not in ("identity", "") for coding in value.split(",")):
-                raise UpstreamError("the upstream's answer has a content coding though none was asked for")
+        # Codings none asked for (Accept-Encoding: identity): none is undone, nor is the caller told of one.
+        for header, plain, what in _CODINGS:
+            for value in self.headers.getall(header, ()):
+                if any(coding.strip().lower() not in (plain, "") for coding in value.split(",")):
+                    raise UpstreamError(f"the upstream's answer has a {what}")
         self._eof_ends = ("Content-Length" not in self.headers
                           and "chunked" not in self.headers.get("Transfer-Encoding", "").lower()
                           and status not in (204, 304))

@@ -98,9 +98,9 @@ async def read(request: web.Request, inbound: Inbound, settings: Settings, resou
         raise errors.invalid_json("The request body must be a JSON object.")
     if not _shallow(doc):
         raise errors.invalid_json(f"The request body is nested more than {MAX_DEPTH} levels deep.")
-    # A key that is "model" (or "input", "instructions") in another case would reach the upstream
-    # unchecked (or unscreened, unpriced), and readers that match keys without case (Go's
-    # encoding/json, .NET's web defaults) read it as the model (or the input, the instructions).
+    # A key the gateway reads (_READ_KEYS) spelled in another case would reach the upstream
+    # unchecked, and readers that match keys without case (Go's encoding/json, .NET's web
+    # defaults) would take it for the one the gateway read.
     for key in doc:
         folded = key.casefold()
         if folded != key and folded in _READ_KEYS:

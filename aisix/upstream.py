@@ -47,6 +47,22 @@ class _Target:
     prefix: bytes  # request line and the headers that never change for this URL and key
 
 
+def raise_upload_error(answer: Answer, request_id: str) -> None:
+    """Raises what the upload's iterator raised, the request's own failure (a bad form, the body
+    cap, the caller gone), if it did: an answer cut short by it is not the upstream's failure. A
+    length the gateway declared and did not keep is a 500, logged."""
+    error, answer.body_error = answer.body_error, None
+    if error is None:
+        return
+    try:
+        if isinstance(error, LengthMismatch):
+            log.error("request %s: %s; upstream connection aborted", request_id, error)
+            raise errors.internal_error() from None
+        raise error from None
+    finally:
+        del error  # the answer's frame is not kept by a traceback that holds the error
+
+
 class Pool:
     """The connections to every upstream, and the only way a request reaches one."""
 
@@ -101,16 +117,8 @@ class Pool:
             # collection to find (http1.Conn.connection_lost says why that matters).
             lost.__traceback__ = None
             answer.close()
-            error, answer.body_error = answer.body_error, None
-            try:
-                if isinstance(error, LengthMismatch):
-                    log.error("request %s: %s; upstream connection aborted", request_id, error)
-                    raise errors.internal_error() from None
-                if error is not None:
-                    raise error from None
-                raise errors.upstream_unavailable() from None
-            finally:
-                del error
+            raise_upload_error(answer, request_id)
+            raise errors.upstream_unavailable() from None
         except BaseException:
             answer.close()
             raise
