@@ -161,6 +161,16 @@ def test_an_adoption_during_a_replay_of_our_own_file_loses_nothing(tmp_path: Pat
     assert not list(tmp_path.iterdir())
 
 
+async def _speech_with_ids(gw: Gateway, ids: list[str]) -> None:
+    """One speech request per request id, one after another, each answered 200."""
+    async with aiohttp.ClientSession() as s:
+        for rid in ids:
+            async with s.post(gw.url + "/v1/audio/speech", json={"model": "tts-prod", "input": "x", "voice": "a"},
+                              headers={"Authorization": f"Bearer {TEAM_A}", "x-aisix-request-id": rid}) as r:
+                assert r.status == 200
+                await r.read()
+
+
 async def test_a_killed_gateways_spill_is_replayed_by_the_next(fake: FakeUpstream, make_gateway, tmp_path: Path,
                                                                redis_server: RedisServer) -> None:  # noqa: F811
     server = redis_server
@@ -169,12 +179,7 @@ async def test_a_killed_gateways_spill_is_replayed_by_the_next(fake: FakeUpstrea
         gw = make_gateway(settings)
         server.stop()
         ids = [f"spilled-{i}" for i in range(40)]
-        async with aiohttp.ClientSession() as s:
-            for rid in ids:
-                async with s.post(gw.url + "/v1/audio/speech", json={"model": "tts-prod", "input": "x", "voice": "a"},
-                                  headers={"Authorization": f"Bearer {TEAM_A}", "x-aisix-request-id": rid}) as r:
-                    assert r.status == 200
-                    await r.read()
+        await _speech_with_ids(gw, ids)
         spilled = tmp_path / "spill"
         deadline = time.monotonic() + 10
         while sum(p.read_bytes().count(b"\n") for p in spilled.glob("spill-*.jsonl")) < len(ids):
@@ -229,12 +234,7 @@ async def test_a_batch_redis_refuses_half_way_is_not_marked_as_landed(fake: Fake
         r.set("usage", "not a stream")
     gw = make_gateway({"usage": {"sink": server.url("stream=usage")}})
     ids = [f"wrongtype-{i}" for i in range(3)]
-    async with aiohttp.ClientSession() as s:
-        for rid in ids:
-            async with s.post(gw.url + "/v1/audio/speech", json={"model": "tts-prod", "input": "x", "voice": "a"},
-                              headers={"Authorization": f"Bearer {TEAM_A}", "x-aisix-request-id": rid}) as r:
-                assert r.status == 200
-                await r.read()
+    await _speech_with_ids(gw, ids)
     gw.wait_log("WRONGTYPE")
     with server.client() as r:
         r.delete("usage")  # the operator mends it: what waits in the spill lands
